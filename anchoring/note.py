@@ -37,7 +37,9 @@ def key_id(name: str, public_key: bytes) -> bytes:
 
 def _check_key_name(name: str) -> None:
     if not name or any(c in name for c in "+ \t\n\r") or not name.isprintable():
-        raise ValueError(f"key name {name!r} must be non-empty printable text without '+' or spaces")
+        raise ValueError(
+            f"key name {name!r} must be non-empty printable text without '+' or spaces"
+        )
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,9 @@ def parse_verifier_key(text: str) -> Verifier:
     """Parse "<name>+<hex id>+<base64 key>"; raises VerificationError(MALFORMED) on bad input."""
     parts = text.strip().split("+")
     if len(parts) != 3:
-        raise VerificationError(MALFORMED, "verifier key must read <name>+<8 hex key ID>+<base64 key>")
+        raise VerificationError(
+            MALFORMED, "verifier key must read <name>+<8 hex key ID>+<base64 key>"
+        )
     name, hex_id, key_b64 = parts
     try:
         _check_key_name(name)
@@ -74,7 +78,9 @@ def parse_verifier_key(text: str) -> Verifier:
     if len(kid) != 4:
         raise VerificationError(MALFORMED, f"verifier key ID must be 8 hex digits, got {hex_id!r}")
     if len(raw) != 33 or raw[0] != ALG_ED25519:
-        raise VerificationError(MALFORMED, "verifier key must be 0x01 followed by a 32-byte Ed25519 key")
+        raise VerificationError(
+            MALFORMED, "verifier key must be 0x01 followed by a 32-byte Ed25519 key"
+        )
     if key_id(name, raw[1:]) != kid:
         raise VerificationError(MALFORMED, f"verifier key ID {hex_id} does not match the key")
     return Verifier(name, kid, Ed25519PublicKey.from_public_bytes(raw[1:]))
@@ -117,7 +123,9 @@ def open_note(note: str, verifiers: list[Verifier]) -> tuple[str, list[str]]:
         raise VerificationError(MALFORMED, "note is larger than 1 MiB")
     sep = note.rfind("\n\n")
     if sep < 0 or not note.endswith("\n"):
-        raise VerificationError(MALFORMED, "signed note must be text, a blank line and signature lines")
+        raise VerificationError(
+            MALFORMED, "signed note must be text, a blank line and signature lines"
+        )
     text, sig_block = note[: sep + 1], note[sep + 2 :]
     for ch in text:
         if (ord(ch) < 0x20 and ch != "\n") or ch == "\x7f":
@@ -129,7 +137,9 @@ def open_note(note: str, verifiers: list[Verifier]) -> tuple[str, list[str]]:
         raise VerificationError(MALFORMED, "signed note has no signature lines")
     for line in lines:
         if not line.startswith(SIG_PREFIX):
-            raise VerificationError(MALFORMED, f"signature line must start with an em dash: {line!r:.60}")
+            raise VerificationError(
+                MALFORMED, f"signature line must start with an em dash: {line!r:.60}"
+            )
         name, _, sig_b64 = line[len(SIG_PREFIX) :].rpartition(" ")
         try:
             raw = unb64(sig_b64, "signature")
@@ -141,7 +151,9 @@ def open_note(note: str, verifiers: list[Verifier]) -> tuple[str, list[str]]:
         if verifier is None:
             continue
         if not verifier.verify(text.encode(), raw[4:]):
-            raise VerificationError(BAD_SIGNATURE, f"signature by {name} ({raw[:4].hex()}) does not verify")
+            raise VerificationError(
+                BAD_SIGNATURE, f"signature by {name} ({raw[:4].hex()}) does not verify"
+            )
         verified.append(name)
     if not verified:
         names = ", ".join(f"{v.name}+{v.key_id.hex()}" for v in verifiers)
@@ -170,13 +182,17 @@ def parse_checkpoint(text: str) -> Checkpoint:
     if not origin:
         raise VerificationError(MALFORMED, "checkpoint origin line is empty")
     if not size_s.isdigit() or (size_s != "0" and size_s.startswith("0")):
-        raise VerificationError(MALFORMED, f"checkpoint size {size_s!r:.30} is not a decimal number")
+        raise VerificationError(
+            MALFORMED, f"checkpoint size {size_s!r:.30} is not a decimal number"
+        )
     try:
         root = unb64(root_s, "checkpoint root hash")
     except EncodingError as exc:
         raise VerificationError(MALFORMED, str(exc)) from exc
     if len(root) != HASH_SIZE:
-        raise VerificationError(MALFORMED, f"checkpoint root hash is {len(root)} bytes, want {HASH_SIZE}")
+        raise VerificationError(
+            MALFORMED, f"checkpoint root hash is {len(root)} bytes, want {HASH_SIZE}"
+        )
     return Checkpoint(origin, int(size_s), root, tuple(lines[3:-1]))
 
 
@@ -185,7 +201,9 @@ def open_checkpoint(note: str, verifiers: list[Verifier], origin: str | None = N
     text, _ = open_note(note, verifiers)
     cp = parse_checkpoint(text)
     if origin is not None and cp.origin != origin:
-        raise VerificationError(ORIGIN_MISMATCH, f"checkpoint origin {cp.origin!r}, want {origin!r}")
+        raise VerificationError(
+            ORIGIN_MISMATCH, f"checkpoint origin {cp.origin!r}, want {origin!r}"
+        )
     return cp
 
 

@@ -44,7 +44,9 @@ def inclusion_proof_length(index: int, size: int) -> int:
     return inner + border
 
 
-def root_from_inclusion_proof(index: int, size: int, leaf_digest: bytes, path: list[bytes]) -> bytes:
+def root_from_inclusion_proof(
+    index: int, size: int, leaf_digest: bytes, path: list[bytes]
+) -> bytes:
     """RFC 9162 §2.1.3.2: the root implied by a leaf hash and its audit path.
 
     Requires 0 <= index < size and len(path) == inclusion_proof_length(index, size).
@@ -69,7 +71,9 @@ def root_from_inclusion_proof(index: int, size: int, leaf_digest: bytes, path: l
     return r
 
 
-def verify_inclusion(index: int, size: int, leaf_digest: bytes, path: list[bytes], root: bytes) -> None:
+def verify_inclusion(
+    index: int, size: int, leaf_digest: bytes, path: list[bytes], root: bytes
+) -> None:
     """Raise unless `path` proves the leaf hash is at `index` in the tree of `size` with `root`."""
     got = root_from_inclusion_proof(index, size, leaf_digest, path)
     if got != root:
@@ -91,14 +95,17 @@ def verify_consistency(
 ) -> None:
     """RFC 9162 §2.1.4.2: raise unless `path` proves tree old_size is a prefix of new_size."""
     if not 0 <= old_size <= new_size:
-        raise VerificationError(MALFORMED, f"sizes must satisfy 0 <= old <= new, got {old_size}, {new_size}")
+        raise VerificationError(
+            MALFORMED, f"sizes must satisfy 0 <= old <= new, got {old_size}, {new_size}"
+        )
     _check_hash_sizes(path, "consistency path")
     if old_size == new_size or old_size == 0:
         if path:
             raise VerificationError(WRONG_PROOF_LENGTH, f"wrong proof size {len(path)}, want 0")
         if old_size == new_size and old_root != new_root:
             raise VerificationError(
-                ROOT_MISMATCH, f"same size {old_size} but roots differ: {old_root.hex()} != {new_root.hex()}"
+                ROOT_MISMATCH,
+                f"same size {old_size} but roots differ: {old_root.hex()} != {new_root.hex()}",
             )
         return
     want = consistency_proof_length(old_size, new_size)
@@ -124,11 +131,13 @@ def verify_consistency(
         sn >>= 1
     if fr != old_root:
         raise VerificationError(
-            ROOT_MISMATCH, f"calculated old root {fr.hex()}, want {old_root.hex()} (size {old_size})"
+            ROOT_MISMATCH,
+            f"calculated old root {fr.hex()}, want {old_root.hex()} (size {old_size})",
         )
     if sr != new_root:
         raise VerificationError(
-            ROOT_MISMATCH, f"calculated new root {sr.hex()}, want {new_root.hex()} (size {new_size})"
+            ROOT_MISMATCH,
+            f"calculated new root {sr.hex()}, want {new_root.hex()} (size {new_size})",
         )
 
 
@@ -165,7 +174,7 @@ def _field(obj: dict[str, Any], name: str, kind: type) -> Any:
         raise VerificationError(MALFORMED, f"field {name!r} must be an integer, got {value!r:.40}")
     if not isinstance(value, kind):
         raise VerificationError(MALFORMED, f"field {name!r} must be a {kind.__name__}")
-    if kind is int and value < 0:
+    if isinstance(value, int) and value < 0:
         raise VerificationError(MALFORMED, f"field {name!r} must not be negative, got {value}")
     return value
 
@@ -212,4 +221,6 @@ def verify_bundle_inclusion(bundle: InclusionBundle, tree_size: int, root: bytes
         raise VerificationError(
             SIZE_MISMATCH, f"bundle treeSize {bundle.tree_size}, checkpoint size {tree_size}"
         )
-    verify_inclusion(bundle.leaf_index, bundle.tree_size, leaf_hash(bundle.leaf), bundle.inclusion_path, root)
+    verify_inclusion(
+        bundle.leaf_index, bundle.tree_size, leaf_hash(bundle.leaf), bundle.inclusion_path, root
+    )

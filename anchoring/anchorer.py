@@ -1,0 +1,135 @@
+"""Anchoring: the leader signs checkpoints of the published tree into `notarizations`.
+
+Before signing size n it proves, from stored tiles, that the tree is consistent with the last
+checkpoint it signed, and refuses otherwise. Notarizations are append-only, keyed by size.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+
+from bson import Binary
+from pymongo.errors import DuplicateKeyError
+
+from anchoring.errors import AnchorRefused
+from anchoring.note import Checkpoint, Signer, open_checkpoint
+from anchoring.proofs import consistency_proof
+from anchoring.store import Doc, LogStore
+from anchoring.tiles import TileReader
+from anchoring.verify import VerificationError, verify_consistency
+
+log = logging.getLogger("rxledger.anchorer")
+
+
+@dataclass(frozen=True)
+class AnchorSettings:
+    interval: float = 1.0  # seconds between checkpoints while the tree grows
+    max_leaves: int = 1000  # or sooner, once this many leaves are unanchored
+
+
+@dataclass(frozen=True)
+class SignedCheckpoint:
+    origin: str
+    size: int
+    root_hash: bytes
+    note: str
+    anchored_at: dt.datetime
+
+    @classmethod
+    def from_doc(cls, doc: Doc) -> SignedCheckpoint:
+        return cls(
+            doc["origin"], int(doc["size"]), bytes(doc["rootHash"]), doc["note"], doc["anchoredAt"]
+        )
+
+
+class Anchorer:
+    def __init__(
+        self,
+        store: LogStore,
+        signer: Signer,
+        reader: TileReader,
+        settings: AnchorSettings | None = None,
+    ):
+        self.store = store
+        self.signer = signer
+        self.reader = reader
+        self.settings = settings or AnchorSettings()
+        self.latest: SignedCheckpoint | None = None
+        self._last_anchor = 0.0
+
+    async def load_latest(self) -> SignedCheckpoint | None:
+        head = await self.store.head()
+        size = head.get("checkpointSize")
+        self.latest = None
+        if size is not None:
+            doc = await self.store.notarizations.find_one({"_id": size})
+            if doc is None:
+                raise AnchorRefused(
+                    f"the head names checkpoint {size}, which is missing from notarizations"
+                )
+            self.latest = self._checked(doc)
+        return self.latest
+
+    def _checked(self, doc: Doc) -> SignedCheckpoint:
+        """A stored checkpoint must carry our valid signature and agree with its fields."""
+        try:
+            cp = open_checkpoint(doc["note"], [self.signer.verifier()], self.store.origin)
+        except VerificationError as exc:
+            raise AnchorRefused(f"stored checkpoint {doc['_id']} does not verify: {exc}") from exc
+        if cp.size != doc["size"] or cp.root_hash != bytes(doc["rootHash"]):
+            raise AnchorRefused(
+                f"stored checkpoint {doc['_id']} fields disagree with its signed note"
+            )
+        return SignedCheckpoint.from_doc(doc)
+
+    def due(self, size: int) -> bool:
+        anchored = self.latest.size if self.latest else 0
+        if size <= anchored and self.latest is not None:
+            return False
+        if size - anchored >= self.settings.max_leaves:
+            return True
+        return time.monotonic() - self._last_anchor >= self.settings.interval
+
+    async def anchor(self, size: int, root: bytes) -> SignedCheckpoint:
+        """Sign the tree (size, root) after proving it consistent with the last checkpoint."""
+        prev = self.latest
+        if prev is not None:
+            if size < prev.size:
+                raise AnchorRefused(
+                    f"tree size {size} is smaller than the last checkpoint {prev.size}"
+                )
+            proof = await consistency_proof(self.reader, prev.size, size, size)
+            try:
+                verify_consistency(prev.size, size, prev.root_hash, root, proof)
+            except VerificationError as exc:
+                raise AnchorRefused(
+                    f"tree {size} is not consistent with checkpoint {prev.size}: {exc}; refusing to sign"
+                ) from exc
+        note = self.signer.sign_note(Checkpoint(self.store.origin, size, root).text())
+        doc = {
+            "_id": size,
+            "origin": self.store.origin,
+            "size": size,
+            "rootHash": Binary(root),
+            "note": note,
+            "keyName": self.signer.name,
+            "keyId": self.signer.key_id.hex(),
+            "anchoredAt": dt.datetime.now(dt.UTC),
+        }
+        try:
+            await self.store.notarizations.insert_one(doc)
+        except DuplicateKeyError:
+            # Signed before a crash, not yet recorded in the head: adopt it if it is the same tree.
+            existing = await self.store.notarizations.find_one({"_id": size})
+            if existing is None or bytes(existing["rootHash"]) != root:
+                raise AnchorRefused(
+                    f"a different checkpoint of size {size} is already notarized"
+                ) from None
+            doc = existing
+        self.latest = self._checked(doc)
+        self._last_anchor = time.monotonic()
+        log.info("anchor: signed checkpoint %s at size %d", self.store.origin, size)
+        return self.latest

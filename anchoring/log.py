@@ -1,0 +1,206 @@
+"""TransparencyLog: the one object the application uses (append, proofs, checkpoints)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from bson import ObjectId
+from pymongo.errors import PyMongoError
+
+from anchoring.anchorer import Anchorer, AnchorSettings, SignedCheckpoint
+from anchoring.encoding import b64
+from anchoring.errors import AnchorRefused, ProofUnavailable
+from anchoring.hashing import leaf_hash
+from anchoring.ledger import Appended, Ledger
+from anchoring.note import Signer
+from anchoring.proofs import consistency_proof, inclusion_proof
+from anchoring.sequencer import Sequencer, SequencerSettings
+from anchoring.store import Doc, LogStore
+from anchoring.tiles import TileReader
+
+log = logging.getLogger("rxledger.log")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    sequencer: SequencerSettings = field(default_factory=SequencerSettings)
+    anchor: AnchorSettings = field(default_factory=AnchorSettings)
+    append_batch: int = 1000
+
+
+@dataclass(frozen=True)
+class InclusionProof:
+    leaf_index: int
+    tree_size: int
+    leaf: bytes
+    leaf_hash: bytes
+    path: list[bytes]
+    checkpoint: SignedCheckpoint
+
+    def bundle(self) -> dict[str, Any]:
+        """The proof bundle `rxledger verify` reads."""
+        return {
+            "leaf": b64(self.leaf),
+            "leafIndex": self.leaf_index,
+            "treeSize": self.tree_size,
+            "inclusionPath": [b64(h) for h in self.path],
+            "checkpoint": self.checkpoint.note,
+        }
+
+
+class TransparencyLog:
+    def __init__(
+        self, store: LogStore, signer: Signer, settings: LogSettings | None = None
+    ) -> None:
+        self.store = store
+        self.signer = signer
+        self.settings = settings or LogSettings()
+        self.reader = TileReader(store)
+        self.ledger = Ledger(store, max_batch=self.settings.append_batch)
+        self.sequencer = Sequencer(store, self.settings.sequencer, reader=self.reader)
+        self.anchorer = Anchorer(store, signer, self.reader, self.settings.anchor)
+        self.ledger.listeners.append(self.sequencer.wake)
+        self._published = asyncio.Condition()
+        self.sequencer.on_publish.append(lambda size, root: asyncio.ensure_future(self._notify()))
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.anchor_error: str | None = None
+
+    @property
+    def origin(self) -> str:
+        return self.store.origin
+
+    @property
+    def verifier_key(self) -> str:
+        return self.signer.verifier_key
+
+    async def _notify(self) -> None:
+        async with self._published:
+            self._published.notify_all()
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self, sequence: bool = True) -> None:
+        await self.store.ensure_indexes()
+        if sequence:
+            self._stopping.clear()
+            self._task = asyncio.create_task(
+                self.sequencer.run(self._stopping, self._after_batch), name="sequencer"
+            )
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await self.ledger.close()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    async def _after_batch(self) -> None:
+        if self.anchorer.latest is None or self.sequencer.size < self.anchorer.latest.size:
+            await self.anchorer.load_latest()
+        if not self.anchorer.due(self.sequencer.size):
+            return
+        try:
+            cp = await self.anchorer.anchor(self.sequencer.size, self.sequencer.root)
+        except AnchorRefused as exc:
+            self.anchor_error = str(exc)
+            log.error("anchor: %s", exc)
+            return
+        self.anchor_error = None
+        await self.sequencer._fenced_set({"checkpointSize": cp.size})
+
+    # --- writes -------------------------------------------------------------------------
+
+    async def append(self, subject: str, version: int, header: dict[str, Any]) -> Appended:
+        return await self.ledger.append(subject, version, header)
+
+    # --- reads ----------------------------------------------------------------------------
+
+    async def published_size(self) -> int:
+        return int((await self.store.head()).get("size", 0))
+
+    async def latest_checkpoint(self) -> SignedCheckpoint | None:
+        head = await self.store.head()
+        size = head.get("checkpointSize")
+        return None if size is None else await self.checkpoint(size)
+
+    async def checkpoint(self, size: int) -> SignedCheckpoint | None:
+        doc = await self.store.notarizations.find_one({"_id": size})
+        return None if doc is None else SignedCheckpoint.from_doc(doc)
+
+    async def checkpoints(self, after_size: int = -1, limit: int = 100) -> list[SignedCheckpoint]:
+        cursor = (
+            self.store.notarizations.find({"_id": {"$gt": after_size}}).sort("_id", 1).limit(limit)
+        )
+        return [SignedCheckpoint.from_doc(d) async for d in cursor]
+
+    async def entry(self, index: int) -> Doc | None:
+        return await self.store.entries.find_one({"_id": index})
+
+    async def leaf_index(self, event_id: ObjectId) -> int | None:
+        doc = await self.store.entries.find_one({"event": event_id}, {"_id": 1})
+        return None if doc is None else int(doc["_id"])
+
+    async def _checkpoint_for(self, tree_size: int | None) -> SignedCheckpoint:
+        cp = await (self.latest_checkpoint() if tree_size is None else self.checkpoint(tree_size))
+        if cp is None:
+            raise ProofUnavailable(
+                "no checkpoint yet"
+                if tree_size is None
+                else f"no checkpoint of tree size {tree_size}; omit treeSize for the latest"
+            )
+        return cp
+
+    async def inclusion_proof(
+        self, leaf_index: int, tree_size: int | None = None
+    ) -> InclusionProof:
+        """Proof that entry `leaf_index` is in the checkpointed tree (latest by default)."""
+        cp = await self._checkpoint_for(tree_size)
+        if not 0 <= leaf_index < cp.size:
+            raise ProofUnavailable(
+                f"leaf index {leaf_index} is not in the checkpoint of size {cp.size}"
+            )
+        entry = await self.entry(leaf_index)
+        if entry is None:
+            raise ProofUnavailable(f"entry {leaf_index} is missing")
+        path = await inclusion_proof(self.reader, leaf_index, cp.size, cp.size)
+        leaf = bytes(entry["leaf"])
+        return InclusionProof(leaf_index, cp.size, leaf, leaf_hash(leaf), path, cp)
+
+    async def consistency_proof(
+        self, from_size: int, to_size: int | None = None
+    ) -> tuple[int, int, list[bytes]]:
+        cp = await self._checkpoint_for(to_size)
+        return from_size, cp.size, await consistency_proof(self.reader, from_size, cp.size, cp.size)
+
+    async def wait_sequenced(self, event_id: ObjectId, timeout: float = 10.0) -> int:
+        """Wait until an event has a leaf index (for tools and tests); returns it."""
+
+        async def poll() -> int:
+            while True:
+                index = await self.leaf_index(event_id)
+                if index is not None and index < await self.published_size():
+                    return index
+                async with self._published:
+                    try:
+                        await asyncio.wait_for(self._published.wait(), 0.2)
+                    except TimeoutError:
+                        pass
+
+        return await asyncio.wait_for(poll(), timeout)
+
+    async def wait_anchored(self, size: int, timeout: float = 10.0) -> SignedCheckpoint:
+        async def poll() -> SignedCheckpoint:
+            while True:
+                try:
+                    cp = await self.latest_checkpoint()
+                except PyMongoError:
+                    cp = None
+                if cp is not None and cp.size >= size:
+                    return cp
+                await asyncio.sleep(0.05)
+
+        return await asyncio.wait_for(poll(), timeout)

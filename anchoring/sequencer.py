@@ -1,0 +1,348 @@
+"""The sequencer: one leader per log assigns contiguous leaf indices and publishes the tree.
+
+Its steps carry these names in code and logs:
+  queue      - appenders insert events into `pending` (see ledger.py)
+  sequence   - the leader takes a batch from `pending` and inserts `entries` {_id: index}
+               from the current size up, in one ordered insert (a race loses on _id)
+  integrate  - it extends the right edge of the tree and inserts the new tiles
+  publish    - it sets the new size and root on the lease document, only while it holds
+               the lease (the write is fenced by holder), then drops the batch from `pending`
+Recovery reads the published head, reloads the right edge from tiles, and integrates any
+entries written after it: a crash at any point leaves no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bson import Binary
+from pymongo import ReturnDocument
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+
+from anchoring.hashing import leaf_hash
+from anchoring.ledger import DUPLICATE_KEY
+from anchoring.store import Doc, LogStore
+from anchoring.tiles import TileReader, tile_document, write_tiles
+from anchoring.treemath import TILE_HEIGHT, TILE_WIDTH, CompactRange, Node, root_nodes, tile_width
+
+log = logging.getLogger("rxledger.sequencer")
+
+
+class LostLease(Exception):
+    """Another process holds the lease now; this one must stop sequencing."""
+
+
+@dataclass(frozen=True)
+class SequencerSettings:
+    batch_size: int = 1000
+    batch_delay: float = 0.005  # group commit: wait this long for a batch to fill
+    poll_interval: float = 0.05  # how often to look for events from other processes
+    lease_ttl: float = 5.0
+    orphan_grace: float = 10.0  # a pending event with no ledger copy this old is completed
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Sequencer:
+    """Sequences pending events while holding the log's lease."""
+
+    def __init__(
+        self,
+        store: LogStore,
+        settings: SequencerSettings | None = None,
+        holder: str | None = None,
+        reader: TileReader | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings or SequencerSettings()
+        self.holder = holder or f"seq-{uuid.uuid4().hex[:12]}"
+        self.reader = reader or TileReader(store)
+        self.is_leader = False
+        self.size = 0
+        self.root = b""
+        self._range = CompactRange()
+        self._edge: dict[int, tuple[int, list[bytes]]] = {}  # tile level -> (index, hashes)
+        self._wakeup = asyncio.Event()
+        self.on_publish: list[Callable[[int, bytes], object]] = []
+        self.last_error: str | None = None
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    # --- lease ------------------------------------------------------------------------
+
+    async def acquire_lease(self) -> bool:
+        now = _now()
+        try:
+            doc = await self.store.leases.find_one_and_update(
+                {
+                    "_id": self.store.origin,
+                    "$or": [{"holder": self.holder}, {"expiresAt": {"$lt": now}}],
+                },
+                {
+                    "$set": {
+                        "holder": self.holder,
+                        "expiresAt": now + dt.timedelta(seconds=self.settings.lease_ttl),
+                    }
+                },
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        except DuplicateKeyError:
+            return False  # held by someone else: the upsert tried to create it again
+        return doc is not None and doc.get("holder") == self.holder
+
+    async def release_lease(self) -> None:
+        await self.store.leases.update_one(
+            {"_id": self.store.origin, "holder": self.holder}, {"$set": {"expiresAt": _now()}}
+        )
+        self.is_leader = False
+
+    async def _fenced_set(self, fields: Doc) -> None:
+        """Write to the head document only while holding the lease (renewing it)."""
+        fields = {**fields, "expiresAt": _now() + dt.timedelta(seconds=self.settings.lease_ttl)}
+        result = await self.store.leases.update_one(
+            {"_id": self.store.origin, "holder": self.holder}, {"$set": fields}
+        )
+        if result.matched_count != 1:
+            self.is_leader = False
+            raise LostLease(f"{self.holder} lost the lease of {self.store.origin}")
+
+    # --- recovery ----------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Load the published head and right edge, then integrate entries written after it."""
+        head = await self.store.head()
+        size = int(head.get("size", 0))
+        nodes = root_nodes(size)
+        hashes = await self.reader.nodes(nodes, size) if size else {}
+        self._range = CompactRange(size, [hashes[n] for n in nodes])
+        self._edge = {}
+        level = 0
+        while size >> (TILE_HEIGHT * level):
+            index = (size >> (TILE_HEIGHT * level)) // TILE_WIDTH
+            width = tile_width(level, index, size)
+            if width:
+                key_nodes = [
+                    Node(TILE_HEIGHT * level, index * TILE_WIDTH + i) for i in range(width)
+                ]
+                got = await self.reader.nodes(key_nodes, size)
+                self._edge[level] = (index, [got[n] for n in key_nodes])
+            level += 1
+        self.size = size
+        self.root = self._range.root()
+        tail = [
+            doc async for doc in self.store.entries.find({"_id": {"$gte": size}}).sort("_id", 1)
+        ]
+        tail = [doc for i, doc in enumerate(tail) if doc["_id"] == size + i]
+        if tail:
+            log.info("recover: integrating %d entries sequenced after size %d", len(tail), size)
+            await self._integrate_and_publish(tail)
+        log.info("recover: %s leads %s at size %d", self.holder, self.store.origin, self.size)
+
+    # --- one batch ----------------------------------------------------------------------
+
+    async def sequence_batch(self) -> int:
+        """Sequence up to batch_size pending events; returns how many were published."""
+        pending = (
+            await self.store.pending.find({})
+            .sort("_id", 1)
+            .limit(self.settings.batch_size)
+            .to_list()
+        )
+        if not pending:
+            return 0
+        ids = [p["_id"] for p in pending]
+        done = {
+            e["event"] async for e in self.store.entries.find({"event": {"$in": ids}}, {"event": 1})
+        }
+        ledger = {d["_id"]: d async for d in self.store.ledger.find({"_id": {"$in": ids}})}
+        stale = list(done)
+        ready: list[Doc] = []
+        deferred_subjects: set[str] = set()
+        for p in pending:
+            if p["_id"] in done:
+                continue
+            event = ledger.get(p["_id"])
+            if event is None:
+                event = await self._complete_orphan(p)
+                if event is None:
+                    if p.get("_discard"):
+                        stale.append(p["_id"])
+                    deferred_subjects.add(p["subject"])
+                    continue
+            ready.append(event)
+        ready = await self._order(ready, deferred_subjects)
+        if stale:
+            await self.store.pending.delete_many({"_id": {"$in": stale}})
+        if not ready:
+            return 0
+        entries = [
+            {"_id": self.size + i, "event": e["_id"], "leaf": Binary(bytes(e["leaf"]))}
+            for i, e in enumerate(ready)
+        ]
+        try:
+            await self.store.entries.insert_many(entries, ordered=True)
+        except BulkWriteError as exc:
+            # Another sequencer wrote some of these indices or events: start over from storage.
+            raise LostLease(
+                f"sequence: lost a race at index {self.size}: {exc.details.get('writeErrors', [{}])[0].get('errmsg')}"
+            ) from exc
+        await self._integrate_and_publish(entries)
+        await self.store.pending.delete_many({"_id": {"$in": [e["_id"] for e in ready]}})
+        return len(ready)
+
+    async def _complete_orphan(self, pending: Doc) -> Doc | None:
+        """An appender that wrote `pending` but not yet the ledger copy: wait, then finish its
+        write (an acknowledged append always has both). Returns the ledger event or None."""
+        age = (_now() - pending["queuedAt"].replace(tzinfo=dt.UTC)).total_seconds()
+        if age < self.settings.orphan_grace:
+            return None
+        event = {k: v for k, v in pending.items() if k != "queuedAt"}
+        try:
+            await self.store.ledger.insert_one(event)
+        except DuplicateKeyError:
+            existing = await self.store.ledger.find_one({"_id": pending["_id"]})
+            if existing is None:
+                pending["_discard"] = True  # (subject, version) taken by another event
+            return existing
+        log.warning(
+            "sequence: completed orphaned append %s (%s v%d)",
+            pending["_id"],
+            pending["subject"],
+            pending["version"],
+        )
+        return event
+
+    async def _order(self, ready: list[Doc], deferred: set[str]) -> list[Doc]:
+        """Keep each subject's versions in ascending order in the log, and hold back a subject
+        whose previous version is still waiting in `pending` outside this batch."""
+        by_subject: dict[str, list[Doc]] = {}
+        for e in ready:
+            if e["subject"] not in deferred:
+                by_subject.setdefault(e["subject"], []).append(e)
+        for evs in by_subject.values():
+            evs.sort(key=lambda e: e["version"])
+        predecessors = [
+            {"subject": s, "version": evs[0]["version"] - 1}
+            for s, evs in by_subject.items()
+            if evs[0]["version"] > 1
+        ]
+        if predecessors:
+            async for waiting in self.store.pending.find({"$or": predecessors}, {"subject": 1}):
+                by_subject.pop(waiting["subject"], None)
+        cursor = {s: iter(evs) for s, evs in by_subject.items()}
+        return [next(cursor[e["subject"]]) for e in ready if e["subject"] in cursor]
+
+    async def _integrate_and_publish(self, entries: list[Doc]) -> None:
+        """integrate: extend the right edge and insert new tiles; publish: fenced head update."""
+        rng = CompactRange(self._range.size, list(self._range.hashes))
+        edge = {level: (index, list(hashes)) for level, (index, hashes) in self._edge.items()}
+        touched: set[int] = set()
+        full: list[Doc] = []
+
+        def on_node(node: Node, digest: bytes) -> None:
+            if node.level % TILE_HEIGHT:
+                return
+            level = node.level // TILE_HEIGHT
+            index = node.index // TILE_WIDTH
+            current = edge.get(level)
+            if current is None or current[0] != index:
+                current = (index, [])
+                edge[level] = current
+            current[1].append(digest)
+            touched.add(level)
+            if len(current[1]) == TILE_WIDTH:
+                full.append(tile_document(level, index, current[1]))
+                del edge[level]
+                touched.discard(level)
+
+        for entry in entries:
+            rng.append(leaf_hash(bytes(entry["leaf"])), on_node)
+        partial = [tile_document(level, *edge[level]) for level in sorted(touched)]
+        await write_tiles(self.store, full + partial)
+        root = rng.root()
+        await self._fenced_set({"size": rng.size, "rootHash": Binary(root)})
+        self._range, self._edge, self.size, self.root = rng, edge, rng.size, root
+        for callback in self.on_publish:
+            callback(self.size, self.root)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    async def run(
+        self, stopping: asyncio.Event, after_batch: Callable[[], object] | None = None
+    ) -> None:
+        """Lead when possible, sequence until `stopping` is set; survive database outages."""
+        backoff = 0.1
+        while not stopping.is_set():
+            try:
+                if not self.is_leader:
+                    if await self.acquire_lease():
+                        self.is_leader = True
+                        await self.recover()
+                    else:
+                        await _wait(stopping, self.settings.lease_ttl / 3)
+                        continue
+                await self._lead(stopping, after_batch)
+                backoff = 0.1
+            except LostLease as exc:
+                log.warning("sequence: %s", exc)
+                self.is_leader = False
+            except PyMongoError as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    "sequence: database error, retrying in %.1fs: %s", backoff, self.last_error
+                )
+                self.is_leader = False
+                await _wait(stopping, backoff)
+                backoff = min(backoff * 2, 5.0)
+        if self.is_leader:
+            try:
+                await self.release_lease()
+            except PyMongoError:
+                pass
+
+    async def _lead(
+        self, stopping: asyncio.Event, after_batch: Callable[[], object] | None
+    ) -> None:
+        renew_every = self.settings.lease_ttl / 3
+        last_renewal = time.monotonic()
+        while not stopping.is_set():
+            n = await self.sequence_batch()
+            self.last_error = None
+            if after_batch is not None:
+                result = after_batch()
+                if asyncio.iscoroutine(result):
+                    await result
+            if n:
+                last_renewal = time.monotonic()
+                if n < self.settings.batch_size:
+                    await asyncio.sleep(self.settings.batch_delay)
+                continue
+            if time.monotonic() - last_renewal > renew_every:
+                await self._fenced_set({})
+                last_renewal = time.monotonic()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), self.settings.poll_interval)
+            except TimeoutError:
+                pass
+            self._wakeup.clear()
+            await asyncio.sleep(self.settings.batch_delay)
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+__all__ = ["LostLease", "Sequencer", "SequencerSettings", "DUPLICATE_KEY"]

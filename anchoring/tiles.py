@@ -1,0 +1,113 @@
+"""Reading and writing tree nodes as immutable C2SP tlog-tiles in MongoDB.
+
+A tile document is {_id: "L/N" or "L/N.p/W", level: L, index: N, width: W, hashes: W*32 bytes}.
+Every document is written once and never changed: a growing right-edge tile is stored again
+under a new partial key at each published size, so the tiles of every published size stay
+readable. Which key to read follows from the tree size being read (see treemath.tile_width).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from bson import Binary
+from pymongo.errors import BulkWriteError
+
+from anchoring.hashing import HASH_SIZE
+from anchoring.store import Doc, LogStore
+from anchoring.treemath import Node, hash_perfect, tile_key, tile_slice, tile_width
+
+DUPLICATE_KEY = 11000
+
+
+class TileCorrupt(Exception):
+    """A stored tile is missing or has the wrong shape."""
+
+
+class TileReader:
+    """Fetches node hashes through tiles, with an LRU cache (every tile is immutable)."""
+
+    def __init__(self, store: LogStore, cache_tiles: int = 4096) -> None:
+        self.store = store
+        self.cache_tiles = cache_tiles
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self.reads = 0  # database round trips, for tests and benchmarks
+
+    async def tiles(self, keys: set[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        missing = []
+        for key in keys:
+            hashes = self._cache.get(key)
+            if hashes is None:
+                missing.append(key)
+            else:
+                self._cache.move_to_end(key)
+                found[key] = hashes
+        if missing:
+            self.reads += 1
+            query = {"_id": missing[0]} if len(missing) == 1 else {"_id": {"$in": missing}}
+            async for doc in self.store.tiles.find(query):
+                hashes = bytes(doc["hashes"])
+                found[doc["_id"]] = hashes
+                self._cache[doc["_id"]] = hashes
+                if len(self._cache) > self.cache_tiles:
+                    self._cache.popitem(last=False)
+        absent = [key for key in keys if key not in found]
+        if absent:
+            raise TileCorrupt(f"tile {absent[0]} is missing from storage")
+        return found
+
+    async def nodes(self, nodes: list[Node], published_size: int) -> dict[Node, bytes]:
+        """Hashes of complete nodes of the tree, read from the tiles of `published_size`.
+
+        Requires every node to be complete at published_size, a size that was published.
+        """
+        slices = {node: tile_slice(node) for node in nodes}
+        keys = {}
+        for node, sl in slices.items():
+            width = tile_width(sl.tile_level, sl.tile_index, published_size)
+            if sl.start + sl.count > width:
+                raise ValueError(f"node {node} is not complete in a tree of size {published_size}")
+            keys[node] = tile_key(sl.tile_level, sl.tile_index, width)
+        stored = await self.tiles(set(keys.values()))
+        result = {}
+        for node, sl in slices.items():
+            data = stored[keys[node]]
+            chunk = data[sl.start * HASH_SIZE : (sl.start + sl.count) * HASH_SIZE]
+            if len(chunk) != sl.count * HASH_SIZE:
+                raise TileCorrupt(f"tile {keys[node]} is {len(data)} bytes, too short for {node}")
+            result[node] = hash_perfect(
+                [chunk[i : i + HASH_SIZE] for i in range(0, len(chunk), HASH_SIZE)]
+            )
+        return result
+
+
+def tile_document(level: int, index: int, hashes: list[bytes]) -> Doc:
+    return {
+        "_id": tile_key(level, index, len(hashes)),
+        "level": level,
+        "index": index,
+        "width": len(hashes),
+        "hashes": Binary(b"".join(hashes)),
+    }
+
+
+async def write_tiles(store: LogStore, docs: list[Doc]) -> None:
+    """Insert tile documents; an identical one already there (a retry) is fine."""
+    if not docs:
+        return
+    try:
+        await store.tiles.insert_many(docs, ordered=False)
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        if any(err.get("code") != DUPLICATE_KEY for err in errors):
+            raise
+        # Tiles are a deterministic function of the entries, so an existing key must hold
+        # the same bytes; verify rather than assume.
+        for err in errors:
+            doc = docs[err["index"]]
+            existing = await store.tiles.find_one({"_id": doc["_id"]})
+            if existing is None or bytes(existing["hashes"]) != bytes(doc["hashes"]):
+                raise TileCorrupt(
+                    f"tile {doc['_id']} already stored with different hashes"
+                ) from exc
