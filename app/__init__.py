@@ -1,0 +1,1 @@
+"""The prescription gateway: settings, database, the starlette app and the rxledger CLI."""

@@ -1,0 +1,285 @@
+"""rxledger: the command line of the prescription ledger.
+
+Exit codes: 0 success, 1 a verification or audit found a problem, 2 bad usage or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pymongo.errors import PyMongoError
+
+from anchoring.note import Verifier, open_checkpoint, parse_verifier_key
+from anchoring.verify import (
+    MALFORMED,
+    VerificationError,
+    parse_consistency_proof,
+    parse_inclusion_bundle,
+    verify_bundle_inclusion,
+    verify_consistency,
+)
+from app.settings import ConfigError, Settings, write_new_key
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{what}: no such file {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{what}: cannot read {path}: {exc}") from None
+
+
+def _read_json(path: str, what: str) -> Any:
+    try:
+        return json.loads(_read_text(path, what))
+    except json.JSONDecodeError as exc:
+        raise VerificationError(MALFORMED, f"{what} {path} is not JSON: {exc}") from None
+
+
+def _verifier(key: str) -> Verifier:
+    """A verifier key given inline or as a file holding it."""
+    text = key
+    if "+" not in key or Path(key).is_file():
+        text = _read_text(key, "verifier key").strip()
+    return parse_verifier_key(text)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from anchoring.note import Signer, load_private_key
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UsageError(
+            f"{out} exists; pass --force to replace it (the old key's checkpoints stay verifiable only with the old verifier key)"
+        )
+    write_new_key(out, force=args.force)
+    signer = Signer(args.name, load_private_key(out.read_bytes()))
+    print(f"wrote Ed25519 signing key to {out} (mode 0600)", file=sys.stderr)
+    print(signer.verifier_key)
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    verifier = _verifier(args.key)
+    bundle = parse_inclusion_bundle(_read_json(args.bundle, "bundle"))
+    cp = open_checkpoint(bundle.checkpoint, [verifier], args.origin)
+    verify_bundle_inclusion(bundle, cp.size, cp.root_hash)
+    print(
+        f"OK: leaf {bundle.leaf_index} is included in {cp.origin} at tree size {cp.size}; "
+        f"checkpoint signed by {verifier.name}+{verifier.key_id.hex()}; root {cp.root_hash.hex()}"
+    )
+    return EXIT_OK
+
+
+def cmd_verify_consistency(args: argparse.Namespace) -> int:
+    verifier = _verifier(args.key)
+    old = open_checkpoint(_read_text(args.old_note, "old checkpoint"), [verifier], args.origin)
+    new = open_checkpoint(_read_text(args.new_note, "new checkpoint"), [verifier], old.origin)
+    proof = parse_consistency_proof(_read_json(args.proof, "proof"))
+    from anchoring.verify import SIZE_MISMATCH
+
+    if (proof.from_size, proof.to_size) != (old.size, new.size):
+        raise VerificationError(
+            SIZE_MISMATCH,
+            f"proof is for sizes {proof.from_size} -> {proof.to_size}, checkpoints are {old.size} -> {new.size}",
+        )
+    verify_consistency(old.size, new.size, old.root_hash, new.root_hash, proof.path)
+    print(
+        f"OK: {old.origin} at size {old.size} is a prefix of size {new.size}; both checkpoints signed by {verifier.name}"
+    )
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from anchoring.audit import audit_log
+    from app.db import make_client, make_store
+
+    settings = Settings.from_env()
+    verifiers = [_verifier(args.key)] if args.key else [settings.signer().verifier()]
+
+    def progress(done: int, total: int) -> None:
+        if not args.quiet:
+            print(
+                f"\raudit: {done}/{total} entries ({100 * done // max(total, 1)}%)",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    async def run() -> int:
+        client = make_client(settings)
+        try:
+            report = await audit_log(make_store(settings, client), verifiers, progress)
+        finally:
+            await client.close()
+        if not args.quiet:
+            print(file=sys.stderr)
+        if report.ok:
+            print(
+                f"OK: {report.entries} entries, {report.tiles} tiles and {report.checkpoints} checkpoints of {settings.origin} verified"
+            )
+            return EXIT_OK
+        print(f"FAILED: first divergence: {report.problems[0]}")
+        for extra in report.problems[1:]:
+            print(f"  also: {extra}")
+        return EXIT_FAILED
+
+    return asyncio.run(run())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = Settings.from_env()
+    settings.signer()  # fail fast on a missing production key
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+    )
+    return EXIT_OK
+
+
+def cmd_sequence(args: argparse.Namespace) -> int:
+    """Run only the sequencer and anchorer (no HTTP), e.g. as a separate process."""
+    from app.db import make_client, make_log
+
+    settings = Settings.from_env()
+
+    async def run() -> int:
+        client = make_client(settings)
+        tlog = make_log(settings, client)
+        await tlog.start()
+        print(
+            f"sequencing {settings.origin} as {tlog.sequencer.holder}; Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await tlog.stop()
+            await client.close()
+        return EXIT_OK
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def cmd_verifier_key(args: argparse.Namespace) -> int:
+    print(Settings.from_env().signer().verifier_key)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rxledger",
+        description="A Merkle-anchored prescription ledger: gateway, sequencer and offline verifier.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("keygen", help="create an Ed25519 signing key and print its verifier key")
+    p.add_argument("--name", required=True, help="key name in signed notes, e.g. rx.example.org")
+    p.add_argument(
+        "--out",
+        default="var/keys/log.pem",
+        help="where to write the PEM private key (default: %(default)s)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing key file")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("verify", help="verify a proof bundle offline (no database, no network)")
+    p.add_argument(
+        "bundle", help="proof bundle JSON: {leaf, leafIndex, treeSize, inclusionPath, checkpoint}"
+    )
+    p.add_argument(
+        "--key",
+        required=True,
+        help="verifier key <name>+<hex id>+<base64 key>, or a file holding it",
+    )
+    p.add_argument("--origin", help="require this checkpoint origin")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "verify-consistency", help="verify that one checkpoint extends another, offline"
+    )
+    p.add_argument("old_note", help="the older signed checkpoint (a text file)")
+    p.add_argument("new_note", help="the newer signed checkpoint (a text file)")
+    p.add_argument(
+        "--proof", required=True, help="consistency proof JSON: {fromSize, toSize, path}"
+    )
+    p.add_argument("--key", required=True, help="verifier key, or a file holding it")
+    p.add_argument("--origin", help="require this checkpoint origin")
+    p.set_defaults(func=cmd_verify_consistency)
+
+    p = sub.add_parser(
+        "audit", help="replay the whole log from the database and check every hash and signature"
+    )
+    p.add_argument(
+        "--key",
+        help="verifier key to check checkpoints with (default: the configured signing key's)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("serve", help="run the gateway (uvicorn) with its sequencer and anchorer")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "sequence", help="run only the sequencer and anchorer (takes over when the leader dies)"
+    )
+    p.set_defaults(func=cmd_sequence)
+
+    p = sub.add_parser("verifier-key", help="print the verifier key of the configured signing key")
+    p.set_defaults(func=cmd_verifier_key)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except VerificationError as exc:
+        print(f"FAILED: {exc.check}: {exc.detail}", file=sys.stderr)
+        return EXIT_FAILED
+    except (UsageError, ConfigError) as exc:
+        print(f"rxledger {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PyMongoError as exc:
+        print(
+            f"rxledger {args.command}: database unavailable: {type(exc).__name__}: {str(exc)[:300]}",
+            file=sys.stderr,
+        )
+        print(
+            "check MONGODB_URI (or start the development database with `make db`)", file=sys.stderr
+        )
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
