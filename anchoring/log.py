@@ -64,7 +64,9 @@ class TransparencyLog:
         self.anchorer = Anchorer(store, signer, self.reader, self.settings.anchor)
         self.ledger.listeners.append(self.sequencer.wake)
         self._published = asyncio.Condition()
-        self.sequencer.on_publish.append(lambda size, root: asyncio.ensure_future(self._notify()))
+        self.sequencer.on_publish.append(
+            lambda size, root, events: asyncio.ensure_future(self._notify())
+        )
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.anchor_error: str | None = None

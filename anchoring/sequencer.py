@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from bson import Binary
 from pymongo import ReturnDocument
@@ -36,6 +37,10 @@ log = logging.getLogger("rxledger.sequencer")
 
 class LostLease(Exception):
     """Another process holds the lease now; this one must stop sequencing."""
+
+
+class Resync(LostLease):
+    """Storage moved under the sequencer (a race or a crash leftover): recover from it."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,9 @@ class Sequencer:
         self._range = CompactRange()
         self._edge: dict[int, tuple[int, list[bytes]]] = {}  # tile level -> (index, hashes)
         self._wakeup = asyncio.Event()
-        self.on_publish: list[Callable[[int, bytes], object]] = []
+        self.on_publish: list[
+            Callable[[int, bytes, list[Any]], object]
+        ] = []  # (size, root, event ids)
         self.last_error: str | None = None
 
     def wake(self) -> None:
@@ -146,6 +153,17 @@ class Sequencer:
         if tail:
             log.info("recover: integrating %d entries sequenced after size %d", len(tail), size)
             await self._integrate_and_publish(tail)
+        # A crash between publish and dropping the batch from `pending` leaves sequenced events
+        # there; this lookup scans entries on servers without an index, so only recovery does it.
+        queued = [p["_id"] async for p in self.store.pending.find({}, {"_id": 1})]
+        if queued:
+            done = [
+                e["event"]
+                async for e in self.store.entries.find({"event": {"$in": queued}}, {"event": 1})
+            ]
+            if done:
+                log.info("recover: dropping %d already sequenced events from pending", len(done))
+                await self.store.pending.delete_many({"_id": {"$in": done}})
         log.info("recover: %s leads %s at size %d", self.holder, self.store.origin, self.size)
 
     # --- one batch ----------------------------------------------------------------------
@@ -161,16 +179,11 @@ class Sequencer:
         if not pending:
             return 0
         ids = [p["_id"] for p in pending]
-        done = {
-            e["event"] async for e in self.store.entries.find({"event": {"$in": ids}}, {"event": 1})
-        }
         ledger = {d["_id"]: d async for d in self.store.ledger.find({"_id": {"$in": ids}})}
-        stale = list(done)
+        stale = []
         ready: list[Doc] = []
         deferred_subjects: set[str] = set()
         for p in pending:
-            if p["_id"] in done:
-                continue
             event = ledger.get(p["_id"])
             if event is None:
                 event = await self._complete_orphan(p)
@@ -192,8 +205,9 @@ class Sequencer:
         try:
             await self.store.entries.insert_many(entries, ordered=True)
         except BulkWriteError as exc:
-            # Another sequencer wrote some of these indices or events: start over from storage.
-            raise LostLease(
+            # Another sequencer wrote some of these indices, or an event here was sequenced
+            # already: recovery integrates what is stored and drops stale pending events.
+            raise Resync(
                 f"sequence: lost a race at index {self.size}: {exc.details.get('writeErrors', [{}])[0].get('errmsg')}"
             ) from exc
         await self._integrate_and_publish(entries)
@@ -272,8 +286,9 @@ class Sequencer:
         root = rng.root()
         await self._fenced_set({"size": rng.size, "rootHash": Binary(root)})
         self._range, self._edge, self.size, self.root = rng, edge, rng.size, root
+        events = [entry["event"] for entry in entries]
         for callback in self.on_publish:
-            callback(self.size, self.root)
+            callback(self.size, self.root, events)
 
     # --- the loop ------------------------------------------------------------------------
 
