@@ -17,7 +17,7 @@ from anchoring.note import Verifier, open_checkpoint
 from anchoring.proofs import consistency_proof
 from anchoring.store import Doc, LogStore
 from anchoring.tiles import TileCorrupt, TileReader
-from anchoring.treemath import TILE_HEIGHT, TILE_WIDTH, CompactRange, Node, tile_key
+from anchoring.treemath import TILE_HEIGHT, TILE_WIDTH, CompactRange, Node, tile_key, tile_width
 from anchoring.verify import VerificationError, verify_consistency
 
 PAGE = 1000
@@ -96,39 +96,13 @@ async def _audit(
         )
     next_cp = 0
     rng = CompactRange()
-    tile_rows: dict[int, tuple[int, list[bytes]]] = {}
     last_version: dict[str, tuple[int, bytes]] = {}
 
-    async def compare_tile(level: int, index: int, hashes: list[bytes]) -> None:
-        key = tile_key(level, index, len(hashes))
-        doc = await store.tiles.find_one({"_id": key})
-        report.tiles += 1
-        if doc is None:
-            problem(f"tile {key}: missing")
-            return
-        stored = bytes(doc.get("hashes", b""))
-        for i, h in enumerate(hashes):
-            if stored[i * HASH_SIZE : (i + 1) * HASH_SIZE] != h:
-                first = (index * TILE_WIDTH + i) << (TILE_HEIGHT * level)
-                problem(
-                    f"tile {key}: hash {i} differs from the tree rebuilt from the ledger (leaves from {first})"
-                )
-                return
-
-    pending_tiles: list[tuple[int, int, list[bytes]]] = []
+    rows: dict[int, list[bytes]] = {}  # tile level -> recomputed hashes of tree level 8*L
 
     def on_node(node: Node, digest: bytes) -> None:
-        if node.level % TILE_HEIGHT:
-            return
-        level, index = node.level // TILE_HEIGHT, node.index // TILE_WIDTH
-        row = tile_rows.get(level)
-        if row is None or row[0] != index:
-            row = (index, [])
-            tile_rows[level] = row
-        row[1].append(digest)
-        if len(row[1]) == TILE_WIDTH:
-            pending_tiles.append((level, index, row[1]))
-            del tile_rows[level]
+        if node.level % TILE_HEIGHT == 0:
+            rows.setdefault(node.level // TILE_HEIGHT, []).append(digest)
 
     index = 0
     while index < published:
@@ -163,17 +137,14 @@ async def _audit(
                         f"(an entry before index {rng.size} was edited, deleted or reordered)"
                     )
                 next_cp += 1
-            for level, tindex, hashes in pending_tiles:
-                await compare_tile(level, tindex, hashes)
-            pending_tiles.clear()
         if len(page) < min(PAGE, published - (index - len(page))):
             problem(f"entry {index}: missing; the log has {index} of {published} published entries")
             return
         report.entries = index
         if progress is not None:
             progress(index, published)
-    for level, (tindex, hashes) in sorted(tile_rows.items()):
-        await compare_tile(level, tindex, hashes)
+    sizes = {published} | {cp["size"] for cp in checkpoints if cp["size"] <= published}
+    await _check_tiles(store, rows, sizes, report, problem)
     while next_cp < len(checkpoints) and checkpoints[next_cp]["size"] == 0:
         next_cp += 1
     reader = TileReader(store, cache_tiles=64)
@@ -183,6 +154,71 @@ async def _audit(
             verify_consistency(old["size"], new["size"], old["root"], new["root"], path)
         except (VerificationError, TileCorrupt, ValueError) as exc:
             problem(f"checkpoints {old['size']} -> {new['size']}: not consistent ({exc})")
+
+
+def _parse_tile_key(key: object) -> tuple[int, int, int] | None:
+    """(level, index, width) from "L/N" or "L/N.p/W"."""
+    try:
+        assert isinstance(key, str)
+        body, _, partial = key.partition(".p/")
+        level, index = (int(x) for x in body.split("/"))
+        width = int(partial) if partial else TILE_WIDTH
+    except (AssertionError, ValueError):
+        return None
+    if level < 0 or index < 0 or not 0 < width <= TILE_WIDTH:
+        return None
+    return level, index, width
+
+
+async def _check_tiles(
+    store: LogStore,
+    rows: dict[int, list[bytes]],
+    sizes: set[int],
+    report: AuditReport,
+    problem: Callable[[str], None],
+) -> None:
+    """Every stored tile, full or partial (older sizes included), against the rebuilt tree,
+    and every tile that proofs at the published and checkpointed sizes need must exist."""
+    found: list[tuple[int, str]] = []
+    needed: dict[str, int] = {}
+    for size in sizes:
+        level = 0
+        while size >> (TILE_HEIGHT * level):
+            count = size >> (TILE_HEIGHT * level)
+            for index in range((count + TILE_WIDTH - 1) // TILE_WIDTH):
+                width = tile_width(level, index, size)
+                needed[tile_key(level, index, width)] = (index * TILE_WIDTH) << (
+                    TILE_HEIGHT * level
+                )
+            level += 1
+    async for doc in store.tiles.find({}):
+        report.tiles += 1
+        key = doc.get("_id")
+        needed.pop(str(key), None)
+        parsed = _parse_tile_key(key)
+        if parsed is None:
+            found.append((-1, f"tile {key!r}: not a tile key"))
+            continue
+        level, index, width = parsed
+        stored = bytes(doc.get("hashes", b""))
+        expected = rows.get(level, [])[index * TILE_WIDTH : index * TILE_WIDTH + width]
+        first_leaf = (index * TILE_WIDTH) << (TILE_HEIGHT * level)
+        if len(stored) != width * HASH_SIZE:
+            found.append(
+                (first_leaf, f"tile {key}: holds {len(stored)} bytes, want {width * HASH_SIZE}")
+            )
+        elif len(expected) < width:
+            found.append((first_leaf, f"tile {key}: covers nodes beyond the rebuilt tree"))
+        else:
+            for i, h in enumerate(expected):
+                if stored[i * HASH_SIZE : (i + 1) * HASH_SIZE] != h:
+                    leaf = (index * TILE_WIDTH + i) << (TILE_HEIGHT * level)
+                    message = f"tile {key}: hash {i} differs from the tree rebuilt from the ledger (leaves from {leaf})"
+                    found.append((leaf, message))
+                    break
+    found.extend((leaf, f"tile {key}: missing") for key, leaf in needed.items())
+    for _, message in sorted(found):
+        problem(message)
 
 
 def _check_event(
@@ -209,10 +245,11 @@ def _check_event(
         )
     previous = last_version.get(subject)
     expected = 1 if previous is None else previous[0] + 1
-    if previous is not None and version != expected:
-        problem(
-            f"entry {index}: {subject} version {version} follows version {previous[0]} (events reordered or missing)"
+    if version != expected:
+        after = (
+            "is the subject's first entry" if previous is None else f"follows version {previous[0]}"
         )
+        problem(f"entry {index}: {subject} version {version} {after} (events reordered or missing)")
     if "prev" in header and previous is not None:
         if header["prev"] != b64(previous[1]):
             problem(

@@ -63,7 +63,7 @@ def verifier_key_string(name: str, public_key: bytes) -> str:
 
 def parse_verifier_key(text: str) -> Verifier:
     """Parse "<name>+<hex id>+<base64 key>"; raises VerificationError(MALFORMED) on bad input."""
-    parts = text.strip().split("+")
+    parts = text.strip().split("+", 2)  # the base64 key may itself contain '+'
     if len(parts) != 3:
         raise VerificationError(
             MALFORMED, "verifier key must read <name>+<8 hex key ID>+<base64 key>"

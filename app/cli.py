@@ -1,6 +1,8 @@
 """rxledger: the command line of the prescription ledger.
 
-Exit codes: 0 success, 1 a verification or audit found a problem, 2 bad usage or input.
+Exit codes: 0 success; 1 a verification or audit failed a check (including "malformed input"
+for a bundle, note or proof that does not parse); 2 bad usage: arguments, missing files,
+configuration, or an unreachable database.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from pymongo.errors import PyMongoError
 
-from anchoring.note import Verifier, open_checkpoint, parse_verifier_key
+from anchoring.note import Verifier, open_checkpoint, parse_verifier_key, verifier_key_string
 from anchoring.verify import (
     MALFORMED,
     VerificationError,
@@ -61,6 +63,10 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     from anchoring.note import Signer, load_private_key
 
     out = Path(args.out)
+    try:
+        verifier_key_string(args.name, bytes(32))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if out.exists() and not args.force:
         raise UsageError(
             f"{out} exists; pass --force to replace it (the old key's checkpoints stay verifiable only with the old verifier key)"

@@ -1,0 +1,21 @@
+# The rxledger GraphQL gateway. Built and run by docker-compose.yml (with a MongoDB replica set).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Build context is filtered by .dockerignore (no .venv, var/, .git, caches).
+COPY . /tmp/src
+RUN pip install /tmp/src && rm -rf /tmp/src
+
+# Run unprivileged. Compose bind-mounts file secrets with the host file's owner and mode, so the
+# signing key (mode 0600) must be readable by this uid: see docker-compose.yml.
+RUN groupadd --system --gid 10001 rxledger \
+ && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /srv/rxledger rxledger
+USER 10001:10001
+WORKDIR /srv/rxledger
+
+EXPOSE 8000
+CMD ["rxledger", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,83 @@
+# rxledger developer tasks. `make` or `make help` lists them.
+#
+# Needs python3 (>= 3.11), make, and Go (only to build FerretDB, the MongoDB-protocol server used
+# for development and tests). Set MONGODB_URI to use another server (e.g. a real MongoDB) instead:
+# then FerretDB is neither built nor started.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON  ?= python3
+VENV    := .venv
+STAMP   := $(VENV)/.installed
+DB_PORT ?= 27017
+DB_DIR  ?= var/db
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+
+DEVDB := $(PYTHON) scripts/devdb.py --port $(DB_PORT) --data-dir $(DB_DIR)
+
+.PHONY: help venv ferretdb db db-stop run lint typecheck test bench clean
+
+help: ## list the targets
+	@echo "usage: make TARGET   (set MONGODB_URI to use your own MongoDB instead of FerretDB)"
+	@echo
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@echo
+	@echo "variables: DB_PORT=$(DB_PORT) DB_DIR=$(DB_DIR) HOST=$(HOST) PORT=$(PORT) PYTHON=$(PYTHON)"
+
+venv: $(STAMP) ## create .venv and install the project with its dev extras
+
+$(STAMP): pyproject.toml
+	@if [ ! -x $(VENV)/bin/python ]; then \
+	  echo "creating $(VENV) with $$($(PYTHON) --version 2>&1)"; \
+	  $(PYTHON) -m venv $(VENV) || { \
+	    echo "error: '$(PYTHON) -m venv' failed (on Debian/Ubuntu: apt-get install python3-venv)" >&2; \
+	    rm -rf $(VENV); exit 1; }; \
+	fi
+	@echo "installing rxledger[dev] into $(VENV)"
+	@$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+ferretdb: ## build FerretDB into var/bin (first time only; skipped if MONGODB_URI is set)
+	@if [ -n "$$MONGODB_URI" ]; then \
+	  echo "MONGODB_URI is set; not installing FerretDB"; \
+	else \
+	  bash scripts/install-ferretdb.sh >/dev/null; \
+	fi
+
+db: ## start the development server (FerretDB on DB_PORT, data in DB_DIR), detached
+	@if [ -n "$$MONGODB_URI" ]; then \
+	  echo "MONGODB_URI is set; not starting a server"; \
+	else \
+	  $(DEVDB) start; \
+	fi
+
+db-stop: ## stop the development server
+	@$(DEVDB) stop
+
+run: venv db ## serve the GraphQL gateway on HOST:PORT (MONGODB_URI defaults to the dev server)
+	MONGODB_URI="$${MONGODB_URI:-mongodb://127.0.0.1:$(DB_PORT)/}" \
+	  $(VENV)/bin/rxledger serve --host $(HOST) --port $(PORT)
+
+lint: venv ## ruff check and ruff format --check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv ## mypy (strict) on anchoring/
+	$(VENV)/bin/mypy anchoring
+
+# FerretDB is built first so that its (one-time, minutes-long) build shows its progress instead of
+# happening silently inside pytest. Tests start and stop their own server on a free port, or use
+# MONGODB_URI when it is set.
+test: venv ferretdb ## lint, typecheck, then the test suite
+	@$(MAKE) --no-print-directory lint
+	@$(MAKE) --no-print-directory typecheck
+	$(VENV)/bin/python -m pytest
+
+bench: venv ferretdb ## run the benchmarks (bench/ledger.py)
+	$(VENV)/bin/python bench/ledger.py
+
+clean: ## stop the dev server, remove .venv, var/ (FerretDB binary, data) and caches
+	-@$(DEVDB) stop
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info
