@@ -30,6 +30,9 @@ def unb64(text: str, what: str = "value") -> bytes:
     if not isinstance(text, str):
         raise EncodingError(f"{what}: expected a base64 string, got {type(text).__name__}")
     try:
-        return base64.b64decode(text.encode("ascii"), validate=True)
+        data = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError) as exc:
         raise EncodingError(f"{what}: malformed base64 ({exc})") from exc
+    if base64.b64encode(data).decode("ascii") != text:
+        raise EncodingError(f"{what}: non-canonical base64 (extra padding or stray bits)")
+    return data

@@ -10,6 +10,7 @@ SHA-256(name || 0x0A || 0x01 || public key)[:4]; a verifier key reads
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -29,6 +30,7 @@ from anchoring.verify import (
 ALG_ED25519 = 0x01
 SIG_PREFIX = "\u2014 "  # em dash and a space
 MAX_NOTE_BYTES = 1 << 20
+_DECIMAL = re.compile(r"0|[1-9][0-9]*")
 
 
 def key_id(name: str, public_key: bytes) -> bytes:
@@ -127,9 +129,9 @@ def open_note(note: str, verifiers: list[Verifier]) -> tuple[str, list[str]]:
             MALFORMED, "signed note must be text, a blank line and signature lines"
         )
     text, sig_block = note[: sep + 1], note[sep + 2 :]
-    for ch in text:
+    for ch in note:
         if (ord(ch) < 0x20 and ch != "\n") or ch == "\x7f":
-            raise VerificationError(MALFORMED, f"note text contains control character {ch!r}")
+            raise VerificationError(MALFORMED, f"note contains control character {ch!r}")
     known = {(v.name, v.key_id): v for v in verifiers}
     verified: list[str] = []
     lines = sig_block.split("\n")[:-1]
@@ -140,7 +142,11 @@ def open_note(note: str, verifiers: list[Verifier]) -> tuple[str, list[str]]:
             raise VerificationError(
                 MALFORMED, f"signature line must start with an em dash: {line!r:.60}"
             )
-        name, _, sig_b64 = line[len(SIG_PREFIX) :].rpartition(" ")
+        name, _, sig_b64 = line[len(SIG_PREFIX) :].partition(" ")
+        if " " in sig_b64:
+            raise VerificationError(
+                MALFORMED, f"key names in signature lines have no spaces: {line!r:.60}"
+            )
         try:
             raw = unb64(sig_b64, "signature")
         except EncodingError as exc:
@@ -181,7 +187,7 @@ def parse_checkpoint(text: str) -> Checkpoint:
     origin, size_s, root_s = lines[0], lines[1], lines[2]
     if not origin:
         raise VerificationError(MALFORMED, "checkpoint origin line is empty")
-    if not size_s.isdigit() or (size_s != "0" and size_s.startswith("0")):
+    if not _DECIMAL.fullmatch(size_s):
         raise VerificationError(
             MALFORMED, f"checkpoint size {size_s!r:.30} is not a decimal number"
         )
@@ -193,7 +199,10 @@ def parse_checkpoint(text: str) -> Checkpoint:
         raise VerificationError(
             MALFORMED, f"checkpoint root hash is {len(root)} bytes, want {HASH_SIZE}"
         )
-    return Checkpoint(origin, int(size_s), root, tuple(lines[3:-1]))
+    extensions = tuple(lines[3:-1])
+    if any(not line for line in extensions):
+        raise VerificationError(MALFORMED, "checkpoint extension lines must not be empty")
+    return Checkpoint(origin, int(size_s), root, extensions)
 
 
 def open_checkpoint(note: str, verifiers: list[Verifier], origin: str | None = None) -> Checkpoint:

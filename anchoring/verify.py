@@ -57,6 +57,7 @@ def root_from_inclusion_proof(
     if len(path) != want:
         raise VerificationError(WRONG_PROOF_LENGTH, f"wrong proof size {len(path)}, want {want}")
     _check_hash_sizes(path, "inclusion path")
+    _check_hash_sizes([leaf_digest], "leaf hash")
     fn, sn, r = index, size - 1, leaf_digest
     for p in path:
         if fn & 1 or fn == sn:
