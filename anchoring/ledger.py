@@ -1,8 +1,11 @@
 """Appending events: the write side of the log.
 
-An append stores the event twice, in this order: a `pending` document (the sequencer's
-queue) and the `ledger` document (the truth, unique on (subject, version)). It is
-acknowledged only when both are durable. Concurrent appends in one process are group-committed:
+An append writes, in this order: the event as a `pending` intent (the sequencer's queue, with
+the full event), the `ledger` document (the truth, unique on (subject, version)), and a
+`pending` commit marker saying the ledger copy exists. It is acknowledged only when all three
+are durable. The marker lets the sequencer work from the small `pending` collection alone;
+an intent without a marker (an appender that died or is slow) is checked against the ledger
+after a grace period and completed from its copy. Concurrent appends in one process are group-committed:
 one insert_many per collection for everything queued while the previous batch was written.
 """
 
@@ -55,6 +58,15 @@ def _check_keys(value: Any, path: str) -> None:
         raise InvalidEvent(
             f"header value at {path.rstrip('.')} is outside the exact JSON integer range"
         )
+
+
+def commit_marker(event_id: ObjectId) -> Doc:
+    """The `pending` document that says the ledger copy of `event_id` is written."""
+    return {"_id": marker_id(event_id), "committed": event_id}
+
+
+def marker_id(event_id: ObjectId) -> str:
+    return f"{event_id}.c"
 
 
 def make_event(subject: Any, version: Any, header: Any) -> tuple[Doc, Appended]:
@@ -155,11 +167,11 @@ class Ledger:
         except PyMongoError as exc:
             self._fail_all(batch, exc)
             return
-        conflicts = []
+        written, conflicts = [], []
         for i, (doc, appended, future) in enumerate(batch):
             err = failed.get(i)
             if err is None:
-                future.set_result(appended)
+                written.append((doc, appended, future))
             elif err.get("code") == DUPLICATE_KEY:
                 conflicts.append((doc, appended, future))
             else:
@@ -168,12 +180,24 @@ class Ledger:
                 )
         if conflicts:
             await self._settle_conflicts(conflicts)
+        if not written:
+            return
+        try:
+            await self.store.pending.insert_many(
+                [commit_marker(doc["_id"]) for doc, _, _ in written], ordered=False
+            )
+        except PyMongoError as exc:
+            # The event is in the ledger; the sequencer finds it after the grace period.
+            self._fail_all(written, exc)
+            return
+        for _, appended, future in written:
+            future.set_result(appended)
 
     async def _settle_conflicts(
         self, conflicts: list[tuple[Doc, Appended, asyncio.Future[Appended]]]
     ) -> None:
         """A duplicate key is either (subject, version) taken by another event, or our own
-        event already completed by the sequencer from its pending copy."""
+        event already completed by the sequencer from its pending copy (it needs no marker)."""
         ids = [doc["_id"] for doc, _, _ in conflicts]
         try:
             present = {

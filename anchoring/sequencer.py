@@ -27,12 +27,15 @@ from pymongo import ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from anchoring.hashing import leaf_hash
-from anchoring.ledger import DUPLICATE_KEY
+from anchoring.ledger import DUPLICATE_KEY, marker_id
 from anchoring.store import Doc, LogStore
 from anchoring.tiles import TileReader, tile_document, write_tiles
 from anchoring.treemath import TILE_HEIGHT, TILE_WIDTH, CompactRange, Node, root_nodes, tile_width
 
 log = logging.getLogger("rxledger.sequencer")
+
+INTENTS: Doc = {"committed": {"$exists": False}}
+MARKERS: Doc = {"committed": {"$exists": True}}
 
 
 class LostLease(Exception):
@@ -80,6 +83,9 @@ class Sequencer:
             Callable[[int, bytes, list[Any]], object]
         ] = []  # (size, root, event ids)
         self.last_error: str | None = None
+        self.batches = 0
+        self.sequenced = 0
+        self.step_seconds: dict[str, float] = {}  # cumulative time per step, for metrics
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -155,7 +161,7 @@ class Sequencer:
             await self._integrate_and_publish(tail)
         # A crash between publish and dropping the batch from `pending` leaves sequenced events
         # there; this lookup scans entries on servers without an index, so only recovery does it.
-        queued = [p["_id"] async for p in self.store.pending.find({}, {"_id": 1})]
+        queued = [p["_id"] async for p in self.store.pending.find(INTENTS, {"_id": 1})]
         if queued:
             done = [
                 e["event"]
@@ -163,37 +169,42 @@ class Sequencer:
             ]
             if done:
                 log.info("recover: dropping %d already sequenced events from pending", len(done))
-                await self.store.pending.delete_many({"_id": {"$in": done}})
+                stale = done + [marker_id(d) for d in done]
+                await self.store.pending.delete_many({"_id": {"$in": stale}})
         log.info("recover: %s leads %s at size %d", self.holder, self.store.origin, self.size)
 
     # --- one batch ----------------------------------------------------------------------
 
     async def sequence_batch(self) -> int:
         """Sequence up to batch_size pending events; returns how many were published."""
+        t0 = time.perf_counter()
         pending = (
-            await self.store.pending.find({})
+            await self.store.pending.find(INTENTS)
             .sort("_id", 1)
             .limit(self.settings.batch_size)
             .to_list()
         )
         if not pending:
             return 0
-        ids = [p["_id"] for p in pending]
-        ledger = {d["_id"]: d async for d in self.store.ledger.find({"_id": {"$in": ids}})}
-        stale = []
+        committed = {
+            m["committed"] async for m in self.store.pending.find(MARKERS, {"committed": 1})
+        }
+        # A marker older than the oldest intent has outlived its intent (a crash mid-dequeue).
+        stale: list[Any] = [marker_id(c) for c in committed if c < pending[0]["_id"]]
         ready: list[Doc] = []
         deferred_subjects: set[str] = set()
         for p in pending:
-            event = ledger.get(p["_id"])
-            if event is None:
+            event: Doc | None = p
+            if p["_id"] not in committed:
                 event = await self._complete_orphan(p)
-                if event is None:
-                    if p.get("_discard"):
-                        stale.append(p["_id"])
-                    deferred_subjects.add(p["subject"])
-                    continue
+            if event is None:
+                if p.get("_discard"):
+                    stale.append(p["_id"])
+                deferred_subjects.add(p["subject"])
+                continue
             ready.append(event)
-        ready = await self._order(ready, deferred_subjects)
+        ready = await self._order(ready, deferred_subjects, pending)
+        t1 = self._timed("queue", t0)
         if stale:
             await self.store.pending.delete_many({"_id": {"$in": stale}})
         if not ready:
@@ -210,13 +221,25 @@ class Sequencer:
             raise Resync(
                 f"sequence: lost a race at index {self.size}: {exc.details.get('writeErrors', [{}])[0].get('errmsg')}"
             ) from exc
+        t2 = self._timed("sequence", t1)
         await self._integrate_and_publish(entries)
-        await self.store.pending.delete_many({"_id": {"$in": [e["_id"] for e in ready]}})
+        t3 = self._timed("integrate+publish", t2)
+        done = [e["_id"] for e in ready] + [marker_id(e["_id"]) for e in ready]
+        await self.store.pending.delete_many({"_id": {"$in": done}})
+        self._timed("dequeue", t3)
+        self.batches += 1
+        self.sequenced += len(ready)
         return len(ready)
 
+    def _timed(self, step: str, since: float) -> float:
+        now = time.perf_counter()
+        self.step_seconds[step] = self.step_seconds.get(step, 0.0) + now - since
+        return now
+
     async def _complete_orphan(self, pending: Doc) -> Doc | None:
-        """An appender that wrote `pending` but not yet the ledger copy: wait, then finish its
-        write (an acknowledged append always has both). Returns the ledger event or None."""
+        """An intent without a commit marker: its appender is slow, died, or could not write
+        the marker. After the grace period, finish its write from the intent's copy (or find
+        the ledger copy already there). Returns the ledger event, or None to wait or drop."""
         age = (_now() - pending["queuedAt"].replace(tzinfo=dt.UTC)).total_seconds()
         if age < self.settings.orphan_grace:
             return None
@@ -236,7 +259,7 @@ class Sequencer:
         )
         return event
 
-    async def _order(self, ready: list[Doc], deferred: set[str]) -> list[Doc]:
+    async def _order(self, ready: list[Doc], deferred: set[str], pending: list[Doc]) -> list[Doc]:
         """Keep each subject's versions in ascending order in the log, and hold back a subject
         whose previous version is still waiting in `pending` outside this batch."""
         by_subject: dict[str, list[Doc]] = {}
@@ -245,14 +268,15 @@ class Sequencer:
                 by_subject.setdefault(e["subject"], []).append(e)
         for evs in by_subject.values():
             evs.sort(key=lambda e: e["version"])
-        predecessors = [
-            {"subject": s, "version": evs[0]["version"] - 1}
-            for s, evs in by_subject.items()
-            if evs[0]["version"] > 1
-        ]
-        if predecessors:
-            async for waiting in self.store.pending.find({"$or": predecessors}, {"subject": 1}):
-                by_subject.pop(waiting["subject"], None)
+        if len(pending) >= self.settings.batch_size:
+            # The queue is longer than this batch: look at all of it (a plain scan; a filter
+            # with one clause per subject costs far more on servers that evaluate it per row).
+            pending = await self.store.pending.find(INTENTS, {"subject": 1, "version": 1}).to_list()
+        waiting = {(p["subject"], p["version"]) for p in pending}
+        for subject in [
+            s for s, evs in by_subject.items() if (s, evs[0]["version"] - 1) in waiting
+        ]:
+            del by_subject[subject]
         cursor = {s: iter(evs) for s, evs in by_subject.items()}
         return [next(cursor[e["subject"]]) for e in ready if e["subject"] in cursor]
 
