@@ -1,0 +1,188 @@
+"""The gateway over HTTP: a real uvicorn process, its sequencer and anchorer, GraphQL proofs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from anchoring.encoding import unb64
+from anchoring.ledger import Ledger
+from anchoring.note import open_checkpoint, parse_verifier_key
+from anchoring.proofs import root_hash
+from anchoring.store import LogStore
+from anchoring.tiles import TileReader
+from anchoring.verify import verify_consistency, verify_inclusion
+
+ROOT = Path(__file__).resolve().parent.parent
+ORIGIN = "gw.rxledger.test/log"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env_for(mongo_uri: str, db_name: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RXLEDGER_")}
+    env.update(
+        MONGODB_URI=mongo_uri,
+        RXLEDGER_DB=db_name,
+        RXLEDGER_ORIGIN=ORIGIN,
+        RXLEDGER_VAR_DIR=str(tmp_path / "var"),
+        RXLEDGER_CHECKPOINT_INTERVAL="0.1",
+        RXLEDGER_LEASE_TTL="2",
+        **extra,
+    )
+    return env
+
+
+@pytest.fixture
+def gateway(mongo_uri: str, db_name: str, tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--log-level", "warning"],
+        cwd=ROOT,
+        env=env_for(mongo_uri, db_name, tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                out = proc.stdout.read().decode() if proc.stdout else ""
+                pytest.fail(f"gateway did not start: {out[-2000:]}")
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def gql(base: str, query: str, **variables: object) -> dict:
+    r = httpx.post(f"{base}/graphql", json={"query": query, "variables": variables}, timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+LEDGER = "{ ledger { origin verifierKey size checkpoint { origin size rootHash note } } }"
+
+
+def wait_for_checkpoint(base: str, size: int) -> dict:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        ledger = gql(base, LEDGER)["data"]["ledger"]
+        if ledger["checkpoint"] and ledger["checkpoint"]["size"] >= size:
+            return ledger
+        time.sleep(0.1)
+    pytest.fail(f"no checkpoint of size {size} within 20 s")
+
+
+async def test_events_appended_elsewhere_are_sequenced_anchored_and_proven_over_graphql(
+    gateway, store
+):
+    store = LogStore(store.db, ORIGIN)
+    ledger_writer = Ledger(store)
+    appended = [
+        await ledger_writer.append("rx-gw", v, {"subject": "rx-gw", "version": v, "type": "T"})
+        for v in range(1, 21)
+    ]
+    await ledger_writer.close()
+    first = wait_for_checkpoint(gateway, 20)
+    verifier = parse_verifier_key(first["verifierKey"])
+    cp = open_checkpoint(first["checkpoint"]["note"], [verifier], ORIGIN)
+    assert cp.size == first["checkpoint"]["size"] and first["origin"] == ORIGIN
+
+    query = """query($i: Int!) { ledger { inclusionProof(leafIndex: $i) {
+        leafIndex treeSize leafHash path checkpoint { note } } } }"""
+    leaf_hashes = {a.leaf_hash for a in appended}
+    for i in range(cp.size):
+        proof = gql(gateway, query, i=i)["data"]["ledger"]["inclusionProof"]
+        assert proof["treeSize"] == cp.size
+        leaf_hash = unb64(proof["leafHash"])
+        assert leaf_hash in leaf_hashes
+        verify_inclusion(i, cp.size, leaf_hash, [unb64(h) for h in proof["path"]], cp.root_hash)
+
+    consistency = (
+        """query($f: Int!) { ledger { consistencyProof(fromSize: $f) { fromSize toSize path } } }"""
+    )
+    proof = gql(gateway, consistency, f=7)["data"]["ledger"]["consistencyProof"]
+    assert proof["toSize"] == cp.size
+    # The old root is the tree's own root of size 7, read from the stored tiles.
+    old_root = await root_hash(TileReader(store), 7, cp.size)
+    verify_consistency(7, cp.size, old_root, cp.root_hash, [unb64(h) for h in proof["path"]])
+
+
+def test_health_and_readiness_report_the_sequencer(gateway):
+    assert httpx.get(f"{gateway}/healthz").json() == {"status": "ok"}
+    deadline = time.monotonic() + 10
+    while True:
+        ready = httpx.get(f"{gateway}/readyz").json()
+        if ready["sequencerLeader"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert (
+        ready["status"] == "ok" and ready["database"] == "ok" and ready["sequencerLeader"] is True
+    )
+
+
+def test_bad_requests_get_clear_errors_not_tracebacks(gateway):
+    wait_for_checkpoint(gateway, 0)
+    out = gql(gateway, "{ ledger { inclusionProof(leafIndex: 5) { leafIndex } } }")
+    assert "not in the checkpoint" in out["errors"][0]["message"]
+    out = gql(gateway, "{ ledger { inclusionProof(treeSize: 3, leafIndex: 0) { leafIndex } } }")
+    assert "no checkpoint of tree size 3" in out["errors"][0]["message"]
+    out = gql(gateway, '{ ledger { inclusionProof(leafIndex: "x") { leafIndex } } }')
+    assert "Int cannot represent" in out["errors"][0]["message"]
+    r = httpx.post(f"{gateway}/graphql", json={"query": "{ ledger { "}, timeout=10)
+    assert "Syntax Error" in r.json()["errors"][0]["message"]
+    for body in (r.text, out["errors"][0]["message"]):
+        assert "Traceback" not in body
+
+
+def test_production_mode_refuses_to_start_without_a_signing_key(mongo_uri, db_name, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(free_port())],
+        cwd=ROOT,
+        env=env_for(mongo_uri, db_name, tmp_path, RXLEDGER_MODE="production"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "production mode needs RXLEDGER_SIGNING_KEY" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_development_mode_creates_a_key_under_var_with_a_warning(mongo_uri, db_name, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "verifier-key"],
+        cwd=ROOT,
+        env=env_for(mongo_uri, db_name, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    key = tmp_path / "var" / "keys" / "dev-log.pem"
+    assert key.exists() and (key.stat().st_mode & 0o777) == 0o600
+    assert "created a new log signing key" in proc.stderr
+    assert parse_verifier_key(proc.stdout.strip()).name == "gw.rxledger.test"
