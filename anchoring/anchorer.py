@@ -61,16 +61,16 @@ class Anchorer:
         self._last_anchor = 0.0
 
     async def load_latest(self) -> SignedCheckpoint | None:
+        """The newest notarized checkpoint (also one signed just before a crash, which the
+        head does not name yet), checked against our key."""
         head = await self.store.head()
-        size = head.get("checkpointSize")
-        self.latest = None
-        if size is not None:
-            doc = await self.store.notarizations.find_one({"_id": size})
-            if doc is None:
-                raise AnchorRefused(
-                    f"the head names checkpoint {size}, which is missing from notarizations"
-                )
-            self.latest = self._checked(doc)
+        named = head.get("checkpointSize")
+        newest = await self.store.notarizations.find({}).sort("_id", -1).limit(1).to_list()
+        if named is not None and (not newest or newest[0]["_id"] < named):
+            raise AnchorRefused(
+                f"the head names checkpoint {named}, which is missing from notarizations"
+            )
+        self.latest = self._checked(newest[0]) if newest else None
         return self.latest
 
     def _checked(self, doc: Doc) -> SignedCheckpoint:

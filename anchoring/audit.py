@@ -66,14 +66,18 @@ async def _load_checkpoints(
     async for doc in store.notarizations.find({}).sort("_id", 1):
         size = doc.get("_id")
         try:
-            cp = open_checkpoint(doc.get("note", ""), verifiers, store.origin)
+            cp = open_checkpoint(str(doc.get("note", "")), verifiers, store.origin)
+            stored_root = bytes(doc.get("rootHash", b""))
         except VerificationError as exc:
             problem(f"checkpoint {size}: signed note does not verify ({exc})")
+            continue
+        except (TypeError, ValueError) as exc:
+            problem(f"checkpoint {size}: malformed document ({exc})")
             continue
         if cp.size != size or cp.size != doc.get("size"):
             problem(f"checkpoint {size}: note says size {cp.size}, document says {doc.get('size')}")
             continue
-        if cp.root_hash != bytes(doc.get("rootHash", b"")):
+        if cp.root_hash != stored_root:
             problem(f"checkpoint {size}: rootHash field differs from the signed note's root")
         checkpoints.append({"size": cp.size, "root": cp.root_hash})
     return checkpoints

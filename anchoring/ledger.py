@@ -17,6 +17,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import bson
+import bson.errors
 from bson import Binary, ObjectId
 from pymongo.errors import BulkWriteError, PyMongoError
 
@@ -30,6 +32,7 @@ log = logging.getLogger("rxledger.ledger")
 DUPLICATE_KEY = 11000
 MAX_SUBJECT_LENGTH = 256
 MAX_LEAF_BYTES = 64 * 1024
+MAX_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -43,17 +46,25 @@ class Appended:
     leaf_hash: bytes
 
 
-def _check_keys(value: Any, path: str) -> None:
+def _check_keys(value: Any, path: str, depth: int = 0) -> None:
+    if depth > MAX_DEPTH:
+        raise InvalidEvent(f"header nests deeper than {MAX_DEPTH} levels")
     if isinstance(value, dict):
         for key, item in value.items():
-            if not isinstance(key, str) or not key or key.startswith("$") or "." in key:
+            if (
+                not isinstance(key, str)
+                or not key
+                or key.startswith("$")
+                or "." in key
+                or "\x00" in key
+            ):
                 raise InvalidEvent(
                     f"header key {path}{key!r} must be a non-empty string without '.' or a leading '$'"
                 )
-            _check_keys(item, f"{path}{key}.")
+            _check_keys(item, f"{path}{key}.", depth + 1)
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            _check_keys(item, f"{path}{i}.")
+            _check_keys(item, f"{path}{i}.", depth + 1)
     elif isinstance(value, int) and not isinstance(value, bool) and not -(2**53) <= value <= 2**53:
         raise InvalidEvent(
             f"header value at {path.rstrip('.')} is outside the exact JSON integer range"
@@ -93,6 +104,10 @@ def make_event(subject: Any, version: Any, header: Any) -> tuple[Doc, Appended]:
         raise InvalidEvent(str(exc)) from exc
     if len(leaf) > MAX_LEAF_BYTES:
         raise InvalidEvent(f"header is {len(leaf)} bytes canonicalized, at most {MAX_LEAF_BYTES}")
+    try:
+        bson.encode({"subject": subject, "header": header})
+    except (bson.errors.InvalidDocument, UnicodeEncodeError, OverflowError) as exc:
+        raise InvalidEvent(f"the event cannot be stored as BSON: {exc}") from exc
     event_id = ObjectId()
     doc = {
         "_id": event_id,
@@ -105,18 +120,25 @@ def make_event(subject: Any, version: Any, header: Any) -> tuple[Doc, Appended]:
     return doc, Appended(event_id, subject, version, leaf, leaf_hash(leaf))
 
 
+Pending = tuple[Doc, Appended, "asyncio.Future[Appended]"]
+
+
 class Ledger:
     """Group-committing appender. `append` returns once the event is durably stored."""
 
     def __init__(self, store: LogStore, *, max_batch: int = 1000) -> None:
         self.store = store
         self.max_batch = max_batch
-        self._queue: list[tuple[Doc, Appended, asyncio.Future[Appended]]] = []
+        self._queue: list[Pending] = []
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self.listeners: list[Any] = []  # callables notified (no args) after each durable batch
+        self._closed = False
+        self._writing = False
 
     async def append(self, subject: str, version: int, header: dict[str, Any]) -> Appended:
+        if self._closed:
+            raise LedgerUnavailable("the log is shut down; the event was not stored")
         doc, appended = make_event(subject, version, header)
         future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
         self._queue.append((doc, appended, future))
@@ -126,6 +148,13 @@ class Ledger:
         return await future
 
     async def close(self) -> None:
+        """Stop taking appends, let the batch being written finish (bounded), fail the rest."""
+        self._closed = True
+        if self._flusher is not None and not self._flusher.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._drained()), 5.0)
+            except TimeoutError:
+                pass
         if self._flusher is not None:
             self._flusher.cancel()
             try:
@@ -139,63 +168,97 @@ class Ledger:
                 )
         self._queue.clear()
 
+    async def _drained(self) -> None:
+        while self._queue or self._writing:
+            await asyncio.sleep(0.01)
+
     async def _flush_forever(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-                await self._write(batch)
+                self._writing = True
+                try:
+                    await self._write(batch)
+                except Exception as exc:
+                    # Never leave a caller waiting on an unexpected error.
+                    log.exception("append batch failed")
+                    self._fail_all(batch, exc)
+                except asyncio.CancelledError as exc:
+                    self._fail_all(batch, exc)
+                    raise
+                finally:
+                    self._writing = False
                 for listener in self.listeners:
                     listener()
 
-    async def _write(self, batch: list[tuple[Doc, Appended, asyncio.Future[Appended]]]) -> None:
-        now = dt.datetime.now(dt.UTC)
-        pending_docs = [{**doc, "queuedAt": now} for doc, _, _ in batch]
+    async def _insert(self, collection: Any, docs: list[Doc]) -> dict[int, Doc]:
+        """insert_many(ordered=False); returns the per-document errors by position. A write
+        concern error leaves every document's durability unknown, so it raises."""
         try:
-            await self.store.pending.insert_many(pending_docs, ordered=False)
-        except PyMongoError as exc:
-            # Nothing is in the ledger yet; any pending document written is completed or
-            # discarded by the sequencer, so the caller may retry.
-            self._fail_all(batch, exc)
-            return
-        failed: dict[int, Doc] = {}
-        try:
-            await self.store.ledger.insert_many([doc for doc, _, _ in batch], ordered=False)
+            await collection.insert_many(docs, ordered=False)
         except BulkWriteError as exc:
-            failed = {err["index"]: err for err in exc.details.get("writeErrors", [])}
+            if exc.details.get("writeConcernErrors"):
+                raise
+            return {err["index"]: err for err in exc.details.get("writeErrors", [])}
+        return {}
+
+    async def _write(self, batch: list[Pending]) -> None:
+        now = dt.datetime.now(dt.UTC)
+        try:
+            # Intents first: whatever is written here is completed or discarded by the sequencer.
+            failed = await self._insert(
+                self.store.pending, [{**d, "queuedAt": now} for d, _, _ in batch]
+            )
+            batch = self._reject_failed(batch, failed)
+            failed = await self._insert(self.store.ledger, [d for d, _, _ in batch])
         except PyMongoError as exc:
             self._fail_all(batch, exc)
             return
         written, conflicts = [], []
-        for i, (doc, appended, future) in enumerate(batch):
+        for i, item in enumerate(batch):
             err = failed.get(i)
             if err is None:
-                written.append((doc, appended, future))
+                written.append(item)
             elif err.get("code") == DUPLICATE_KEY:
-                conflicts.append((doc, appended, future))
+                conflicts.append(item)
             else:
-                future.set_exception(
-                    LedgerUnavailable(f"the database refused the event: {err.get('errmsg')}")
-                )
+                self._reject(item, err)
         if conflicts:
             await self._settle_conflicts(conflicts)
         if not written:
             return
         try:
+            # The marker says the ledger copy exists; without it the sequencer checks the
+            # ledger after a grace period, so a failure here loses nothing.
             await self.store.pending.insert_many(
-                [commit_marker(doc["_id"]) for doc, _, _ in written], ordered=False
+                [commit_marker(d["_id"]) for d, _, _ in written], ordered=False
             )
         except PyMongoError as exc:
-            # The event is in the ledger; the sequencer finds it after the grace period.
             self._fail_all(written, exc)
             return
         for _, appended, future in written:
-            future.set_result(appended)
+            if not future.done():
+                future.set_result(appended)
 
-    async def _settle_conflicts(
-        self, conflicts: list[tuple[Doc, Appended, asyncio.Future[Appended]]]
-    ) -> None:
+    @classmethod
+    def _reject_failed(cls, batch: list[Pending], failed: dict[int, Doc]) -> list[Pending]:
+        """Fail the callers whose document the database refused; return the others."""
+        for i, item in enumerate(batch):
+            if i in failed:
+                cls._reject(item, failed[i])
+        return [item for i, item in enumerate(batch) if i not in failed]
+
+    @staticmethod
+    def _reject(item: Pending, err: Doc) -> None:
+        future = item[2]
+        if not future.done():
+            future.set_exception(
+                InvalidEvent(f"the database refused the event: {err.get('errmsg')}")
+            )
+
+    async def _settle_conflicts(self, conflicts: list[Pending]) -> None:
         """A duplicate key is either (subject, version) taken by another event, or our own
         event already completed by the sequencer from its pending copy (it needs no marker)."""
         ids = [doc["_id"] for doc, _, _ in conflicts]
@@ -210,19 +273,20 @@ class Ledger:
             self._fail_all(conflicts, exc)
             return
         for doc, appended, future in conflicts:
+            if future.done():
+                continue
             if doc["_id"] in present:
                 future.set_result(appended)
             else:
                 future.set_exception(VersionConflict(appended.subject, appended.version))
 
     @staticmethod
-    def _fail_all(
-        batch: list[tuple[Doc, Appended, asyncio.Future[Appended]]], exc: Exception
-    ) -> None:
-        log.warning("append failed: %s", exc)
+    def _fail_all(batch: list[Pending], exc: BaseException) -> None:
+        log.warning("append failed: %s: %s", type(exc).__name__, exc)
         error = LedgerUnavailable(
-            f"database unavailable ({type(exc).__name__}); the event was not acknowledged: "
-            "retry the same (subject, version) later, a conflict then means it was stored"
+            f"database unavailable ({type(exc).__name__}); the event was not acknowledged and may "
+            "or may not be recorded: retry later; a VersionConflict then means an event for that "
+            "version exists (possibly this one)"
         )
         for _, _, future in batch:
             if not future.done():

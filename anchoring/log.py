@@ -63,13 +63,15 @@ class TransparencyLog:
         self.sequencer = Sequencer(store, self.settings.sequencer, reader=self.reader)
         self.anchorer = Anchorer(store, signer, self.reader, self.settings.anchor)
         self.ledger.listeners.append(self.sequencer.wake)
-        self._published = asyncio.Condition()
-        self.sequencer.on_publish.append(
-            lambda size, root, events: asyncio.ensure_future(self._notify())
-        )
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.anchor_error: str | None = None
+        self._anchor_epoch = -1
+
+    @property
+    def running(self) -> bool:
+        """Whether the background sequencer task is alive."""
+        return self._task is not None and not self._task.done()
 
     @property
     def origin(self) -> str:
@@ -79,14 +81,11 @@ class TransparencyLog:
     def verifier_key(self) -> str:
         return self.signer.verifier_key
 
-    async def _notify(self) -> None:
-        async with self._published:
-            self._published.notify_all()
-
     # --- lifecycle ----------------------------------------------------------------------
 
     async def start(self, sequence: bool = True) -> None:
-        await self.store.ensure_indexes()
+        """Start sequencing in the background. Needs no database yet: the sequencer creates
+        the indexes when it first takes the lease, and retries while the database is away."""
         if sequence:
             self._stopping.clear()
             self._task = asyncio.create_task(
@@ -101,8 +100,9 @@ class TransparencyLog:
             self._task = None
 
     async def _after_batch(self) -> None:
-        if self.anchorer.latest is None or self.sequencer.size < self.anchorer.latest.size:
-            await self.anchorer.load_latest()
+        if self._anchor_epoch != self.sequencer.epoch:
+            await self.anchorer.load_latest()  # another leader may have signed meanwhile
+            self._anchor_epoch = self.sequencer.epoch
         if not self.anchorer.due(self.sequencer.size):
             return
         try:
@@ -186,11 +186,7 @@ class TransparencyLog:
                 index = await self.leaf_index(event_id)
                 if index is not None and index < await self.published_size():
                     return index
-                async with self._published:
-                    try:
-                        await asyncio.wait_for(self._published.wait(), 0.2)
-                    except TimeoutError:
-                        pass
+                await asyncio.sleep(0.05)
 
         return await asyncio.wait_for(poll(), timeout)
 

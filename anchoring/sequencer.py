@@ -27,7 +27,7 @@ from pymongo import ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from anchoring.hashing import leaf_hash
-from anchoring.ledger import DUPLICATE_KEY, marker_id
+from anchoring.ledger import DUPLICATE_KEY, commit_marker, marker_id
 from anchoring.store import Doc, LogStore
 from anchoring.tiles import TileReader, tile_document, write_tiles
 from anchoring.treemath import TILE_HEIGHT, TILE_WIDTH, CompactRange, Node, root_nodes, tile_width
@@ -86,6 +86,7 @@ class Sequencer:
         self.batches = 0
         self.sequenced = 0
         self.step_seconds: dict[str, float] = {}  # cumulative time per step, for metrics
+        self.epoch = 0  # counts recoveries, so others know to reload what they cached
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -133,6 +134,7 @@ class Sequencer:
 
     async def recover(self) -> None:
         """Load the published head and right edge, then integrate entries written after it."""
+        await self.store.ensure_indexes()
         head = await self.store.head()
         size = int(head.get("size", 0))
         nodes = root_nodes(size)
@@ -165,12 +167,23 @@ class Sequencer:
         if queued:
             done = [
                 e["event"]
-                async for e in self.store.entries.find({"event": {"$in": queued}}, {"event": 1})
+                async for e in self.store.entries.find(
+                    {"event": {"$in": queued}, "_id": {"$lt": self.size}}, {"event": 1}
+                )
             ]
             if done:
                 log.info("recover: dropping %d already sequenced events from pending", len(done))
                 stale = done + [marker_id(d) for d in done]
                 await self.store.pending.delete_many({"_id": {"$in": stale}})
+        alive = set(queued)
+        strays = [
+            m["_id"]
+            async for m in self.store.pending.find(MARKERS, {"committed": 1})
+            if m["committed"] not in alive
+        ]
+        if strays:
+            await self.store.pending.delete_many({"_id": {"$in": strays}})
+        self.epoch += 1
         log.info("recover: %s leads %s at size %d", self.holder, self.store.origin, self.size)
 
     # --- one batch ----------------------------------------------------------------------
@@ -178,35 +191,23 @@ class Sequencer:
     async def sequence_batch(self) -> int:
         """Sequence up to batch_size pending events; returns how many were published."""
         t0 = time.perf_counter()
-        pending = (
-            await self.store.pending.find(INTENTS)
-            .sort("_id", 1)
-            .limit(self.settings.batch_size)
-            .to_list()
-        )
-        if not pending:
+        size = self.settings.batch_size
+        batch = await self.store.pending.find(INTENTS).sort("_id", 1).limit(size).to_list()
+        if not batch:
             return 0
+        if len(batch) >= size:
+            batch += await self._earlier_versions(batch)
         committed = {
             m["committed"] async for m in self.store.pending.find(MARKERS, {"committed": 1})
         }
-        # A marker older than the oldest intent has outlived its intent (a crash mid-dequeue).
-        stale: list[Any] = [marker_id(c) for c in committed if c < pending[0]["_id"]]
-        ready: list[Doc] = []
-        deferred_subjects: set[str] = set()
-        for p in pending:
-            event: Doc | None = p
-            if p["_id"] not in committed:
-                event = await self._complete_orphan(p)
-            if event is None:
-                if p.get("_discard"):
-                    stale.append(p["_id"])
-                deferred_subjects.add(p["subject"])
-                continue
-            ready.append(event)
-        ready = await self._order(ready, deferred_subjects, pending)
+        orphans = [p for p in batch if p["_id"] not in committed]
+        if orphans:
+            completed, discarded = await self._complete_orphans(orphans)
+            committed |= completed
+            if discarded:
+                await self.store.pending.delete_many({"_id": {"$in": discarded}})
+        ready = self._in_version_order(batch, committed)
         t1 = self._timed("queue", t0)
-        if stale:
-            await self.store.pending.delete_many({"_id": {"$in": stale}})
         if not ready:
             return 0
         entries = [
@@ -218,8 +219,9 @@ class Sequencer:
         except BulkWriteError as exc:
             # Another sequencer wrote some of these indices, or an event here was sequenced
             # already: recovery integrates what is stored and drops stale pending events.
+            errors = exc.details.get("writeErrors") or [{}]
             raise Resync(
-                f"sequence: lost a race at index {self.size}: {exc.details.get('writeErrors', [{}])[0].get('errmsg')}"
+                f"sequence: lost a race at index {self.size}: {errors[0].get('errmsg')}"
             ) from exc
         t2 = self._timed("sequence", t1)
         await self._integrate_and_publish(entries)
@@ -236,49 +238,76 @@ class Sequencer:
         self.step_seconds[step] = self.step_seconds.get(step, 0.0) + now - since
         return now
 
-    async def _complete_orphan(self, pending: Doc) -> Doc | None:
-        """An intent without a commit marker: its appender is slow, died, or could not write
-        the marker. After the grace period, finish its write from the intent's copy (or find
-        the ledger copy already there). Returns the ledger event, or None to wait or drop."""
-        age = (_now() - pending["queuedAt"].replace(tzinfo=dt.UTC)).total_seconds()
-        if age < self.settings.orphan_grace:
-            return None
-        event = {k: v for k, v in pending.items() if k != "queuedAt"}
-        try:
-            await self.store.ledger.insert_one(event)
-        except DuplicateKeyError:
-            existing = await self.store.ledger.find_one({"_id": pending["_id"]})
-            if existing is None:
-                pending["_discard"] = True  # (subject, version) taken by another event
-            return existing
-        log.warning(
-            "sequence: completed orphaned append %s (%s v%d)",
-            pending["_id"],
-            pending["subject"],
-            pending["version"],
-        )
-        return event
+    async def _earlier_versions(self, batch: list[Doc]) -> list[Doc]:
+        """The queue is longer than the batch: fetch the earlier versions of the batch's
+        subjects that wait outside it, so that no subject's versions enter the log out of
+        order and no batch stalls behind a version it does not hold."""
+        in_batch = {p["_id"] for p in batch}
+        latest: dict[str, int] = {}
+        for p in batch:
+            latest[p["subject"]] = max(latest.get(p["subject"], 0), p["version"])
+        outside = [
+            w["_id"]
+            async for w in self.store.pending.find(INTENTS, {"subject": 1, "version": 1})
+            if w["_id"] not in in_batch and w["version"] < latest.get(w["subject"], 0)
+        ]
+        if not outside:
+            return []
+        return await self.store.pending.find({"_id": {"$in": outside}}).to_list()
 
-    async def _order(self, ready: list[Doc], deferred: set[str], pending: list[Doc]) -> list[Doc]:
-        """Keep each subject's versions in ascending order in the log, and hold back a subject
-        whose previous version is still waiting in `pending` outside this batch."""
+    @staticmethod
+    def _in_version_order(batch: list[Doc], committed: set[Any]) -> list[Doc]:
+        """For each subject, the run of consecutive versions from its lowest queued one, up to
+        the first that is not ready (no ledger copy yet) or missing; later ones wait."""
         by_subject: dict[str, list[Doc]] = {}
-        for e in ready:
-            if e["subject"] not in deferred:
-                by_subject.setdefault(e["subject"], []).append(e)
-        for evs in by_subject.values():
-            evs.sort(key=lambda e: e["version"])
-        if len(pending) >= self.settings.batch_size:
-            # The queue is longer than this batch: look at all of it (a plain scan; a filter
-            # with one clause per subject costs far more on servers that evaluate it per row).
-            pending = await self.store.pending.find(INTENTS, {"subject": 1, "version": 1}).to_list()
-        waiting = {(p["subject"], p["version"]) for p in pending}
-        for subject in [
-            s for s, evs in by_subject.items() if (s, evs[0]["version"] - 1) in waiting
-        ]:
-            del by_subject[subject]
-        cursor = {s: iter(evs) for s, evs in by_subject.items()}
-        return [next(cursor[e["subject"]]) for e in ready if e["subject"] in cursor]
+        for p in sorted(batch, key=lambda p: p["_id"]):
+            by_subject.setdefault(p["subject"], []).append(p)
+        ready: list[Doc] = []
+        for events in by_subject.values():
+            events.sort(key=lambda p: p["version"])
+            expected = events[0]["version"]
+            for event in events:
+                if event["version"] != expected or event["_id"] not in committed:
+                    break
+                ready.append(event)
+                expected += 1
+        return ready
+
+    async def _complete_orphans(self, orphans: list[Doc]) -> tuple[set[Any], list[Any]]:
+        """Intents without a commit marker: their appender is slow, died, or could not write
+        the marker. Past the grace period, finish their ledger write from the intent's copy
+        (or find it there). Returns (ids now committed, ids to drop: their (subject, version)
+        belongs to another event)."""
+        now = _now()
+        old = [
+            p
+            for p in orphans
+            if (now - p["queuedAt"].replace(tzinfo=dt.UTC)).total_seconds()
+            >= self.settings.orphan_grace
+        ]
+        if not old:
+            return set(), []
+        ids = [p["_id"] for p in old]
+        present = {
+            d["_id"] async for d in self.store.ledger.find({"_id": {"$in": ids}}, {"_id": 1})
+        }
+        missing = [p for p in old if p["_id"] not in present]
+        if missing:
+            events = [{k: v for k, v in p.items() if k != "queuedAt"} for p in missing]
+            try:
+                await self.store.ledger.insert_many(events, ordered=False)
+            except BulkWriteError as exc:
+                if exc.details.get("writeConcernErrors"):
+                    raise
+            log.warning("sequence: completing %d orphaned appends from their intents", len(missing))
+            present = {
+                d["_id"] async for d in self.store.ledger.find({"_id": {"$in": ids}}, {"_id": 1})
+            }
+        try:
+            await self.store.pending.insert_many([commit_marker(i) for i in present], ordered=False)
+        except BulkWriteError:
+            pass  # a marker already there (its appender wrote it meanwhile) is fine
+        return present, [i for i in ids if i not in present]
 
     async def _integrate_and_publish(self, entries: list[Doc]) -> None:
         """integrate: extend the right edge and insert new tiles; publish: fenced head update."""
@@ -307,6 +336,7 @@ class Sequencer:
             rng.append(leaf_hash(bytes(entry["leaf"])), on_node)
         partial = [tile_document(level, *edge[level]) for level in sorted(touched)]
         await write_tiles(self.store, full + partial)
+        self.reader.remember(full + partial)
         root = rng.root()
         await self._fenced_set({"size": rng.size, "rootHash": Binary(root)})
         self._range, self._edge, self.size, self.root = rng, edge, rng.size, root
@@ -336,10 +366,15 @@ class Sequencer:
                 log.warning("sequence: %s", exc)
                 self.is_leader = False
             except PyMongoError as exc:
+                self.last_error = f"database: {type(exc).__name__}: {exc}"
+                log.warning("sequence: %s; retrying in %.1fs", self.last_error, backoff)
+                self.is_leader = False
+                await _wait(stopping, backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception as exc:
+                # Never die silently: appends would be acknowledged and never sequenced.
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning(
-                    "sequence: database error, retrying in %.1fs: %s", backoff, self.last_error
-                )
+                log.exception("sequence: unexpected error; recovering in %.1fs", backoff)
                 self.is_leader = False
                 await _wait(stopping, backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -369,6 +404,9 @@ class Sequencer:
             if time.monotonic() - last_renewal > renew_every:
                 await self._fenced_set({})
                 last_renewal = time.monotonic()
+                # Entries beyond the head with nothing queued: a deposed leader's late write.
+                if await self.store.entries.find_one({"_id": self.size}, {"_id": 1}):
+                    raise Resync(f"sequence: found entries beyond the published size {self.size}")
             try:
                 await asyncio.wait_for(self._wakeup.wait(), self.settings.poll_interval)
             except TimeoutError:

@@ -33,6 +33,19 @@ class TileReader:
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self.reads = 0  # database round trips, for tests and benchmarks
 
+    def remember(self, docs: list[Doc]) -> None:
+        """Cache tiles just written (they never change)."""
+        for doc in docs:
+            self._put(doc["_id"], bytes(doc["hashes"]))
+
+    def _put(self, key: str, hashes: bytes) -> None:
+        if self.cache_tiles <= 0:
+            return
+        self._cache[key] = hashes
+        self._cache.move_to_end(key)
+        if len(self._cache) > self.cache_tiles:
+            self._cache.popitem(last=False)
+
     async def tiles(self, keys: set[str]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}
         missing = []
@@ -49,9 +62,7 @@ class TileReader:
             async for doc in self.store.tiles.find(query):
                 hashes = bytes(doc["hashes"])
                 found[doc["_id"]] = hashes
-                self._cache[doc["_id"]] = hashes
-                if len(self._cache) > self.cache_tiles:
-                    self._cache.popitem(last=False)
+                self._put(doc["_id"], hashes)
         absent = [key for key in keys if key not in found]
         if absent:
             raise TileCorrupt(f"tile {absent[0]} is missing from storage")

@@ -114,7 +114,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from app.db import make_client, make_store
 
     settings = Settings.from_env()
-    verifiers = [_verifier(args.key)] if args.key else [settings.signer().verifier()]
+    verifiers = [_verifier(args.key)] if args.key else [settings.signer(create=False).verifier()]
 
     def progress(done: int, total: int) -> None:
         if not args.quiet:

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from strawberry.asgi import GraphQL
 
+from anchoring.sequencer import INTENTS
 from app.db import make_client, make_log
 from app.settings import Settings
 from schema.ledger import schema
@@ -54,7 +55,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         tlog = request.app.state.log
         try:
             await tlog.store.db.command("ping")
-            pending = await tlog.store.pending.count_documents({})
+            pending = await tlog.store.pending.count_documents(INTENTS)
         except PyMongoError as exc:
             return JSONResponse(
                 {"status": "unavailable", "database": f"unreachable: {type(exc).__name__}"},
@@ -66,8 +67,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             "sequencerLeader": tlog.sequencer.is_leader,
             "treeSize": await tlog.published_size(),
             "pendingEvents": pending,
+            "sequencerError": tlog.sequencer.last_error,
             "anchorError": tlog.anchor_error,
         }
+        if not tlog.running:
+            body["status"] = "sequencer stopped"
+            return JSONResponse(body, status_code=503)
         return JSONResponse(body)
 
     graphql = GraphQLApp(schema, graphql_ide=None if settings.production else "graphiql")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,8 @@ def _env_float(name: str, default: float, minimum: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if value < minimum:
-        raise ConfigError(f"{name}={raw} must be at least {minimum}")
+    if not math.isfinite(value) or value < minimum:
+        raise ConfigError(f"{name}={raw} must be a finite number of at least {minimum}")
     return value
 
 
@@ -79,10 +80,15 @@ class Settings:
             ),
         )
 
-    def signer(self) -> Signer:
-        """The log's signing key: RXLEDGER_SIGNING_KEY, or in development a key under var/."""
+    def signer(self, create: bool = True) -> Signer:
+        """The log's signing key: RXLEDGER_SIGNING_KEY, or in development a key under var/
+        (created when missing and `create` is true)."""
         path = self.signing_key
         if path is None:
+            if not create and not (self.var_dir / "keys" / "dev-log.pem").exists():
+                raise ConfigError(
+                    "no signing key configured: set RXLEDGER_SIGNING_KEY or pass --key"
+                )
             if self.production:
                 raise ConfigError(
                     "production mode needs RXLEDGER_SIGNING_KEY (a PEM Ed25519 key); create one with "

@@ -15,7 +15,6 @@ import hashlib
 import os
 import random
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -62,9 +61,13 @@ def leaf_hash_rate(seconds: float = 1.0) -> float:
     return n / (time.perf_counter() - start)
 
 
-async def bench_append(client: AsyncMongoClient, signer: Signer, events: int, appenders: int) -> dict[str, float]:
+async def bench_append(
+    client: AsyncMongoClient, signer: Signer, events: int, appenders: int
+) -> dict[str, float]:
     store = LogStore(client[f"bench_{uuid.uuid4().hex[:8]}"], origin="bench.rxledger/log")
-    log = TransparencyLog(store, signer, LogSettings(anchor=AnchorSettings(interval=1.0, max_leaves=1000)))
+    log = TransparencyLog(
+        store, signer, LogSettings(anchor=AnchorSettings(interval=1.0, max_leaves=1000))
+    )
     per = events // appenders
     total_events = per * appenders
     acked: dict[object, float] = {}
@@ -85,7 +88,17 @@ async def bench_append(client: AsyncMongoClient, signer: Signer, events: int, ap
 
     async def appender(k: int) -> None:
         for v in range(1, per + 1):
-            r = await log.append(f"rx-{k}", v, {"v": 1, "subject": f"rx-{k}", "version": v, "type": "BENCH", "payloadDigest": "x" * 44})
+            r = await log.append(
+                f"rx-{k}",
+                v,
+                {
+                    "v": 1,
+                    "subject": f"rx-{k}",
+                    "version": v,
+                    "type": "BENCH",
+                    "payloadDigest": "x" * 44,
+                },
+            )
             acked[r.event_id] = time.perf_counter()
 
     start = time.perf_counter()
@@ -122,7 +135,10 @@ async def build_tree(client: AsyncMongoClient, size: int) -> tuple[LogStore, lis
     while done < size:
         n = min(chunk, size - done)
         await seq._integrate_and_publish(
-            [{"_id": done + i, "event": done + i, "leaf": Binary(b"leaf-%d" % (done + i))} for i in range(n)]
+            [
+                {"_id": done + i, "event": done + i, "leaf": Binary(b"leaf-%d" % (done + i))}
+                for i in range(n)
+            ]
         )
         done += n
         rss.append(rss_mib())
@@ -131,7 +147,9 @@ async def build_tree(client: AsyncMongoClient, size: int) -> tuple[LogStore, lis
     return store, rss
 
 
-async def bench_proofs(store: LogStore, size: int, seconds: float, cache: bool) -> tuple[float, float]:
+async def bench_proofs(
+    store: LogStore, size: int, seconds: float, cache: bool
+) -> tuple[float, float]:
     reader = TileReader(store, cache_tiles=4096 if cache else 0)
     rng = random.Random(7)
     n, start = 0, time.perf_counter()
@@ -144,11 +162,21 @@ async def bench_proofs(store: LogStore, size: int, seconds: float, cache: bool) 
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=20000, help="events to append (default %(default)s)")
-    parser.add_argument("--appenders", type=int, default=64, help="concurrent appenders (default %(default)s)")
-    parser.add_argument("--sizes", default="10000,1000000", help="tree sizes for the proof benchmark")
-    parser.add_argument("--proof-seconds", type=float, default=3.0, help="time per proof measurement")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--events", type=int, default=20000, help="events to append (default %(default)s)"
+    )
+    parser.add_argument(
+        "--appenders", type=int, default=64, help="concurrent appenders (default %(default)s)"
+    )
+    parser.add_argument(
+        "--sizes", default="10000,1000000", help="tree sizes for the proof benchmark"
+    )
+    parser.add_argument(
+        "--proof-seconds", type=float, default=3.0, help="time per proof measurement"
+    )
     args = parser.parse_args()
 
     server = None
@@ -173,7 +201,9 @@ async def main() -> None:
             f"acknowledged {a['append_rate']:,.0f}/s, sequenced {a['sequenced_rate']:,.0f}/s "
             f"(ratio to hashing: {a['sequenced_rate'] / base:.5f})"
         )
-        print(f"merge delay (ack -> published): p50 {a['merge_p50_ms']:.1f} ms, p99 {a['merge_p99_ms']:.1f} ms")
+        print(
+            f"merge delay (ack -> published): p50 {a['merge_p50_ms']:.1f} ms, p99 {a['merge_p99_ms']:.1f} ms"
+        )
         rates = {}
         for size in [int(s) for s in args.sizes.split(",") if s]:
             store, rss = await build_tree(client, size)
@@ -188,7 +218,9 @@ async def main() -> None:
             await client.drop_database(store.db.name)
         if len(rates) >= 2:
             small, large = min(rates), max(rates)
-            print(f"proof cost ratio {large:,} vs {small:,} leaves: {rates[small] / rates[large]:.2f}x (uncached)")
+            print(
+                f"proof cost ratio {large:,} vs {small:,} leaves: {rates[small] / rates[large]:.2f}x (uncached)"
+            )
     finally:
         await client.close()
         if server is not None:

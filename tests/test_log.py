@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import time
 
 import pytest
+from bson import ObjectId
 
 from anchoring.anchorer import AnchorSettings
 from anchoring.errors import InvalidEvent, ProofUnavailable, VersionConflict
+from anchoring.ledger import commit_marker, make_event
 from anchoring.log import LogSettings, TransparencyLog
 from anchoring.note import open_checkpoint
-from anchoring.sequencer import SequencerSettings
+from anchoring.sequencer import INTENTS, Sequencer, SequencerSettings
 from anchoring.verify import verify_consistency, verify_inclusion
 
 FAST = LogSettings(
@@ -109,3 +113,94 @@ async def test_proof_for_unknown_tree_size_is_refused(tlog):
         await tlog.inclusion_proof(0, tree_size=12345)
     with pytest.raises(ProofUnavailable):
         await tlog.inclusion_proof(5)
+
+
+async def test_a_cancelled_caller_does_not_strand_the_rest_of_its_batch(tlog):
+    tasks = [
+        asyncio.create_task(tlog.append(f"rx-k{i}", 1, header(f"rx-k{i}", 1))) for i in range(30)
+    ]
+    await asyncio.sleep(0)
+    tasks[3].cancel()
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
+    assert isinstance(results[3], asyncio.CancelledError)
+    assert all(type(r).__name__ == "Appended" for i, r in enumerate(results) if i != 3)
+
+
+@pytest.mark.parametrize(
+    "subject, hdr",
+    [
+        ("rx", {"a\x00b": 1}),
+        ("rx-\ud800", {}),
+        ("rx", {"deep": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}),
+    ],
+)
+async def test_events_that_cannot_be_stored_as_bson_are_refused_up_front(tlog, subject, hdr):
+    with pytest.raises(InvalidEvent):
+        await tlog.append(subject, 1, hdr)
+    ok = await tlog.append("rx-after", 1, header("rx-after", 1))  # the appender still works
+    assert ok.version == 1
+
+
+async def _queue_directly(store, events: list[tuple[str, int, ObjectId]]) -> None:
+    """Write intents, ledger copies and markers as appenders in other processes would, with
+    chosen ObjectIds (their order across processes is arbitrary within a second)."""
+    now = dt.datetime.now(dt.UTC)
+    for subject, version, oid in events:
+        doc, _ = make_event(subject, version, header(subject, version))
+        doc["_id"] = oid
+        await store.pending.insert_one({**doc, "queuedAt": now})
+        await store.ledger.insert_one(doc)
+        await store.pending.insert_one(commit_marker(oid))
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 1000])
+async def test_versions_enter_the_log_in_order_when_the_queue_is_out_of_order(
+    store, signer, batch_size
+):
+    t = int(time.time())
+    oid = lambda n: ObjectId(f"{t:08x}{n:016x}")  # noqa: E731  same second, order by n
+    await _queue_directly(
+        store, [("rx-a", 2, oid(1)), ("rx-a", 3, oid(2)), ("rx-b", 1, oid(3)), ("rx-a", 1, oid(4))]
+    )
+    seq = Sequencer(store, SequencerSettings(batch_size=batch_size))
+    assert await seq.acquire_lease()
+    await seq.recover()
+    for _ in range(10):
+        await seq.sequence_batch()
+    assert seq.size == 4
+    order = []
+    for i in range(4):
+        entry = await store.entries.find_one({"_id": i})
+        event = await store.ledger.find_one({"_id": entry["event"]})
+        order.append((event["subject"], event["version"]))
+    assert [v for s, v in order if s == "rx-a"] == [1, 2, 3]
+    assert await store.pending.count_documents({}) == 0
+
+
+async def test_entries_a_deposed_leader_wrote_beyond_the_head_get_published(store, signer):
+    await _queue_directly(store, [(f"rx-d{i}", 1, ObjectId()) for i in range(4)])
+    settings = SequencerSettings(batch_size=2, lease_ttl=0.6)
+    leader = Sequencer(store, settings)
+    assert await leader.acquire_lease()
+    await leader.recover()
+    assert await leader.sequence_batch() == 2
+    # A deposed leader, still running, writes the next two entries after the new leader's
+    # recovery read the tail: nothing is queued any more, yet they must get published.
+    queued = await store.pending.find(INTENTS).sort("_id", 1).to_list()
+    await store.entries.insert_many(
+        [{"_id": 2 + i, "event": p["_id"], "leaf": p["leaf"]} for i, p in enumerate(queued)]
+    )
+    await store.pending.delete_many({})
+    leader.is_leader = True  # it goes on leading: no fresh recovery would see those entries
+    stopping = asyncio.Event()
+    task = asyncio.create_task(leader.run(stopping))
+    try:
+        for _ in range(100):
+            if leader.size == 4:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        stopping.set()
+        await task
+    assert leader.size == 4
+    assert (await store.head())["size"] == 4
