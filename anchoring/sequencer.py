@@ -27,7 +27,7 @@ from pymongo import ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from anchoring.hashing import leaf_hash
-from anchoring.ledger import DUPLICATE_KEY, commit_marker, marker_id
+from anchoring.ledger import DUPLICATE_KEY, commit_marker, group_events, marker_id
 from anchoring.store import Doc, LogStore
 from anchoring.tiles import TileReader, tile_document, write_tiles
 from anchoring.treemath import TILE_HEIGHT, TILE_WIDTH, CompactRange, Node, root_nodes, tile_width
@@ -49,6 +49,7 @@ class Resync(LostLease):
 @dataclass(frozen=True)
 class SequencerSettings:
     batch_size: int = 1000
+    groups_per_batch: int = 64  # intent documents read per batch (each holds one group commit)
     batch_delay: float = 0.005  # group commit: wait this long for a batch to fill
     poll_interval: float = 0.05  # how often to look for events from other processes
     lease_ttl: float = 5.0
@@ -87,6 +88,7 @@ class Sequencer:
         self.sequenced = 0
         self.step_seconds: dict[str, float] = {}  # cumulative time per step, for metrics
         self.epoch = 0  # counts recoveries, so others know to reload what they cached
+        self._done: set[Any] = set()  # sequenced events whose group is still queued
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -161,21 +163,20 @@ class Sequencer:
         if tail:
             log.info("recover: integrating %d entries sequenced after size %d", len(tail), size)
             await self._integrate_and_publish(tail)
-        # A crash between publish and dropping the batch from `pending` leaves sequenced events
-        # there; this lookup scans entries on servers without an index, so only recovery does it.
-        queued = [p["_id"] async for p in self.store.pending.find(INTENTS, {"_id": 1})]
+        # Which queued events are in the log already (a crash before their group left
+        # `pending`, or a group only partly sequenced). This lookup scans entries on servers
+        # without an index, so only recovery does it; batches keep the answer in memory.
+        groups = await self._groups({})
+        queued = [e["_id"] for g in groups for e in g["events"]]
+        self._done = set()
         if queued:
-            done = [
+            self._done = {
                 e["event"]
                 async for e in self.store.entries.find(
                     {"event": {"$in": queued}, "_id": {"$lt": self.size}}, {"event": 1}
                 )
-            ]
-            if done:
-                log.info("recover: dropping %d already sequenced events from pending", len(done))
-                stale = done + [marker_id(d) for d in done]
-                await self.store.pending.delete_many({"_id": {"$in": stale}})
-        alive = set(queued)
+            }
+        alive = {g["_id"] for g in groups}
         strays = [
             m["_id"]
             async for m in self.store.pending.find(MARKERS, {"committed": 1})
@@ -189,48 +190,66 @@ class Sequencer:
     # --- one batch ----------------------------------------------------------------------
 
     async def sequence_batch(self) -> int:
-        """Sequence up to batch_size pending events; returns how many were published."""
+        """Sequence up to about batch_size queued events; returns how many were published."""
         t0 = time.perf_counter()
-        size = self.settings.batch_size
-        batch = await self.store.pending.find(INTENTS).sort("_id", 1).limit(size).to_list()
-        if not batch:
+        groups = await self._groups({}, limit=self.settings.groups_per_batch)
+        if not groups:
             return 0
-        if len(batch) >= size:
-            batch += await self._earlier_versions(batch)
-        committed = {
-            m["committed"] async for m in self.store.pending.find(MARKERS, {"committed": 1})
+        if len(groups) >= self.settings.groups_per_batch:
+            # More is queued than this batch holds: bring in every group holding an earlier
+            # version of a subject here, so versions enter the log in order and never stall.
+            groups = await self._with_earlier_versions(groups)
+        committed: dict[Any, set[Any]] = {
+            m["committed"]: set(m.get("events", []))
+            async for m in self.store.pending.find(MARKERS, {"committed": 1, "events": 1})
         }
-        orphans = [p for p in batch if p["_id"] not in committed]
+        orphans = [g for g in groups if g["_id"] not in committed]
         if orphans:
-            completed, discarded = await self._complete_orphans(orphans)
-            committed |= completed
-            if discarded:
-                await self.store.pending.delete_many({"_id": {"$in": discarded}})
-        ready = self._in_version_order(batch, committed)
+            committed.update(await self._complete_orphans(orphans))
+        ok = {e_id for ids in committed.values() for e_id in ids}
+        unresolved = {e["_id"] for g in groups if g["_id"] not in committed for e in g["events"]}
+        candidates = [e for g in groups for e in g["events"] if e["_id"] not in self._done]
+        ready = self._in_version_order(candidates, ok, unresolved)[: self.settings.batch_size]
         t1 = self._timed("queue", t0)
-        if not ready:
-            return 0
-        entries = [
-            {"_id": self.size + i, "event": e["_id"], "leaf": Binary(bytes(e["leaf"]))}
-            for i, e in enumerate(ready)
+        if ready:
+            entries = [
+                {"_id": self.size + i, "event": e["_id"], "leaf": Binary(bytes(e["leaf"]))}
+                for i, e in enumerate(ready)
+            ]
+            try:
+                await self.store.entries.insert_many(entries, ordered=True)
+            except BulkWriteError as exc:
+                # Another sequencer wrote some of these indices, or an event here was sequenced
+                # already: recovery integrates what is stored and relearns what is done.
+                errors = exc.details.get("writeErrors") or [{}]
+                raise Resync(
+                    f"sequence: lost a race at index {self.size}: {errors[0].get('errmsg')}"
+                ) from exc
+            t2 = self._timed("sequence", t1)
+            await self._integrate_and_publish(entries)
+            t1 = self._timed("integrate+publish", t2)
+            self._done.update(e["_id"] for e in ready)
+        # A group leaves the queue once each of its events is in the log or was refused (its
+        # marker does not name it: another event holds its (subject, version)).
+        finished = [
+            g
+            for g in groups
+            if g["_id"] in committed
+            and all(
+                e["_id"] in self._done or e["_id"] not in committed[g["_id"]] for e in g["events"]
+            )
         ]
-        try:
-            await self.store.entries.insert_many(entries, ordered=True)
-        except BulkWriteError as exc:
-            # Another sequencer wrote some of these indices, or an event here was sequenced
-            # already: recovery integrates what is stored and drops stale pending events.
-            errors = exc.details.get("writeErrors") or [{}]
-            raise Resync(
-                f"sequence: lost a race at index {self.size}: {errors[0].get('errmsg')}"
-            ) from exc
-        t2 = self._timed("sequence", t1)
-        await self._integrate_and_publish(entries)
-        t3 = self._timed("integrate+publish", t2)
-        done = [e["_id"] for e in ready] + [marker_id(e["_id"]) for e in ready]
-        await self.store.pending.delete_many({"_id": {"$in": done}})
-        self._timed("dequeue", t3)
-        self.batches += 1
-        self.sequenced += len(ready)
+        if finished:
+            ids = [g["_id"] for g in finished]
+            await self.store.pending.delete_many(
+                {"_id": {"$in": ids + [marker_id(i) for i in ids]}}
+            )
+            for g in finished:
+                self._done.difference_update(e["_id"] for e in g["events"])
+        self._timed("dequeue", t1)
+        if ready:
+            self.batches += 1
+            self.sequenced += len(ready)
         return len(ready)
 
     def _timed(self, step: str, since: float) -> float:
@@ -238,76 +257,90 @@ class Sequencer:
         self.step_seconds[step] = self.step_seconds.get(step, 0.0) + now - since
         return now
 
-    async def _earlier_versions(self, batch: list[Doc]) -> list[Doc]:
-        """The queue is longer than the batch: fetch the earlier versions of the batch's
-        subjects that wait outside it, so that no subject's versions enter the log out of
-        order and no batch stalls behind a version it does not hold."""
-        in_batch = {p["_id"] for p in batch}
+    async def _groups(self, query: Doc, limit: int = 0) -> list[Doc]:
+        """Queued intent documents, oldest first, with their events decoded."""
+        cursor = self.store.pending.find({**INTENTS, **query}).sort("_id", 1).limit(limit)
+        groups = await cursor.to_list()
+        for g in groups:
+            g["events"] = group_events(g)
+        return groups
+
+    async def _with_earlier_versions(self, groups: list[Doc]) -> list[Doc]:
         latest: dict[str, int] = {}
-        for p in batch:
-            latest[p["subject"]] = max(latest.get(p["subject"], 0), p["version"])
-        outside = [
-            w["_id"]
-            async for w in self.store.pending.find(INTENTS, {"subject": 1, "version": 1})
-            if w["_id"] not in in_batch and w["version"] < latest.get(w["subject"], 0)
+        for e in (e for g in groups for e in g["events"]):
+            latest[e["subject"]] = max(latest.get(e["subject"], 0), e["version"])
+        have = {g["_id"] for g in groups}
+        extra = [
+            g
+            for g in await self._groups({"_id": {"$nin": list(have)}})
+            if any(e["version"] < latest.get(e["subject"], 0) for e in g["events"])
         ]
-        if not outside:
-            return []
-        return await self.store.pending.find({"_id": {"$in": outside}}).to_list()
+        return groups + extra
 
     @staticmethod
-    def _in_version_order(batch: list[Doc], committed: set[Any]) -> list[Doc]:
-        """For each subject, the run of consecutive versions from its lowest queued one, up to
-        the first that is not ready (no ledger copy yet) or missing; later ones wait."""
+    def _in_version_order(
+        events: list[Doc], committed: set[Any], unresolved: set[Any]
+    ) -> list[Doc]:
+        """For each subject, the run of consecutive committed versions from its lowest queued
+        one; a gap ends it, and an earlier version whose group is unresolved (no marker yet)
+        holds the subject back. Refused events (not in their marker) are ignored."""
         by_subject: dict[str, list[Doc]] = {}
-        for p in sorted(batch, key=lambda p: p["_id"]):
-            by_subject.setdefault(p["subject"], []).append(p)
+        for e in events:
+            if e["_id"] in committed:
+                by_subject.setdefault(e["subject"], []).append(e)
         ready: list[Doc] = []
-        for events in by_subject.values():
-            events.sort(key=lambda p: p["version"])
-            expected = events[0]["version"]
-            for event in events:
-                if event["version"] != expected or event["_id"] not in committed:
+        for subject_events in by_subject.values():
+            subject_events.sort(key=lambda e: e["version"])
+            expected = subject_events[0]["version"]
+            for event in subject_events:
+                if event["version"] != expected:
                     break
                 ready.append(event)
                 expected += 1
-        return ready
+        highest: dict[str, int] = {}
+        for r in ready:
+            highest[r["subject"]] = max(highest.get(r["subject"], 0), r["version"])
+        blocked = {
+            e["subject"]
+            for e in events
+            if e["_id"] in unresolved and e["version"] <= highest.get(e["subject"], -1)
+        }
+        return [e for e in ready if e["subject"] not in blocked]
 
-    async def _complete_orphans(self, orphans: list[Doc]) -> tuple[set[Any], list[Any]]:
-        """Intents without a commit marker: their appender is slow, died, or could not write
-        the marker. Past the grace period, finish their ledger write from the intent's copy
-        (or find it there). Returns (ids now committed, ids to drop: their (subject, version)
-        belongs to another event)."""
+    async def _complete_orphans(self, orphans: list[Doc]) -> dict[Any, set[Any]]:
+        """Groups without a commit marker: their appender is slow, died, or could not write
+        the marker. Past the grace period, finish their ledger writes from the intent's copies
+        (or find them there) and write the marker. Returns {group id: committed event ids}."""
         now = _now()
         old = [
-            p
-            for p in orphans
-            if (now - p["queuedAt"].replace(tzinfo=dt.UTC)).total_seconds()
+            g
+            for g in orphans
+            if (now - g["queuedAt"].replace(tzinfo=dt.UTC)).total_seconds()
             >= self.settings.orphan_grace
         ]
         if not old:
-            return set(), []
-        ids = [p["_id"] for p in old]
+            return {}
+        events = [e for g in old for e in g["events"]]
+        ids = [e["_id"] for e in events]
+        try:
+            await self.store.ledger.insert_many(events, ordered=False)
+        except BulkWriteError as exc:
+            if exc.details.get("writeConcernErrors"):
+                raise
         present = {
             d["_id"] async for d in self.store.ledger.find({"_id": {"$in": ids}}, {"_id": 1})
         }
-        missing = [p for p in old if p["_id"] not in present]
-        if missing:
-            events = [{k: v for k, v in p.items() if k != "queuedAt"} for p in missing]
+        log.warning("sequence: completed %d orphaned appends from their intents", len(present))
+        result = {}
+        for g in old:
+            committed = [e["_id"] for e in g["events"] if e["_id"] in present]
             try:
-                await self.store.ledger.insert_many(events, ordered=False)
-            except BulkWriteError as exc:
-                if exc.details.get("writeConcernErrors"):
-                    raise
-            log.warning("sequence: completing %d orphaned appends from their intents", len(missing))
-            present = {
-                d["_id"] async for d in self.store.ledger.find({"_id": {"$in": ids}}, {"_id": 1})
-            }
-        try:
-            await self.store.pending.insert_many([commit_marker(i) for i in present], ordered=False)
-        except BulkWriteError:
-            pass  # a marker already there (its appender wrote it meanwhile) is fine
-        return present, [i for i in ids if i not in present]
+                await self.store.pending.insert_one(commit_marker(g["_id"], committed))
+            except DuplicateKeyError:
+                marker = await self.store.pending.find_one({"_id": marker_id(g["_id"])})
+                committed = list(marker["events"]) if marker else committed
+            result[g["_id"]] = set(committed)
+        return result
 
     async def _integrate_and_publish(self, entries: list[Doc]) -> None:
         """integrate: extend the right edge and insert new tiles; publish: fenced head update."""

@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         tlog = request.app.state.log
         try:
             await tlog.store.db.command("ping")
-            pending = await tlog.store.pending.count_documents(INTENTS)
+            queued = await tlog.store.pending.count_documents(INTENTS)
         except PyMongoError as exc:
             return JSONResponse(
                 {"status": "unavailable", "database": f"unreachable: {type(exc).__name__}"},
@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             "database": "ok",
             "sequencerLeader": tlog.sequencer.is_leader,
             "treeSize": await tlog.published_size(),
-            "pendingEvents": pending,
+            "queuedGroups": queued,
             "sequencerError": tlog.sequencer.last_error,
             "anchorError": tlog.anchor_error,
         }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import time
 
 import pytest
@@ -11,7 +10,7 @@ from bson import ObjectId
 
 from anchoring.anchorer import AnchorSettings
 from anchoring.errors import InvalidEvent, ProofUnavailable, VersionConflict
-from anchoring.ledger import commit_marker, make_event
+from anchoring.ledger import commit_marker, group_events, intent, make_event
 from anchoring.log import LogSettings, TransparencyLog
 from anchoring.note import open_checkpoint
 from anchoring.sequencer import INTENTS, Sequencer, SequencerSettings
@@ -142,15 +141,13 @@ async def test_events_that_cannot_be_stored_as_bson_are_refused_up_front(tlog, s
 
 
 async def _queue_directly(store, events: list[tuple[str, int, ObjectId]]) -> None:
-    """Write intents, ledger copies and markers as appenders in other processes would, with
-    chosen ObjectIds (their order across processes is arbitrary within a second)."""
-    now = dt.datetime.now(dt.UTC)
-    for subject, version, oid in events:
+    """Queue events as appenders in other processes would, one group each, with chosen
+    group ids (their order across processes is arbitrary within a second)."""
+    for subject, version, group_id in events:
         doc, _ = make_event(subject, version, header(subject, version))
-        doc["_id"] = oid
-        await store.pending.insert_one({**doc, "queuedAt": now})
+        await store.pending.insert_one(intent(group_id, [doc]))
         await store.ledger.insert_one(doc)
-        await store.pending.insert_one(commit_marker(oid))
+        await store.pending.insert_one(commit_marker(group_id, [doc["_id"]]))
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 1000])
@@ -162,7 +159,7 @@ async def test_versions_enter_the_log_in_order_when_the_queue_is_out_of_order(
     await _queue_directly(
         store, [("rx-a", 2, oid(1)), ("rx-a", 3, oid(2)), ("rx-b", 1, oid(3)), ("rx-a", 1, oid(4))]
     )
-    seq = Sequencer(store, SequencerSettings(batch_size=batch_size))
+    seq = Sequencer(store, SequencerSettings(batch_size=batch_size, groups_per_batch=batch_size))
     assert await seq.acquire_lease()
     await seq.recover()
     for _ in range(10):
@@ -186,9 +183,14 @@ async def test_entries_a_deposed_leader_wrote_beyond_the_head_get_published(stor
     assert await leader.sequence_batch() == 2
     # A deposed leader, still running, writes the next two entries after the new leader's
     # recovery read the tail: nothing is queued any more, yet they must get published.
-    queued = await store.pending.find(INTENTS).sort("_id", 1).to_list()
+    queued = [
+        e
+        for g in await store.pending.find(INTENTS).sort("_id", 1).to_list()
+        for e in group_events(g)
+    ]
+    queued = [e for e in queued if not await store.entries.find_one({"event": e["_id"]})]
     await store.entries.insert_many(
-        [{"_id": 2 + i, "event": p["_id"], "leaf": p["leaf"]} for i, p in enumerate(queued)]
+        [{"_id": 2 + i, "event": e["_id"], "leaf": e["leaf"]} for i, e in enumerate(queued)]
     )
     await store.pending.delete_many({})
     leader.is_leader = True  # it goes on leading: no fresh recovery would see those entries
