@@ -166,6 +166,9 @@ class Sequencer:
         # Which queued events are in the log already (a crash before their group left
         # `pending`, or a group only partly sequenced). This lookup scans entries on servers
         # without an index, so only recovery does it; batches keep the answer in memory.
+        # Markers before intents: a marker is written after its intent, so one whose intent
+        # is gone when read afterwards has outlived its group (a crash mid-dequeue).
+        markers = [m async for m in self.store.pending.find(MARKERS, {"committed": 1})]
         groups = await self._groups({})
         queued = [e["_id"] for g in groups for e in g["events"]]
         self._done = set()
@@ -177,11 +180,7 @@ class Sequencer:
                 )
             }
         alive = {g["_id"] for g in groups}
-        strays = [
-            m["_id"]
-            async for m in self.store.pending.find(MARKERS, {"committed": 1})
-            if m["committed"] not in alive
-        ]
+        strays = [m["_id"] for m in markers if m["committed"] not in alive]
         if strays:
             await self.store.pending.delete_many({"_id": {"$in": strays}})
         self.epoch += 1
