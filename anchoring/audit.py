@@ -185,11 +185,15 @@ async def _check_tiles(
     and every tile that proofs at the published and checkpointed sizes need must exist."""
     found: list[tuple[int, str]] = []
     needed: dict[str, int] = {}
+    largest = max(sizes, default=0)
     for size in sizes:
         level = 0
         while size >> (TILE_HEIGHT * level):
             count = size >> (TILE_HEIGHT * level)
-            for index in range((count + TILE_WIDTH - 1) // TILE_WIDTH):
+            # Full tiles are shared by every size: list them once, for the largest; each
+            # other size adds only its right-edge partial tile per level.
+            first = 0 if size == largest else count // TILE_WIDTH
+            for index in range(first, (count + TILE_WIDTH - 1) // TILE_WIDTH):
                 width = tile_width(level, index, size)
                 needed[tile_key(level, index, width)] = (index * TILE_WIDTH) << (
                     TILE_HEIGHT * level
