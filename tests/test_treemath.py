@@ -18,6 +18,7 @@ import random
 from functools import cache
 
 import pytest
+from proof_tree import ProofTree
 from pymerkle import InmemoryTree
 
 from anchoring.hashing import EMPTY_ROOT, HASH_SIZE, leaf_hash, node_hash
@@ -120,34 +121,9 @@ class ReferenceTree:
 # --- Our proofs, assembled from treemath as the log assembles them -------------------------
 
 
-class NodeTable:
-    """Every perfect-subtree hash of a tree, level by level, from anchoring.hashing."""
-
-    def __init__(self, data: list[bytes]) -> None:
-        self.levels = [[leaf_hash(d) for d in data]]
-        while len(self.levels[-1]) > 1:
-            row = self.levels[-1]
-            self.levels.append([node_hash(row[i], row[i + 1]) for i in range(0, len(row) - 1, 2)])
-
-    def node(self, node: Node) -> bytes:
-        return self.levels[node.level][node.index]
-
-    def range_hash(self, lo: int, hi: int) -> bytes:
-        return fold_right([self.node(n) for n in range_nodes(lo, hi)])
-
-    def root(self, size: int) -> bytes:
-        return fold_right([self.node(n) for n in root_nodes(size)])
-
-    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
-        return [self.range_hash(lo, hi) for lo, hi in inclusion_ranges(index, size)]
-
-    def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
-        return [self.range_hash(lo, hi) for lo, hi in consistency_ranges(old_size, new_size)]
-
-
 DATA = entries(LARGE)
 REFERENCE = ReferenceTree(DATA)
-OURS = NodeTable(DATA)
+OURS = ProofTree(DATA)
 
 
 def random_inclusion_pairs(seed: int) -> list[tuple[int, int]]:
@@ -273,7 +249,7 @@ def test_leaf_hashes_and_perfect_subtrees_match_published_rfc6962_node_hashes():
 
 
 def test_roots_match_published_rfc6962_roots_for_sizes_0_to_8():
-    table = NodeTable(TD_LEAVES)
+    table = ProofTree(TD_LEAVES)
     for size, want in enumerate(TD_ROOTS):
         assert table.root(size) == want, size
         assert ReferenceTree(TD_LEAVES).root(size) == want, size
@@ -299,7 +275,7 @@ def test_inclusion_proofs_match_published_rfc6962_vectors():
         (2, 5, ["6e340b9c", "5f083f0a", "bc1a0643"]),
         (1, 1, []),
     ]
-    table = NodeTable(TD_LEAVES)
+    table = ProofTree(TD_LEAVES)
     for leaf, size, proof in vectors:
         assert table.inclusion_proof(leaf - 1, size) == [nodes[p] for p in proof], (leaf, size)
 
@@ -314,7 +290,7 @@ def test_consistency_proofs_match_published_rfc6962_vectors():
         (2, 5, ["5f083f0a", "bc1a0643"]),
         (6, 7, ["0ebc5d34", "b08693ec", "d37ee418"]),
     ]
-    table = NodeTable(TD_LEAVES)
+    table = ProofTree(TD_LEAVES)
     for old, new, proof in vectors:
         assert table.consistency_proof(old, new) == [nodes[p] for p in proof], (old, new)
 
@@ -329,7 +305,7 @@ def test_proofs_match_the_worked_example_of_c2sp_merkle_tree():
     k = sha256(b"\x01" + h + i)
     l_ = sha256(b"\x01" + j + g)
     root = sha256(b"\x01" + k + l_)
-    table = NodeTable(d)
+    table = ProofTree(d)
     assert table.root(7) == root
     assert table.inclusion_proof(0, 7) == [b, i, l_]
     assert table.inclusion_proof(3, 7) == [c, h, l_]

@@ -15,6 +15,7 @@ import random
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from proof_tree import ProofTree
 from pymerkle import ConsistencyProof as PymerkleConsistencyProof
 from pymerkle import InclusionProof as PymerkleInclusionProof
 from pymerkle import InmemoryTree, InvalidProof
@@ -24,7 +25,7 @@ from pymerkle import verify_inclusion as pymerkle_verify_inclusion
 from anchoring.encoding import EncodingError, b64, unb64
 from anchoring.hashing import EMPTY_ROOT, leaf_hash, node_hash
 from anchoring.note import Checkpoint, Signer, open_checkpoint
-from anchoring.treemath import consistency_ranges, fold_right, inclusion_ranges, range_nodes
+from anchoring.treemath import inclusion_ranges
 from anchoring.verify import (
     MALFORMED,
     ROOT_MISMATCH,
@@ -46,33 +47,8 @@ LARGE = 5000
 SOME_HASH = bytes.fromhex("abacaba000000000000000000000000000000000000000000060061e00123456")
 
 
-class Tree:
-    """A tree's perfect-subtree hashes, with proofs assembled from treemath as the log does."""
-
-    def __init__(self, data: list[bytes]) -> None:
-        self.levels = [[leaf_hash(d) for d in data]]
-        while len(self.levels[-1]) > 1:
-            row = self.levels[-1]
-            self.levels.append([node_hash(row[i], row[i + 1]) for i in range(0, len(row) - 1, 2)])
-
-    def leaf(self, index: int) -> bytes:
-        return self.levels[0][index]
-
-    def range_hash(self, lo: int, hi: int) -> bytes:
-        return fold_right([self.levels[n.level][n.index] for n in range_nodes(lo, hi)])
-
-    def root(self, size: int) -> bytes:
-        return self.range_hash(0, size) if size else EMPTY_ROOT
-
-    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
-        return [self.range_hash(lo, hi) for lo, hi in inclusion_ranges(index, size)]
-
-    def consistency_proof(self, old: int, new: int) -> list[bytes]:
-        return [self.range_hash(lo, hi) for lo, hi in consistency_ranges(old, new)]
-
-
 DATA = [b"rx-%d" % i for i in range(LARGE)]
-TREE = Tree(DATA)
+TREE = ProofTree(DATA)
 
 
 def small_inclusion_pairs() -> list[tuple[int, int]]:
