@@ -112,7 +112,7 @@ class TransparencyLog:
             log.error("anchor: %s", exc)
             return
         self.anchor_error = None
-        await self.sequencer._fenced_set({"checkpointSize": cp.size})
+        await self.sequencer.fenced_update({"checkpointSize": cp.size})
 
     # --- writes -------------------------------------------------------------------------
 

@@ -122,7 +122,7 @@ class Sequencer:
         )
         self.is_leader = False
 
-    async def _fenced_set(self, fields: Doc) -> None:
+    async def fenced_update(self, fields: Doc) -> None:
         """Write to the head document only while holding the lease (renewing it)."""
         fields = {**fields, "expiresAt": _now() + dt.timedelta(seconds=self.settings.lease_ttl)}
         result = await self.store.leases.update_one(
@@ -370,7 +370,7 @@ class Sequencer:
         await write_tiles(self.store, full + partial)
         self.reader.remember(full + partial)
         root = rng.root()
-        await self._fenced_set({"size": rng.size, "rootHash": Binary(root)})
+        await self.fenced_update({"size": rng.size, "rootHash": Binary(root)})
         self._range, self._edge, self.size, self.root = rng, edge, rng.size, root
         events = [entry["event"] for entry in entries]
         for callback in self.on_publish:
@@ -434,7 +434,7 @@ class Sequencer:
                     await asyncio.sleep(self.settings.batch_delay)
                 continue
             if time.monotonic() - last_renewal > renew_every:
-                await self._fenced_set({})
+                await self.fenced_update({})
                 last_renewal = time.monotonic()
                 # Entries beyond the head with nothing queued: a deposed leader's late write.
                 if await self.store.entries.find_one({"_id": self.size}, {"_id": 1}):
