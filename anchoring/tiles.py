@@ -13,9 +13,9 @@ from collections import OrderedDict
 from bson import Binary
 from pymongo.errors import BulkWriteError
 
-from anchoring.hashing import HASH_SIZE
+from anchoring.hashing import HASH_SIZE, node_hash
 from anchoring.store import Doc, LogStore
-from anchoring.treemath import Node, hash_perfect, tile_key, tile_slice, tile_width
+from anchoring.treemath import Node, tile_key, tile_slice, tile_width
 
 DUPLICATE_KEY = 11000
 
@@ -24,45 +24,73 @@ class TileCorrupt(Exception):
     """A stored tile is missing or has the wrong shape."""
 
 
+class _Tile:
+    """One tile's hashes, with the rows above them (the tile's inner tree levels) computed
+    on first use and kept, so a cached tile hashes its interior once, not once per proof."""
+
+    def __init__(self, key: str, data: bytes) -> None:
+        self.key = key
+        self.data = data
+        self.rows: list[list[bytes]] = []
+
+    def node(self, start: int, count: int) -> bytes:
+        """Root of the perfect subtree over hashes [start, start + count)."""
+        if (start + count) * HASH_SIZE > len(self.data):
+            raise TileCorrupt(
+                f"tile {self.key} is {len(self.data)} bytes, too short for hashes {start}..{start + count}"
+            )
+        if not self.rows:
+            self.rows.append(
+                [self.data[i : i + HASH_SIZE] for i in range(0, len(self.data), HASH_SIZE)]
+            )
+        level = count.bit_length() - 1
+        while len(self.rows) <= level:
+            below = self.rows[-1]
+            self.rows.append(
+                [node_hash(below[i], below[i + 1]) for i in range(0, len(below) - 1, 2)]
+            )
+        return self.rows[level][start >> level]
+
+
 class TileReader:
     """Fetches node hashes through tiles, with an LRU cache (every tile is immutable)."""
 
     def __init__(self, store: LogStore, cache_tiles: int = 4096) -> None:
         self.store = store
         self.cache_tiles = cache_tiles
-        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cache: OrderedDict[str, _Tile] = OrderedDict()
         self.reads = 0  # database round trips, for tests and benchmarks
 
     def remember(self, docs: list[Doc]) -> None:
         """Cache tiles just written (they never change)."""
         for doc in docs:
-            self._put(doc["_id"], bytes(doc["hashes"]))
+            self._put(_Tile(doc["_id"], bytes(doc["hashes"])))
 
-    def _put(self, key: str, hashes: bytes) -> None:
+    def _put(self, tile: _Tile) -> None:
         if self.cache_tiles <= 0:
             return
-        self._cache[key] = hashes
-        self._cache.move_to_end(key)
+        self._cache[tile.key] = tile
+        self._cache.move_to_end(tile.key)
         if len(self._cache) > self.cache_tiles:
             self._cache.popitem(last=False)
 
-    async def tiles(self, keys: set[str]) -> dict[str, bytes]:
-        found: dict[str, bytes] = {}
+    async def _tiles(self, keys: set[str]) -> dict[str, _Tile]:
+        found: dict[str, _Tile] = {}
         missing = []
         for key in keys:
-            hashes = self._cache.get(key)
-            if hashes is None:
+            tile = self._cache.get(key)
+            if tile is None:
                 missing.append(key)
             else:
                 self._cache.move_to_end(key)
-                found[key] = hashes
+                found[key] = tile
         if missing:
             self.reads += 1
             query = {"_id": missing[0]} if len(missing) == 1 else {"_id": {"$in": missing}}
             async for doc in self.store.tiles.find(query):
-                hashes = bytes(doc["hashes"])
-                found[doc["_id"]] = hashes
-                self._put(doc["_id"], hashes)
+                tile = _Tile(doc["_id"], bytes(doc["hashes"]))
+                found[tile.key] = tile
+                self._put(tile)
         absent = [key for key in keys if key not in found]
         if absent:
             raise TileCorrupt(f"tile {absent[0]} is missing from storage")
@@ -80,17 +108,8 @@ class TileReader:
             if sl.start + sl.count > width:
                 raise ValueError(f"node {node} is not complete in a tree of size {published_size}")
             keys[node] = tile_key(sl.tile_level, sl.tile_index, width)
-        stored = await self.tiles(set(keys.values()))
-        result = {}
-        for node, sl in slices.items():
-            data = stored[keys[node]]
-            chunk = data[sl.start * HASH_SIZE : (sl.start + sl.count) * HASH_SIZE]
-            if len(chunk) != sl.count * HASH_SIZE:
-                raise TileCorrupt(f"tile {keys[node]} is {len(data)} bytes, too short for {node}")
-            result[node] = hash_perfect(
-                [chunk[i : i + HASH_SIZE] for i in range(0, len(chunk), HASH_SIZE)]
-            )
-        return result
+        tiles = await self._tiles(set(keys.values()))
+        return {node: tiles[keys[node]].node(sl.start, sl.count) for node, sl in slices.items()}
 
 
 def tile_document(level: int, index: int, hashes: list[bytes]) -> Doc:

@@ -222,7 +222,9 @@ async def main() -> None:
         if len(rates) >= 2:
             small, large = min(rates), max(rates)
             print(
-                f"proof cost ratio {large:,} vs {small:,} leaves: {rates[small] / rates[large]:.2f}x (uncached)"
+                f"proof cost ratio {large:,} vs {small:,} leaves: "
+                f"{rates[small][0] / rates[large][0]:.2f}x from storage, "
+                f"{rates[small][1] / rates[large][1]:.2f}x from the tile cache"
             )
     finally:
         await client.close()
