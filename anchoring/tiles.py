@@ -26,30 +26,34 @@ class TileCorrupt(Exception):
 
 class _Tile:
     """One tile's hashes, with the rows above them (the tile's inner tree levels) computed
-    on first use and kept, so a cached tile hashes its interior once, not once per proof."""
+    on first use and kept, so a cached tile hashes its interior once, not once per proof.
+    Rows are kept as flat bytes: at most twice the tile's own size."""
 
     def __init__(self, key: str, data: bytes) -> None:
         self.key = key
-        self.data = data
-        self.rows: list[list[bytes]] = []
+        self.rows = [data]
 
     def node(self, start: int, count: int) -> bytes:
         """Root of the perfect subtree over hashes [start, start + count)."""
-        if (start + count) * HASH_SIZE > len(self.data):
+        if (start + count) * HASH_SIZE > len(self.rows[0]):
             raise TileCorrupt(
-                f"tile {self.key} is {len(self.data)} bytes, too short for hashes {start}..{start + count}"
-            )
-        if not self.rows:
-            self.rows.append(
-                [self.data[i : i + HASH_SIZE] for i in range(0, len(self.data), HASH_SIZE)]
+                f"tile {self.key} is {len(self.rows[0])} bytes, too short for hashes {start}..{start + count}"
             )
         level = count.bit_length() - 1
         while len(self.rows) <= level:
             below = self.rows[-1]
+            pairs = len(below) // (2 * HASH_SIZE)
             self.rows.append(
-                [node_hash(below[i], below[i + 1]) for i in range(0, len(below) - 1, 2)]
+                b"".join(
+                    node_hash(
+                        below[2 * i * HASH_SIZE : (2 * i + 1) * HASH_SIZE],
+                        below[(2 * i + 1) * HASH_SIZE : (2 * i + 2) * HASH_SIZE],
+                    )
+                    for i in range(pairs)
+                )
             )
-        return self.rows[level][start >> level]
+        i = start >> level
+        return self.rows[level][i * HASH_SIZE : (i + 1) * HASH_SIZE]
 
 
 class TileReader:
