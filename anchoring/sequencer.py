@@ -27,7 +27,7 @@ from pymongo import ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from anchoring.hashing import leaf_hash
-from anchoring.ledger import DUPLICATE_KEY, commit_marker, group_events, marker_id
+from anchoring.ledger import commit_marker, group_events, marker_id
 from anchoring.store import Doc, LogStore
 from anchoring.tiles import TileReader, tile_document, write_tiles
 from anchoring.treemath import TILE_HEIGHT, TILE_WIDTH, CompactRange, Node, root_nodes, tile_width
@@ -452,6 +452,3 @@ async def _wait(event: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(event.wait(), seconds)
     except TimeoutError:
         pass
-
-
-__all__ = ["LostLease", "Sequencer", "SequencerSettings", "DUPLICATE_KEY"]

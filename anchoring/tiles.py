@@ -14,10 +14,9 @@ from bson import Binary
 from pymongo.errors import BulkWriteError
 
 from anchoring.hashing import HASH_SIZE, node_hash
+from anchoring.ledger import DUPLICATE_KEY
 from anchoring.store import Doc, LogStore
 from anchoring.treemath import Node, tile_key, tile_slice, tile_width
-
-DUPLICATE_KEY = 11000
 
 
 class TileCorrupt(Exception):
