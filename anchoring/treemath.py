@@ -143,14 +143,6 @@ def tile_key(tile_level: int, tile_index: int, width: int) -> str:
     return f"{tile_level}/{tile_index}.p/{width}"
 
 
-def hash_perfect(hashes: list[bytes]) -> bytes:
-    """Root of a perfect subtree over 2^k consecutive same-level hashes."""
-    row = hashes
-    while len(row) > 1:
-        row = [node_hash(row[i], row[i + 1]) for i in range(0, len(row), 2)]
-    return row[0]
-
-
 class CompactRange:
     """The right edge of a tree [0, size): one perfect-subtree hash per set bit of size.
 

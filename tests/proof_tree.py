@@ -14,6 +14,14 @@ from anchoring.treemath import (
 )
 
 
+def hash_perfect(hashes: list[bytes]) -> bytes:
+    """Root of a perfect subtree over 2^k consecutive same-level hashes."""
+    row = hashes
+    while len(row) > 1:
+        row = [node_hash(row[i], row[i + 1]) for i in range(0, len(row), 2)]
+    return row[0]
+
+
 class ProofTree:
     def __init__(self, data: list[bytes]) -> None:
         self.levels = [[leaf_hash(d) for d in data]]

@@ -18,7 +18,7 @@ import random
 from functools import cache
 
 import pytest
-from proof_tree import ProofTree
+from proof_tree import ProofTree, hash_perfect
 from pymerkle import InmemoryTree
 
 from anchoring.hashing import EMPTY_ROOT, HASH_SIZE, leaf_hash, node_hash
@@ -29,7 +29,6 @@ from anchoring.treemath import (
     TileSlice,
     consistency_ranges,
     fold_right,
-    hash_perfect,
     inclusion_ranges,
     range_nodes,
     root_nodes,
