@@ -17,7 +17,7 @@ PORT    ?= 8000
 
 DEVDB := $(PYTHON) scripts/devdb.py --port $(DB_PORT) --data-dir $(DB_DIR)
 
-.PHONY: help venv ferretdb db db-stop run lint typecheck test bench clean
+.PHONY: help venv ferretdb db db-stop run lint schema typecheck test bench clean
 
 help: ## list the targets
 	@echo "usage: make TARGET   (set MONGODB_URI to use your own MongoDB instead of FerretDB)"
@@ -63,6 +63,9 @@ run: venv db ## serve the GraphQL gateway on HOST:PORT (MONGODB_URI defaults to 
 lint: venv ## ruff check and ruff format --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+schema: venv ## regenerate schema.graphql (the SDL) from the code
+	$(VENV)/bin/rxledger schema > schema.graphql
 
 typecheck: venv ## mypy (strict) on anchoring/
 	$(VENV)/bin/mypy anchoring

@@ -105,8 +105,12 @@ def group_events(doc: Doc) -> list[Doc]:
     return events
 
 
-def make_event(subject: Any, version: Any, header: Any) -> tuple[Doc, Appended]:
-    """Validate an event and build its ledger document. Raises InvalidEvent."""
+def make_event(subject: Any, version: Any, header: Any, data: Any = None) -> tuple[Doc, Appended]:
+    """Validate an event and build its ledger document. Raises InvalidEvent.
+
+    `header` becomes the leaf (canonical JSON); `data` is the application's own record of the
+    event, stored beside it in `ledger` but not in the tree (so it may hold what a leaf must not,
+    and may be erased)."""
     if not isinstance(subject, str) or not subject or len(subject) > MAX_SUBJECT_LENGTH:
         raise InvalidEvent(
             f"subject must be a non-empty string of at most {MAX_SUBJECT_LENGTH} characters"
@@ -117,6 +121,8 @@ def make_event(subject: Any, version: Any, header: Any) -> tuple[Doc, Appended]:
         raise InvalidEvent(f"version must be a positive integer, got {version!r:.40}")
     if not isinstance(header, dict):
         raise InvalidEvent("header must be a JSON object")
+    if data is not None and not isinstance(data, dict):
+        raise InvalidEvent("data must be a document")
     for key, expected in (("subject", subject), ("version", version)):
         if key in header and header[key] != expected:
             raise InvalidEvent(
@@ -130,7 +136,7 @@ def make_event(subject: Any, version: Any, header: Any) -> tuple[Doc, Appended]:
     if len(leaf) > MAX_LEAF_BYTES:
         raise InvalidEvent(f"header is {len(leaf)} bytes canonicalized, at most {MAX_LEAF_BYTES}")
     try:
-        bson.encode({"subject": subject, "header": header})
+        bson.encode({"subject": subject, "header": header, "data": data})
     except (bson.errors.InvalidDocument, UnicodeEncodeError, OverflowError) as exc:
         raise InvalidEvent(f"the event cannot be stored as BSON: {exc}") from exc
     event_id = ObjectId()
@@ -142,6 +148,8 @@ def make_event(subject: Any, version: Any, header: Any) -> tuple[Doc, Appended]:
         "leaf": Binary(leaf),
         "appendedAt": dt.datetime.now(dt.UTC),
     }
+    if data is not None:
+        doc["data"] = data
     return doc, Appended(event_id, subject, version, leaf, leaf_hash(leaf))
 
 
@@ -162,10 +170,16 @@ class Ledger:
         self._writing = False
         self._indexed = False
 
-    async def append(self, subject: str, version: int, header: dict[str, Any]) -> Appended:
+    async def append(
+        self,
+        subject: str,
+        version: int,
+        header: dict[str, Any],
+        data: dict[str, Any] | None = None,
+    ) -> Appended:
         if self._closed:
             raise LedgerUnavailable("the log is shut down; the event was not stored")
-        doc, appended = make_event(subject, version, header)
+        doc, appended = make_event(subject, version, header, data)
         future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
         self._queue.append((doc, appended, future))
         self._wakeup.set()

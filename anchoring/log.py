@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +20,7 @@ from anchoring.hashing import leaf_hash
 from anchoring.ledger import Appended, Ledger
 from anchoring.note import Signer
 from anchoring.proofs import consistency_proof, inclusion_proof
+from anchoring.receipt import Receipt, sign_receipt
 from anchoring.sequencer import Sequencer, SequencerSettings
 from anchoring.store import Doc, LogStore
 from anchoring.tiles import TileReader
@@ -67,6 +71,11 @@ class TransparencyLog:
         self._task: asyncio.Task[None] | None = None
         self.anchor_error: str | None = None
         self._anchor_epoch = -1
+        # event id -> leaf index: immutable once sequenced, so cached for good (bounded LRU)
+        self._indices: OrderedDict[ObjectId, int] = OrderedDict()
+        self._indices_max = 200_000
+        self.sequencer.on_publish.append(self._remember_indices)
+        self._latest: tuple[float, SignedCheckpoint | None] = (0.0, None)
 
     @property
     def running(self) -> bool:
@@ -116,8 +125,14 @@ class TransparencyLog:
 
     # --- writes -------------------------------------------------------------------------
 
-    async def append(self, subject: str, version: int, header: dict[str, Any]) -> Appended:
-        return await self.ledger.append(subject, version, header)
+    async def append(
+        self,
+        subject: str,
+        version: int,
+        header: dict[str, Any],
+        data: dict[str, Any] | None = None,
+    ) -> Appended:
+        return await self.ledger.append(subject, version, header, data)
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -143,8 +158,54 @@ class TransparencyLog:
         return await self.store.entries.find_one({"_id": index})
 
     async def leaf_index(self, event_id: ObjectId) -> int | None:
-        doc = await self.store.entries.find_one({"event": event_id}, {"_id": 1})
-        return None if doc is None else int(doc["_id"])
+        return (await self.leaf_indices([event_id])).get(event_id)
+
+    def _remember_indices(self, size: int, root: bytes, events: list[ObjectId]) -> None:
+        first = size - len(events)
+        for i, event_id in enumerate(events):
+            self._remember_index(event_id, first + i)
+
+    def _remember_index(self, event_id: ObjectId, index: int) -> None:
+        self._indices[event_id] = index
+        self._indices.move_to_end(event_id)
+        while len(self._indices) > self._indices_max:
+            self._indices.popitem(last=False)
+
+    async def leaf_indices(self, event_ids: list[ObjectId]) -> dict[ObjectId, int]:
+        """The leaf index of each event that is sequenced and published (one query at most;
+        indices never change, so they are cached)."""
+        found = {e: self._indices[e] for e in event_ids if e in self._indices}
+        missing = [e for e in event_ids if e not in found]
+        if missing:
+            size = await self.published_size()
+            cursor = self.store.entries.find({"event": {"$in": missing}}, {"event": 1})
+            async for doc in cursor:
+                if doc["_id"] < size:  # beyond the head: written by a leader that may not publish
+                    found[doc["event"]] = int(doc["_id"])
+                    self._remember_index(doc["event"], int(doc["_id"]))
+        return found
+
+    async def current_checkpoint(self, max_age: float = 0.5) -> SignedCheckpoint | None:
+        """The latest checkpoint, at most `max_age` seconds stale: for request paths, where a
+        read of the head per request would cost more than the proof itself."""
+        now = time.monotonic()
+        fetched_at, cp = self._latest
+        if now - fetched_at > max_age:
+            cp = await self.latest_checkpoint()
+            self._latest = (now, cp)
+        return cp
+
+    async def prove(self, leaf_index: int, leaf: bytes, cp: SignedCheckpoint) -> InclusionProof:
+        """Inclusion proof of a leaf the caller holds, against checkpoint `cp`.
+        Requires 0 <= leaf_index < cp.size."""
+        path = await inclusion_proof(self.reader, leaf_index, cp.size, cp.size)
+        return InclusionProof(leaf_index, cp.size, leaf, leaf_hash(leaf), path, cp)
+
+    def receipt(self, leaf_index: int, leaf: bytes, at: dt.datetime | None = None) -> Receipt:
+        """A signed receipt for a sequenced leaf not yet covered by a checkpoint."""
+        return sign_receipt(
+            self.signer, self.origin, leaf_index, leaf_hash(leaf), at or dt.datetime.now(dt.UTC)
+        )
 
     async def _checkpoint_for(self, tree_size: int | None) -> SignedCheckpoint:
         cp = await (self.latest_checkpoint() if tree_size is None else self.checkpoint(tree_size))
@@ -168,9 +229,7 @@ class TransparencyLog:
         entry = await self.entry(leaf_index)
         if entry is None:
             raise ProofUnavailable(f"entry {leaf_index} is missing")
-        path = await inclusion_proof(self.reader, leaf_index, cp.size, cp.size)
-        leaf = bytes(entry["leaf"])
-        return InclusionProof(leaf_index, cp.size, leaf, leaf_hash(leaf), path, cp)
+        return await self.prove(leaf_index, bytes(entry["leaf"]), cp)
 
     async def consistency_proof(
         self, from_size: int, to_size: int | None = None

@@ -194,6 +194,65 @@ def cmd_verifier_key(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from schema.root import sdl
+
+    text = sdl()
+    if args.check:
+        current = _read_text(args.check, "schema file")
+        if current != text:
+            print(
+                f"{args.check} differs from the schema the code defines; regenerate it with `make schema`",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        return EXIT_OK
+    sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from app.auth import Role, expected_issuer_audience, load_dev_secret, mint_token
+
+    settings = Settings.from_env()
+    env_issuer, env_audience = expected_issuer_audience()
+    if args.ttl <= 0:
+        raise UsageError(f"--ttl {args.ttl}: want a positive number of seconds")
+    claims: dict[str, Any] = {
+        "role": Role(args.role),
+        "subject": args.sub,
+        "organization": args.org,
+        "ttl_seconds": args.ttl,
+        "kid": args.kid,
+        "issuer": args.issuer if args.issuer is not None else env_issuer,
+        "audience": args.audience if args.audience is not None else env_audience,
+    }
+    if args.key:
+        try:
+            key_pem = Path(args.key).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--key: cannot read {args.key}: {exc}") from None
+        try:
+            token = mint_token(key_pem=key_pem, **claims)
+        except ValueError as exc:
+            raise UsageError(f"--key {args.key}: {exc}") from None
+    else:
+        if settings.production:
+            raise UsageError(
+                "production mode accepts no HS256 tokens: pass --key PRIVATE_PEM (an Ed25519 or RSA key whose public key is in RXLEDGER_JWT_PUBLIC_KEYS or RXLEDGER_JWKS)"
+            )
+        try:
+            token = mint_token(secret=load_dev_secret(settings.var_dir), **claims)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    print(token)
+    print(
+        f"{args.role} token for {args.sub!r}, valid {args.ttl} s; use: Authorization: Bearer <token>",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rxledger",
@@ -260,6 +319,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verifier-key", help="print the verifier key of the configured signing key")
     p.set_defaults(func=cmd_verifier_key)
+
+    from app.auth import Role
+
+    p = sub.add_parser(
+        "token",
+        help="print a bearer token (JWT) for calling the gateway",
+        description="Print a signed bearer token (JWT) on stdout and a usage hint on stderr, so "
+        "that TOKEN=$(rxledger token ...) works. Without --key the token is HS256 with the "
+        "development secret (RXLEDGER_JWT_DEV_SECRET, else <RXLEDGER_VAR_DIR>/keys/dev-jwt.secret, "
+        "created if missing), which a development gateway accepts; production mode needs --key.",
+    )
+    p.add_argument(
+        "--role",
+        required=True,
+        choices=[role.value for role in Role],
+        metavar="ROLE",
+        help=f"the viewer's role (the token's role claim): {', '.join(role.value for role in Role)}",
+    )
+    p.add_argument("--sub", required=True, help="the viewer's id (the token's sub claim)")
+    p.add_argument(
+        "--org",
+        help="organization (org claim): pharmacy id of a PHARMACIST or PARTNER, courier company "
+        "of a COURIER, department of a PRESCRIBER",
+    )
+    p.add_argument(
+        "--ttl",
+        type=int,
+        default=3600 * 8,
+        metavar="SECONDS",
+        help="seconds until the token expires (default: %(default)s)",
+    )
+    p.add_argument(
+        "--key",
+        metavar="PRIVATE_PEM",
+        help="sign with this unencrypted PEM private key: Ed25519 gives EdDSA, RSA gives RS256 "
+        "(default: HS256 with the development secret, development mode only)",
+    )
+    p.add_argument(
+        "--kid",
+        help="key id header; a gateway names a PEM public key by its file name stem, e.g. "
+        "issuer-2025 for issuer-2025.pem (default: none, the gateway tries every key)",
+    )
+    p.add_argument("--issuer", help="iss claim (default: $RXLEDGER_JWT_ISSUER, none when unset)")
+    p.add_argument(
+        "--audience", help="aud claim (default: $RXLEDGER_JWT_AUDIENCE, none when unset)"
+    )
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("schema", help="print the GraphQL schema (SDL), as in schema.graphql")
+    p.add_argument("--check", metavar="FILE", help="exit 1 if FILE differs from the schema instead")
+    p.set_defaults(func=cmd_schema)
     return parser
 
 

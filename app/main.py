@@ -1,7 +1,9 @@
-"""The starlette application: GraphQL, health and readiness, with the log running inside."""
+"""The starlette application: GraphQL, health, readiness and metrics, with the log running
+inside."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -9,33 +11,104 @@ from typing import Any
 
 from pymongo.errors import PyMongoError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 from strawberry.asgi import GraphQL
 
 from anchoring.sequencer import INTENTS
+from app.auth import Authenticator, AuthError, AuthSettings
 from app.db import make_client, make_log
+from app.limits import BodySizeLimit, LimitSettings, RateLimiter, graphql_extensions
+from app.metrics import Metrics, MetricsMiddleware
+from app.service import PrescriptionService
 from app.settings import Settings
-from schema.ledger import schema
+from schema.loaders import Loaders
+from schema.root import make_schema
 
 log = logging.getLogger("rxledger.app")
 
 
+def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> Response:
+    body = {"errors": [{"message": message, "extensions": {"code": code}}]}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 class GraphQLApp(GraphQL[dict[str, Any], None]):
+    def __init__(self, *args: Any, max_page: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_page = max_page
+
     async def get_context(self, request: Any, response: Any = None) -> dict[str, Any]:
-        return {"request": request, "response": response, "log": request.app.state.log}
+        state = request.app.state
+        return {
+            "request": request,
+            "response": response,
+            "log": state.log,
+            "service": state.service,
+            "metrics": state.metrics,
+            "viewer": request.scope.get("state", {}).get("viewer"),
+            "loaders": Loaders(state.service, state.log),
+            "max_page": self.max_page,
+        }
+
+
+class GraphQLEndpoint:
+    """Authenticates and rate-limits each request before strawberry sees it: a bad token is
+    a 401 and a caller over its rate a 429, both with a GraphQL-shaped error body."""
+
+    def __init__(self, graphql: GraphQLApp, auth: Authenticator, limiter: RateLimiter) -> None:
+        self.graphql = graphql
+        self.auth = auth
+        self.limiter = limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            request = Request(scope)
+            try:
+                viewer = self.auth.authenticate(request.headers.get("authorization"))
+            except AuthError as exc:
+                response = _error(
+                    401,
+                    str(exc),
+                    "UNAUTHENTICATED",
+                    {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+                )
+                return await response(scope, receive, send)
+            key = viewer.rate_key if viewer else f"ip:{scope.get('client', ('?',))[0]}"
+            retry = self.limiter.check(key)
+            if retry is not None:
+                scope["app"].state.metrics.count_rate_limited()
+                response = _error(
+                    429,
+                    f"rate limit exceeded for {key}: retry in {retry:.1f} s",
+                    "RATE_LIMITED",
+                    {"Retry-After": str(max(1, round(retry)))},
+                )
+                return await response(scope, receive, send)
+            scope.setdefault("state", {})["viewer"] = viewer
+        await self.graphql(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
+    auth = Authenticator(AuthSettings.from_env(settings.mode, settings.var_dir))
+    limits = LimitSettings.from_env()
+    metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         client = make_client(settings)
         tlog = make_log(settings, client)
+        service = PrescriptionService(tlog, client[settings.database]["prescriptions"])
         app.state.log = tlog
+        app.state.service = service
+        app.state.metrics = metrics
+        metrics.set_ledger_probe(lambda: _probe(tlog))
         await tlog.start()
+        upkeep = asyncio.create_task(_prepare(service), name="prescriptions-upkeep")
         log.info(
             "rxledger %s mode; log %s; verifier key %s",
             settings.mode,
@@ -45,6 +118,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             yield
         finally:
+            upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await upkeep
             await tlog.stop()
             await client.close()
 
@@ -75,12 +151,56 @@ def create_app(settings: Settings | None = None) -> Starlette:
             return JSONResponse(body, status_code=503)
         return JSONResponse(body)
 
-    graphql = GraphQLApp(schema, graphql_ide=None if settings.production else "graphiql")
+    async def metrics_endpoint(request: Request) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    graphql = GraphQLApp(
+        make_schema(
+            [*graphql_extensions(limits, settings.production), metrics.operation_counter()]
+        ),
+        graphql_ide=None if settings.production else "graphiql",
+        max_page=limits.max_page,
+    )
+    endpoint = GraphQLEndpoint(
+        graphql, auth, RateLimiter(limits.rate_per_second, limits.rate_burst)
+    )
     return Starlette(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
-            Route("/graphql", graphql, methods=["GET", "POST"]),
+            Route("/metrics", metrics_endpoint),
+            Route("/graphql", endpoint, methods=["GET", "POST"]),
+        ],
+        middleware=[
+            Middleware(MetricsMiddleware, metrics=metrics),
+            Middleware(BodySizeLimit, max_bytes=limits.max_body_bytes),
         ],
         lifespan=lifespan,
     )
+
+
+def _probe(tlog: Any) -> dict[str, float]:
+    """Gauges for /metrics, from what the process already knows (no database reads)."""
+    cp = tlog.anchorer.latest
+    return {
+        "tree_size": float(tlog.sequencer.size),
+        "checkpoint_size": float(cp.size if cp else 0),
+        "sequencer_leader": 1.0 if tlog.sequencer.is_leader else 0.0,
+    }
+
+
+async def _prepare(service: PrescriptionService) -> None:
+    """Indexes, then the repair sweep; retried while the database is away."""
+    delay = 0.5
+    while True:
+        try:
+            await service.ensure_indexes()
+            repaired = await service.sweep()
+            if repaired:
+                log.warning("start-up sweep: repaired %d prescriptions from the ledger", repaired)
+            return
+        except PyMongoError as exc:
+            log.warning("start-up sweep: database unavailable (%s); retrying", type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)

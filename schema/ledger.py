@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import strawberry
 from strawberry.types import Info
 
+from anchoring import log as tlog
 from anchoring.anchorer import SignedCheckpoint
 from anchoring.encoding import b64
+from anchoring.errors import ProofUnavailable
+from anchoring.hashing import leaf_hash
 from anchoring.log import TransparencyLog
+from anchoring.receipt import Receipt as SignedReceipt
+from app.limits import ClientError
 
 
 @strawberry.type(description="A signed checkpoint (C2SP tlog-checkpoint) of the log.")
@@ -35,9 +41,24 @@ class Checkpoint:
 class InclusionProof:
     leaf_index: int
     tree_size: int
-    leaf_hash: str
-    path: list[str]
-    checkpoint: Checkpoint
+    leaf_hash: str = strawberry.field(description="base64 SHA-256(0x00 ‖ leaf)")
+    path: list[str] = strawberry.field(description="base64 sibling hashes, leaf to root")
+    checkpoint: Checkpoint = strawberry.field(description="the signed checkpoint of treeSize")
+    bundle: str = strawberry.field(
+        description="the proof as the JSON bundle `rxledger verify BUNDLE --key KEY` checks "
+        "offline: {leaf, leafIndex, treeSize, inclusionPath, checkpoint}"
+    )
+
+    @classmethod
+    def of(cls, proof: tlog.InclusionProof) -> InclusionProof:
+        return cls(
+            leaf_index=proof.leaf_index,
+            tree_size=proof.tree_size,
+            leaf_hash=b64(proof.leaf_hash),
+            path=[b64(h) for h in proof.path],
+            checkpoint=Checkpoint.of(proof.checkpoint),
+            bundle=json.dumps(proof.bundle(), separators=(",", ":")),
+        )
 
 
 @strawberry.type(description="RFC 9162 consistency proof between two tree sizes.")
@@ -47,9 +68,67 @@ class ConsistencyProof:
     path: list[str]
 
 
+@strawberry.type(
+    description="The log's signed promise for a leaf sequenced but not yet in a checkpoint: "
+    "a signed note '<origin>\\nreceipt\\n<leaf index>\\n<base64 leaf hash>\\n<time>\\n' "
+    "by the log key. Superseded by an inclusion proof once a checkpoint covers the leaf."
+)
+class Receipt:
+    leaf_index: int
+    leaf_hash: str
+    issued_at: dt.datetime
+    note: str
+
+    @classmethod
+    def of(cls, receipt: SignedReceipt) -> Receipt:
+        return cls(
+            leaf_index=receipt.leaf_index,
+            leaf_hash=b64(receipt.leaf_hash),
+            issued_at=receipt.issued_at,
+            note=receipt.note,
+        )
+
+
+@strawberry.type(description="One leaf of the log.")
+class LedgerEntry:
+    leaf_index: int
+    leaf: str = strawberry.field(description="base64 leaf bytes (RFC 8785 JSON of the header)")
+    leaf_hash: str
+
+
+@strawberry.type
+class CheckpointEdge:
+    cursor: str
+    node: Checkpoint
+
+
+@strawberry.type
+class PageInfo:
+    has_next_page: bool
+    end_cursor: str | None
+
+
+@strawberry.type
+class CheckpointConnection:
+    edges: list[CheckpointEdge]
+    page_info: PageInfo
+
+
 def _log(info: Info) -> TransparencyLog:
     log: TransparencyLog = info.context["log"]
     return log
+
+
+def page_size(info: Info, first: int) -> int:
+    maximum: int = info.context["max_page"]
+    if not 1 <= first <= maximum:
+        raise ClientError(f"first is {first}; it must be 1 to {maximum}", "BAD_USER_INPUT")
+    return first
+
+
+def non_negative(value: int | None, name: str) -> None:
+    if value is not None and value < 0:
+        raise ClientError(f"{name} is {value}; it must be 0 or more", "BAD_USER_INPUT")
 
 
 @strawberry.type(description="The transparency log: checkpoints and proofs.")
@@ -71,32 +150,57 @@ class Ledger:
         cp = await _log(info).latest_checkpoint()
         return None if cp is None else Checkpoint.of(cp)
 
-    @strawberry.field
+    @strawberry.field(description="signed checkpoints, oldest first; the cursor is a tree size")
+    async def checkpoints(
+        self, info: Info, first: int = 20, after: str | None = None
+    ) -> CheckpointConnection:
+        first = page_size(info, first)
+        after_size = -1
+        if after is not None:
+            if not after.isdigit():
+                raise ClientError(f"after {after[:40]!r} is not a tree size", "BAD_USER_INPUT")
+            after_size = int(after)
+        cps = await _log(info).checkpoints(after_size, first + 1)
+        edges = [CheckpointEdge(cursor=str(cp.size), node=Checkpoint.of(cp)) for cp in cps[:first]]
+        return CheckpointConnection(
+            edges=edges,
+            page_info=PageInfo(
+                has_next_page=len(cps) > first, end_cursor=edges[-1].cursor if edges else None
+            ),
+        )
+
+    @strawberry.field(description="a leaf of the log by index (null beyond the published size)")
+    async def entry(self, info: Info, leaf_index: int) -> LedgerEntry | None:
+        non_negative(leaf_index, "leafIndex")
+        log = _log(info)
+        if leaf_index >= await log.published_size():
+            return None
+        doc = await log.entry(leaf_index)
+        if doc is None:
+            return None
+        leaf = bytes(doc["leaf"])
+        return LedgerEntry(leaf_index=leaf_index, leaf=b64(leaf), leaf_hash=b64(leaf_hash(leaf)))
+
+    @strawberry.field(description="treeSize defaults to the latest checkpoint's")
     async def inclusion_proof(
         self, info: Info, leaf_index: int, tree_size: int | None = None
     ) -> InclusionProof:
-        proof = await _log(info).inclusion_proof(leaf_index, tree_size)
-        return InclusionProof(
-            leaf_index=proof.leaf_index,
-            tree_size=proof.tree_size,
-            leaf_hash=b64(proof.leaf_hash),
-            path=[b64(h) for h in proof.path],
-            checkpoint=Checkpoint.of(proof.checkpoint),
-        )
+        non_negative(leaf_index, "leafIndex")
+        non_negative(tree_size, "treeSize")
+        try:
+            proof = await _log(info).inclusion_proof(leaf_index, tree_size)
+        except ProofUnavailable as exc:
+            raise ClientError(str(exc), "PROOF_UNAVAILABLE") from None
+        return InclusionProof.of(proof)
 
-    @strawberry.field
+    @strawberry.field(description="toSize defaults to the latest checkpoint's")
     async def consistency_proof(
         self, info: Info, from_size: int, to_size: int | None = None
     ) -> ConsistencyProof:
-        old, new, path = await _log(info).consistency_proof(from_size, to_size)
+        non_negative(from_size, "fromSize")
+        non_negative(to_size, "toSize")
+        try:
+            old, new, path = await _log(info).consistency_proof(from_size, to_size)
+        except ProofUnavailable as exc:
+            raise ClientError(str(exc), "PROOF_UNAVAILABLE") from None
         return ConsistencyProof(from_size=old, to_size=new, path=[b64(h) for h in path])
-
-
-@strawberry.type
-class Query:
-    @strawberry.field(description="the transparency log; readable without authentication")
-    def ledger(self) -> Ledger:
-        return Ledger()
-
-
-schema = strawberry.Schema(query=Query)

@@ -223,7 +223,17 @@ NOT_A_BUNDLE = {
     "json-array": json.dumps(["a", "JSON", "array"]),
 }
 
-COMMANDS = ["keygen", "verify", "verify-consistency", "audit", "serve", "sequence", "verifier-key"]
+COMMANDS = [
+    "keygen",
+    "verify",
+    "verify-consistency",
+    "audit",
+    "serve",
+    "sequence",
+    "verifier-key",
+    "token",
+    "schema",
+]
 
 
 @pytest.fixture(scope="module")

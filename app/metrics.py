@@ -1,0 +1,176 @@
+"""Prometheus metrics of one app, in a registry of its own so that several apps (tests) in one
+process do not clash. Served by the app at /metrics in the Prometheus text format."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from strawberry.extensions import SchemaExtension
+
+log = logging.getLogger("rxledger.metrics")
+
+# Labels come from clients; anything else is counted as "other" to bound the series.
+KNOWN_PATHS = frozenset({"/graphql", "/healthz", "/readyz", "/metrics"})
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+# Ledger state read at scrape time: probe key -> help text; exported as rxledger_<key>.
+LEDGER_GAUGES = {
+    "tree_size": "Leaves sequenced into the published tree.",
+    "checkpoint_size": "Tree size of the latest signed checkpoint.",
+    "queued_groups": "Intent groups queued and not yet sequenced.",
+    "sequencer_leader": "1 if this process holds the sequencer lease, else 0.",
+}
+
+LedgerProbe = Callable[[], Mapping[str, float]]
+
+
+class LedgerCollector:
+    """Reads the ledger gauges from a probe at each scrape. The probe runs on the scraping
+    thread or event loop, so it must be quick and must not block: return cached values."""
+
+    def __init__(self) -> None:
+        self.probe: LedgerProbe | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        # Names only, so that registering does not call the probe.
+        return [GaugeMetricFamily(f"rxledger_{key}", doc) for key, doc in LEDGER_GAUGES.items()]
+
+    def collect(self) -> Iterable[Metric]:
+        if self.probe is None:
+            return []
+        try:
+            values = self.probe()
+        except Exception:
+            # A failing probe must not break the scrape of everything else.
+            log.exception("ledger probe failed; ledger gauges omitted from this scrape")
+            return []
+        return [
+            GaugeMetricFamily(f"rxledger_{key}", doc, value=float(values[key]))
+            for key, doc in LEDGER_GAUGES.items()
+            if key in values
+        ]
+
+
+class Metrics:
+    """The counters, histograms and ledger gauges of one app."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.http_requests = Counter(
+            "rxledger_http_requests_total",
+            "HTTP requests by route path, method and status.",
+            ["path", "method", "status"],
+            registry=registry,
+        )
+        self.http_request_seconds = Histogram(
+            "rxledger_http_request_seconds",
+            "Time from request to the end of the response, by route path.",
+            ["path"],
+            registry=registry,
+        )
+        self.graphql_operations = Counter(
+            "rxledger_graphql_operations_total",
+            "GraphQL operations by type (query, mutation, subscription) and outcome (ok, error).",
+            ["type", "outcome"],
+            registry=registry,
+        )
+        self.mutations = Counter(
+            "rxledger_mutations_total",
+            "Mutations by name and result (the union member returned, e.g. VersionConflict).",
+            ["mutation", "result"],
+            registry=registry,
+        )
+        self.rate_limited = Counter(
+            "rxledger_rate_limited_total",
+            "Requests refused by the rate limiter.",
+            registry=registry,
+        )
+        self.ledger = LedgerCollector()
+        registry.register(self.ledger)
+
+    def set_ledger_probe(self, probe: LedgerProbe) -> None:
+        """Export the probe's values (keys of LEDGER_GAUGES; others ignored) at each scrape.
+        The probe must return cached values without blocking."""
+        self.ledger.probe = probe
+
+    def observe_request(self, path: str, method: str, status: int, seconds: float) -> None:
+        """Count one HTTP request; unknown paths and methods are labelled "other"."""
+        path = path if path in KNOWN_PATHS else "other"
+        method = method if method in KNOWN_METHODS else "other"
+        self.http_requests.labels(path=path, method=method, status=str(status)).inc()
+        self.http_request_seconds.labels(path=path).observe(seconds)
+
+    def count_operation(self, operation_type: str, outcome: str) -> None:
+        """Count one GraphQL operation: type query|mutation|subscription, outcome ok|error."""
+        self.graphql_operations.labels(type=operation_type, outcome=outcome).inc()
+
+    def operation_counter(self) -> Callable[[], SchemaExtension]:
+        """A schema extension factory (for strawberry.Schema(extensions=...)) that counts every
+        operation in rxledger_graphql_operations_total."""
+        return partial(CountOperations, self)
+
+    def count_mutation(self, mutation: str, result: str) -> None:
+        """Count one mutation by field name and the union member it returned."""
+        self.mutations.labels(mutation=mutation, result=result).inc()
+
+    def count_rate_limited(self) -> None:
+        self.rate_limited.inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The /metrics response: body and content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class CountOperations(SchemaExtension):
+    """Counts each GraphQL operation by type; the outcome is "error" if the result has any error.
+    A document that does not parse, or names no operation it contains, has no type and is
+    counted only as an HTTP request."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def on_operation(self) -> Iterator[None]:
+        yield
+        context = self.execution_context
+        try:
+            operation_type = context.operation_type.value
+        except RuntimeError:
+            return
+        outcome = "error" if getattr(context.result, "errors", None) else "ok"
+        self.metrics.count_operation(operation_type, outcome)
+
+
+class MetricsMiddleware:
+    """ASGI middleware recording every HTTP request's path, method, status and duration."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # what the server answers if the app fails before responding
+
+        async def send_recording_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_recording_status)
+        finally:
+            self.metrics.observe_request(
+                scope["path"], scope["method"], status, time.perf_counter() - start
+            )

@@ -1,0 +1,455 @@
+"""The prescription service: every mutation appends one ledger event, then updates the
+document; reads repair documents that lag behind their events.
+
+Events are the truth. Each ledger event carries, beside its leaf header, the application's
+record of it (`data`: the whole document after the event, the request's payload, the actor and
+the idempotency key). A process that dies between the append and the document update leaves a
+document one version behind its events; the next read, the next mutation (which then meets a
+version conflict) or the sweep at start-up copies the newest event's state into the document.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import logging
+from dataclasses import dataclass
+
+from bson import Binary, ObjectId
+from pymongo import ASCENDING, DESCENDING
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from anchoring.anchorer import SignedCheckpoint
+from anchoring.encoding import b64, canonical_json
+from anchoring.errors import InvalidEvent, LedgerUnavailable, VersionConflict
+from anchoring.hashing import leaf_hash
+from anchoring.log import InclusionProof, TransparencyLog
+from anchoring.receipt import Receipt
+from anchoring.store import Doc
+from anchoring.verify import root_from_inclusion_proof
+from app import prescriptions as rx
+from app.auth import Role, Viewer
+from app.prescriptions import Refused
+
+log = logging.getLogger("rxledger.service")
+
+# What a read needs of an event (the state and payload copies are only read for repairs).
+EVENT_FIELDS = {
+    "subject": 1,
+    "version": 1,
+    "header": 1,
+    "leaf": 1,
+    "data.actor": 1,
+    "data.mutation": 1,
+    "data.idem": 1,
+}
+
+
+@dataclass(frozen=True)
+class Integrity:
+    status: str  # VERIFIED, PENDING, TAMPERED or ERASED
+    leaf_index: int | None
+    proof: InclusionProof | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class EventProof:
+    leaf_index: int | None
+    proof: InclusionProof | None
+    receipt: Receipt | None
+
+
+class PrescriptionService:
+    def __init__(self, log_: TransparencyLog, collection: AsyncCollection[Doc]) -> None:
+        self.log = log_
+        self.prescriptions = collection
+        self.ledger = log_.store.ledger
+
+    async def ensure_indexes(self) -> None:
+        await self.prescriptions.create_index(
+            [("issuedAt", ASCENDING), ("_id", ASCENDING)], name="issued"
+        )
+        for field in ("patient.id", "prescriber", "pharmacy", "courier", "status"):
+            await self.prescriptions.create_index([(field, ASCENDING)], name=field)
+
+    # --- reads ------------------------------------------------------------------------
+
+    async def documents(self, ids: list[str]) -> dict[str, Doc]:
+        return {d["_id"]: d async for d in self.prescriptions.find({"_id": {"$in": ids}})}
+
+    async def events(self, subjects: list[str]) -> dict[str, list[Doc]]:
+        """The ledger events of each subject, in version order (one query)."""
+        found: dict[str, list[Doc]] = {s: [] for s in subjects}
+        cursor = self.ledger.find({"subject": {"$in": subjects}}, EVENT_FIELDS)
+        async for doc in cursor:
+            found[doc["subject"]].append(doc)
+        for events in found.values():
+            events.sort(key=lambda e: e["version"])
+        return found
+
+    async def page(
+        self, query: Doc, first: int, after: tuple[dt.datetime, str] | None
+    ) -> tuple[list[Doc], bool]:
+        """Documents matching `query` in issue order, `first` of them after the cursor."""
+        if after is not None:
+            at, last_id = after
+            query = {
+                "$and": [
+                    query,
+                    {"$or": [{"issuedAt": {"$gt": at}}, {"issuedAt": at, "_id": {"$gt": last_id}}]},
+                ]
+            }
+        cursor = (
+            self.prescriptions.find(query)
+            .sort([("issuedAt", ASCENDING), ("_id", ASCENDING)])
+            .limit(first + 1)
+        )
+        docs = [d async for d in cursor]
+        return docs[:first], len(docs) > first
+
+    async def up_to_date(self, docs: dict[str, Doc | None], events: dict[str, list[Doc]]) -> None:
+        """Repair, in place, each document whose ledger has newer events (or no document)."""
+        for subject, evs in events.items():
+            doc = docs.get(subject)
+            if evs and (doc is None or evs[-1]["version"] > doc["version"]):
+                docs[subject] = await self.repair(subject)
+
+    async def repair(self, subject: str) -> Doc | None:
+        """Copy the newest event's state into the document; returns the document."""
+        newest = await self.ledger.find_one({"subject": subject}, sort=[("version", DESCENDING)])
+        if newest is None:
+            return await self.prescriptions.find_one({"_id": subject})
+        state = (newest.get("data") or {}).get("state")
+        if state is None:
+            log.error("repair: event %s of %s holds no state", newest["version"], subject)
+            return await self.prescriptions.find_one({"_id": subject})
+        try:
+            await self.prescriptions.replace_one(
+                {"_id": subject, "version": {"$lt": state["version"]}}, state, upsert=True
+            )
+            log.warning(
+                "repair: %s brought to version %d from the ledger", subject, state["version"]
+            )
+        except DuplicateKeyError:
+            pass  # already at (or past) that version
+        if "erased" in state:
+            await self._scrub(subject, state["version"])
+        return await self.prescriptions.find_one({"_id": subject})
+
+    async def sweep(self) -> int:
+        """Repair every document behind its ledger (at start-up). Returns how many."""
+        # A plain scan: FerretDB v1 implements no $max accumulator for $group.
+        newest: dict[str, int] = {}
+        async for d in self.ledger.find({}, {"subject": 1, "version": 1, "_id": 0}):
+            newest[d["subject"]] = max(newest.get(d["subject"], 0), d["version"])
+        current = {
+            d["_id"]: d["version"] async for d in self.prescriptions.find({}, {"version": 1})
+        }
+        behind = [s for s, v in newest.items() if current.get(s, 0) < v]
+        for subject in behind:
+            await self.repair(subject)
+        return len(behind)
+
+    # --- mutations ----------------------------------------------------------------------
+
+    async def issue(self, viewer: Viewer, fields: Doc, idempotency_key: str | None) -> Doc:
+        _allowed(viewer, "issuePrescription")
+        if idempotency_key is not None:
+            # The same key from the same prescriber names the same prescription, so a retry
+            # meets the unique (subject, version 1) index instead of filing a second one.
+            rid = (
+                "rx_"
+                + hashlib.sha256(
+                    f"issue\n{viewer.rate_key}\n{idempotency_key}".encode()
+                ).hexdigest()[:24]
+            )
+        else:
+            rid = "rx_" + str(ObjectId())
+        at = rx.now()
+        doc: Doc = {
+            "_id": rid,
+            "status": rx.Status.ISSUED.value,
+            "version": 1,
+            "salt": Binary(rx.new_salt()),
+            "prescriber": viewer.subject,
+            **fields,
+            "issuedAt": at,
+            "updatedAt": at,
+            "timestamps": {rx.Status.ISSUED.value: at},
+        }
+        payload = {k: v for k, v in fields.items()}
+        appended = await self._append(
+            doc,
+            rx.EventType.ISSUED,
+            viewer,
+            at,
+            None,
+            payload,
+            "issuePrescription",
+            idempotency_key,
+        )
+        if appended is not None:
+            return appended
+        try:
+            await self.prescriptions.insert_one(doc)
+        except DuplicateKeyError:
+            pass  # a reader repaired it from the ledger first
+        except PyMongoError as exc:
+            log.warning("issue: %s stored in the ledger, document deferred: %s", rid, exc)
+        return doc
+
+    async def transition(
+        self,
+        viewer: Viewer,
+        mutation: str,
+        rid: str,
+        expected_version: int,
+        idempotency_key: str | None,
+        args: Doc,
+    ) -> Doc:
+        _allowed(viewer, mutation)
+        doc = await self._current(viewer, rid)
+        retried = await self._retried(viewer, doc, mutation, expected_version, idempotency_key)
+        if retried is not None:
+            return retried
+        if mutation == "erasePersonalData":
+            if "erased" in doc:
+                raise Refused("IllegalTransition", "the personal data is already erased")
+            at = rx.now()
+            new = rx.erase(doc, at, viewer, args["reason"])
+            event = rx.EventType.PERSONAL_DATA_ERASED
+        else:
+            if "erased" in doc:
+                raise Refused(
+                    "IllegalTransition", "the prescription's personal data was erased; it is closed"
+                )
+            _may_act(viewer, doc, mutation)
+            step = rx.check_transition(viewer, doc, mutation)
+            at = rx.now()
+            new = rx.apply_transition(doc, step, at, args)
+            event = step.event
+        prev = bytes(doc["lastLeafHash"]) if doc.get("lastLeafHash") else None
+        replayed = await self._append(new, event, viewer, at, prev, args, mutation, idempotency_key)
+        if replayed is not None:
+            return replayed
+        try:
+            await self.prescriptions.replace_one({"_id": rid, "version": doc["version"]}, new)
+            if mutation == "erasePersonalData":
+                await self._scrub(rid, new["version"])
+        except PyMongoError as exc:
+            # The event is durable; the document catches up on the next read.
+            log.warning("%s: %s stored in the ledger, document deferred: %s", mutation, rid, exc)
+        return new
+
+    # --- internals ----------------------------------------------------------------------
+
+    async def _current(self, viewer: Viewer, rid: str) -> Doc:
+        doc = await self.prescriptions.find_one({"_id": rid})
+        if doc is None:
+            doc = await self.repair(rid)  # filed, but the document was never written
+        if doc is None or not rx.can_see(viewer, doc):
+            raise Refused("NotFound", f"no prescription {rid} that you may see")
+        return doc
+
+    async def _retried(
+        self,
+        viewer: Viewer,
+        doc: Doc,
+        mutation: str,
+        expected_version: int,
+        idempotency_key: str | None,
+    ) -> Doc | None:
+        """The current document when this request is a retry of one already stored; raises
+        VersionConflict when the expected version is stale; None to go ahead."""
+        if doc["version"] == expected_version:
+            return None
+        if idempotency_key is not None and doc["version"] > expected_version:
+            first = await self.ledger.find_one(
+                {"subject": doc["_id"], "version": expected_version + 1}, EVENT_FIELDS
+            )
+            if first is not None and _same_request(first, viewer, mutation, idempotency_key):
+                return doc
+        raise Refused(
+            "VersionConflict",
+            f"expected version {expected_version}, the prescription is at version {doc['version']}: "
+            "read it again and retry",
+        )
+
+    async def _append(
+        self,
+        doc: Doc,
+        event: rx.EventType,
+        viewer: Viewer,
+        at: dt.datetime,
+        prev: bytes | None,
+        payload: Doc,
+        mutation: str,
+        idempotency_key: str | None,
+    ) -> Doc | None:
+        """Append the event that produced `doc`. Returns None when appended; the current
+        document when an earlier identical request (same idempotency key) already did;
+        raises Refused otherwise."""
+        header = rx.header(doc, event, viewer, at, prev, payload)
+        doc["lastLeafHash"] = Binary(leaf_hash(canonical_json(header)))
+        data: Doc = {
+            "state": doc,
+            "payload": payload,
+            "mutation": mutation,
+            "actor": {"sub": viewer.subject, "role": viewer.role.value, "org": viewer.organization},
+        }
+        if idempotency_key is not None:
+            data["idem"] = idempotency_key
+        try:
+            await self.log.append(doc["_id"], doc["version"], header, data)
+        except VersionConflict:
+            current = await self.repair(doc["_id"])
+            if idempotency_key is not None and current is not None:
+                first = await self.ledger.find_one(
+                    {"subject": doc["_id"], "version": doc["version"]}, EVENT_FIELDS
+                )
+                if first is not None and _same_request(first, viewer, mutation, idempotency_key):
+                    return current
+            now_at = "unknown" if current is None else current["version"]
+            raise Refused(
+                "VersionConflict",
+                f"another change took version {doc['version']} first; the prescription is at "
+                f"version {now_at}: read it again and retry",
+            ) from None
+        except InvalidEvent as exc:
+            raise Refused("InvalidInput", str(exc)) from None
+        except LedgerUnavailable as exc:
+            raise Refused("Unavailable", str(exc)) from None
+        return None
+
+    async def _scrub(self, subject: str, erased_version: int) -> None:
+        """Remove personal copies from the events before an erasure (their leaves stay)."""
+        await self.ledger.update_many(
+            {"subject": subject, "version": {"$lt": erased_version}},
+            {"$unset": {"data.state": "", "data.payload": "", "data.actor": ""}},
+        )
+
+    # --- integrity and proofs -------------------------------------------------------------
+
+    async def event_proofs(
+        self, events: list[Doc], indices: dict[ObjectId, int], cp: SignedCheckpoint | None
+    ) -> list[EventProof]:
+        out = []
+        for event in events:
+            index = indices.get(event["_id"])
+            leaf = bytes(event["leaf"])
+            if index is None:
+                out.append(EventProof(None, None, None))
+            elif cp is not None and index < cp.size:
+                out.append(EventProof(index, await self.log.prove(index, leaf, cp), None))
+            else:
+                out.append(EventProof(index, None, self.log.receipt(index, leaf)))
+        return out
+
+    async def integrity(
+        self,
+        doc: Doc,
+        events: list[Doc],
+        indices: dict[ObjectId, int],
+        cp: SignedCheckpoint | None,
+    ) -> Integrity:
+        problem = _disagreement(doc, events)
+        if problem is not None:
+            return Integrity("TAMPERED", None, None, problem)
+        latest = events[-1]
+        index = indices.get(latest["_id"])
+        if index is None or cp is None or index >= cp.size:
+            status = "ERASED" if "erased" in doc else "PENDING"
+            detail = (
+                "the latest event is not sequenced yet"
+                if index is None
+                else f"leaf {index} is sequenced; no checkpoint covers it yet"
+            )
+            return Integrity(status, index, None, detail)
+        proof = await self.log.prove(index, bytes(latest["leaf"]), cp)
+        root = root_from_inclusion_proof(index, cp.size, proof.leaf_hash, proof.path)
+        if root != cp.root_hash:
+            return Integrity(
+                "TAMPERED", index, None, f"leaf {index} does not match checkpoint {cp.size}"
+            )
+        if "erased" in doc:
+            return Integrity("ERASED", index, proof, "personal data erased; the ledger verifies")
+        return Integrity("VERIFIED", index, proof, f"matches leaf {index} in checkpoint {cp.size}")
+
+
+def _allowed(viewer: Viewer, mutation: str) -> None:
+    roles = rx.MUTATION_ROLES[mutation]
+    if viewer.role not in roles:
+        names = ", ".join(sorted(r.value for r in roles))
+        raise Refused(
+            "Forbidden", f"{mutation} needs the role {names}; you are {viewer.role.value}"
+        )
+
+
+def _may_act(viewer: Viewer, doc: Doc, mutation: str) -> None:
+    """Beyond seeing it: the prescriber cancels only their own; a courier only what it carries."""
+    if viewer.role is Role.PRESCRIBER and doc.get("prescriber") != viewer.subject:
+        raise Refused("Forbidden", "only the prescriber who filed it may cancel it")
+    if viewer.role is Role.COURIER and doc.get("courier") != viewer.subject:
+        raise Refused("Forbidden", "only the courier it was handed to may deliver it")
+
+
+def _same_request(event: Doc, viewer: Viewer, mutation: str, key: str) -> bool:
+    data = event.get("data") or {}
+    actor = data.get("actor") or {}
+    if data.get("idem") != key or actor.get("sub") != viewer.subject:
+        return False
+    if data.get("mutation") != mutation:
+        raise Refused(
+            "InvalidInput",
+            f"idempotency key {key!r} was used for {data.get('mutation')}, not {mutation}",
+        )
+    return True
+
+
+def _disagreement(doc: Doc, events: list[Doc]) -> str | None:
+    """What in the document or its events disagrees with the ledger's leaves, if anything."""
+    if not events:
+        return "no ledger events for this prescription"
+    prev: bytes | None = None
+    for expected, event in enumerate(events, start=1):
+        header, leaf = event.get("header"), bytes(event["leaf"])
+        if event["version"] != expected:
+            return f"ledger version {expected} is missing"
+        if not isinstance(header, dict) or canonical_json(header) != leaf:
+            return f"event {expected}: its stored header differs from its leaf"
+        if header.get("subject") != doc["_id"] or header.get("version") != expected:
+            return f"event {expected}: its leaf names another subject or version"
+        if header.get("prev") != (None if prev is None else b64(prev)):
+            return f"event {expected}: the hash chain to event {expected - 1} is broken"
+        prev = leaf_hash(leaf)
+    if doc["version"] != len(events):
+        return f"document version {doc['version']}, ledger version {len(events)}"
+    last = events[-1]["header"]
+    if "erased" in doc:
+        return (
+            None
+            if last.get("type") == rx.EventType.PERSONAL_DATA_ERASED
+            else ("document marked erased, the ledger's latest event is not an erasure")
+        )
+    salt = doc.get("salt")
+    if salt is None or rx.digest(bytes(salt), rx.state_of(doc)) != last.get("stateDigest"):
+        return f"the document differs from the state digest of ledger version {len(events)}"
+    return None
+
+
+def encode_cursor(doc: Doc) -> str:
+    raw = f"{rx.timestamp(doc['issuedAt'])}|{doc['_id']}".encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    try:
+        at, _, rid = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        return dt.datetime.fromisoformat(at.replace("Z", "+00:00")), rid
+    except (ValueError, UnicodeError):
+        raise Refused(
+            "InvalidInput", f"cursor {cursor[:40]!r} is not one this API returned"
+        ) from None

@@ -1,0 +1,616 @@
+"""GraphQL types, queries and mutations for prescriptions.
+
+Expected failures of a mutation are members of its result union (NotFound, Forbidden,
+IllegalTransition, VersionConflict, InvalidInput, Unavailable), never stack traces. Reads
+check authorization on every node: a prescription the viewer may not see is null, as if
+absent, and auditors get every personal field as null.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Annotated, Any
+
+import strawberry
+from strawberry.types import Info
+
+from anchoring.encoding import b64
+from anchoring.store import Doc
+from app import prescriptions as rx
+from app.auth import Viewer
+from app.limits import ClientError
+from app.prescriptions import Refused
+from app.service import PrescriptionService, decode_cursor, encode_cursor
+from schema.ledger import InclusionProof, PageInfo, Receipt, page_size
+from schema.loaders import Loaders, Record
+
+Status = strawberry.enum(rx.Status, description="Where a prescription is in its lifecycle.")
+
+
+@strawberry.enum(description="Whether a prescription's document agrees with the ledger.")
+class IntegrityStatus(enum.Enum):
+    VERIFIED = "VERIFIED"
+    PENDING = "PENDING"
+    TAMPERED = "TAMPERED"
+    ERASED = "ERASED"
+
+
+# --- context --------------------------------------------------------------------------
+
+
+def viewer_of(info: Info) -> Viewer | None:
+    viewer: Viewer | None = info.context["viewer"]
+    return viewer
+
+
+def signed_in(info: Info) -> Viewer:
+    viewer = viewer_of(info)
+    if viewer is None:
+        raise ClientError(
+            "authentication required: send 'Authorization: Bearer <token>' "
+            "(`rxledger token --role ROLE --sub ID` mints one in development)",
+            "UNAUTHENTICATED",
+        )
+    return viewer
+
+
+def loaders(info: Info) -> Loaders:
+    found: Loaders = info.context["loaders"]
+    return found
+
+
+def service(info: Info) -> PrescriptionService:
+    found: PrescriptionService = info.context["service"]
+    return found
+
+
+# --- output types -----------------------------------------------------------------------
+
+
+@strawberry.type
+class Patient:
+    id: str
+    name: str
+
+
+@strawberry.type
+class Medication:
+    code: str
+    name: str
+    dose: str
+    quantity: int
+    instructions: str | None
+
+
+@strawberry.type(description="When the prescription reached a status.")
+class StatusTime:
+    status: Status  # type: ignore[valid-type]
+    at: dt.datetime
+
+
+@strawberry.type(description="A legal erasure of the personal data.")
+class Erasure:
+    at: dt.datetime
+    by: str
+    reason: str
+
+
+@strawberry.type(description="One ledger event of a prescription, with its proof.")
+class PrescriptionEvent:
+    type: str
+    version: int
+    actor: str
+    at: str = strawberry.field(description="RFC 3339 time recorded in the leaf")
+    leaf_index: int | None = strawberry.field(description="null until sequenced")
+    leaf: str = strawberry.field(description="base64 leaf bytes (RFC 8785 JSON header)")
+    proof: InclusionProof | None = strawberry.field(description="null until anchored")
+    receipt: Receipt | None = strawberry.field(
+        description="signed receipt while sequenced but not yet anchored"
+    )
+
+
+@strawberry.type(description="Whether the document matches the ledger, with the proof.")
+class Integrity:
+    status: IntegrityStatus
+    leaf_index: int | None = strawberry.field(description="the latest event's leaf index")
+    proof: InclusionProof | None = strawberry.field(
+        description="inclusion proof of the latest event (VERIFIED and ERASED)"
+    )
+    detail: str
+
+
+@strawberry.type(description="A prescription: its current state, history and proofs.")
+class Prescription:
+    doc: strawberry.Private[Doc]
+    hidden: strawberry.Private[bool]  # personal fields redacted for this viewer
+    known_events: strawberry.Private[list[Doc] | None] = None  # loaded on demand otherwise
+
+    async def events(self, info: Info) -> list[Doc]:
+        if self.known_events is None:
+            self.known_events = await loaders(info).events.load(self.doc["_id"])
+        return self.known_events
+
+    @strawberry.field
+    def id(self) -> strawberry.ID:
+        return strawberry.ID(self.doc["_id"])
+
+    @strawberry.field
+    def status(self) -> Status:  # type: ignore[valid-type]
+        return rx.Status(self.doc["status"])
+
+    @strawberry.field
+    def version(self) -> int:
+        return int(self.doc["version"])
+
+    @strawberry.field(description="true when personal fields are withheld (auditors, erasure)")
+    def redacted(self) -> bool:
+        return self.hidden or "erased" in self.doc
+
+    def _personal(self, field: str) -> Any:
+        return None if self.hidden else self.doc.get(field)
+
+    @strawberry.field
+    def patient(self) -> Patient | None:
+        p = self._personal("patient")
+        return None if p is None else Patient(id=p["id"], name=p["name"])
+
+    @strawberry.field
+    def medications(self) -> list[Medication] | None:
+        meds = self._personal("medications")
+        if meds is None:
+            return None
+        return [
+            Medication(
+                code=m["code"],
+                name=m["name"],
+                dose=m["dose"],
+                quantity=m["quantity"],
+                instructions=m.get("instructions"),
+            )
+            for m in meds
+        ]
+
+    @strawberry.field
+    def notes(self) -> str | None:
+        notes: str | None = self._personal("notes")
+        return notes
+
+    @strawberry.field(description="why it was cancelled or rejected")
+    def reason(self) -> str | None:
+        reason: str | None = self._personal("reason")
+        return reason
+
+    @strawberry.field
+    def prescriber(self) -> str:
+        return str(self.doc["prescriber"])
+
+    @strawberry.field
+    def department(self) -> str | None:
+        return self.doc.get("department")
+
+    @strawberry.field
+    def pharmacy(self) -> str | None:
+        return self.doc.get("pharmacy")
+
+    @strawberry.field
+    def courier(self) -> str | None:
+        return self.doc.get("courier")
+
+    @strawberry.field
+    def courier_organization(self) -> str | None:
+        return self.doc.get("courierOrganization")
+
+    @strawberry.field
+    def issued_at(self) -> dt.datetime:
+        at: dt.datetime = self.doc["issuedAt"]
+        return at
+
+    @strawberry.field
+    def updated_at(self) -> dt.datetime:
+        at: dt.datetime = self.doc["updatedAt"]
+        return at
+
+    @strawberry.field(description="when each status was reached, in lifecycle order")
+    def timeline(self) -> list[StatusTime]:
+        times = self.doc.get("timestamps", {})
+        return sorted(
+            (StatusTime(status=rx.Status(s), at=at) for s, at in times.items()),
+            key=lambda t: t.at,
+        )
+
+    @strawberry.field
+    def erased(self) -> Erasure | None:
+        e = self.doc.get("erased")
+        return None if e is None else Erasure(at=e["at"], by=e["by"], reason=e["reason"])
+
+    @strawberry.field(description="every ledger event of this prescription, oldest first")
+    async def history(self, info: Info) -> list[PrescriptionEvent]:
+        events = await self.events(info)
+        indices, cp = await _indices_and_checkpoint(loaders(info), events)
+        proofs = await service(info).event_proofs(events, indices, cp)
+        return [
+            PrescriptionEvent(
+                type=e["header"]["type"],
+                version=e["version"],
+                actor=_actor(e, self.hidden),
+                at=e["header"]["at"],
+                leaf_index=p.leaf_index,
+                leaf=b64(bytes(e["leaf"])),
+                proof=None if p.proof is None else InclusionProof.of(p.proof),
+                receipt=None if p.receipt is None else Receipt.of(p.receipt),
+            )
+            for e, p in zip(events, proofs, strict=True)
+        ]
+
+    @strawberry.field(description="does the document match the ledger, and is that anchored")
+    async def integrity(self, info: Info) -> Integrity:
+        events = await self.events(info)
+        indices, cp = await _indices_and_checkpoint(loaders(info), events[-1:])
+        result = await service(info).integrity(self.doc, events, indices, cp)
+        return Integrity(
+            status=IntegrityStatus(result.status),
+            leaf_index=result.leaf_index,
+            proof=None if result.proof is None else InclusionProof.of(result.proof),
+            detail=result.detail,
+        )
+
+
+async def _indices_and_checkpoint(ld: Loaders, events: list[Doc]) -> tuple[dict[Any, int], Any]:
+    ids = [e["_id"] for e in events]
+    found = await ld.indices.load_many(ids)
+    cp = await ld.checkpoint()
+    return {e: i for e, i in zip(ids, found, strict=True) if i is not None}, cp
+
+
+def _actor(event: Doc, hidden: bool) -> str:
+    actor = (event.get("data") or {}).get("actor")
+    if hidden or not actor:
+        return str(event["header"]["actor"])
+    return f"{actor['role']}:{actor['sub']}"
+
+
+def present(info: Info, record: Record | None) -> Prescription | None:
+    """The prescription as this viewer may see it (None when they may not)."""
+    viewer = viewer_of(info)
+    if record is None or viewer is None or not rx.can_see(viewer, record.doc):
+        return None
+    return Prescription(doc=record.doc, hidden=rx.redacted(viewer), known_events=record.events)
+
+
+@strawberry.type
+class PrescriptionEdge:
+    cursor: str
+    node: Prescription
+
+
+@strawberry.type
+class PrescriptionConnection:
+    edges: list[PrescriptionEdge]
+    page_info: PageInfo
+
+
+@strawberry.input(description="All given conditions must hold.")
+class PrescriptionFilter:
+    status: list[Status] | None = None  # type: ignore[valid-type]
+    patient_id: str | None = None
+    prescriber: str | None = None
+    pharmacy: str | None = None
+    issued_after: dt.datetime | None = None
+    issued_before: dt.datetime | None = None
+
+
+def _query(viewer: Viewer, f: PrescriptionFilter | None) -> Doc:
+    visible = rx.visibility_filter(viewer)
+    if visible is None:
+        raise ClientError(
+            f"a {viewer.role.value} token needs an 'org' claim to see prescriptions", "FORBIDDEN"
+        )
+    conditions = [visible] if visible else []
+    if f is not None:
+        if f.patient_id is not None and rx.redacted(viewer):
+            raise ClientError("auditors cannot filter by patient", "FORBIDDEN")
+        if f.status:
+            conditions.append({"status": {"$in": [rx.Status(s).value for s in f.status]}})
+        for field, value in (
+            ("patient.id", f.patient_id),
+            ("prescriber", f.prescriber),
+            ("pharmacy", f.pharmacy),
+        ):
+            if value is not None:
+                conditions.append({field: value})
+        if f.issued_after is not None:
+            conditions.append({"issuedAt": {"$gte": f.issued_after}})
+        if f.issued_before is not None:
+            conditions.append({"issuedAt": {"$lt": f.issued_before}})
+    if not conditions:
+        return {}
+    return conditions[0] if len(conditions) == 1 else {"$and": conditions}
+
+
+@strawberry.type
+class PrescriptionQueries:
+    @strawberry.field(description="a prescription by id; null when absent or not yours to see")
+    async def prescription(self, info: Info, id: strawberry.ID) -> Prescription | None:
+        signed_in(info)
+        return present(info, await loaders(info).records.load(str(id)))
+
+    @strawberry.field(description="prescriptions you may see, in issue order")
+    async def prescriptions(
+        self,
+        info: Info,
+        filter: PrescriptionFilter | None = None,
+        first: int = 20,
+        after: str | None = None,
+    ) -> PrescriptionConnection:
+        viewer = signed_in(info)
+        first = page_size(info, first)
+        try:
+            cursor = None if after is None else decode_cursor(after)
+        except Refused as exc:
+            raise ClientError(exc.message, "BAD_USER_INPUT") from None
+        docs, more = await service(info).page(_query(viewer, filter), first, cursor)
+        records = await loaders(info).page(docs)
+        edges = []
+        for record in records:
+            node = present(info, record)
+            if node is not None:
+                edges.append(PrescriptionEdge(cursor=encode_cursor(record.doc), node=node))
+        return PrescriptionConnection(
+            edges=edges,
+            page_info=PageInfo(
+                has_next_page=more, end_cursor=encode_cursor(docs[-1]) if docs else None
+            ),
+        )
+
+
+# --- mutations ------------------------------------------------------------------------
+
+
+@strawberry.interface(description="An expected failure of a mutation.")
+class Error:
+    message: str
+
+
+@strawberry.type(description="No such prescription, or not one you may see.")
+class NotFound(Error):
+    pass
+
+
+@strawberry.type(description="Your role or organization may not do this.")
+class Forbidden(Error):
+    pass
+
+
+@strawberry.type(description="The prescription's status does not allow this step.")
+class IllegalTransition(Error):
+    pass
+
+
+@strawberry.type(description="expectedVersion is stale: read the prescription again.")
+class VersionConflict(Error):
+    pass
+
+
+@strawberry.type(description="An argument is missing, too long or malformed.")
+class InvalidInput(Error):
+    pass
+
+
+@strawberry.type(
+    description="The database is unreachable; nothing was acknowledged. Retry with the same "
+    "idempotencyKey: a retry never records the step twice."
+)
+class Unavailable(Error):
+    pass
+
+
+ERRORS = {
+    cls.__name__: cls
+    for cls in (NotFound, Forbidden, IllegalTransition, VersionConflict, InvalidInput, Unavailable)
+}
+
+PrescriptionResult = Annotated[
+    Prescription
+    | NotFound
+    | Forbidden
+    | IllegalTransition
+    | VersionConflict
+    | InvalidInput
+    | Unavailable,
+    strawberry.union("PrescriptionResult"),
+]
+
+
+@strawberry.input
+class PatientInput:
+    id: str
+    name: str
+
+
+@strawberry.input
+class MedicationInput:
+    code: str
+    name: str
+    dose: str
+    quantity: int
+    instructions: str | None = None
+
+
+@strawberry.input
+class IssuePrescriptionInput:
+    patient: PatientInput
+    medications: list[MedicationInput]
+    pharmacy: str = strawberry.field(description="the pharmacy (organization id) to dispense it")
+    department: str | None = strawberry.field(
+        default=None, description="defaults to the prescriber token's 'org' claim"
+    )
+    notes: str | None = None
+
+
+async def _run(info: Info, mutation: str, action: Any) -> Any:
+    """Run a mutation, turning expected refusals into their union member."""
+    metrics = info.context.get("metrics")
+    try:
+        viewer = viewer_of(info)
+        if viewer is None:
+            raise Refused(
+                "Forbidden",
+                "authentication required: send 'Authorization: Bearer <token>' "
+                "(`rxledger token --role ROLE --sub ID` mints one in development)",
+            )
+        doc = await action(viewer)
+        loaders(info).forget_events(doc["_id"])  # this request may have read the old ones
+        result: Any = Prescription(doc=doc, hidden=rx.redacted(viewer))
+    except Refused as exc:
+        result = ERRORS[exc.kind](message=exc.message)
+    if metrics is not None:
+        metrics.count_mutation(mutation, type(result).__name__)
+    return result
+
+
+def _key(key: str | None) -> str | None:
+    return None if key is None else rx.text(key, "idempotencyKey")
+
+
+@strawberry.type
+class Mutation:
+    @strawberry.mutation(description="PRESCRIBER: file a prescription (status ISSUED)")
+    async def issue_prescription(
+        self, info: Info, input: IssuePrescriptionInput, idempotency_key: str | None = None
+    ) -> PrescriptionResult:
+        async def act(viewer: Viewer) -> Doc:
+            fields = rx.issue_fields(
+                input.patient.id,
+                input.patient.name,
+                input.department or viewer.organization,
+                input.pharmacy,
+                [vars(m) for m in input.medications],
+                input.notes,
+            )
+            return await service(info).issue(viewer, fields, _key(idempotency_key))
+
+        return await _run(info, "issuePrescription", act)  # type: ignore[no-any-return]
+
+    @strawberry.mutation(description="PRESCRIBER who filed it: ISSUED → CANCELLED")
+    async def cancel_prescription(
+        self,
+        info: Info,
+        id: strawberry.ID,
+        expected_version: int,
+        reason: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> PrescriptionResult:
+        args = {"reason": reason} if reason else {}
+        return await _transition(
+            info, "cancelPrescription", id, expected_version, idempotency_key, args
+        )
+
+    @strawberry.mutation(description="PHARMACIST of its pharmacy: ISSUED → REJECTED, with a reason")
+    async def reject_prescription(
+        self,
+        info: Info,
+        id: strawberry.ID,
+        expected_version: int,
+        reason: str,
+        idempotency_key: str | None = None,
+    ) -> PrescriptionResult:
+        return await _transition(
+            info, "rejectPrescription", id, expected_version, idempotency_key, {"reason": reason}
+        )
+
+    @strawberry.mutation(description="PHARMACIST of its pharmacy: ISSUED → DISPENSED")
+    async def dispense_prescription(
+        self,
+        info: Info,
+        id: strawberry.ID,
+        expected_version: int,
+        idempotency_key: str | None = None,
+    ) -> PrescriptionResult:
+        return await _transition(
+            info, "dispensePrescription", id, expected_version, idempotency_key, {}
+        )
+
+    @strawberry.mutation(
+        description="PHARMACIST of its pharmacy: DISPENSED → IN_TRANSIT with a courier"
+    )
+    async def hand_to_courier(
+        self,
+        info: Info,
+        id: strawberry.ID,
+        expected_version: int,
+        courier: str,
+        courier_organization: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> PrescriptionResult:
+        args = {"courier": courier, "courierOrganization": courier_organization}
+        return await _transition(info, "handToCourier", id, expected_version, idempotency_key, args)
+
+    @strawberry.mutation(
+        description="COURIER it was handed to: IN_TRANSIT → DELIVERED; or PHARMACIST of its "
+        "pharmacy for a pick-up: DISPENSED → DELIVERED"
+    )
+    async def deliver_prescription(
+        self,
+        info: Info,
+        id: strawberry.ID,
+        expected_version: int,
+        idempotency_key: str | None = None,
+    ) -> PrescriptionResult:
+        return await _transition(
+            info, "deliverPrescription", id, expected_version, idempotency_key, {}
+        )
+
+    @strawberry.mutation(description="the PATIENT it belongs to: DELIVERED → CONFIRMED")
+    async def confirm_receipt(
+        self,
+        info: Info,
+        id: strawberry.ID,
+        expected_version: int,
+        idempotency_key: str | None = None,
+    ) -> PrescriptionResult:
+        return await _transition(info, "confirmReceipt", id, expected_version, idempotency_key, {})
+
+    @strawberry.mutation(
+        description="ADMIN: erase the personal data and salt for a legal request; the ledger "
+        "and every proof stay verifiable and integrity reports ERASED"
+    )
+    async def erase_personal_data(
+        self,
+        info: Info,
+        id: strawberry.ID,
+        expected_version: int,
+        reason: str,
+        idempotency_key: str | None = None,
+    ) -> PrescriptionResult:
+        return await _transition(
+            info, "erasePersonalData", id, expected_version, idempotency_key, {"reason": reason}
+        )
+
+
+async def _transition(
+    info: Info,
+    mutation: str,
+    rid: strawberry.ID,
+    expected_version: int,
+    idempotency_key: str | None,
+    args: dict[str, Any],
+) -> Any:
+    async def act(viewer: Viewer) -> Doc:
+        checked = dict(args)
+        for field in ("reason", "courier", "courierOrganization"):
+            if field in checked:
+                required = field != "courierOrganization" and not (
+                    field == "reason" and mutation == "cancelPrescription"
+                )
+                checked[field] = rx.text(checked[field], field, required=required)
+        checked = {k: v for k, v in checked.items() if v is not None}
+        if expected_version < 1:
+            raise Refused(
+                "InvalidInput", f"expectedVersion is {expected_version}; versions start at 1"
+            )
+        return await service(info).transition(
+            viewer, mutation, str(rid), expected_version, _key(idempotency_key), checked
+        )
+
+    return await _run(info, mutation, act)
