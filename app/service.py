@@ -193,12 +193,7 @@ class PrescriptionService:
         )
         if appended is not None:
             return appended
-        try:
-            await self.prescriptions.insert_one(doc)
-        except DuplicateKeyError:
-            pass  # a reader repaired it from the ledger first
-        except PyMongoError as exc:
-            log.warning("issue: %s stored in the ledger, document deferred: %s", rid, exc)
+        await self._store(doc, None)
         return doc
 
     async def transition(
@@ -235,13 +230,7 @@ class PrescriptionService:
         replayed = await self._append(new, event, viewer, at, prev, args, mutation, idempotency_key)
         if replayed is not None:
             return replayed
-        try:
-            await self.prescriptions.replace_one({"_id": rid, "version": doc["version"]}, new)
-            if mutation == "erasePersonalData":
-                await self._scrub(rid, new["version"])
-        except PyMongoError as exc:
-            # The event is durable; the document catches up on the next read.
-            log.warning("%s: %s stored in the ledger, document deferred: %s", mutation, rid, exc)
+        await self._store(new, doc["version"])
         return new
 
     # --- internals ----------------------------------------------------------------------
@@ -323,6 +312,23 @@ class PrescriptionService:
         except LedgerUnavailable as exc:
             raise Refused("Unavailable", str(exc)) from None
         return None
+
+    async def _store(self, doc: Doc, previous_version: int | None) -> None:
+        """Project an appended event into the document (the step after the append). A failure
+        here loses nothing: the event is durable and the next read repairs the document."""
+        try:
+            if previous_version is None:
+                await self.prescriptions.insert_one(doc)
+            else:
+                await self.prescriptions.replace_one(
+                    {"_id": doc["_id"], "version": previous_version}, doc
+                )
+            if "erased" in doc:
+                await self._scrub(doc["_id"], doc["version"])
+        except DuplicateKeyError:
+            pass  # a reader repaired it from the ledger first
+        except PyMongoError as exc:
+            log.warning("%s stored in the ledger, document deferred: %s", doc["_id"], exc)
 
     async def _scrub(self, subject: str, erased_version: int) -> None:
         """Remove personal copies from the events before an erasure (their leaves stay)."""

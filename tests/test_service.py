@@ -1,0 +1,204 @@
+"""The prescription service and schema in process, against the real server: repairs after a
+crash between append and document update, and batched reads (DataLoaders)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient, monitoring
+
+from anchoring.anchorer import AnchorSettings
+from anchoring.log import LogSettings, TransparencyLog
+from anchoring.store import Doc, LogStore
+from app.auth import Role, Viewer
+from app.prescriptions import Refused
+from app.service import PrescriptionService
+from schema.loaders import Loaders
+from schema.root import make_schema
+
+PRESCRIBER = Viewer("dr-zhang", Role.PRESCRIBER, "cardiology")
+PHARMACIST = Viewer("ph-anna", Role.PHARMACIST, "ph-1")
+AUDITOR = Viewer("aud-1", Role.AUDITOR, None)
+
+
+def fields(patient: str = "p-1") -> Doc:
+    return {
+        "patient": {"id": patient, "name": "Ana Lima"},
+        "department": "cardiology",
+        "pharmacy": "ph-1",
+        "medications": [
+            {"code": "N02BE01", "name": "Paracetamol", "dose": "500 mg", "quantity": 20}
+        ],
+    }
+
+
+class CrashAfterAppend(PrescriptionService):
+    """A service whose process dies right after the ledger append: the document update never
+    happens."""
+
+    async def _store(self, doc: Doc, previous_version: int | None) -> None:
+        return None
+
+
+class Counter(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.commands: list[tuple[str, str]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        name = event.command_name
+        if name not in ("getMore", "endSessions"):  # a cursor's next batch is the same query
+            self.commands.append((name, str(event.command.get(name))))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+@pytest.fixture
+async def tlog(store: LogStore, signer) -> AsyncIterator[TransparencyLog]:
+    log = TransparencyLog(store, signer, LogSettings(anchor=AnchorSettings(interval=0.05)))
+    await log.start()
+    yield log
+    await log.stop()
+
+
+@pytest.fixture
+def service(tlog: TransparencyLog, client, db_name) -> PrescriptionService:
+    return PrescriptionService(tlog, client[db_name]["prescriptions"])
+
+
+async def test_a_crash_after_the_append_is_repaired_on_the_next_read(tlog, client, db_name):
+    crashed = CrashAfterAppend(tlog, client[db_name]["prescriptions"])
+    service = PrescriptionService(tlog, client[db_name]["prescriptions"])
+    doc = await service.issue(PRESCRIBER, fields(), None)
+    await crashed.transition(PHARMACIST, "dispensePrescription", doc["_id"], 1, None, {})
+    stored = await service.prescriptions.find_one({"_id": doc["_id"]})
+    assert stored["version"] == 1  # the crash left the document behind its ledger
+
+    docs: dict[str, Any] = await service.documents([doc["_id"]])
+    await service.up_to_date(docs, await service.events([doc["_id"]]))
+    assert docs[doc["_id"]]["status"] == "DISPENSED"
+    assert (await service.prescriptions.find_one({"_id": doc["_id"]}))["version"] == 2
+
+
+async def test_a_crash_before_the_first_document_write_is_repaired_by_the_next_mutation(
+    tlog, client, db_name
+):
+    crashed = CrashAfterAppend(tlog, client[db_name]["prescriptions"])
+    service = PrescriptionService(tlog, client[db_name]["prescriptions"])
+    doc = await crashed.issue(PRESCRIBER, fields(), None)
+    assert await service.prescriptions.find_one({"_id": doc["_id"]}) is None
+    dispensed = await service.transition(
+        PHARMACIST, "dispensePrescription", doc["_id"], 1, None, {}
+    )
+    assert dispensed["version"] == 2 and dispensed["status"] == "DISPENSED"
+
+
+async def test_a_mutation_on_a_document_behind_its_ledger_is_a_conflict_then_repaired(
+    tlog, client, db_name
+):
+    crashed = CrashAfterAppend(tlog, client[db_name]["prescriptions"])
+    service = PrescriptionService(tlog, client[db_name]["prescriptions"])
+    doc = await service.issue(PRESCRIBER, fields(), None)
+    await crashed.transition(PHARMACIST, "dispensePrescription", doc["_id"], 1, None, {})
+    # The caller read version 1 from the stale document; the ledger already holds version 2.
+    with pytest.raises(Refused) as refused:
+        await service.transition(
+            PHARMACIST, "rejectPrescription", doc["_id"], 1, None, {"reason": "x"}
+        )
+    assert refused.value.kind == "VersionConflict"
+    assert "version 2" in refused.value.message
+    assert (await service.prescriptions.find_one({"_id": doc["_id"]}))["status"] == "DISPENSED"
+
+
+async def test_the_start_up_sweep_repairs_every_document_behind_its_ledger(tlog, client, db_name):
+    crashed = CrashAfterAppend(tlog, client[db_name]["prescriptions"])
+    service = PrescriptionService(tlog, client[db_name]["prescriptions"])
+    ids = [(await service.issue(PRESCRIBER, fields(f"p-{i}"), None))["_id"] for i in range(3)]
+    for rid in ids[:2]:
+        await crashed.transition(PHARMACIST, "dispensePrescription", rid, 1, None, {})
+    lost = await crashed.issue(PRESCRIBER, fields("p-9"), None)
+
+    assert await service.sweep() == 3
+    statuses = {d["_id"]: d["status"] async for d in service.prescriptions.find({})}
+    assert statuses == {
+        ids[0]: "DISPENSED",
+        ids[1]: "DISPENSED",
+        ids[2]: "ISSUED",
+        lost["_id"]: "ISSUED",
+    }
+    assert await service.sweep() == 0
+
+
+LIST = """
+query($first: Int!) {
+  prescriptions(first: $first) {
+    edges { node {
+      id status version
+      history { type leafIndex leaf proof { leafIndex treeSize path checkpoint { note } } receipt { note } }
+      integrity { status leafIndex proof { path } }
+    } }
+  }
+}
+"""
+
+
+async def _list_commands(
+    mongo_uri: str, db_name: str, tlog: TransparencyLog, first: int
+) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    counter = Counter()
+    counted: AsyncMongoClient[Doc] = AsyncMongoClient(
+        mongo_uri, tz_aware=True, event_listeners=[counter]
+    )
+    try:
+        service = PrescriptionService(tlog, counted[db_name]["prescriptions"])
+        service.ledger = counted[db_name]["ledger"]
+        log = TransparencyLog(
+            LogStore(counted[db_name], tlog.store.origin), tlog.signer, tlog.settings
+        )
+        # The reading process knows the leaf indices and tiles already (as a warm gateway does).
+        log._indices = tlog._indices
+        log.reader = tlog.reader
+        context = {
+            "log": log,
+            "service": service,
+            "viewer": AUDITOR,
+            "loaders": Loaders(service, log),
+            "max_page": 100,
+            "metrics": None,
+        }
+        counter.commands.clear()
+        result = await make_schema().execute(LIST, {"first": first}, context_value=context)
+        assert result.errors is None, result.errors
+        return counter.commands, result.data or {}
+    finally:
+        await counted.close()
+
+
+async def test_listing_a_hundred_prescriptions_with_history_and_proofs_costs_a_handful_of_queries(
+    tlog, service, mongo_uri, db_name
+):
+    ids = []
+    for i in range(100):
+        ids.append((await service.issue(PRESCRIBER, fields(f"p-{i}"), None))["_id"])
+    await asyncio.gather(
+        *(service.transition(PHARMACIST, "dispensePrescription", r, 1, None, {}) for r in ids)
+    )
+    await tlog.wait_anchored(200, timeout=30)
+
+    few, few_data = await _list_commands(mongo_uri, db_name, tlog, 10)
+    many, data = await _list_commands(mongo_uri, db_name, tlog, 100)
+
+    nodes = [e["node"] for e in data["prescriptions"]["edges"]]
+    assert len(nodes) == 100
+    assert all(n["integrity"]["status"] == "VERIFIED" for n in nodes)
+    assert all(len(n["history"]) == 2 and n["history"][1]["proof"] for n in nodes)
+    # 100 prescriptions, 200 events and 300 proofs: the same few queries as for 10.
+    assert len(many) <= 5, many
+    assert len(many) == len(few), (few, many)
+    assert len(few_data["prescriptions"]["edges"]) == 10
