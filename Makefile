@@ -67,8 +67,8 @@ lint: venv ## ruff check and ruff format --check
 schema: venv ## regenerate schema.graphql (the SDL) from the code
 	$(VENV)/bin/rxledger schema > schema.graphql
 
-typecheck: venv ## mypy (strict) on anchoring/
-	$(VENV)/bin/mypy anchoring
+typecheck: venv ## mypy (strict) on anchoring/, app/ and schema/
+	$(VENV)/bin/mypy anchoring app schema
 
 # FerretDB is built first so that its (one-time, minutes-long) build shows its progress instead of
 # happening silently inside pytest. Tests start and stop their own server on a free port, or use

@@ -337,13 +337,13 @@ def text(value: Any, field: str, *, required: bool = True) -> str | None:
         return None
     if not isinstance(value, str):
         raise Refused("InvalidInput", f"{field} must be a string")
-    value = value.strip()
+    stripped: str = value.strip()
     limit = LIMITS[field.rsplit(".", 1)[-1] if field.startswith("medications") else field]
-    if len(value) > limit:
-        raise Refused("InvalidInput", f"{field} has {len(value)} characters, at most {limit}")
-    if any(ord(c) < 0x20 and c not in "\n\t" for c in value):
+    if len(stripped) > limit:
+        raise Refused("InvalidInput", f"{field} has {len(stripped)} characters, at most {limit}")
+    if any(ord(c) < 0x20 and c not in "\n\t" for c in stripped):
         raise Refused("InvalidInput", f"{field} contains control characters")
-    return value
+    return stripped
 
 
 def issue_fields(

@@ -490,7 +490,7 @@ class Mutation:
             )
             return await service(info).issue(viewer, fields, _key(idempotency_key))
 
-        return await _run(info, "issuePrescription", act)  # type: ignore[no-any-return]
+        return await _run(info, "issuePrescription", act)
 
     @strawberry.mutation(description="PRESCRIBER who filed it: ISSUED → CANCELLED")
     async def cancel_prescription(
