@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -132,6 +133,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             await tlog.store.db.command("ping")
             queued = await tlog.store.pending.count_documents(INTENTS)
+            oldest = await tlog.store.pending.find_one(
+                INTENTS, {"queuedAt": 1}, sort=[("queuedAt", 1)]
+            )
         except PyMongoError as exc:
             return JSONResponse(
                 {"status": "unavailable", "database": f"unreachable: {type(exc).__name__}"},
@@ -143,6 +147,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             "sequencerLeader": tlog.sequencer.is_leader,
             "treeSize": await tlog.published_size(),
             "queuedGroups": queued,
+            # How long the oldest unsequenced append has waited: the sequencer's lag.
+            "sequencerLagSeconds": 0.0
+            if oldest is None
+            else round((dt.datetime.now(dt.UTC) - oldest["queuedAt"]).total_seconds(), 3),
             "sequencerError": tlog.sequencer.last_error,
             "anchorError": tlog.anchor_error,
         }

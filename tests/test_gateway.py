@@ -142,6 +142,7 @@ def test_health_and_readiness_report_the_sequencer(gateway):
     assert (
         ready["status"] == "ok" and ready["database"] == "ok" and ready["sequencerLeader"] is True
     )
+    assert ready["queuedGroups"] == 0 and ready["sequencerLagSeconds"] == 0.0
 
 
 def test_bad_requests_get_clear_errors_not_tracebacks(gateway):
