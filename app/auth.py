@@ -54,7 +54,7 @@ import math
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +101,8 @@ class Viewer:
     subject: str
     role: Role
     organization: str | None
+    # The token's `exp` (Unix time): long-lived streams end there. Not part of who the viewer is.
+    expires_at: float | None = field(default=None, compare=False)
 
     @property
     def rate_key(self) -> str:
@@ -411,7 +413,12 @@ def _viewer(claims: dict[str, Any]) -> Viewer:
     organization = claims.get("org")
     if organization is not None and not isinstance(organization, str):
         raise AuthError("token organization (org) must be a string")
-    return Viewer(subject=subject, role=Role[role], organization=organization or None)
+    return Viewer(
+        subject=subject,
+        role=Role[role],
+        organization=organization or None,
+        expires_at=float(claims["exp"]),
+    )
 
 
 def load_private_key_pem(pem: bytes) -> PrivateKey:

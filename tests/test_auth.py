@@ -138,6 +138,12 @@ def test_eddsa_token_signed_by_a_configured_key_yields_its_viewer(tmp_path: Path
     assert viewer.rate_key == "PHARMACIST:ph-li"
 
 
+def test_the_viewer_carries_the_tokens_expiry(tmp_path: Path) -> None:
+    exp = int(time.time()) + 123
+    viewer = auth(tmp_path, ED_KEY).authenticate(bearer(signed(claims(exp=exp))))
+    assert viewer is not None and viewer.expires_at == exp
+
+
 def test_rs256_token_signed_by_a_configured_key_is_accepted(tmp_path: Path) -> None:
     token = mint_token(role="COURIER", subject="c-9", key_pem=private_pem(RSA_KEY))
     assert jwt.get_unverified_header(token)["alg"] == "RS256"
