@@ -105,7 +105,9 @@ def group_events(doc: Doc) -> list[Doc]:
     return events
 
 
-def make_event(subject: Any, version: Any, header: Any, data: Any = None) -> tuple[Doc, Appended]:
+def make_event(
+    subject: Any, version: Any, header: Any, data: Any = None, event_id: ObjectId | None = None
+) -> tuple[Doc, Appended]:
     """Validate an event and build its ledger document. Raises InvalidEvent.
 
     `header` becomes the leaf (canonical JSON); `data` is the application's own record of the
@@ -139,7 +141,7 @@ def make_event(subject: Any, version: Any, header: Any, data: Any = None) -> tup
         bson.encode({"subject": subject, "header": header, "data": data})
     except (bson.errors.InvalidDocument, UnicodeEncodeError, OverflowError) as exc:
         raise InvalidEvent(f"the event cannot be stored as BSON: {exc}") from exc
-    event_id = ObjectId()
+    event_id = event_id or ObjectId()
     doc = {
         "_id": event_id,
         "subject": subject,
@@ -176,10 +178,11 @@ class Ledger:
         version: int,
         header: dict[str, Any],
         data: dict[str, Any] | None = None,
+        event_id: ObjectId | None = None,
     ) -> Appended:
         if self._closed:
             raise LedgerUnavailable("the log is shut down; the event was not stored")
-        doc, appended = make_event(subject, version, header, data)
+        doc, appended = make_event(subject, version, header, data, event_id)
         future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
         self._queue.append((doc, appended, future))
         self._wakeup.set()

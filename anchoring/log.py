@@ -23,6 +23,7 @@ from anchoring.proofs import consistency_proof, inclusion_proof
 from anchoring.receipt import Receipt, sign_receipt
 from anchoring.sequencer import Sequencer, SequencerSettings
 from anchoring.store import Doc, LogStore
+from anchoring.tail import LogTail, Sequenced
 from anchoring.tiles import TileReader
 
 log = logging.getLogger("rxledger.log")
@@ -75,6 +76,10 @@ class TransparencyLog:
         self._indices: OrderedDict[ObjectId, int] = OrderedDict()
         self._indices_max = 200_000
         self.sequencer.on_publish.append(self._remember_indices)
+        self.tail = LogTail(store)
+        self.tail.listeners.append(self._remember_sequenced)
+        self.sequencer.on_publish.append(lambda size, root, events: self.tail.wake())
+        self._tail_task: asyncio.Task[None] | None = None
         self._latest: tuple[float, SignedCheckpoint | None] = (0.0, None)
 
     @property
@@ -92,9 +97,13 @@ class TransparencyLog:
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    async def start(self, sequence: bool = True) -> None:
-        """Start sequencing in the background. Needs no database yet: the sequencer creates
-        the indexes when it first takes the lease, and retries while the database is away."""
+    async def start(self, sequence: bool = True, follow: bool = True) -> None:
+        """Start sequencing (and following the log) in the background. Needs no database yet:
+        the sequencer creates the indexes when it first takes the lease, and both retry while
+        the database is away."""
+        if follow:
+            self._stopping.clear()
+            self._tail_task = asyncio.create_task(self.tail.run(self._stopping), name="tail")
         if sequence:
             self._stopping.clear()
             self._task = asyncio.create_task(
@@ -107,6 +116,9 @@ class TransparencyLog:
         if self._task is not None:
             await self._task
             self._task = None
+        if self._tail_task is not None:
+            await self._tail_task
+            self._tail_task = None
 
     async def _after_batch(self) -> None:
         if self._anchor_epoch != self.sequencer.epoch:
@@ -122,6 +134,7 @@ class TransparencyLog:
             return
         self.anchor_error = None
         await self.sequencer.fenced_update({"checkpointSize": cp.size})
+        self.tail.wake()
 
     # --- writes -------------------------------------------------------------------------
 
@@ -131,8 +144,10 @@ class TransparencyLog:
         version: int,
         header: dict[str, Any],
         data: dict[str, Any] | None = None,
+        event_id: ObjectId | None = None,
     ) -> Appended:
-        return await self.ledger.append(subject, version, header, data)
+        """Append an event; `event_id` may be chosen by the caller (default: a new ObjectId)."""
+        return await self.ledger.append(subject, version, header, data, event_id)
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -164,6 +179,10 @@ class TransparencyLog:
         first = size - len(events)
         for i, event_id in enumerate(events):
             self._remember_index(event_id, first + i)
+
+    def _remember_sequenced(self, batch: list[Sequenced]) -> None:
+        for entry in batch:
+            self._remember_index(entry.event_id, entry.index)
 
     def _remember_index(self, event_id: ObjectId, index: int) -> None:
         self._indices[event_id] = index

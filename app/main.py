@@ -22,6 +22,7 @@ from strawberry.asgi import GraphQL
 from anchoring.sequencer import INTENTS
 from app.auth import Authenticator, AuthError, AuthSettings
 from app.db import make_client, make_log
+from app.feed import PrescriptionFeed
 from app.limits import BodySizeLimit, LimitSettings, RateLimiter, graphql_extensions
 from app.metrics import Metrics, MetricsMiddleware
 from app.service import PrescriptionService
@@ -51,7 +52,7 @@ class GraphQLApp(GraphQL[dict[str, Any], None]):
             "service": state.service,
             "metrics": state.metrics,
             "viewer": request.scope.get("state", {}).get("viewer"),
-            "loaders": Loaders(state.service, state.log),
+            "loaders": Loaders(state.service, state.log, state.feed),
             "max_page": self.max_page,
         }
 
@@ -106,6 +107,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         service = PrescriptionService(tlog, client[settings.database]["prescriptions"])
         app.state.log = tlog
         app.state.service = service
+        app.state.feed = PrescriptionFeed(tlog)
         app.state.metrics = metrics
         metrics.set_ledger_probe(lambda: _probe(tlog))
         await tlog.start()

@@ -183,6 +183,11 @@ def actor_ref(viewer: Viewer) -> str:
     return f"{viewer.role.value}:{viewer.subject}"
 
 
+def actor_record(viewer: Viewer) -> dict[str, Any]:
+    """Who acted, as the application keeps it (beside the leaf; erased with personal data)."""
+    return {"sub": viewer.subject, "role": viewer.role.value, "org": viewer.organization}
+
+
 def header(
     doc: dict[str, Any],
     event: EventType,
@@ -302,6 +307,11 @@ def apply_transition(
 def erase(doc: dict[str, Any], at: dt.datetime, viewer: Viewer, reason: str) -> dict[str, Any]:
     """The document after a legal erasure: no personal fields, no salt."""
     new = {k: v for k, v in doc.items() if k not in PERSONAL_FIELDS and k != "salt"}
+    # Who acted stays as the leaves say it (a patient only as PATIENT).
+    new["events"] = [
+        {**e, "actor": {"role": e["actor"]["role"]}} if e.get("actor") else e
+        for e in doc.get("events", [])
+    ]
     new["version"] = doc["version"] + 1
     new["updatedAt"] = at
     new["erased"] = {"at": at, "by": actor_ref(viewer), "reason": reason}

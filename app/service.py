@@ -4,8 +4,15 @@ document; reads repair documents that lag behind their events.
 Events are the truth. Each ledger event carries, beside its leaf header, the application's
 record of it (`data`: the whole document after the event, the request's payload, the actor and
 the idempotency key). A process that dies between the append and the document update leaves a
-document one version behind its events; the next read, the next mutation (which then meets a
-version conflict) or the sweep at start-up copies the newest event's state into the document.
+document one version behind its events; the next read (the process's log tail knows the newest
+sequenced version of every prescription changed since it started), the next mutation (which
+then meets a version conflict) or the sweep at start-up copies the newest event's state into
+the document.
+
+The document keeps a copy of its events (`events`: id, version, type, time, actor and leaf
+bytes), so a read costs one query on servers where every query scans. Integrity does not trust
+that copy: it checks the hash chain of the leaves, the state digest of the newest one, and the
+newest leaf's inclusion proof against the signed checkpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 
@@ -35,16 +43,8 @@ from app.prescriptions import Refused
 
 log = logging.getLogger("rxledger.service")
 
-# What a read needs of an event (the state and payload copies are only read for repairs).
-EVENT_FIELDS = {
-    "subject": 1,
-    "version": 1,
-    "header": 1,
-    "leaf": 1,
-    "data.actor": 1,
-    "data.mutation": 1,
-    "data.idem": 1,
-}
+# What telling a retried request from a new one needs of a ledger event.
+REQUEST_FIELDS = {"data.actor": 1, "data.mutation": 1, "data.idem": 1}
 
 
 @dataclass(frozen=True)
@@ -80,16 +80,6 @@ class PrescriptionService:
     async def documents(self, ids: list[str]) -> dict[str, Doc]:
         return {d["_id"]: d async for d in self.prescriptions.find({"_id": {"$in": ids}})}
 
-    async def events(self, subjects: list[str]) -> dict[str, list[Doc]]:
-        """The ledger events of each subject, in version order (one query)."""
-        found: dict[str, list[Doc]] = {s: [] for s in subjects}
-        cursor = self.ledger.find({"subject": {"$in": subjects}}, EVENT_FIELDS)
-        async for doc in cursor:
-            found[doc["subject"]].append(doc)
-        for events in found.values():
-            events.sort(key=lambda e: e["version"])
-        return found
-
     async def page(
         self, query: Doc, first: int, after: tuple[dt.datetime, str] | None
     ) -> tuple[list[Doc], bool]:
@@ -110,11 +100,11 @@ class PrescriptionService:
         docs = [d async for d in cursor]
         return docs[:first], len(docs) > first
 
-    async def up_to_date(self, docs: dict[str, Doc | None], events: dict[str, list[Doc]]) -> None:
-        """Repair, in place, each document whose ledger has newer events (or no document)."""
-        for subject, evs in events.items():
+    async def up_to_date(self, docs: dict[str, Doc | None], newest: dict[str, int]) -> None:
+        """Repair, in place, each document behind the newest version known to be sequenced."""
+        for subject, version in newest.items():
             doc = docs.get(subject)
-            if evs and (doc is None or evs[-1]["version"] > doc["version"]):
+            if doc is None or doc["version"] < version:
                 docs[subject] = await self.repair(subject)
 
     async def repair(self, subject: str) -> Doc | None:
@@ -257,7 +247,7 @@ class PrescriptionService:
             return None
         if idempotency_key is not None and doc["version"] > expected_version:
             first = await self.ledger.find_one(
-                {"subject": doc["_id"], "version": expected_version + 1}, EVENT_FIELDS
+                {"subject": doc["_id"], "version": expected_version + 1}, REQUEST_FIELDS
             )
             if first is not None and _same_request(first, viewer, mutation, idempotency_key):
                 return doc
@@ -282,22 +272,35 @@ class PrescriptionService:
         document when an earlier identical request (same idempotency key) already did;
         raises Refused otherwise."""
         header = rx.header(doc, event, viewer, at, prev, payload)
-        doc["lastLeafHash"] = Binary(leaf_hash(canonical_json(header)))
+        leaf = canonical_json(header)
+        event_id = ObjectId()
+        doc["lastLeafHash"] = Binary(leaf_hash(leaf))
+        doc["events"] = [
+            *doc.get("events", []),
+            {
+                "id": event_id,
+                "version": doc["version"],
+                "type": event.value,
+                "at": at,
+                "actor": rx.actor_record(viewer),
+                "leaf": Binary(leaf),
+            },
+        ]
         data: Doc = {
             "state": doc,
             "payload": payload,
             "mutation": mutation,
-            "actor": {"sub": viewer.subject, "role": viewer.role.value, "org": viewer.organization},
+            "actor": rx.actor_record(viewer),
         }
         if idempotency_key is not None:
             data["idem"] = idempotency_key
         try:
-            await self.log.append(doc["_id"], doc["version"], header, data)
+            await self.log.append(doc["_id"], doc["version"], header, data, event_id)
         except VersionConflict:
             current = await self.repair(doc["_id"])
             if idempotency_key is not None and current is not None:
                 first = await self.ledger.find_one(
-                    {"subject": doc["_id"], "version": doc["version"]}, EVENT_FIELDS
+                    {"subject": doc["_id"], "version": doc["version"]}, REQUEST_FIELDS
                 )
                 if first is not None and _same_request(first, viewer, mutation, idempotency_key):
                     return current
@@ -344,7 +347,7 @@ class PrescriptionService:
     ) -> list[EventProof]:
         out = []
         for event in events:
-            index = indices.get(event["_id"])
+            index = indices.get(event["id"])
             leaf = bytes(event["leaf"])
             if index is None:
                 out.append(EventProof(None, None, None))
@@ -365,7 +368,7 @@ class PrescriptionService:
         if problem is not None:
             return Integrity("TAMPERED", None, None, problem)
         latest = events[-1]
-        index = indices.get(latest["_id"])
+        index = indices.get(latest["id"])
         if index is None or cp is None or index >= cp.size:
             status = "ERASED" if "erased" in doc else "PENDING"
             detail = (
@@ -416,33 +419,37 @@ def _same_request(event: Doc, viewer: Viewer, mutation: str, key: str) -> bool:
 
 
 def _disagreement(doc: Doc, events: list[Doc]) -> str | None:
-    """What in the document or its events disagrees with the ledger's leaves, if anything."""
+    """What in the document or its copy of the events disagrees with their leaves, if anything."""
     if not events:
-        return "no ledger events for this prescription"
+        return "the document lists no ledger events"
     prev: bytes | None = None
+    header: Doc = {}
     for expected, event in enumerate(events, start=1):
-        header, leaf = event.get("header"), bytes(event["leaf"])
-        if event["version"] != expected:
-            return f"ledger version {expected} is missing"
+        leaf = bytes(event["leaf"])
+        try:
+            header = json.loads(leaf)
+        except ValueError:
+            return f"event {expected}: its leaf is not JSON"
         if not isinstance(header, dict) or canonical_json(header) != leaf:
-            return f"event {expected}: its stored header differs from its leaf"
-        if header.get("subject") != doc["_id"] or header.get("version") != expected:
-            return f"event {expected}: its leaf names another subject or version"
+            return f"event {expected}: its leaf is not canonical JSON"
+        if event.get("version") != expected or header.get("version") != expected:
+            return f"event {expected} is missing or out of order"
+        if header.get("subject") != doc["_id"]:
+            return f"event {expected}: its leaf names another prescription"
+        if header.get("type") != event.get("type"):
+            return f"event {expected}: its type differs from its leaf"
         if header.get("prev") != (None if prev is None else b64(prev)):
             return f"event {expected}: the hash chain to event {expected - 1} is broken"
         prev = leaf_hash(leaf)
     if doc["version"] != len(events):
-        return f"document version {doc['version']}, ledger version {len(events)}"
-    last = events[-1]["header"]
+        return f"document version {doc['version']}, but {len(events)} events"
     if "erased" in doc:
-        return (
-            None
-            if last.get("type") == rx.EventType.PERSONAL_DATA_ERASED
-            else ("document marked erased, the ledger's latest event is not an erasure")
-        )
+        if header.get("type") != rx.EventType.PERSONAL_DATA_ERASED:
+            return "document marked erased, its latest event is not an erasure"
+        return None
     salt = doc.get("salt")
-    if salt is None or rx.digest(bytes(salt), rx.state_of(doc)) != last.get("stateDigest"):
-        return f"the document differs from the state digest of ledger version {len(events)}"
+    if salt is None or rx.digest(bytes(salt), rx.state_of(doc)) != header.get("stateDigest"):
+        return f"the document differs from the state digest of its event {len(events)}"
     return None
 
 

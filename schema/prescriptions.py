@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import json
 from typing import Annotated, Any
 
 import strawberry
@@ -23,7 +24,7 @@ from app.limits import ClientError
 from app.prescriptions import Refused
 from app.service import PrescriptionService, decode_cursor, encode_cursor
 from schema.ledger import InclusionProof, PageInfo, Receipt, page_size
-from schema.loaders import Loaders, Record
+from schema.loaders import Loaders
 
 Status = strawberry.enum(rx.Status, description="Where a prescription is in its lifecycle.")
 
@@ -124,12 +125,11 @@ class Integrity:
 class Prescription:
     doc: strawberry.Private[Doc]
     hidden: strawberry.Private[bool]  # personal fields redacted for this viewer
-    known_events: strawberry.Private[list[Doc] | None] = None  # loaded on demand otherwise
 
-    async def events(self, info: Info) -> list[Doc]:
-        if self.known_events is None:
-            self.known_events = await loaders(info).events.load(self.doc["_id"])
-        return self.known_events
+    @property
+    def events(self) -> list[Doc]:
+        events: list[Doc] = self.doc.get("events", [])
+        return events
 
     @strawberry.field
     def id(self) -> strawberry.ID:
@@ -226,26 +226,27 @@ class Prescription:
 
     @strawberry.field(description="every ledger event of this prescription, oldest first")
     async def history(self, info: Info) -> list[PrescriptionEvent]:
-        events = await self.events(info)
+        events = self.events
         indices, cp = await _indices_and_checkpoint(loaders(info), events)
         proofs = await service(info).event_proofs(events, indices, cp)
+        headers = [json.loads(bytes(e["leaf"])) for e in events]
         return [
             PrescriptionEvent(
-                type=e["header"]["type"],
-                version=e["version"],
-                actor=_actor(e, self.hidden),
-                at=e["header"]["at"],
+                type=h["type"],
+                version=h["version"],
+                actor=_actor(e, h, self.hidden),
+                at=h["at"],
                 leaf_index=p.leaf_index,
                 leaf=b64(bytes(e["leaf"])),
                 proof=None if p.proof is None else InclusionProof.of(p.proof),
                 receipt=None if p.receipt is None else Receipt.of(p.receipt),
             )
-            for e, p in zip(events, proofs, strict=True)
+            for e, h, p in zip(events, headers, proofs, strict=True)
         ]
 
     @strawberry.field(description="does the document match the ledger, and is that anchored")
     async def integrity(self, info: Info) -> Integrity:
-        events = await self.events(info)
+        events = self.events
         indices, cp = await _indices_and_checkpoint(loaders(info), events[-1:])
         result = await service(info).integrity(self.doc, events, indices, cp)
         return Integrity(
@@ -257,25 +258,27 @@ class Prescription:
 
 
 async def _indices_and_checkpoint(ld: Loaders, events: list[Doc]) -> tuple[dict[Any, int], Any]:
-    ids = [e["_id"] for e in events]
+    ids = [e["id"] for e in events]
     found = await ld.indices.load_many(ids)
     cp = await ld.checkpoint()
     return {e: i for e, i in zip(ids, found, strict=True) if i is not None}, cp
 
 
-def _actor(event: Doc, hidden: bool) -> str:
-    actor = (event.get("data") or {}).get("actor")
-    if hidden or not actor:
-        return str(event["header"]["actor"])
+def _actor(event: Doc, header: Doc, hidden: bool) -> str:
+    """Who acted: as the application recorded it, or as the leaf says when that is withheld
+    (auditors) or erased."""
+    actor = event.get("actor") or {}
+    if hidden or not actor.get("sub"):
+        return str(header["actor"])
     return f"{actor['role']}:{actor['sub']}"
 
 
-def present(info: Info, record: Record | None) -> Prescription | None:
+def present(info: Info, doc: Doc | None) -> Prescription | None:
     """The prescription as this viewer may see it (None when they may not)."""
     viewer = viewer_of(info)
-    if record is None or viewer is None or not rx.can_see(viewer, record.doc):
+    if doc is None or viewer is None or not rx.can_see(viewer, doc):
         return None
-    return Prescription(doc=record.doc, hidden=rx.redacted(viewer), known_events=record.events)
+    return Prescription(doc=doc, hidden=rx.redacted(viewer))
 
 
 @strawberry.type
@@ -333,7 +336,7 @@ class PrescriptionQueries:
     @strawberry.field(description="a prescription by id; null when absent or not yours to see")
     async def prescription(self, info: Info, id: strawberry.ID) -> Prescription | None:
         signed_in(info)
-        return present(info, await loaders(info).records.load(str(id)))
+        return present(info, await loaders(info).documents.load(str(id)))
 
     @strawberry.field(description="prescriptions you may see, in issue order")
     async def prescriptions(
@@ -350,12 +353,13 @@ class PrescriptionQueries:
         except Refused as exc:
             raise ClientError(exc.message, "BAD_USER_INPUT") from None
         docs, more = await service(info).page(_query(viewer, filter), first, cursor)
-        records = await loaders(info).page(docs)
+        found: dict[str, Doc | None] = {d["_id"]: d for d in docs}
+        await loaders(info).up_to_date(found, list(found))
         edges = []
-        for record in records:
-            node = present(info, record)
-            if node is not None:
-                edges.append(PrescriptionEdge(cursor=encode_cursor(record.doc), node=node))
+        for doc in found.values():
+            node = present(info, doc)
+            if node is not None and doc is not None:
+                edges.append(PrescriptionEdge(cursor=encode_cursor(doc), node=node))
         return PrescriptionConnection(
             edges=edges,
             page_info=PageInfo(
@@ -460,7 +464,7 @@ async def _run(info: Info, mutation: str, action: Any) -> Any:
                 "(`rxledger token --role ROLE --sub ID` mints one in development)",
             )
         doc = await action(viewer)
-        loaders(info).forget_events(doc["_id"])  # this request may have read the old ones
+        loaders(info).forget(doc["_id"])  # this request may have read the old version
         result: Any = Prescription(doc=doc, hidden=rx.redacted(viewer))
     except Refused as exc:
         result = ERRORS[exc.kind](message=exc.message)

@@ -1,0 +1,106 @@
+"""Following the log: one reader of the sequenced entries per process.
+
+The tail polls the published head (one small document) and, when the tree has grown, reads the
+new entries in index order and hands each batch to its listeners. Everything in the process that
+wants to know what was sequenced (caches, subscriptions) listens here, so the database sees one
+poll loop per process however many subscribers there are. Works across processes: it reads what
+any leader published. Change streams are not used (FerretDB has none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bson import ObjectId
+from pymongo.errors import PyMongoError
+
+from anchoring.store import LogStore
+
+log = logging.getLogger("rxledger.tail")
+
+
+@dataclass(frozen=True)
+class Sequenced:
+    """An entry of the log: its index, the ledger event it holds and the leaf bytes."""
+
+    index: int
+    event_id: ObjectId
+    leaf: bytes
+
+
+Listener = Callable[[list["Sequenced"]], None]
+
+
+class LogTail:
+    def __init__(self, store: LogStore, poll_interval: float = 0.1, chunk: int = 1000) -> None:
+        self.store = store
+        self.poll_interval = poll_interval
+        self.chunk = chunk
+        self.position: int | None = None  # next index to read; None until the first poll
+        self.checkpoint_size = -1
+        self.listeners: list[Listener] = []
+        self.error: str | None = None
+        self._changed = asyncio.Event()
+        self._wakeup = asyncio.Event()
+
+    def wake(self) -> None:
+        """Poll now (the in-process sequencer just published)."""
+        self._wakeup.set()
+
+    async def changed(self) -> None:
+        """Wait until the next batch or checkpoint."""
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+    async def read(self, start: int, end: int) -> list[Sequenced]:
+        """Entries [start, end) in index order. Requires end <= the published size."""
+        cursor = self.store.entries.find({"_id": {"$gte": start, "$lt": end}}).sort("_id", 1)
+        found = [Sequenced(int(d["_id"]), d["event"], bytes(d["leaf"])) async for d in cursor]
+        if [e.index for e in found] != list(range(start, end)):
+            raise PyMongoError(f"entries [{start}, {end}) are incomplete in storage")
+        return found
+
+    async def poll(self) -> None:
+        """Read what was published since the last poll and tell the listeners."""
+        head = await self.store.head()
+        size = int(head.get("size", 0))
+        if self.position is None:
+            self.position = size  # follow from now; older entries are read on demand
+        while self.position < size:
+            batch = await self.read(self.position, min(size, self.position + self.chunk))
+            self.position = batch[-1].index + 1
+            for listener in self.listeners:
+                listener(batch)
+            self._notify()
+        checkpoint = int(head.get("checkpointSize", -1))
+        if checkpoint != self.checkpoint_size:
+            self.checkpoint_size = checkpoint
+            self._notify()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Poll until `stopping` is set; database errors are retried, never fatal."""
+        while not stopping.is_set():
+            try:
+                await self.poll()
+                self.error = None
+            except PyMongoError as exc:
+                self.error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                log.warning("tail: %s", self.error)
+            except Exception:
+                log.exception("tail: unexpected error")
+            self._wakeup.clear()
+            waits = [
+                asyncio.ensure_future(self._wakeup.wait()),
+                asyncio.ensure_future(stopping.wait()),
+            ]
+            await asyncio.wait(
+                waits, timeout=self.poll_interval, return_when=asyncio.FIRST_COMPLETED
+            )
+            for w in waits:
+                w.cancel()
