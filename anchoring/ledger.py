@@ -106,13 +106,19 @@ def group_events(doc: Doc) -> list[Doc]:
 
 
 def make_event(
-    subject: Any, version: Any, header: Any, data: Any = None, event_id: ObjectId | None = None
+    subject: Any,
+    version: Any,
+    header: Any,
+    data: Any = None,
+    event_id: ObjectId | None = None,
+    tags: Any = None,
 ) -> tuple[Doc, Appended]:
     """Validate an event and build its ledger document. Raises InvalidEvent.
 
     `header` becomes the leaf (canonical JSON); `data` is the application's own record of the
     event, stored beside it in `ledger` but not in the tree (so it may hold what a leaf must not,
-    and may be erased)."""
+    and may be erased). `tags` (short strings by name) travel with the sequenced entry, for
+    followers of the log to route events without reading the ledger."""
     if not isinstance(subject, str) or not subject or len(subject) > MAX_SUBJECT_LENGTH:
         raise InvalidEvent(
             f"subject must be a non-empty string of at most {MAX_SUBJECT_LENGTH} characters"
@@ -125,6 +131,11 @@ def make_event(
         raise InvalidEvent("header must be a JSON object")
     if data is not None and not isinstance(data, dict):
         raise InvalidEvent("data must be a document")
+    if tags is not None and (
+        not isinstance(tags, dict)
+        or not all(isinstance(k, str) and isinstance(v, str | None) for k, v in tags.items())
+    ):
+        raise InvalidEvent("tags must map names to strings")
     for key, expected in (("subject", subject), ("version", version)):
         if key in header and header[key] != expected:
             raise InvalidEvent(
@@ -152,6 +163,8 @@ def make_event(
     }
     if data is not None:
         doc["data"] = data
+    if tags:
+        doc["tags"] = tags
     return doc, Appended(event_id, subject, version, leaf, leaf_hash(leaf))
 
 
@@ -179,10 +192,11 @@ class Ledger:
         header: dict[str, Any],
         data: dict[str, Any] | None = None,
         event_id: ObjectId | None = None,
+        tags: dict[str, str | None] | None = None,
     ) -> Appended:
         if self._closed:
             raise LedgerUnavailable("the log is shut down; the event was not stored")
-        doc, appended = make_event(subject, version, header, data, event_id)
+        doc, appended = make_event(subject, version, header, data, event_id, tags)
         future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
         self._queue.append((doc, appended, future))
         self._wakeup.set()

@@ -145,9 +145,11 @@ class TransparencyLog:
         header: dict[str, Any],
         data: dict[str, Any] | None = None,
         event_id: ObjectId | None = None,
+        tags: dict[str, str | None] | None = None,
     ) -> Appended:
-        """Append an event; `event_id` may be chosen by the caller (default: a new ObjectId)."""
-        return await self.ledger.append(subject, version, header, data, event_id)
+        """Append an event; `event_id` may be chosen by the caller (default: a new ObjectId);
+        `tags` go with the sequenced entry, for followers of the log."""
+        return await self.ledger.append(subject, version, header, data, event_id, tags)
 
     # --- reads ----------------------------------------------------------------------------
 

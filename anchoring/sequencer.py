@@ -212,7 +212,12 @@ class Sequencer:
         t1 = self._timed("queue", t0)
         if ready:
             entries = [
-                {"_id": self.size + i, "event": e["_id"], "leaf": Binary(bytes(e["leaf"]))}
+                {
+                    "_id": self.size + i,
+                    "event": e["_id"],
+                    "leaf": Binary(bytes(e["leaf"])),
+                    **({"tags": e["tags"]} if e.get("tags") else {}),
+                }
                 for i, e in enumerate(ready)
             ]
             try:

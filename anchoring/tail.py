@@ -29,6 +29,7 @@ class Sequenced:
     index: int
     event_id: ObjectId
     leaf: bytes
+    tags: dict[str, str | None]
 
 
 Listener = Callable[[list["Sequenced"]], None]
@@ -61,7 +62,10 @@ class LogTail:
     async def read(self, start: int, end: int) -> list[Sequenced]:
         """Entries [start, end) in index order. Requires end <= the published size."""
         cursor = self.store.entries.find({"_id": {"$gte": start, "$lt": end}}).sort("_id", 1)
-        found = [Sequenced(int(d["_id"]), d["event"], bytes(d["leaf"])) async for d in cursor]
+        found = [
+            Sequenced(int(d["_id"]), d["event"], bytes(d["leaf"]), d.get("tags") or {})
+            async for d in cursor
+        ]
         if [e.index for e in found] != list(range(start, end)):
             raise PyMongoError(f"entries [{start}, {end}) are incomplete in storage")
         return found

@@ -30,6 +30,14 @@ RXLEDGER_RATE_LIMIT (number >= 0, default 50)
 RXLEDGER_RATE_BURST (integer >= 1, default 100)
     Requests a subject may make at once before the rate applies: the token bucket's size.
 
+RXLEDGER_SUBSCRIPTION_WINDOW (integer >= 16, default 4096)
+    How many of the most recent events the process keeps for its subscribers (shared by all).
+    A subscriber that falls further behind than this is disconnected with a reason saying
+    where to resume (its afterLeafIndex / Last-Event-ID).
+
+RXLEDGER_MAX_SUBSCRIPTIONS (integer >= 1, default 10)
+    Most operations one WebSocket connection may run at once.
+
 Query depth, token and alias errors carry `extensions.code` QUERY_TOO_COMPLEX. In production,
 introspection is refused and errors carry no "Did you mean ...?" suggestions, so the schema
 cannot be explored by guessing. In every mode, errors caused by an unexpected exception are
@@ -94,6 +102,8 @@ class LimitSettings:
     max_body_bytes: int = 65536
     rate_per_second: float = 50
     rate_burst: int = 100
+    subscription_window: int = 4096
+    max_subscriptions: int = 10
 
     @classmethod
     def from_env(cls) -> LimitSettings:
@@ -113,6 +123,10 @@ class LimitSettings:
                 "RXLEDGER_RATE_LIMIT", cls.rate_per_second, 0, integer=False
             ),
             rate_burst=integer("RXLEDGER_RATE_BURST", cls.rate_burst, 1),
+            subscription_window=integer(
+                "RXLEDGER_SUBSCRIPTION_WINDOW", cls.subscription_window, 16
+            ),
+            max_subscriptions=integer("RXLEDGER_MAX_SUBSCRIPTIONS", cls.max_subscriptions, 1),
         )
 
 

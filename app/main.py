@@ -15,13 +15,14 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from strawberry.asgi import GraphQL
 
 from anchoring.sequencer import INTENTS
 from app.auth import Authenticator, AuthError, AuthSettings
 from app.db import make_client, make_log
+from app.events import EventStream
 from app.feed import PrescriptionFeed
 from app.limits import BodySizeLimit, LimitSettings, RateLimiter, graphql_extensions
 from app.metrics import Metrics, MetricsMiddleware
@@ -39,9 +40,10 @@ def _error(status: int, message: str, code: str, headers: dict[str, str] | None 
 
 
 class GraphQLApp(GraphQL[dict[str, Any], None]):
-    def __init__(self, *args: Any, max_page: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_page: int, auth: Authenticator, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_page = max_page
+        self.auth = auth
 
     async def get_context(self, request: Any, response: Any = None) -> dict[str, Any]:
         state = request.app.state
@@ -50,11 +52,26 @@ class GraphQLApp(GraphQL[dict[str, Any], None]):
             "response": response,
             "log": state.log,
             "service": state.service,
+            "feed": state.feed,
             "metrics": state.metrics,
             "viewer": request.scope.get("state", {}).get("viewer"),
             "loaders": Loaders(state.service, state.log, state.feed),
             "max_page": self.max_page,
         }
+
+    async def on_ws_connect(self, context: dict[str, Any]) -> None:
+        """WebSocket clients authenticate in the connection_init payload
+        ({"Authorization": "Bearer <token>"}) or with the upgrade request's header. A bad token
+        still connects, so that each operation can say precisely what is wrong."""
+        params = context.get("connection_params") or {}
+        header = params.get("Authorization") or params.get("authorization")
+        if not isinstance(header, str):
+            header = context["request"].headers.get("authorization")
+        try:
+            context["viewer"] = self.auth.authenticate(header)
+        except AuthError as exc:
+            context["viewer"] = None
+            context["auth_error"] = str(exc)
 
 
 class GraphQLEndpoint:
@@ -107,7 +124,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         service = PrescriptionService(tlog, client[settings.database]["prescriptions"])
         app.state.log = tlog
         app.state.service = service
-        app.state.feed = PrescriptionFeed(tlog)
+        app.state.feed = PrescriptionFeed(tlog, window=limits.subscription_window)
         app.state.metrics = metrics
         metrics.set_ledger_probe(lambda: _probe(tlog))
         await tlog.start()
@@ -171,6 +188,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ),
         graphql_ide=None if settings.production else "graphiql",
         max_page=limits.max_page,
+        auth=auth,
+        max_subscriptions_per_connection=limits.max_subscriptions,
     )
     endpoint = GraphQLEndpoint(
         graphql, auth, RateLimiter(limits.rate_per_second, limits.rate_burst)
@@ -181,6 +200,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/readyz", readyz),
             Route("/metrics", metrics_endpoint),
             Route("/graphql", endpoint, methods=["GET", "POST"]),
+            WebSocketRoute("/graphql", graphql),
+            Route("/events", EventStream(auth)),
         ],
         middleware=[
             Middleware(MetricsMiddleware, metrics=metrics),

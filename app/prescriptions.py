@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import hashlib
+import hmac
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -209,6 +210,40 @@ def header(
         "stateDigest": None if salt is None else digest(bytes(salt), state_of(doc)),
         "payloadDigest": None if salt is None else digest(bytes(salt), payload),
     }
+
+
+# --- routing tags -------------------------------------------------------------------------
+
+
+class Tags:
+    """The routing tags each event carries to followers of the log (subscriptions): who may
+    see it and its new status. The patient is a keyed hash (HMAC-SHA256 under a key derived
+    from the log's signing key), so entries hold no patient identifier, yet a patient's own
+    events and a filter by patient can still be matched."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = hashlib.sha256(b"rxledger patient tag\n" + key).digest()
+
+    def patient(self, patient_id: str) -> str:
+        return hmac.new(self._key, patient_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def of(self, doc: dict[str, Any]) -> dict[str, str | None]:
+        patient = (doc.get("patient") or {}).get("id")
+        return {
+            "status": doc["status"],
+            "prescriber": doc.get("prescriber"),
+            "pharmacy": doc.get("pharmacy"),
+            "courier": doc.get("courier"),
+            "courierOrganization": doc.get("courierOrganization"),
+            "patient": None if patient is None else self.patient(patient),
+        }
+
+    def can_see(self, viewer: Viewer, tags: dict[str, str | None]) -> bool:
+        """can_see, for an event known only by its tags."""
+        view: dict[str, Any] = {k: v for k, v in tags.items() if k != "patient"}
+        if viewer.role is Role.PATIENT:
+            return tags.get("patient") == self.patient(viewer.subject)
+        return can_see(viewer, view)
 
 
 # --- who may see and act ----------------------------------------------------------------

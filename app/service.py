@@ -67,6 +67,7 @@ class PrescriptionService:
         self.log = log_
         self.prescriptions = collection
         self.ledger = log_.store.ledger
+        self.tags = rx.Tags(log_.signer.private_key.private_bytes_raw())
 
     async def ensure_indexes(self) -> None:
         await self.prescriptions.create_index(
@@ -295,7 +296,9 @@ class PrescriptionService:
         if idempotency_key is not None:
             data["idem"] = idempotency_key
         try:
-            await self.log.append(doc["_id"], doc["version"], header, data, event_id)
+            await self.log.append(
+                doc["_id"], doc["version"], header, data, event_id, self.tags.of(doc)
+            )
         except VersionConflict:
             current = await self.repair(doc["_id"])
             if idempotency_key is not None and current is not None:
@@ -334,10 +337,27 @@ class PrescriptionService:
             log.warning("%s stored in the ledger, document deferred: %s", doc["_id"], exc)
 
     async def _scrub(self, subject: str, erased_version: int) -> None:
-        """Remove personal copies from the events before an erasure (their leaves stay)."""
+        """Remove personal copies from the events before an erasure (their leaves stay), and
+        the patient tag from their sequenced entries."""
+        ids = [
+            d["_id"]
+            async for d in self.ledger.find(
+                {"subject": subject, "version": {"$lt": erased_version}}, {"_id": 1}
+            )
+        ]
         await self.ledger.update_many(
-            {"subject": subject, "version": {"$lt": erased_version}},
-            {"$unset": {"data.state": "", "data.payload": "", "data.actor": ""}},
+            {"_id": {"$in": ids}},
+            {
+                "$unset": {
+                    "data.state": "",
+                    "data.payload": "",
+                    "data.actor": "",
+                    "tags.patient": "",
+                }
+            },
+        )
+        await self.log.store.entries.update_many(
+            {"event": {"$in": ids}}, {"$unset": {"tags.patient": ""}}
         )
 
     # --- integrity and proofs -------------------------------------------------------------

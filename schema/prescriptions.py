@@ -41,12 +41,14 @@ class IntegrityStatus(enum.Enum):
 
 
 def viewer_of(info: Info) -> Viewer | None:
-    viewer: Viewer | None = info.context["viewer"]
+    viewer: Viewer | None = info.context.get("viewer")
     return viewer
 
 
 def signed_in(info: Info) -> Viewer:
     viewer = viewer_of(info)
+    if viewer is None and info.context.get("auth_error"):
+        raise ClientError(info.context["auth_error"], "UNAUTHENTICATED")
     if viewer is None:
         raise ClientError(
             "authentication required: send 'Authorization: Bearer <token>' "

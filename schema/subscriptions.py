@@ -1,0 +1,174 @@
+"""Subscriptions (graphql-transport-ws): prescription events in leaf order, and checkpoints.
+
+Every subscriber reads from the process's one shared feed (app/feed.py). A subscription is
+resumable: `afterLeafIndex` is the last leaf index the client saw, and the stream continues with
+exactly the events after it, including those written while the client was away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import strawberry
+from strawberry.types import Info
+
+from anchoring.encoding import b64
+from app import prescriptions as rx
+from app.feed import FeedEvent, PrescriptionFeed, StreamEnded, event_filter
+from app.limits import ClientError
+from app.service import PrescriptionService
+from schema.ledger import Checkpoint, ConsistencyProof, InclusionProof, Receipt, non_negative
+from schema.prescriptions import Status, signed_in, viewer_of
+
+
+@strawberry.type(description="A step of a prescription, as the log sequenced it.")
+class PrescriptionChange:
+    event: strawberry.Private[FeedEvent]
+
+    @strawberry.field
+    def prescription_id(self) -> strawberry.ID:
+        return strawberry.ID(self.event.subject)
+
+    @strawberry.field(description="the event type recorded in the leaf, e.g. DISPENSED")
+    def type(self) -> str:
+        return self.event.type
+
+    @strawberry.field(description="the prescription's status after this event")
+    def status(self) -> Status | None:  # type: ignore[valid-type]
+        status = self.event.tags.get("status")
+        return None if status is None else rx.Status(status)
+
+    @strawberry.field
+    def version(self) -> int:
+        return self.event.version
+
+    @strawberry.field(description="RFC 3339 time recorded in the leaf")
+    def at(self) -> str:
+        return self.event.at
+
+    @strawberry.field(description="the resume point: pass it back as afterLeafIndex")
+    def leaf_index(self) -> int:
+        return self.event.leaf_index
+
+    @strawberry.field(description="base64 leaf bytes (RFC 8785 JSON header)")
+    def leaf(self) -> str:
+        return b64(self.event.leaf)
+
+    @strawberry.field(description="inclusion proof, when a checkpoint already covers the leaf")
+    async def proof(self, info: Info) -> InclusionProof | None:
+        log = info.context["log"]
+        cp = await log.current_checkpoint()
+        if cp is None or self.event.leaf_index >= cp.size:
+            return None
+        return InclusionProof.of(await log.prove(self.event.leaf_index, self.event.leaf, cp))
+
+    @strawberry.field(description="the log's signed receipt for the leaf (always available)")
+    def receipt(self, info: Info) -> Receipt:
+        return Receipt.of(info.context["log"].receipt(self.event.leaf_index, self.event.leaf))
+
+
+@strawberry.input(description="All given conditions must hold.")
+class EventFilter:
+    prescription_id: strawberry.ID | None = None
+    patient_id: str | None = None
+    pharmacy: str | None = None
+    organization: str | None = strawberry.field(
+        default=None, description="the pharmacy or the courier company"
+    )
+    status: list[Status] | None = None  # type: ignore[valid-type]
+
+
+@strawberry.type(
+    description="A new checkpoint, with its consistency proof from the last one known."
+)
+class CheckpointUpdate:
+    checkpoint: Checkpoint
+    consistency: ConsistencyProof | None = strawberry.field(
+        description="from the previous size the subscriber knew (null when it knew none)"
+    )
+
+
+def _feed(info: Info) -> PrescriptionFeed:
+    feed: PrescriptionFeed = info.context["feed"]
+    return feed
+
+
+def _cut(info: Info) -> Any:
+    """How to disconnect this subscriber with a reason: close its WebSocket (a stalled client
+    may not read another message, but the close frame carries the reason)."""
+    websocket = info.context.get("request")
+
+    def cut(reason: str) -> None:
+        close = getattr(websocket, "close", None)
+        if close is not None:
+            asyncio.ensure_future(close(code=4008, reason=reason[:120]))
+
+    return cut
+
+
+@strawberry.type
+class Subscription:
+    @strawberry.subscription(
+        description="prescription events you may read, in leaf order, from afterLeafIndex "
+        "(exclusive; default: from now on)"
+    )
+    async def prescription_events(
+        self,
+        info: Info,
+        filter: EventFilter | None = None,
+        after_leaf_index: int | None = None,
+    ) -> AsyncGenerator[PrescriptionChange, None]:
+        viewer = signed_in(info)
+        non_negative(after_leaf_index, "afterLeafIndex")
+        service: PrescriptionService = info.context["service"]
+        f = filter or EventFilter()
+        try:
+            match = event_filter(
+                service.tags,
+                viewer,
+                prescription_id=None if f.prescription_id is None else str(f.prescription_id),
+                patient_id=f.patient_id,
+                pharmacy=f.pharmacy,
+                organization=f.organization,
+                statuses=None if not f.status else [rx.Status(s).value for s in f.status],
+            )
+        except ValueError as exc:
+            raise ClientError(str(exc), "FORBIDDEN") from None
+        feed = _feed(info)
+        start = await feed.start_position() if after_leaf_index is None else after_leaf_index + 1
+        try:
+            async for event in feed.stream(start, viewer.expires_at, _cut(info), match):
+                yield PrescriptionChange(event=event)
+        except StreamEnded as exc:
+            raise ClientError(exc.message, exc.code) from None
+
+    @strawberry.subscription(
+        description="each new checkpoint as it is anchored, with the consistency proof from "
+        "knownSize (then from the previous one sent); readable without authentication"
+    )
+    async def checkpoints(
+        self, info: Info, known_size: int | None = None
+    ) -> AsyncGenerator[CheckpointUpdate, None]:
+        non_negative(known_size, "knownSize")
+        viewer = viewer_of(info)
+        log = info.context["log"]
+        known = -1 if known_size is None else known_size
+        try:
+            async for size in _feed(info).checkpoints(
+                known, None if viewer is None else viewer.expires_at
+            ):
+                cp = await log.checkpoint(size)
+                if cp is None:
+                    continue
+                proof = None
+                if known >= 0:
+                    old, new, path = await log.consistency_proof(min(known, cp.size), cp.size)
+                    proof = ConsistencyProof(
+                        from_size=old, to_size=new, path=[b64(h) for h in path]
+                    )
+                known = cp.size
+                yield CheckpointUpdate(checkpoint=Checkpoint.of(cp), consistency=proof)
+        except StreamEnded as exc:
+            raise ClientError(exc.message, exc.code) from None
