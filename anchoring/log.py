@@ -19,7 +19,7 @@ from anchoring.errors import AnchorRefused, ProofUnavailable
 from anchoring.hashing import leaf_hash
 from anchoring.ledger import Appended, Ledger
 from anchoring.note import Signer
-from anchoring.proofs import consistency_proof, inclusion_proof
+from anchoring.proofs import consistency_proof, inclusion_proof, inclusion_proofs
 from anchoring.receipt import Receipt, sign_receipt
 from anchoring.sequencer import Sequencer, SequencerSettings
 from anchoring.store import Doc, LogStore
@@ -221,6 +221,11 @@ class TransparencyLog:
         Requires 0 <= leaf_index < cp.size."""
         path = await inclusion_proof(self.reader, leaf_index, cp.size, cp.size)
         return InclusionProof(leaf_index, cp.size, leaf, leaf_hash(leaf), path, cp)
+
+    async def inclusion_paths(self, indices: list[int], size: int) -> list[list[bytes]]:
+        """Audit paths of several leaves in the tree of `size` (a published size), from one
+        read of tiles."""
+        return await inclusion_proofs(self.reader, indices, size, size)
 
     def receipt(self, leaf_index: int, leaf: bytes, at: dt.datetime | None = None) -> Receipt:
         """A signed receipt for a sequenced leaf not yet covered by a checkpoint."""

@@ -36,6 +36,27 @@ async def inclusion_proof(
     return await _range_hashes(reader, inclusion_ranges(index, size), published_size)
 
 
+async def inclusion_proofs(
+    reader: TileReader, indices: list[int], size: int, published_size: int
+) -> list[list[bytes]]:
+    """The audit paths of several leaves in the tree of `size`, from one read of tiles.
+    Requires 0 <= index < size <= published for each index."""
+    for index in indices:
+        if not 0 <= index < size:
+            raise ProofUnavailable(f"leaf index {index} is not in a tree of size {size}")
+    if size > published_size:
+        raise ProofUnavailable(
+            f"tree size {size} is larger than the published size {published_size}"
+        )
+    per_leaf = [inclusion_ranges(index, size) for index in indices]
+    hashes = await _range_hashes(reader, [r for ranges in per_leaf for r in ranges], published_size)
+    paths, at = [], 0
+    for ranges in per_leaf:
+        paths.append(hashes[at : at + len(ranges)])
+        at += len(ranges)
+    return paths
+
+
 async def consistency_proof(
     reader: TileReader, old_size: int, new_size: int, published_size: int
 ) -> list[bytes]:

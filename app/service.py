@@ -22,6 +22,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from bson import Binary, ObjectId
@@ -45,6 +46,10 @@ log = logging.getLogger("rxledger.service")
 
 # What telling a retried request from a new one needs of a ledger event.
 REQUEST_FIELDS = {"data.actor": 1, "data.mutation": 1, "data.idem": 1}
+
+
+# Audit paths of leaves in a tree size: (indices, size) -> paths.
+PathSource = Callable[[list[int], int], Awaitable[list[list[bytes]]]]
 
 
 @dataclass(frozen=True)
@@ -363,16 +368,29 @@ class PrescriptionService:
     # --- integrity and proofs -------------------------------------------------------------
 
     async def event_proofs(
-        self, events: list[Doc], indices: dict[ObjectId, int], cp: SignedCheckpoint | None
+        self,
+        events: list[Doc],
+        indices: dict[ObjectId, int],
+        cp: SignedCheckpoint | None,
+        paths: PathSource,
     ) -> list[EventProof]:
+        """Each event's proof against `cp` when it covers the event, else a signed receipt
+        when the event is sequenced. `paths` fetches audit paths (batched by the caller)."""
+        anchored = [
+            indices[e["id"]]
+            for e in events
+            if e["id"] in indices and cp is not None and indices[e["id"]] < cp.size
+        ]
+        found = dict(zip(anchored, await paths(anchored, cp.size), strict=True)) if cp else {}
         out = []
         for event in events:
             index = indices.get(event["id"])
             leaf = bytes(event["leaf"])
             if index is None:
                 out.append(EventProof(None, None, None))
-            elif cp is not None and index < cp.size:
-                out.append(EventProof(index, await self.log.prove(index, leaf, cp), None))
+            elif cp is not None and index in found:
+                proof = InclusionProof(index, cp.size, leaf, leaf_hash(leaf), found[index], cp)
+                out.append(EventProof(index, proof, None))
             else:
                 out.append(EventProof(index, None, self.log.receipt(index, leaf)))
         return out
@@ -383,6 +401,7 @@ class PrescriptionService:
         events: list[Doc],
         indices: dict[ObjectId, int],
         cp: SignedCheckpoint | None,
+        paths: PathSource,
     ) -> Integrity:
         problem = _disagreement(doc, events)
         if problem is not None:
@@ -397,12 +416,14 @@ class PrescriptionService:
                 else f"leaf {index} is sequenced; no checkpoint covers it yet"
             )
             return Integrity(status, index, None, detail)
-        proof = await self.log.prove(index, bytes(latest["leaf"]), cp)
-        root = root_from_inclusion_proof(index, cp.size, proof.leaf_hash, proof.path)
+        leaf = bytes(latest["leaf"])
+        [path] = await paths([index], cp.size)
+        root = root_from_inclusion_proof(index, cp.size, leaf_hash(leaf), path)
         if root != cp.root_hash:
             return Integrity(
                 "TAMPERED", index, None, f"leaf {index} does not match checkpoint {cp.size}"
             )
+        proof = InclusionProof(index, cp.size, leaf, leaf_hash(leaf), path, cp)
         if "erased" in doc:
             return Integrity("ERASED", index, proof, "personal data erased; the ledger verifies")
         return Integrity("VERIFIED", index, proof, f"matches leaf {index} in checkpoint {cp.size}")

@@ -25,6 +25,7 @@ class Loaders:
         self.feed = feed
         self.documents: DataLoader[str, Doc | None] = DataLoader(load_fn=self._documents)
         self.indices: DataLoader[ObjectId, int | None] = DataLoader(load_fn=self._indices)
+        self._paths: DataLoader[tuple[int, int], list[bytes]] = DataLoader(load_fn=self._load_paths)
         self._checkpoint: asyncio.Task[SignedCheckpoint | None] | None = None
 
     async def _documents(self, ids: list[str]) -> list[Doc | None]:
@@ -51,6 +52,24 @@ class Loaders:
     async def _indices(self, event_ids: list[ObjectId]) -> list[int | None]:
         found = await self.log.leaf_indices(event_ids)
         return [found.get(e) for e in event_ids]
+
+    async def paths(self, indices: list[int], size: int) -> list[list[bytes]]:
+        """Audit paths of leaves in the tree of `size`: every proof a request needs is read
+        from the tiles together."""
+        return list(await self._paths.load_many([(i, size) for i in indices]))
+
+    async def _load_paths(self, keys: list[tuple[int, int]]) -> list[list[bytes]]:
+        by_size: dict[int, list[int]] = {}
+        for index, size in keys:
+            by_size.setdefault(size, []).append(index)
+        found: dict[tuple[int, int], list[bytes]] = {}
+        for size, indices in by_size.items():
+            unique = sorted(set(indices))
+            for index, path in zip(
+                unique, await self.log.inclusion_paths(unique, size), strict=True
+            ):
+                found[(index, size)] = path
+        return [found[k] for k in keys]
 
     async def checkpoint(self) -> SignedCheckpoint | None:
         """The latest checkpoint, read once per request."""

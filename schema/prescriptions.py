@@ -230,7 +230,7 @@ class Prescription:
     async def history(self, info: Info) -> list[PrescriptionEvent]:
         events = self.events
         indices, cp = await _indices_and_checkpoint(loaders(info), events)
-        proofs = await service(info).event_proofs(events, indices, cp)
+        proofs = await service(info).event_proofs(events, indices, cp, loaders(info).paths)
         headers = [json.loads(bytes(e["leaf"])) for e in events]
         return [
             PrescriptionEvent(
@@ -250,7 +250,7 @@ class Prescription:
     async def integrity(self, info: Info) -> Integrity:
         events = self.events
         indices, cp = await _indices_and_checkpoint(loaders(info), events[-1:])
-        result = await service(info).integrity(self.doc, events, indices, cp)
+        result = await service(info).integrity(self.doc, events, indices, cp, loaders(info).paths)
         return Integrity(
             status=IntegrityStatus(result.status),
             leaf_index=result.leaf_index,

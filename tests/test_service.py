@@ -170,9 +170,9 @@ async def _list_commands(
         log = TransparencyLog(
             LogStore(counted[db_name], tlog.store.origin), tlog.signer, tlog.settings
         )
-        # The reading process knows the leaf indices and tiles already (as a warm gateway does).
+        # A reading process that knows the leaf indices (its log tail filled them in) but has
+        # read no tiles yet.
         log._indices = tlog._indices
-        log.reader = tlog.reader
         context = {
             "log": log,
             "service": service,
@@ -208,6 +208,7 @@ async def test_listing_a_hundred_prescriptions_with_history_and_proofs_costs_a_h
     assert all(n["integrity"]["status"] == "VERIFIED" for n in nodes)
     assert all(len(n["history"]) == 2 and n["history"][1]["proof"] for n in nodes)
     # 100 prescriptions, 200 events and 300 proofs: the same few queries as for 10.
-    assert len(many) <= 3, many  # prescriptions, the head, its checkpoint
+    # prescriptions, the head, its checkpoint, and the tiles of all 300 proofs at once
+    assert len(many) <= 4, many
     assert len(many) == len(few), (few, many)
     assert len(few_data["prescriptions"]["edges"]) == 10
