@@ -296,9 +296,15 @@ class Ledger:
             else:
                 self._reject(item, err)
         if conflicts:
-            written += await self._settle_conflicts(conflicts)
-        if not written:
-            return
+            ours = await self._settle_conflicts(conflicts)
+            if ours is None:
+                # Which conflicts are our own is unknown: no marker, so the sequencer settles
+                # the group from the ledger after the orphan grace period.
+                self._fail_all(written, LedgerUnavailable("conflicts could not be settled"))
+                return
+            written += ours
+        # A marker even when nothing was written: a group of refused events must leave the
+        # queue now, not hold its subjects back until the orphan grace period ends.
         try:
             await self.store.pending.insert_one(
                 commit_marker(group_id, [d["_id"] for d, _, _ in written])
@@ -318,9 +324,10 @@ class Ledger:
                 InvalidEvent(f"the database refused the event: {err.get('errmsg')}")
             )
 
-    async def _settle_conflicts(self, conflicts: list[Pending]) -> list[Pending]:
+    async def _settle_conflicts(self, conflicts: list[Pending]) -> list[Pending] | None:
         """A duplicate key is either (subject, version) taken by another event, or our own
-        event already written (a retried insert). Fails the former, returns the latter."""
+        event already written (a retried insert). Fails the former, returns the latter; None
+        when the database could not say."""
         ids = [doc["_id"] for doc, _, _ in conflicts]
         try:
             present = {
@@ -328,7 +335,7 @@ class Ledger:
             }
         except PyMongoError as exc:
             self._fail_all(conflicts, exc)
-            return []
+            return None
         for doc, appended, future in conflicts:
             if doc["_id"] not in present and not future.done():
                 future.set_exception(VersionConflict(appended.subject, appended.version))

@@ -45,7 +45,7 @@ from app.prescriptions import Refused
 log = logging.getLogger("rxledger.service")
 
 # What telling a retried request from a new one needs of a ledger event.
-REQUEST_FIELDS = {"data.actor": 1, "data.mutation": 1, "data.idem": 1}
+REQUEST_FIELDS = {"data.actor": 1, "data.mutation": 1, "data.idem": 1, "data.payload": 1}
 
 
 # Audit paths of leaves in a tree size: (indices, size) -> paths.
@@ -152,7 +152,7 @@ class PrescriptionService:
     # --- mutations ----------------------------------------------------------------------
 
     async def issue(self, viewer: Viewer, fields: Doc, idempotency_key: str | None) -> Doc:
-        _allowed(viewer, "issuePrescription")
+        rx.check_role(viewer, "issuePrescription")
         if idempotency_key is not None:
             # The same key from the same prescriber names the same prescription, so a retry
             # meets the unique (subject, version 1) index instead of filing a second one.
@@ -201,9 +201,11 @@ class PrescriptionService:
         idempotency_key: str | None,
         args: Doc,
     ) -> Doc:
-        _allowed(viewer, mutation)
+        rx.check_role(viewer, mutation)
         doc = await self._current(viewer, rid)
-        retried = await self._retried(viewer, doc, mutation, expected_version, idempotency_key)
+        retried = await self._retried(
+            viewer, doc, mutation, expected_version, idempotency_key, args
+        )
         if retried is not None:
             return retried
         if mutation == "erasePersonalData":
@@ -246,6 +248,7 @@ class PrescriptionService:
         mutation: str,
         expected_version: int,
         idempotency_key: str | None,
+        payload: Doc,
     ) -> Doc | None:
         """The current document when this request is a retry of one already stored; raises
         VersionConflict when the expected version is stale; None to go ahead."""
@@ -255,7 +258,9 @@ class PrescriptionService:
             first = await self.ledger.find_one(
                 {"subject": doc["_id"], "version": expected_version + 1}, REQUEST_FIELDS
             )
-            if first is not None and _same_request(first, viewer, mutation, idempotency_key):
+            if first is not None and _same_request(
+                first, viewer, mutation, idempotency_key, payload
+            ):
                 return doc
         raise Refused(
             "VersionConflict",
@@ -310,7 +315,9 @@ class PrescriptionService:
                 first = await self.ledger.find_one(
                     {"subject": doc["_id"], "version": doc["version"]}, REQUEST_FIELDS
                 )
-                if first is not None and _same_request(first, viewer, mutation, idempotency_key):
+                if first is not None and _same_request(
+                    first, viewer, mutation, idempotency_key, payload
+                ):
                     return current
             now_at = "unknown" if current is None else current["version"]
             raise Refused(
@@ -429,15 +436,6 @@ class PrescriptionService:
         return Integrity("VERIFIED", index, proof, f"matches leaf {index} in checkpoint {cp.size}")
 
 
-def _allowed(viewer: Viewer, mutation: str) -> None:
-    roles = rx.MUTATION_ROLES[mutation]
-    if viewer.role not in roles:
-        names = ", ".join(sorted(r.value for r in roles))
-        raise Refused(
-            "Forbidden", f"{mutation} needs the role {names}; you are {viewer.role.value}"
-        )
-
-
 def _may_act(viewer: Viewer, doc: Doc, mutation: str) -> None:
     """Beyond seeing it: the prescriber cancels only their own; a courier only what it carries."""
     if viewer.role is Role.PRESCRIBER and doc.get("prescriber") != viewer.subject:
@@ -446,15 +444,18 @@ def _may_act(viewer: Viewer, doc: Doc, mutation: str) -> None:
         raise Refused("Forbidden", "only the courier it was handed to may deliver it")
 
 
-def _same_request(event: Doc, viewer: Viewer, mutation: str, key: str) -> bool:
+def _same_request(event: Doc, viewer: Viewer, mutation: str, key: str, payload: Doc) -> bool:
+    """Whether a stored event is this request's first attempt (same caller and key). A key
+    reused for a different request is refused rather than silently answered."""
     data = event.get("data") or {}
     actor = data.get("actor") or {}
     if data.get("idem") != key or actor.get("sub") != viewer.subject:
         return False
-    if data.get("mutation") != mutation:
+    if data.get("mutation") != mutation or ("payload" in data and data["payload"] != payload):
         raise Refused(
             "InvalidInput",
-            f"idempotency key {key!r} was used for {data.get('mutation')}, not {mutation}",
+            f"idempotency key {key!r} was already used for a different request "
+            f"({data.get('mutation')}, not this {mutation}); use a new key for a new request",
         )
     return True
 
@@ -481,17 +482,40 @@ def _disagreement(doc: Doc, events: list[Doc]) -> str | None:
             return f"event {expected}: its type differs from its leaf"
         if header.get("prev") != (None if prev is None else b64(prev)):
             return f"event {expected}: the hash chain to event {expected - 1} is broken"
+        problem = _actor_disagreement(doc, event, header)
+        if problem is not None:
+            return f"event {expected}: {problem}"
         prev = leaf_hash(leaf)
     if doc["version"] != len(events):
         return f"document version {doc['version']}, but {len(events)} events"
-    if "erased" in doc:
-        if header.get("type") != rx.EventType.PERSONAL_DATA_ERASED:
-            return "document marked erased, its latest event is not an erasure"
-        return None
-    salt = doc.get("salt")
+    if "erased" in doc and header.get("type") != rx.EventType.PERSONAL_DATA_ERASED:
+        return "document marked erased, its latest event is not an erasure"
+    # After an erasure the salt is gone and the digest is of the remaining (impersonal) state.
+    salt = b"" if "erased" in doc else doc.get("salt")
     if salt is None or rx.digest(bytes(salt), rx.state_of(doc)) != header.get("stateDigest"):
         return f"the document differs from the state digest of its event {len(events)}"
     return None
+
+
+def _actor_disagreement(doc: Doc, event: Doc, header: Doc) -> str | None:
+    """The application's record of who acted must say what the leaf says (the leaf records a
+    patient only as PATIENT: then it must be the prescription's own patient)."""
+    actor = event.get("actor") or {}
+    role, sub = actor.get("role"), actor.get("sub")
+    if role is None:
+        return None if "erased" in doc else "it names no actor"
+    if sub is None:
+        return (
+            None
+            if header.get("actor", "").split(":")[0] == role
+            else "its actor differs from its leaf"
+        )
+    if role == Role.PATIENT.value:
+        patient = (doc.get("patient") or {}).get("id")
+        ok = header.get("actor") == Role.PATIENT.value and (patient is None or sub == patient)
+    else:
+        ok = header.get("actor") == f"{role}:{sub}"
+    return None if ok else "its actor differs from its leaf"
 
 
 def encode_cursor(doc: Doc) -> str:

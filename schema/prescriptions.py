@@ -465,6 +465,7 @@ async def _run(info: Info, mutation: str, action: Any) -> Any:
                 "authentication required: send 'Authorization: Bearer <token>' "
                 "(`rxledger token --role ROLE --sub ID` mints one in development)",
             )
+        rx.check_role(viewer, mutation)  # before the arguments: a wrong role learns only that
         doc = await action(viewer)
         loaders(info).forget(doc["_id"])  # this request may have read the old version
         result: Any = Prescription(doc=doc, hidden=rx.redacted(viewer))

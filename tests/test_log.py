@@ -10,7 +10,7 @@ from bson import ObjectId
 
 from anchoring.anchorer import AnchorSettings
 from anchoring.errors import InvalidEvent, ProofUnavailable, VersionConflict
-from anchoring.ledger import commit_marker, group_events, intent, make_event
+from anchoring.ledger import Ledger, commit_marker, group_events, intent, make_event
 from anchoring.log import LogSettings, TransparencyLog
 from anchoring.note import open_checkpoint
 from anchoring.sequencer import INTENTS, Sequencer, SequencerSettings
@@ -73,6 +73,35 @@ async def test_second_event_for_same_version_is_a_conflict(tlog):
         return_exceptions=True,
     )
     assert sorted(type(x).__name__ for x in (a, b)) == ["Appended", "VersionConflict"]
+
+
+async def test_the_next_version_after_a_lost_race_is_sequenced_promptly(store, signer):
+    settings = LogSettings(
+        sequencer=SequencerSettings(poll_interval=0.02, orphan_grace=10.0), anchor=FAST.anchor
+    )
+    tlog = TransparencyLog(store, signer, settings)
+    await tlog.start()
+    try:
+        await _race_then_next_version(tlog)
+    finally:
+        await tlog.stop()
+
+
+async def _race_then_next_version(tlog: TransparencyLog) -> None:
+    await tlog.append("rx-9", 1, header("rx-9", 1))
+    # Appenders in other processes: each writes its own group, so the losers' groups hold
+    # only refused events.
+    others = [Ledger(tlog.store) for _ in range(4)]
+    race = await asyncio.gather(
+        *(o.append("rx-9", 2, header("rx-9", 2, who=i)) for i, o in enumerate(others)),
+        return_exceptions=True,
+    )
+    for other in others:
+        await other.close()
+    assert sum(not isinstance(r, Exception) for r in race) == 1
+    third = await tlog.append("rx-9", 3, header("rx-9", 3))
+    # Not held back by the losers' groups until the orphan grace period (10 s) runs out.
+    await tlog.wait_sequenced(third.event_id, timeout=3)
 
 
 @pytest.mark.parametrize(
