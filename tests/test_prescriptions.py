@@ -1616,4 +1616,3 @@ def test_metrics_count_mutations_by_result_and_readyz_reports_the_tree(parties):
     body = ready.json()
     assert body["status"] == "ok" and body["database"] == "ok"
     assert isinstance(body["treeSize"], int) and body["treeSize"] >= 1
-
