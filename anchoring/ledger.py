@@ -27,7 +27,7 @@ from pymongo.errors import BulkWriteError, PyMongoError
 from anchoring.encoding import EncodingError, canonical_json
 from anchoring.errors import InvalidEvent, LedgerUnavailable, VersionConflict
 from anchoring.hashing import leaf_hash
-from anchoring.store import Doc, LogStore
+from anchoring.store import Doc, LogStore, one_of
 
 log = logging.getLogger("rxledger.ledger")
 
@@ -331,7 +331,7 @@ class Ledger:
         ids = [doc["_id"] for doc, _, _ in conflicts]
         try:
             present = {
-                d["_id"] async for d in self.store.ledger.find({"_id": {"$in": ids}}, {"_id": 1})
+                d["_id"] async for d in self.store.ledger.find(one_of("_id", ids), {"_id": 1})
             }
         except PyMongoError as exc:
             self._fail_all(conflicts, exc)

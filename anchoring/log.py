@@ -22,7 +22,7 @@ from anchoring.note import Signer
 from anchoring.proofs import consistency_proof, inclusion_proof, inclusion_proofs
 from anchoring.receipt import Receipt, sign_receipt
 from anchoring.sequencer import Sequencer, SequencerSettings
-from anchoring.store import Doc, LogStore
+from anchoring.store import Doc, LogStore, one_of
 from anchoring.tail import LogTail, Sequenced
 from anchoring.tiles import TileReader
 
@@ -199,7 +199,7 @@ class TransparencyLog:
         missing = [e for e in event_ids if e not in found]
         if missing:
             size = await self.published_size()
-            cursor = self.store.entries.find({"event": {"$in": missing}}, {"event": 1})
+            cursor = self.store.entries.find(one_of("event", missing), {"event": 1})
             async for doc in cursor:
                 if doc["_id"] < size:  # beyond the head: written by a leader that may not publish
                     found[doc["event"]] = int(doc["_id"])

@@ -15,7 +15,7 @@ from pymongo.errors import BulkWriteError
 
 from anchoring.hashing import HASH_SIZE, node_hash
 from anchoring.ledger import DUPLICATE_KEY
-from anchoring.store import Doc, LogStore
+from anchoring.store import Doc, LogStore, one_of
 from anchoring.treemath import Node, tile_key, tile_slice, tile_width
 
 
@@ -89,7 +89,7 @@ class TileReader:
                 found[key] = tile
         if missing:
             self.reads += 1
-            query = {"_id": missing[0]} if len(missing) == 1 else {"_id": {"$in": missing}}
+            query = one_of("_id", missing)
             async for doc in self.store.tiles.find(query):
                 tile = _Tile(doc["_id"], bytes(doc["hashes"]))
                 found[tile.key] = tile

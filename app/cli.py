@@ -157,6 +157,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level=args.log_level,
+        # Subscription messages are small and frequent: compressing each costs more CPU than it
+        # saves, and a deflate context costs about 40 KiB of memory per WebSocket.
+        ws_per_message_deflate=False,
     )
     return EXIT_OK
 

@@ -71,7 +71,13 @@ from graphql import (
 )
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from strawberry.extensions import DisableIntrospection, MaskErrors, SchemaExtension
+from strawberry.extensions import (
+    DisableIntrospection,
+    MaskErrors,
+    ParserCache,
+    SchemaExtension,
+    ValidationCache,
+)
 
 from app.settings import ConfigError
 
@@ -320,6 +326,10 @@ def graphql_extensions(
     extensions: list[Callable[[], SchemaExtension]] = [
         partial(QueryLimits, limits.max_tokens, shape_rule),
         partial(MaskErrors, should_mask_error=is_unexpected_error),
+        # Clients send the same few documents again and again: parse and validate each once
+        # (bounded LRU caches, keyed by the text and the limits in force).
+        partial(ParserCache, maxsize=1024),
+        partial(ValidationCache, maxsize=1024),
     ]
     if production:
         extensions += [DisableIntrospection, HideSuggestions]

@@ -36,7 +36,7 @@ from anchoring.errors import InvalidEvent, LedgerUnavailable, VersionConflict
 from anchoring.hashing import leaf_hash
 from anchoring.log import InclusionProof, TransparencyLog
 from anchoring.receipt import Receipt
-from anchoring.store import Doc
+from anchoring.store import Doc, one_of
 from anchoring.verify import root_from_inclusion_proof
 from app import prescriptions as rx
 from app.auth import Role, Viewer
@@ -84,7 +84,7 @@ class PrescriptionService:
     # --- reads ------------------------------------------------------------------------
 
     async def documents(self, ids: list[str]) -> dict[str, Doc]:
-        return {d["_id"]: d async for d in self.prescriptions.find({"_id": {"$in": ids}})}
+        return {d["_id"]: d async for d in self.prescriptions.find(one_of("_id", ids))}
 
     async def page(
         self, query: Doc, first: int, after: tuple[dt.datetime, str] | None

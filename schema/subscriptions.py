@@ -8,6 +8,7 @@ exactly the events after it, including those written while the client was away.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -25,36 +26,34 @@ from schema.prescriptions import Status, signed_in, viewer_of
 
 @strawberry.type(description="A step of a prescription, as the log sequenced it.")
 class PrescriptionChange:
+    # Plain fields, built once per event and shared by every subscriber that receives it:
+    # each delivery then costs a serialization, not a resolver call per field.
     event: strawberry.Private[FeedEvent]
+    prescription_id: strawberry.ID
+    type: str = strawberry.field(description="the event type recorded in the leaf, e.g. DISPENSED")
+    status: Status | None = strawberry.field(  # type: ignore[valid-type]
+        description="the prescription's status after this event"
+    )
+    version: int
+    at: str = strawberry.field(description="RFC 3339 time recorded in the leaf")
+    leaf_index: int = strawberry.field(
+        description="the resume point: pass it back as afterLeafIndex"
+    )
+    leaf: str = strawberry.field(description="base64 leaf bytes (RFC 8785 JSON header)")
 
-    @strawberry.field
-    def prescription_id(self) -> strawberry.ID:
-        return strawberry.ID(self.event.subject)
-
-    @strawberry.field(description="the event type recorded in the leaf, e.g. DISPENSED")
-    def type(self) -> str:
-        return self.event.type
-
-    @strawberry.field(description="the prescription's status after this event")
-    def status(self) -> Status | None:  # type: ignore[valid-type]
-        status = self.event.tags.get("status")
-        return None if status is None else rx.Status(status)
-
-    @strawberry.field
-    def version(self) -> int:
-        return self.event.version
-
-    @strawberry.field(description="RFC 3339 time recorded in the leaf")
-    def at(self) -> str:
-        return self.event.at
-
-    @strawberry.field(description="the resume point: pass it back as afterLeafIndex")
-    def leaf_index(self) -> int:
-        return self.event.leaf_index
-
-    @strawberry.field(description="base64 leaf bytes (RFC 8785 JSON header)")
-    def leaf(self) -> str:
-        return b64(self.event.leaf)
+    @classmethod
+    def of(cls, event: FeedEvent) -> PrescriptionChange:
+        status = event.tags.get("status")
+        return cls(
+            event=event,
+            prescription_id=strawberry.ID(event.subject),
+            type=event.type,
+            status=None if status is None else rx.Status(status),
+            version=event.version,
+            at=event.at,
+            leaf_index=event.leaf_index,
+            leaf=b64(event.leaf),
+        )
 
     @strawberry.field(description="inclusion proof, when a checkpoint already covers the leaf")
     async def proof(self, info: Info) -> InclusionProof | None:
@@ -67,6 +66,26 @@ class PrescriptionChange:
     @strawberry.field(description="the log's signed receipt for the leaf (always available)")
     def receipt(self, info: Info) -> Receipt:
         return Receipt.of(info.context["log"].receipt(self.event.leaf_index, self.event.leaf))
+
+
+class _Changes:
+    """The GraphQL objects of recent events, one per event however many subscribers get it."""
+
+    def __init__(self, size: int = 8192) -> None:
+        self.size = size
+        self._by_index: OrderedDict[int, PrescriptionChange] = OrderedDict()
+
+    def of(self, event: FeedEvent) -> PrescriptionChange:
+        change = self._by_index.get(event.leaf_index)
+        if change is None or change.event is not event:
+            change = PrescriptionChange.of(event)
+            self._by_index[event.leaf_index] = change
+            if len(self._by_index) > self.size:
+                self._by_index.popitem(last=False)
+        return change
+
+
+CHANGES = _Changes()
 
 
 @strawberry.input(description="All given conditions must hold.")
@@ -140,7 +159,7 @@ class Subscription:
         start = await feed.start_position() if after_leaf_index is None else after_leaf_index + 1
         try:
             async for event in feed.stream(start, viewer.expires_at, _cut(info), match):
-                yield PrescriptionChange(event=event)
+                yield CHANGES.of(event)
         except StreamEnded as exc:
             raise ClientError(exc.message, exc.code) from None
 
