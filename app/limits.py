@@ -74,7 +74,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.extensions import (
     DisableIntrospection,
     MaskErrors,
-    ParserCache,
     SchemaExtension,
     ValidationCache,
 )
@@ -326,9 +325,8 @@ def graphql_extensions(
     extensions: list[Callable[[], SchemaExtension]] = [
         partial(QueryLimits, limits.max_tokens, shape_rule),
         partial(MaskErrors, should_mask_error=is_unexpected_error),
-        # Clients send the same few documents again and again: parse and validate each once
-        # (bounded LRU caches, keyed by the text and the limits in force).
-        partial(ParserCache, maxsize=1024),
+        # Clients send the same few documents again and again: validate each once (a bounded
+        # LRU cache keyed by the document and the rules in force, these limits included).
         partial(ValidationCache, maxsize=1024),
     ]
     if production:
