@@ -78,8 +78,10 @@ test: venv ferretdb ## lint, typecheck, then the test suite
 	@$(MAKE) --no-print-directory typecheck
 	$(VENV)/bin/python -m pytest
 
-bench: venv ferretdb ## run the benchmarks (bench/ledger.py)
+bench: venv ferretdb ## run the benchmarks (bench/ledger.py, graphql.py, subscriptions.py)
 	$(VENV)/bin/python bench/ledger.py
+	$(VENV)/bin/python bench/graphql.py
+	$(VENV)/bin/python bench/subscriptions.py
 
 clean: ## stop the dev server, remove .venv, var/ (FerretDB binary, data) and caches
 	-@$(DEVDB) stop

@@ -75,10 +75,10 @@ class TransparencyLog:
         # event id -> leaf index: immutable once sequenced, so cached for good (bounded LRU)
         self._indices: OrderedDict[ObjectId, int] = OrderedDict()
         self._indices_max = 200_000
-        self.sequencer.on_publish.append(self._remember_indices)
         self.tail = LogTail(store)
         self.tail.listeners.append(self._remember_sequenced)
-        self.sequencer.on_publish.append(lambda size, root, events: self.tail.wake())
+        # The leader hands what it published straight to the tail: no read back.
+        self.sequencer.on_publish.append(lambda size, root, entries: self.tail.offer(entries))
         self._tail_task: asyncio.Task[None] | None = None
         self._latest: tuple[float, SignedCheckpoint | None] = (0.0, None)
 
@@ -176,11 +176,6 @@ class TransparencyLog:
 
     async def leaf_index(self, event_id: ObjectId) -> int | None:
         return (await self.leaf_indices([event_id])).get(event_id)
-
-    def _remember_indices(self, size: int, root: bytes, events: list[ObjectId]) -> None:
-        first = size - len(events)
-        for i, event_id in enumerate(events):
-            self._remember_index(event_id, first + i)
 
     def _remember_sequenced(self, batch: list[Sequenced]) -> None:
         for entry in batch:

@@ -80,9 +80,8 @@ class Sequencer:
         self._range = CompactRange()
         self._edge: dict[int, tuple[int, list[bytes]]] = {}  # tile level -> (index, hashes)
         self._wakeup = asyncio.Event()
-        self.on_publish: list[
-            Callable[[int, bytes, list[Any]], object]
-        ] = []  # (size, root, event ids)
+        # Called after each publish with (size, root, the entries just published).
+        self.on_publish: list[Callable[[int, bytes, list[Doc]], object]] = []
         self.last_error: str | None = None
         self.batches = 0
         self.sequenced = 0
@@ -377,9 +376,8 @@ class Sequencer:
         root = rng.root()
         await self.fenced_update({"size": rng.size, "rootHash": Binary(root)})
         self._range, self._edge, self.size, self.root = rng, edge, rng.size, root
-        events = [entry["event"] for entry in entries]
         for callback in self.on_publish:
-            callback(self.size, self.root, events)
+            callback(self.size, self.root, entries)
 
     # --- the loop ------------------------------------------------------------------------
 

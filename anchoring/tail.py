@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from bson import ObjectId
 from pymongo.errors import PyMongoError
 
-from anchoring.store import LogStore
+from anchoring.store import Doc, LogStore
 
 log = logging.getLogger("rxledger.tail")
 
@@ -35,6 +35,10 @@ class Sequenced:
 Listener = Callable[[list["Sequenced"]], None]
 
 
+def _sequenced(doc: Doc) -> Sequenced:
+    return Sequenced(int(doc["_id"]), doc["event"], bytes(doc["leaf"]), doc.get("tags") or {})
+
+
 class LogTail:
     def __init__(self, store: LogStore, poll_interval: float = 0.1, chunk: int = 1000) -> None:
         self.store = store
@@ -48,8 +52,22 @@ class LogTail:
         self._wakeup = asyncio.Event()
 
     def wake(self) -> None:
-        """Poll now (the in-process sequencer just published)."""
+        """Poll now."""
         self._wakeup.set()
+
+    def offer(self, entries: list[Doc]) -> None:
+        """Entries the in-process sequencer just published: taken as they are when they are
+        the next ones, which spares the database a read; otherwise polled for."""
+        if entries and self.position == entries[0]["_id"]:
+            self._deliver([_sequenced(d) for d in entries])
+        else:
+            self.wake()
+
+    def _deliver(self, batch: list[Sequenced]) -> None:
+        self.position = batch[-1].index + 1
+        for listener in self.listeners:
+            listener(batch)
+        self._notify()
 
     async def changed(self) -> None:
         """Wait until the next batch or checkpoint."""
@@ -62,10 +80,7 @@ class LogTail:
     async def read(self, start: int, end: int) -> list[Sequenced]:
         """Entries [start, end) in index order. Requires end <= the published size."""
         cursor = self.store.entries.find({"_id": {"$gte": start, "$lt": end}}).sort("_id", 1)
-        found = [
-            Sequenced(int(d["_id"]), d["event"], bytes(d["leaf"]), d.get("tags") or {})
-            async for d in cursor
-        ]
+        found = [_sequenced(d) async for d in cursor]
         if [e.index for e in found] != list(range(start, end)):
             raise PyMongoError(f"entries [{start}, {end}) are incomplete in storage")
         return found
@@ -78,10 +93,9 @@ class LogTail:
             self.position = size  # follow from now; older entries are read on demand
         while self.position < size:
             batch = await self.read(self.position, min(size, self.position + self.chunk))
-            self.position = batch[-1].index + 1
-            for listener in self.listeners:
-                listener(batch)
-            self._notify()
+            if batch[0].index != self.position:  # offered meanwhile
+                continue
+            self._deliver(batch)
         checkpoint = int(head.get("checkpointSize", -1))
         if checkpoint != self.checkpoint_size:
             self.checkpoint_size = checkpoint
