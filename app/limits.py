@@ -47,8 +47,6 @@ raised by resolvers and graphql-core's own (syntax, validation, variable coercio
 
 from __future__ import annotations
 
-import math
-import os
 import re
 import time
 from collections import OrderedDict
@@ -78,24 +76,10 @@ from strawberry.extensions import (
     ValidationCache,
 )
 
-from app.settings import ConfigError
+from app.settings import env_number
 
 QUERY_TOO_COMPLEX = "QUERY_TOO_COMPLEX"
 REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
-
-
-def _env_number(name: str, default: float, minimum: float, integer: bool) -> float:
-    raw = os.environ.get(name, "").strip()
-    if raw == "":
-        return default
-    kind = "an integer" if integer else "a number"
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not {kind}") from None
-    if not math.isfinite(value) or value < minimum:
-        raise ConfigError(f"{name}={raw} must be {kind} of at least {minimum}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -116,7 +100,7 @@ class LimitSettings:
         Raises ConfigError naming the first invalid variable."""
 
         def integer(name: str, default: int, minimum: int) -> int:
-            return int(_env_number(name, default, minimum, integer=True))
+            return int(env_number(name, default, minimum, integer=True))
 
         return cls(
             max_depth=integer("RXLEDGER_MAX_DEPTH", cls.max_depth, 1),
@@ -124,7 +108,7 @@ class LimitSettings:
             max_aliases=integer("RXLEDGER_MAX_ALIASES", cls.max_aliases, 0),
             max_page=integer("RXLEDGER_MAX_PAGE", cls.max_page, 1),
             max_body_bytes=integer("RXLEDGER_MAX_BODY_BYTES", cls.max_body_bytes, 1),
-            rate_per_second=_env_number(
+            rate_per_second=env_number(
                 "RXLEDGER_RATE_LIMIT", cls.rate_per_second, 0, integer=False
             ),
             rate_burst=integer("RXLEDGER_RATE_BURST", cls.rate_burst, 1),

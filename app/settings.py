@@ -20,16 +20,20 @@ class ConfigError(Exception):
     """A setting is missing or invalid; the message says which and what to do."""
 
 
-def _env_float(name: str, default: float, minimum: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
+def env_number(name: str, default: float, minimum: float, integer: bool = False) -> float:
+    """A number from the environment variable `name` (its default when unset or empty).
+    Raises ConfigError naming the variable when it is not a finite number of at least
+    `minimum` (or, with `integer`, not an integer)."""
+    raw = os.environ.get(name, "").strip()
+    if raw == "":
         return default
+    kind = "an integer" if integer else "a number"
     try:
-        value = float(raw)
+        value = int(raw) if integer else float(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
+        raise ConfigError(f"{name}={raw!r} is not {kind}") from None
     if not math.isfinite(value) or value < minimum:
-        raise ConfigError(f"{name}={raw} must be a finite number of at least {minimum}")
+        raise ConfigError(f"{name}={raw} must be {kind} of at least {minimum}")
     return value
 
 
@@ -67,15 +71,15 @@ class Settings:
             key_name=os.environ.get("RXLEDGER_KEY_NAME", origin.split("/")[0]),
             signing_key=Path(key) if key else None,
             var_dir=Path(os.environ.get("RXLEDGER_VAR_DIR", "var")),
-            db_timeout_ms=int(_env_float("RXLEDGER_DB_TIMEOUT_MS", 5000, 100)),
+            db_timeout_ms=int(env_number("RXLEDGER_DB_TIMEOUT_MS", 5000, 100)),
             log=LogSettings(
                 sequencer=SequencerSettings(
-                    batch_size=int(_env_float("RXLEDGER_BATCH_SIZE", 1000, 1)),
-                    lease_ttl=_env_float("RXLEDGER_LEASE_TTL", 5.0, 0.5),
+                    batch_size=int(env_number("RXLEDGER_BATCH_SIZE", 1000, 1)),
+                    lease_ttl=env_number("RXLEDGER_LEASE_TTL", 5.0, 0.5),
                 ),
                 anchor=AnchorSettings(
-                    interval=_env_float("RXLEDGER_CHECKPOINT_INTERVAL", 1.0, 0.01),
-                    max_leaves=int(_env_float("RXLEDGER_CHECKPOINT_LEAVES", 1000, 1)),
+                    interval=env_number("RXLEDGER_CHECKPOINT_INTERVAL", 1.0, 0.01),
+                    max_leaves=int(env_number("RXLEDGER_CHECKPOINT_LEAVES", 1000, 1)),
                 ),
             ),
         )
