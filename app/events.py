@@ -1,7 +1,7 @@
 """GET /events: the prescription event stream as Server-Sent Events, for partners that cannot
 hold a WebSocket.
 
-    GET /events?afterLeafIndex=N&pharmacy=P&organization=O&status=DISPENSED,DELIVERED
+    GET /events?afterLeafIndex=N (-1: from the first leaf)&pharmacy=P&organization=O&status=DISPENSED,DELIVERED
                 &prescriptionId=ID&patientId=ID
     Authorization: Bearer <token>
     Last-Event-ID: N          (sent by EventSource on reconnect; wins over afterLeafIndex)
@@ -39,8 +39,10 @@ def _error(status: int, message: str, code: str) -> Response:
 def _index(raw: str | None, name: str) -> int | None:
     if raw is None or raw == "":
         return None
+    if raw == "-1":
+        return -1  # from the first leaf
     if not raw.isdigit():
-        raise ValueError(f"{name} must be a leaf index (a non-negative integer), got {raw[:40]!r}")
+        raise ValueError(f"{name} must be a leaf index (an integer, -1 or more), got {raw[:40]!r}")
     return int(raw)
 
 

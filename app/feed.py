@@ -101,6 +101,7 @@ class PrescriptionFeed:
     # --- what the tail tells us ---------------------------------------------------------
 
     def _on_batch(self, batch: list[Sequenced]) -> None:
+        previous_end = self._end
         for entry in batch:
             event = feed_event(entry)
             if self._end != entry.index:  # the first batch, or after a gap: start afresh
@@ -115,7 +116,7 @@ class PrescriptionFeed:
                 self._newest.move_to_end(event.subject)
         while len(self._newest) > self._max_subjects:
             self._newest.popitem(last=False)
-        self._cut_stalled()
+        self._cut_stalled(previous_end)
 
     def newest_version(self, subject: str) -> int:
         """The newest sequenced version of a prescription, as far as this process has seen
@@ -133,13 +134,17 @@ class PrescriptionFeed:
         """The window's leaves from index `start` (>= window_start) to its end."""
         return [self._ring[i % self.window_size] for i in range(start, self._end)]
 
-    def _cut_stalled(self) -> None:
+    def _cut_stalled(self, previous_end: int) -> None:
+        """Cut off the subscribers the window has left behind while they still had events to
+        read. One that had read everything before this batch is not slow, only this batch is
+        large (a follower catching up): it reads what it missed from the database."""
         start = self.window_start
         for sub in list(self.subscribers):
-            if sub.live and sub.position < start and sub.ended is None:
+            if sub.live and sub.position < min(start, previous_end) and sub.ended is None:
                 sub.ended = (
                     f"subscriber too slow: more than {self.window_size} events behind; "
-                    f"resume with afterLeafIndex={sub.position - 1}"
+                    f"resume with afterLeafIndex={sub.position - 1} "
+                    "(or your last leafIndex, if later)"
                 )
                 log.warning("feed: cutting off a subscriber at %d: %s", sub.position, sub.ended)
                 if sub.cut is not None:
@@ -178,7 +183,7 @@ class PrescriptionFeed:
                 if expires_at is not None and time.time() >= expires_at:
                     raise StreamEnded(
                         "token expired; reconnect with a fresh token and "
-                        f"afterLeafIndex={sub.position - 1}",
+                        f"afterLeafIndex={sub.position - 1} (or your last leafIndex, if later)",
                         "TOKEN_EXPIRED",
                     )
                 if sub.position < self.window_start:

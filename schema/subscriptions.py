@@ -130,8 +130,8 @@ def _cut(info: Info) -> Any:
 @strawberry.type
 class Subscription:
     @strawberry.subscription(
-        description="prescription events you may read, in leaf order, from afterLeafIndex "
-        "(exclusive; default: from now on)"
+        description="prescription events you may read, in leaf order, after afterLeafIndex "
+        "(-1: from the first leaf; default: from now on)"
     )
     async def prescription_events(
         self,
@@ -140,7 +140,11 @@ class Subscription:
         after_leaf_index: int | None = None,
     ) -> AsyncGenerator[PrescriptionChange, None]:
         viewer = signed_in(info)
-        non_negative(after_leaf_index, "afterLeafIndex")
+        if after_leaf_index is not None and after_leaf_index < -1:
+            raise ClientError(
+                f"afterLeafIndex is {after_leaf_index}; it must be -1 (from the first leaf) or more",
+                "BAD_USER_INPUT",
+            )
         service: PrescriptionService = info.context["service"]
         f = filter or EventFilter()
         try:
