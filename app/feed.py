@@ -188,6 +188,8 @@ class PrescriptionFeed:
                     )
                 if sub.position < self.window_start:
                     # Resuming from before the window: read the backlog from the database.
+                    # Not "live" meanwhile: only a subscriber reading the window can lag it.
+                    sub.live = False
                     stop = min(self.window_start, sub.position + chunk)
                     backlog = await self.backlog(sub.position, stop)
                     pending: list[tuple[int, FeedEvent | None]] = [

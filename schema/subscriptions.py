@@ -8,6 +8,7 @@ exactly the events after it, including those written while the client was away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -114,15 +115,24 @@ def _feed(info: Info) -> PrescriptionFeed:
     return feed
 
 
+CLOSING: set[asyncio.Task[None]] = set()
+
+
 def _cut(info: Info) -> Any:
     """How to disconnect this subscriber with a reason: close its WebSocket (a stalled client
     may not read another message, but the close frame carries the reason)."""
     websocket = info.context.get("request")
 
+    async def close(reason: str) -> None:
+        close_socket = getattr(websocket, "close", None)
+        if close_socket is not None:
+            with contextlib.suppress(Exception):  # the client may be gone already
+                await close_socket(code=4008, reason=reason[:120])
+
     def cut(reason: str) -> None:
-        close = getattr(websocket, "close", None)
-        if close is not None:
-            asyncio.ensure_future(close(code=4008, reason=reason[:120]))
+        task = asyncio.ensure_future(close(reason))
+        CLOSING.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(CLOSING.discard)
 
     return cut
 

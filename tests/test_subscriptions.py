@@ -219,6 +219,23 @@ async def issue_many(
     return ids
 
 
+async def append_issued(appender: Ledger, subjects: list[str]) -> None:
+    """Append an ISSUED event for each subject straight to the log, as another gateway's
+    group-committing appender would: many events in little time, for tests about volume."""
+    at = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    await asyncio.gather(
+        *(
+            appender.append(
+                subject,
+                1,
+                {"v": 1, "subject": subject, "version": 1, "type": "ISSUED", "at": at},
+                tags={"status": "ISSUED", "pharmacy": "ph-1"},
+            )
+            for subject in subjects
+        )
+    )
+
+
 async def ledger_size(gw: Gateway, client: httpx.AsyncClient | None = None) -> int:
     async with contextlib.AsyncExitStack() as stack:
         if client is None:
@@ -544,6 +561,43 @@ async def test_a_subscriber_that_keeps_up_is_not_cut_off_when_its_gateway_catche
     assert {e["prescriptionId"] for e in received} == set(burst)
 
 
+async def test_a_subscriber_that_keeps_up_is_not_cut_off_while_its_gateway_catches_up_under_traffic(
+    start_gateway, client, db_name
+):
+    # As above, but the log keeps growing while the follower catches up, as it does in
+    # production: the subscriber reads what it missed from the database while new batches
+    # arrive. It is still not slow; it should not be cut off.
+    writer = await start_gateway()
+    follower = await start_gateway(RXLEDGER_SUBSCRIPTION_WINDOW="16")
+    first = await next_leaf_index(writer)
+    appender = Ledger(LogStore(client[db_name], ORIGIN))
+    try:
+        async with subscribed(follower, follower.token("AUDITOR", "aud-1"), first - 1) as socket:
+            caught_up, _ = await asyncio.gather(
+                changes(socket, "events", 1), append_issued(appender, ["rx_first"])
+            )
+            assert indices(caught_up) == [first]
+            follower.proc.send_signal(signal.SIGSTOP)
+            try:
+                await append_issued(appender, [f"rx_burst_{i:04d}" for i in range(1000)])
+                await wait_sequenced(writer, first + 1001)
+            finally:
+                follower.proc.send_signal(signal.SIGCONT)
+
+            async def traffic() -> None:
+                for round_ in range(50):
+                    await append_issued(appender, [f"rx_more_{round_:02d}_{i}" for i in range(5)])
+                    await asyncio.sleep(0.1)
+
+            try:
+                received, _ = await asyncio.gather(changes(socket, "events", 1250), traffic())
+            except ConnectionClosed as closed:
+                pytest.fail(f"a subscriber that kept up was disconnected: {closed.rcvd}")
+    finally:
+        await appender.close()
+    assert indices(received) == list(range(first + 1, first + 1251))
+
+
 # --- 5. volume -----------------------------------------------------------------------------
 
 
@@ -557,22 +611,11 @@ async def test_ten_thousand_events_arrive_complete_through_one_subscription(
     first = await next_leaf_index(gw)
     count = 10_000
     appender = Ledger(LogStore(client[db_name], ORIGIN))
-    at = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     subjects = [f"rx_bulk_{i:05d}" for i in range(count)]
     started = time.monotonic()
     async with subscribed(gw, gw.token("AUDITOR", "aud-1"), first - 1) as socket:
         reading = asyncio.create_task(changes(socket, "events", count))
-        await asyncio.gather(
-            *(
-                appender.append(
-                    subject,
-                    1,
-                    {"v": 1, "subject": subject, "version": 1, "type": "ISSUED", "at": at},
-                    tags={"status": "ISSUED", "pharmacy": "ph-1"},
-                )
-                for subject in subjects
-            )
-        )
+        await append_issued(appender, subjects)
         await appender.close()
         writes_done = time.monotonic()
         received = await reading
