@@ -160,6 +160,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Subscription messages are small and frequent: compressing each costs more CPU than it
         # saves, and a deflate context costs about 40 KiB of memory per WebSocket.
         ws_per_message_deflate=False,
+        # Clients keep connections open between requests; uvicorn's 5 s default races their
+        # reuse of an idle connection (the client sees a reset).
+        timeout_keep_alive=30,
     )
     return EXIT_OK
 
