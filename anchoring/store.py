@@ -1,9 +1,11 @@
 """The log's MongoDB collections and indexes.
 
 Growing collections are insert-only (ledger, entries, tiles, notarizations): appends and
-sequencing never update or delete a document there. Only two small collections change:
-`pending` (events appended but not yet sequenced, deleted once sequenced) and `leases` (one
-document per log holding the sequencer lease and the published tree head).
+sequencing never update or delete a document there. An application may remove its own `data`
+and `tags` from events and entries, as a legal erasure does; leaves are never touched. Only two
+small collections change: `pending` (events appended but not yet sequenced, deleted once
+sequenced) and `leases` (one document per log holding the sequencer lease and the published
+tree head).
 """
 
 from __future__ import annotations
