@@ -45,17 +45,34 @@ def env_for(mongo_uri: str, db_name: str, tmp_path: Path, **extra: str) -> dict[
     return env
 
 
+def serve(environment: dict[str, str], log_path: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    """Start `rxledger serve` on a free port with this environment, its output in `log_path`;
+    the base URL and the process (not ready yet)."""
+    port = free_port()
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env=environment,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    return f"http://127.0.0.1:{port}", proc
+
+
 @pytest.fixture
 def gateway(mongo_uri: str, db_name: str, tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--log-level", "warning"],
-        cwd=ROOT,
-        env=env_for(mongo_uri, db_name, tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "gateway.log"
+    base, proc = serve(env_for(mongo_uri, db_name, tmp_path), log_path)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -65,7 +82,7 @@ def gateway(mongo_uri: str, db_name: str, tmp_path: Path) -> Iterator[str]:
             except httpx.TransportError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                out = proc.stdout.read().decode() if proc.stdout else ""
+                out = log_path.read_text(errors="replace")
                 pytest.fail(f"gateway did not start: {out[-2000:]}")
             time.sleep(0.1)
         yield base

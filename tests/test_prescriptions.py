@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 from pymongo import MongoClient
-from test_gateway import ORIGIN, env_for, free_port
+from test_gateway import ORIGIN, env_for, serve
 
 from anchoring.encoding import canonical_json
 from anchoring.note import parse_verifier_key
@@ -161,7 +161,6 @@ def launch(
     mongo_uri: str, db: str, tmp: Path, mint: Callable[..., str] | None = None, **env: str
 ) -> tuple[Gateway, subprocess.Popen[bytes]]:
     """Start a gateway process on a free port over database `db` (not yet ready)."""
-    port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     environment = env_for(mongo_uri, db, tmp)
     environment.update(env)
@@ -174,16 +173,7 @@ def launch(
             return mint_token(secret=secret, **claims)
 
     log_path = tmp / "gateway.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
-            + ["--log-level", "warning"],
-            cwd=ROOT,
-            env=environment,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
+    base, proc = serve(environment, log_path)
     http = httpx.Client(base_url=base, timeout=30)
     return Gateway(base, db, var_dir, log_path, mint, http), proc
 

@@ -16,7 +16,6 @@ import datetime as dt
 import json
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -26,7 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_gateway import ORIGIN, env_for, free_port
+from test_gateway import ORIGIN, env_for, serve
 from websockets.exceptions import ConnectionClosed
 from ws_client import GraphQLSocket, StalledSubscriber
 
@@ -108,18 +107,9 @@ def start_gateway(mongo_uri: str, db_name: str, tmp_path: Path) -> Iterator[Star
     async def start(**env: str) -> Gateway:
         environment = env_for(mongo_uri, db_name, tmp_path, RXLEDGER_RATE_LIMIT="0", **env)
         secret = load_dev_secret(Path(environment["RXLEDGER_VAR_DIR"]))
-        port = free_port()
         log_path = tmp_path / f"gateway-{len(started)}.log"
-        with log_path.open("wb") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
-                + ["--log-level", "warning"],
-                cwd=ROOT,
-                env=environment,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-        gateway = Gateway(f"http://127.0.0.1:{port}", proc, log_path, secret)
+        base, proc = serve(environment, log_path)
+        gateway = Gateway(base, proc, log_path, secret)
         started.append(gateway)
         deadline = time.monotonic() + READY_TIMEOUT
         async with httpx.AsyncClient(timeout=2) as client:
