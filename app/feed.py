@@ -21,7 +21,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from anchoring.log import TransparencyLog
@@ -79,7 +79,6 @@ class Subscriber:
     cut: Callable[[str], None] | None = None  # how to disconnect it when it stalls
     ended: str | None = None
     live: bool = False  # reading from the window (not a backlog from the database)
-    task: asyncio.Task[Any] | None = field(default=None, repr=False)
 
 
 class PrescriptionFeed:
@@ -174,7 +173,7 @@ class PrescriptionFeed:
     ) -> AsyncGenerator[FeedEvent, None]:
         """Every event from leaf index `start` on, in order, without gaps or repeats, until
         the subscriber stalls or its token expires (StreamEnded says which)."""
-        sub = Subscriber(position=start, cut=cut, task=asyncio.current_task())
+        sub = Subscriber(position=start, cut=cut)
         self.subscribers.add(sub)
         try:
             while True:

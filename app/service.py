@@ -254,18 +254,32 @@ class PrescriptionService:
         VersionConflict when the expected version is stale; None to go ahead."""
         if doc["version"] == expected_version:
             return None
-        if idempotency_key is not None and doc["version"] > expected_version:
-            first = await self.ledger.find_one(
-                {"subject": doc["_id"], "version": expected_version + 1}, REQUEST_FIELDS
-            )
-            if first is not None and _same_request(
-                first, viewer, mutation, idempotency_key, payload
-            ):
-                return doc
+        if doc["version"] > expected_version and await self._first_attempt_stored(
+            doc["_id"], expected_version + 1, viewer, mutation, idempotency_key, payload
+        ):
+            return doc
         raise Refused(
             "VersionConflict",
             f"expected version {expected_version}, the prescription is at version {doc['version']}: "
             "read it again and retry",
+        )
+
+    async def _first_attempt_stored(
+        self,
+        subject: str,
+        version: int,
+        viewer: Viewer,
+        mutation: str,
+        idempotency_key: str | None,
+        payload: Doc,
+    ) -> bool:
+        """Whether the ledger's event at `version` is this request's first attempt (same
+        caller and idempotency key); raises Refused when the key was used for another request."""
+        if idempotency_key is None:
+            return False
+        first = await self.ledger.find_one({"subject": subject, "version": version}, REQUEST_FIELDS)
+        return first is not None and _same_request(
+            first, viewer, mutation, idempotency_key, payload
         )
 
     async def _append(
@@ -285,6 +299,7 @@ class PrescriptionService:
         header = rx.header(doc, event, viewer, at, prev, payload)
         leaf = canonical_json(header)
         event_id = ObjectId()
+        actor = rx.actor_record(viewer)
         doc["lastLeafHash"] = Binary(leaf_hash(leaf))
         doc["events"] = [
             *doc.get("events", []),
@@ -293,16 +308,11 @@ class PrescriptionService:
                 "version": doc["version"],
                 "type": event.value,
                 "at": at,
-                "actor": rx.actor_record(viewer),
+                "actor": actor,
                 "leaf": Binary(leaf),
             },
         ]
-        data: Doc = {
-            "state": doc,
-            "payload": payload,
-            "mutation": mutation,
-            "actor": rx.actor_record(viewer),
-        }
+        data: Doc = {"state": doc, "payload": payload, "mutation": mutation, "actor": actor}
         if idempotency_key is not None:
             data["idem"] = idempotency_key
         try:
@@ -311,14 +321,10 @@ class PrescriptionService:
             )
         except VersionConflict:
             current = await self.repair(doc["_id"])
-            if idempotency_key is not None and current is not None:
-                first = await self.ledger.find_one(
-                    {"subject": doc["_id"], "version": doc["version"]}, REQUEST_FIELDS
-                )
-                if first is not None and _same_request(
-                    first, viewer, mutation, idempotency_key, payload
-                ):
-                    return current
+            if current is not None and await self._first_attempt_stored(
+                doc["_id"], doc["version"], viewer, mutation, idempotency_key, payload
+            ):
+                return current
             now_at = "unknown" if current is None else current["version"]
             raise Refused(
                 "VersionConflict",
