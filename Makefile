@@ -1,8 +1,9 @@
 # rxledger developer tasks. `make` or `make help` lists them.
 #
-# Needs python3 (>= 3.11), make, and Go (only to build FerretDB, the MongoDB-protocol server used
-# for development and tests). Set MONGODB_URI to use another server (e.g. a real MongoDB) instead:
-# then FerretDB is neither built nor started.
+# Needs python3 (>= 3.11), make, and Go (to build FerretDB, the MongoDB-protocol server used
+# for development and tests, and the tlog interoperability client under tests/interop/). The
+# tests also drive Debian's chromium; `make browser` installs it (as root). Set MONGODB_URI to
+# use another server (e.g. a real MongoDB) instead: then FerretDB is neither built nor started.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -17,7 +18,7 @@ PORT    ?= 8000
 
 DEVDB := $(PYTHON) scripts/devdb.py --port $(DB_PORT) --data-dir $(DB_DIR)
 
-.PHONY: help venv ferretdb db db-stop run lint schema typecheck test bench clean
+.PHONY: help venv ferretdb browser db db-stop run lint schema typecheck test bench clean
 
 help: ## list the targets
 	@echo "usage: make TARGET   (set MONGODB_URI to use your own MongoDB instead of FerretDB)"
@@ -46,6 +47,9 @@ ferretdb: ## build FerretDB into var/bin (first time only; skipped if MONGODB_UR
 	  bash scripts/install-ferretdb.sh >/dev/null; \
 	fi
 
+browser: ## install Debian's chromium and chromium-driver for the /audit page test (needs root)
+	@bash scripts/install-chromium.sh
+
 db: ## start the development server (FerretDB on DB_PORT, data in DB_DIR), detached
 	@if [ -n "$$MONGODB_URI" ]; then \
 	  echo "MONGODB_URI is set; not starting a server"; \
@@ -73,7 +77,7 @@ typecheck: venv ## mypy (strict) on anchoring/, app/ and schema/
 # FerretDB is built first so that its (one-time, minutes-long) build shows its progress instead of
 # happening silently inside pytest. Tests start and stop their own server on a free port, or use
 # MONGODB_URI when it is set.
-test: venv ferretdb ## lint, typecheck, then the test suite
+test: venv ferretdb browser ## lint, typecheck, then the test suite
 	@$(MAKE) --no-print-directory lint
 	@$(MAKE) --no-print-directory typecheck
 	$(VENV)/bin/python -m pytest

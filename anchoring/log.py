@@ -24,7 +24,16 @@ from anchoring.receipt import Receipt, sign_receipt
 from anchoring.sequencer import Sequencer, SequencerSettings
 from anchoring.store import Doc, LogStore, one_of
 from anchoring.tail import LogTail, Sequenced
-from anchoring.tiles import TileReader
+from anchoring.tiles import (
+    ENTRIES,
+    TileCorrupt,
+    TileNotFound,
+    TileReader,
+    entry_bundle,
+    tile_exists,
+    tile_path,
+)
+from anchoring.treemath import TILE_WIDTH
 
 log = logging.getLogger("rxledger.log")
 
@@ -170,6 +179,22 @@ class TransparencyLog:
             self.store.notarizations.find({"_id": {"$gt": after_size}}).sort("_id", 1).limit(limit)
         )
         return [SignedCheckpoint.from_doc(d) async for d in cursor]
+
+    async def entry_bundle(self, index: int, width: int, published_size: int) -> bytes:
+        """The tlog-tiles entry bundle `index` of `width` leaves; raises TileNotFound when the
+        tree of `published_size` does not have them all, TileCorrupt when entries are missing."""
+        if not tile_exists(ENTRIES, index, width, published_size):
+            raise TileNotFound(
+                f"the tree of size {published_size} has no {tile_path(ENTRIES, index, width)}"
+            )
+        first = index * TILE_WIDTH
+        cursor = self.store.entries.find(
+            {"_id": {"$gte": first, "$lt": first + width}}, {"leaf": 1}
+        ).sort("_id", 1)
+        leaves = [(int(doc["_id"]), bytes(doc["leaf"])) async for doc in cursor]
+        if [i for i, _ in leaves] != list(range(first, first + width)):
+            raise TileCorrupt(f"entries {first}..{first + width - 1} are not all stored")
+        return entry_bundle([leaf for _, leaf in leaves])
 
     async def entry(self, index: int) -> Doc | None:
         return await self.store.entries.find_one({"_id": index})

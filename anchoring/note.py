@@ -33,8 +33,10 @@ MAX_NOTE_BYTES = 1 << 20
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 
 
-def key_id(name: str, public_key: bytes) -> bytes:
-    return hashlib.sha256(name.encode() + b"\n" + bytes([ALG_ED25519]) + public_key).digest()[:4]
+def key_id(name: str, public_key: bytes, alg: int = ALG_ED25519) -> bytes:
+    """SHA-256(name || 0x0A || alg || public key)[:4]: alg 0x01 for note signatures, 0x04 for
+    C2SP tlog-cosignature/v1 cosignatures."""
+    return hashlib.sha256(name.encode() + b"\n" + bytes([alg]) + public_key).digest()[:4]
 
 
 def _check_key_name(name: str) -> None:
@@ -58,13 +60,19 @@ class Verifier:
         return True
 
 
-def verifier_key_string(name: str, public_key: bytes) -> str:
+def verifier_key_string(name: str, public_key: bytes, alg: int = ALG_ED25519) -> str:
     _check_key_name(name)
-    return f"{name}+{key_id(name, public_key).hex()}+{b64(bytes([ALG_ED25519]) + public_key)}"
+    return f"{name}+{key_id(name, public_key, alg).hex()}+{b64(bytes([alg]) + public_key)}"
 
 
 def parse_verifier_key(text: str) -> Verifier:
-    """Parse "<name>+<hex id>+<base64 key>"; raises VerificationError(MALFORMED) on bad input."""
+    """Parse "<name>+<hex id>+<base64(0x01 || key)>"; raises VerificationError(MALFORMED) on bad
+    input."""
+    return parse_key(text, ALG_ED25519)
+
+
+def parse_key(text: str, alg: int) -> Verifier:
+    """Parse a vkey "<name>+<hex id>+<base64(alg || Ed25519 key)>" of signature type `alg`."""
     parts = text.strip().split("+", 2)  # the base64 key may itself contain '+'
     if len(parts) != 3:
         raise VerificationError(
@@ -79,11 +87,11 @@ def parse_verifier_key(text: str) -> Verifier:
         raise VerificationError(MALFORMED, f"verifier key: {exc}") from exc
     if len(kid) != 4:
         raise VerificationError(MALFORMED, f"verifier key ID must be 8 hex digits, got {hex_id!r}")
-    if len(raw) != 33 or raw[0] != ALG_ED25519:
+    if len(raw) != 33 or raw[0] != alg:
         raise VerificationError(
-            MALFORMED, "verifier key must be 0x01 followed by a 32-byte Ed25519 key"
+            MALFORMED, f"verifier key must be 0x{alg:02x} followed by a 32-byte Ed25519 key"
         )
-    if key_id(name, raw[1:]) != kid:
+    if key_id(name, raw[1:], alg) != kid:
         raise VerificationError(MALFORMED, f"verifier key ID {hex_id} does not match the key")
     return Verifier(name, kid, Ed25519PublicKey.from_public_bytes(raw[1:]))
 
@@ -114,13 +122,9 @@ class Signer:
         return Verifier(self.name, self.key_id, self.private_key.public_key())
 
 
-def open_note(note: str, verifiers: list[Verifier]) -> tuple[str, list[str]]:
-    """Split a signed note, check the signatures by known keys, return (text, names verified).
-
-    Signatures by keys not in `verifiers` are ignored. Raises VerificationError: MALFORMED for
-    a note that does not parse, BAD_SIGNATURE when a known key's signature does not verify,
-    UNKNOWN_KEY when no known key signed it.
-    """
+def split_note(note: str) -> tuple[str, list[tuple[str, bytes]]]:
+    """A signed note's text and its signatures as (key name, key ID || signature) pairs, in
+    order; raises VerificationError(MALFORMED) when the note does not parse."""
     if len(note.encode()) > MAX_NOTE_BYTES:
         raise VerificationError(MALFORMED, "note is larger than 1 MiB")
     sep = note.rfind("\n\n")
@@ -132,8 +136,7 @@ def open_note(note: str, verifiers: list[Verifier]) -> tuple[str, list[str]]:
     for ch in note:
         if (ord(ch) < 0x20 and ch != "\n") or ch == "\x7f":
             raise VerificationError(MALFORMED, f"note contains control character {ch!r}")
-    known = {(v.name, v.key_id): v for v in verifiers}
-    verified: list[str] = []
+    signatures: list[tuple[str, bytes]] = []
     lines = sig_block.split("\n")[:-1]
     if not lines:
         raise VerificationError(MALFORMED, "signed note has no signature lines")
@@ -153,6 +156,21 @@ def open_note(note: str, verifiers: list[Verifier]) -> tuple[str, list[str]]:
             raise VerificationError(MALFORMED, str(exc)) from exc
         if not name or len(raw) < 5:
             raise VerificationError(MALFORMED, f"malformed signature line {line!r:.60}")
+        signatures.append((name, raw))
+    return text, signatures
+
+
+def open_note(note: str, verifiers: list[Verifier]) -> tuple[str, list[str]]:
+    """Split a signed note, check the signatures by known keys, return (text, names verified).
+
+    Signatures by keys not in `verifiers` are ignored. Raises VerificationError: MALFORMED for
+    a note that does not parse, BAD_SIGNATURE when a known key's signature does not verify,
+    UNKNOWN_KEY when no known key signed it.
+    """
+    text, signatures = split_note(note)
+    known = {(v.name, v.key_id): v for v in verifiers}
+    verified: list[str] = []
+    for name, raw in signatures:
         verifier = known.get((name, raw[:4]))
         if verifier is None:
             continue

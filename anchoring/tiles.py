@@ -1,4 +1,5 @@
-"""Reading and writing tree nodes as immutable C2SP tlog-tiles in MongoDB.
+"""Reading and writing tree nodes as immutable C2SP tlog-tiles in MongoDB, and the tlog-tiles
+HTTP forms: tile paths and entry bundles.
 
 A tile document is {_id: "L/N" or "L/N.p/W", level: L, index: N, width: W, hashes: W*32 bytes}.
 Every document is written once and never changed: a growing right-edge tile is stored again
@@ -8,6 +9,7 @@ readable. Which key to read follows from the tree size being read (see treemath.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 
 from bson import Binary
@@ -16,11 +18,86 @@ from pymongo.errors import BulkWriteError
 from anchoring.hashing import HASH_SIZE, node_hash
 from anchoring.ledger import DUPLICATE_KEY
 from anchoring.store import Doc, LogStore, one_of
-from anchoring.treemath import Node, tile_key, tile_slice, tile_width
+from anchoring.treemath import TILE_WIDTH, Node, tile_key, tile_slice, tile_width
+
+ENTRIES = -1  # the "level" of entry bundles in tile paths (tile/entries/N)
+MAX_ENTRY_BYTES = 0xFFFF  # an entry bundle prefixes each entry with a big-endian uint16 length
 
 
 class TileCorrupt(Exception):
     """A stored tile is missing or has the wrong shape."""
+
+
+class TileNotFound(LookupError):
+    """A tile or entry bundle that the tree of the given size does not (yet) have."""
+
+
+def tile_path(level: int, index: int, width: int = TILE_WIDTH) -> str:
+    """The tlog-tiles path of a tile, "tile/<L>/<N>[.p/<W>]", or of an entry bundle when
+    level is ENTRIES, "tile/entries/<N>[.p/<W>]". N is written in 3-digit groups, all but the
+    last prefixed with "x": 1234067 is "x001/x234/067"."""
+    if index < 0 or not 0 < width <= TILE_WIDTH or not ENTRIES <= level < 64:
+        raise ValueError(f"no tile at level {level}, index {index}, width {width}")
+    groups = [f"{index % 1000:03d}"]
+    index //= 1000
+    while index:
+        groups.append(f"x{index % 1000:03d}")
+        index //= 1000
+    name = "entries" if level == ENTRIES else str(level)
+    suffix = "" if width == TILE_WIDTH else f".p/{width}"
+    return f"tile/{name}/{'/'.join(reversed(groups))}{suffix}"
+
+
+_TILE_PATH = re.compile(
+    r"tile/(entries|0|[1-9][0-9]?)/((?:x[0-9]{3}/)*)([0-9]{3})(?:\.p/([1-9][0-9]{0,2}))?"
+)
+
+
+def parse_tile_path(path: str) -> tuple[int, int, int]:
+    """(level, index, width) of a tlog-tiles path; level is ENTRIES for an entry bundle.
+    Raises ValueError for anything that is not a canonical tile path."""
+    m = _TILE_PATH.fullmatch(path)
+    if m is None:
+        raise ValueError(f"{path!r} is not a tile path (tile/<L>/<N>[.p/<W>])")
+    name, groups, last, partial = m.groups()
+    level = ENTRIES if name == "entries" else int(name)
+    index = 0
+    for group in [g[1:] for g in groups.split("/") if g] + [last]:
+        index = index * 1000 + int(group)
+    width = int(partial) if partial else TILE_WIDTH
+    if level >= 64 or width >= TILE_WIDTH and partial or tile_path(level, index, width) != path:
+        raise ValueError(f"{path!r} is not a canonical tile path")
+    return level, index, width
+
+
+def tile_exists(level: int, index: int, width: int, size: int) -> bool:
+    """Whether a tree of `size` leaves has all `width` hashes of tile (level, index): a tile
+    (or entry bundle, level ENTRIES) of that width is then immutable."""
+    return 0 < width <= tile_width(max(level, 0), index, size)
+
+
+def entry_bundle(leaves: list[bytes]) -> bytes:
+    """A tlog-tiles entry bundle: each entry prefixed with its big-endian uint16 length."""
+    out = bytearray()
+    for leaf in leaves:
+        if len(leaf) > MAX_ENTRY_BYTES:
+            raise ValueError(f"an entry of {len(leaf)} bytes does not fit an entry bundle")
+        out += len(leaf).to_bytes(2, "big") + leaf
+    return bytes(out)
+
+
+def parse_entry_bundle(data: bytes) -> list[bytes]:
+    """The entries of an entry bundle; raises ValueError when it is truncated."""
+    leaves, at = [], 0
+    while at < len(data):
+        if at + 2 > len(data):
+            raise ValueError(f"entry bundle is truncated at byte {at}")
+        n = int.from_bytes(data[at : at + 2], "big")
+        if at + 2 + n > len(data):
+            raise ValueError(f"entry bundle is truncated in entry {len(leaves)}")
+        leaves.append(data[at + 2 : at + 2 + n])
+        at += 2 + n
+    return leaves
 
 
 class _Tile:
@@ -98,6 +175,20 @@ class TileReader:
         if absent:
             raise TileCorrupt(f"tile {absent[0]} is missing from storage")
         return found
+
+    async def tile(self, level: int, index: int, width: int, published_size: int) -> bytes:
+        """The bytes of tile (level, index) of `width` hashes, as tlog-tiles serves them.
+        Any width the tree of `published_size` completes is served: a narrower partial tile
+        is a prefix of the stored wider one. Raises TileNotFound otherwise."""
+        if level < 0 or not tile_exists(level, index, width, published_size):
+            raise TileNotFound(
+                f"the tree of size {published_size} has no {tile_path(max(level, 0), index, width)}"
+            )
+        key = tile_key(level, index, tile_width(level, index, published_size))
+        data = (await self._tiles({key}))[key].rows[0]
+        if len(data) < width * HASH_SIZE:
+            raise TileCorrupt(f"tile {key} is {len(data)} bytes, too short for {width} hashes")
+        return data[: width * HASH_SIZE]
 
     async def nodes(self, nodes: list[Node], published_size: int) -> dict[Node, bytes]:
         """Hashes of complete nodes of the tree, read from the tiles of `published_size`.

@@ -8,14 +8,16 @@ import contextlib
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from pymongo.errors import PyMongoError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 from strawberry.asgi import GraphQL
 
@@ -32,6 +34,16 @@ from schema.loaders import Loaders
 from schema.root import make_schema
 
 log = logging.getLogger("rxledger.app")
+
+STATIC = Path(__file__).parent / "static"
+# The audit page runs only its own script and style: nothing inline, nothing from elsewhere.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data:; connect-src 'self'; form-action 'none'; frame-ancestors 'none'; "
+    "base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> Response:
@@ -178,6 +190,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             return JSONResponse(body, status_code=503)
         return JSONResponse(body)
 
+    async def audit_page(request: Request) -> Response:
+        return FileResponse(STATIC / "audit.html", headers=PAGE_HEADERS)
+
     async def metrics_endpoint(request: Request) -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
@@ -202,6 +217,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/graphql", endpoint, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", graphql),
             Route("/events", EventStream(auth)),
+            Route("/audit", audit_page),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
         middleware=[
             Middleware(MetricsMiddleware, metrics=metrics),

@@ -37,6 +37,11 @@ class Checkpoint:
         )
 
 
+def bundle_json(proof: tlog.InclusionProof) -> str:
+    """The proof bundle as compact JSON, the same bytes everywhere the API returns it."""
+    return json.dumps(proof.bundle(), separators=(",", ":"))
+
+
 @strawberry.type(description="RFC 9162 inclusion proof of one leaf in a checkpointed tree.")
 class InclusionProof:
     leaf_index: int
@@ -57,7 +62,7 @@ class InclusionProof:
             leaf_hash=b64(proof.leaf_hash),
             path=[b64(h) for h in proof.path],
             checkpoint=Checkpoint.of(proof.checkpoint),
-            bundle=json.dumps(proof.bundle(), separators=(",", ":")),
+            bundle=bundle_json(proof),
         )
 
 
