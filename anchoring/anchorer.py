@@ -20,6 +20,7 @@ from anchoring.proofs import consistency_proof
 from anchoring.store import Doc, LogStore
 from anchoring.tiles import TileReader
 from anchoring.verify import VerificationError, verify_consistency
+from anchoring.witness import Cosignature
 
 log = logging.getLogger("rxledger.anchorer")
 
@@ -35,14 +36,32 @@ class SignedCheckpoint:
     origin: str
     size: int
     root_hash: bytes
-    note: str
+    note: str  # as the log signed it
     anchored_at: dt.datetime
+    cosignatures: tuple[Cosignature, ...] = ()  # by witnesses, checked when they were added
 
     @classmethod
     def from_doc(cls, doc: Doc) -> SignedCheckpoint:
-        return cls(
-            doc["origin"], int(doc["size"]), bytes(doc["rootHash"]), doc["note"], doc["anchoredAt"]
+        cosigs = sorted(
+            (
+                Cosignature(c["name"], bytes.fromhex(c["keyId"]), int(c["timestamp"]), c["line"])
+                for c in (doc.get("cosignatures") or {}).values()
+            ),
+            key=lambda c: (c.name, c.key_id),
         )
+        return cls(
+            doc["origin"],
+            int(doc["size"]),
+            bytes(doc["rootHash"]),
+            doc["note"],
+            doc["anchoredAt"],
+            tuple(cosigs),
+        )
+
+    @property
+    def witnessed_note(self) -> str:
+        """The signed note with the witnesses' cosignature lines after the log's signature."""
+        return self.note + "".join(c.line for c in self.cosignatures)
 
 
 class Anchorer:

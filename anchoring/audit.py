@@ -8,6 +8,7 @@ divergence with the index, tile or checkpoint where it shows.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,8 +16,9 @@ from anchoring.encoding import EncodingError, b64, canonical_json
 from anchoring.hashing import HASH_SIZE, leaf_hash
 from anchoring.note import Verifier, open_checkpoint
 from anchoring.proofs import consistency_proof
+from anchoring.remote import RemoteError, RemoteLog
 from anchoring.store import Doc, LogStore
-from anchoring.tiles import TileCorrupt, TileReader
+from anchoring.tiles import TileCorrupt, TileNotFound, TileReader, tile_path
 from anchoring.treemath import TILE_HEIGHT, TILE_WIDTH, CompactRange, Node, tile_key, tile_width
 from anchoring.verify import VerificationError, verify_consistency
 
@@ -158,6 +160,104 @@ async def _audit(
             verify_consistency(old["size"], new["size"], old["root"], new["root"], path)
         except (VerificationError, TileCorrupt, ValueError) as exc:
             problem(f"checkpoints {old['size']} -> {new['size']}: not consistent ({exc})")
+
+
+async def audit_remote(
+    remote: RemoteLog,
+    verifiers: list[Verifier],
+    progress: Callable[[int, int], None] | None = None,
+    max_problems: int = 20,
+    origin: str | None = None,
+) -> AuditReport:
+    """Audit a log through its tlog-tiles alone: verify its checkpoint, read every entry
+    bundle, check each leaf (canonical JSON, versions and prev hashes per subject), rebuild the
+    tree and compare every tile of the checkpoint's size and the root with the checkpoint."""
+    report = AuditReport()
+
+    def problem(message: str) -> None:
+        report.problems.append(message)
+        if len(report.problems) >= max_problems:
+            raise _Stop
+
+    try:
+        await _audit_remote(remote, verifiers, report, problem, progress, origin)
+    except _Stop:
+        pass
+    except (RemoteError, TileNotFound) as exc:
+        report.problems.append(f"the log could not be read: {exc}")
+    return report
+
+
+async def _audit_remote(
+    remote: RemoteLog,
+    verifiers: list[Verifier],
+    report: AuditReport,
+    problem: Callable[[str], None],
+    progress: Callable[[int, int], None] | None,
+    origin: str | None,
+) -> None:
+    note = await remote.checkpoint()
+    try:
+        cp = open_checkpoint(note, verifiers, origin)
+    except VerificationError as exc:
+        problem(f"checkpoint: {exc}")
+        return
+    report.checkpoints = 1
+    size = cp.size
+    rng = CompactRange()
+    rows: dict[int, list[bytes]] = {}
+    last_version: dict[str, tuple[int, bytes]] = {}
+
+    def on_node(node: Node, digest: bytes) -> None:
+        if node.level % TILE_HEIGHT == 0:
+            rows.setdefault(node.level // TILE_HEIGHT, []).append(digest)
+
+    for bundle in range((size + TILE_WIDTH - 1) // TILE_WIDTH):
+        width = tile_width(0, bundle, size)
+        leaves = await remote.entries(bundle, width)
+        stored = await remote.tile(0, bundle, width)
+        for i, leaf in enumerate(leaves):
+            index = bundle * TILE_WIDTH + i
+            digest = leaf_hash(leaf)
+            if stored[i * HASH_SIZE : (i + 1) * HASH_SIZE] != digest:
+                problem(
+                    f"entry {index}: its leaf does not hash to {tile_path(0, bundle, width)}[{i}]"
+                )
+            try:
+                header = json.loads(leaf)
+            except ValueError:
+                header = None
+            if not isinstance(header, dict):
+                problem(f"entry {index}: the leaf is not a JSON object")
+            else:
+                pseudo = {
+                    "_id": f"at leaf {index}",
+                    "header": header,
+                    "subject": header.get("subject"),
+                    "version": header.get("version"),
+                }
+                _check_event(index, leaf, pseudo, last_version, problem)
+            rng.append(digest, on_node)
+        report.entries = rng.size
+        if progress is not None:
+            progress(rng.size, size)
+    if rng.root() != cp.root_hash:
+        problem(f"checkpoint {size}: its root differs from the tree rebuilt from the entry bundles")
+    level = 1
+    while size >> (TILE_HEIGHT * level):
+        nodes = size >> (TILE_HEIGHT * level)
+        for index in range((nodes + TILE_WIDTH - 1) // TILE_WIDTH):
+            width = tile_width(level, index, size)
+            stored = await remote.tile(level, index, width)
+            expected = rows.get(level, [])[index * TILE_WIDTH : index * TILE_WIDTH + width]
+            report.tiles += 1
+            if stored != b"".join(expected):
+                problem(
+                    f"{tile_path(level, index, width)} differs from the tree rebuilt from the "
+                    "entry bundles"
+                )
+        level += 1
+    report.tiles += (size + TILE_WIDTH - 1) // TILE_WIDTH
 
 
 def _parse_tile_key(key: object) -> tuple[int, int, int] | None:

@@ -30,3 +30,8 @@ class ProofUnavailable(LedgerError, ValueError):
 
 class AnchorRefused(LedgerError):
     """The anchorer refused to sign: the tree is not consistent with the last checkpoint."""
+
+
+class CosignatureRejected(LedgerError):
+    """A cosignature was not accepted: not by a configured witness, not valid, or not on a
+    checkpoint this log signed."""

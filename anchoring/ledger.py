@@ -33,7 +33,7 @@ log = logging.getLogger("rxledger.ledger")
 
 DUPLICATE_KEY = 11000
 MAX_SUBJECT_LENGTH = 256
-MAX_LEAF_BYTES = 64 * 1024
+MAX_LEAF_BYTES = 0xFFFF  # tlog-tiles entry bundles prefix each leaf with a uint16 length
 MAX_DEPTH = 32
 MAX_GROUP_BYTES = 4 * 1024 * 1024
 

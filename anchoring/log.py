@@ -15,10 +15,10 @@ from pymongo.errors import PyMongoError
 
 from anchoring.anchorer import Anchorer, AnchorSettings, SignedCheckpoint
 from anchoring.encoding import b64
-from anchoring.errors import AnchorRefused, ProofUnavailable
+from anchoring.errors import AnchorRefused, CosignatureRejected, ProofUnavailable
 from anchoring.hashing import leaf_hash
 from anchoring.ledger import Appended, Ledger
-from anchoring.note import Signer
+from anchoring.note import Signer, Verifier, parse_checkpoint
 from anchoring.proofs import consistency_proof, inclusion_proof, inclusion_proofs
 from anchoring.receipt import Receipt, sign_receipt
 from anchoring.sequencer import Sequencer, SequencerSettings
@@ -34,6 +34,8 @@ from anchoring.tiles import (
     tile_path,
 )
 from anchoring.treemath import TILE_WIDTH
+from anchoring.verify import VerificationError
+from anchoring.witness import Cosignature, cosignatures
 
 log = logging.getLogger("rxledger.log")
 
@@ -43,6 +45,17 @@ class LogSettings:
     sequencer: SequencerSettings = field(default_factory=SequencerSettings)
     anchor: AnchorSettings = field(default_factory=AnchorSettings)
     append_batch: int = 1000
+    # Witnesses whose cosignatures the log accepts, and how many of them must cosign a
+    # checkpoint before it is published (0: published as soon as it is signed).
+    witnesses: tuple[Verifier, ...] = ()
+    quorum: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.quorum <= len(self.witnesses):
+            raise ValueError(
+                f"a quorum of {self.quorum} witnesses needs at least that many configured "
+                f"witnesses; {len(self.witnesses)} are"
+            )
 
 
 @dataclass(frozen=True)
@@ -61,7 +74,7 @@ class InclusionProof:
             "leafIndex": self.leaf_index,
             "treeSize": self.tree_size,
             "inclusionPath": [b64(h) for h in self.path],
-            "checkpoint": self.checkpoint.note,
+            "checkpoint": self.checkpoint.witnessed_note,
         }
 
 
@@ -142,8 +155,90 @@ class TransparencyLog:
             log.error("anchor: %s", exc)
             return
         self.anchor_error = None
-        await self.sequencer.fenced_update({"checkpointSize": cp.size})
+        if self.settings.quorum == 0:
+            await self.sequencer.fenced_update({"checkpointSize": cp.size})
+            self.tail.wake()
+        # Otherwise the checkpoint is published when its quorum of witnesses has cosigned it
+        # (add_cosignatures).
+
+    # --- witnesses ----------------------------------------------------------------------
+
+    async def add_cosignatures(self, note: str) -> SignedCheckpoint:
+        """Store the configured witnesses' cosignatures found on `note`, a checkpoint this log
+        signed, and publish it once its quorum has cosigned. Returns the checkpoint with all
+        its cosignatures. Raises CosignatureRejected."""
+        try:
+            text, found = cosignatures(note, list(self.settings.witnesses))
+            cp = parse_checkpoint(text)
+        except VerificationError as exc:
+            raise CosignatureRejected(str(exc)) from exc
+        if not found:
+            names = ", ".join(w.name for w in self.settings.witnesses) or "none"
+            raise CosignatureRejected(
+                f"the note carries no cosignature by a witness this log accepts (configured: {names})"
+            )
+        doc = await self.store.notarizations.find_one({"_id": cp.size})
+        if doc is None or not str(doc.get("note", "")).startswith(text + "\n"):
+            raise CosignatureRejected(
+                f"this log has not signed that checkpoint of size {cp.size}: a witness saw "
+                "a checkpoint this log never made"
+            )
+        await self.store.notarizations.update_one(
+            {"_id": cp.size}, {"$set": {f"cosignatures.k{c.key_id.hex()}": c.doc() for c in found}}
+        )
+        doc = await self.store.notarizations.find_one({"_id": cp.size})
+        signed = SignedCheckpoint.from_doc(doc or {})
+        if self.settings.quorum and len(self._accepted(signed)) >= self.settings.quorum:
+            await self._publish(signed.size)
+        return signed
+
+    def _accepted(self, cp: SignedCheckpoint) -> list[Cosignature]:
+        ids = {w.key_id for w in self.settings.witnesses}
+        return [c for c in cp.cosignatures if c.key_id in ids]
+
+    async def _publish(self, size: int) -> None:
+        """Name checkpoint `size` in the head, unless a larger one is named already. Any
+        process may: the checkpoint is signed and cosigned, and the size only grows."""
+        await self.store.leases.update_one(
+            {
+                "_id": self.origin,
+                "$or": [{"checkpointSize": {"$lt": size}}, {"checkpointSize": None}],
+            },
+            {"$set": {"checkpointSize": size}},
+        )
+        self._latest = (0.0, None)
         self.tail.wake()
+
+    async def newest_checkpoint(self) -> SignedCheckpoint | None:
+        """The newest signed checkpoint, published or still waiting for its witnesses."""
+        newest = await self.store.notarizations.find({}).sort("_id", -1).limit(1).to_list()
+        return SignedCheckpoint.from_doc(newest[0]) if newest else None
+
+    async def witness_status(self) -> dict[str, Any]:
+        """Whether checkpoints wait for witnesses, and which of them are missing."""
+        settings = self.settings
+        newest = await self.newest_checkpoint()
+        published = await self.latest_checkpoint()
+        cosigned = {c.key_id for c in self._accepted(newest)} if newest else set()
+        waiting = newest is not None and (published is None or published.size < newest.size)
+        return {
+            "required": settings.quorum,
+            "configured": [w.name for w in settings.witnesses],
+            "newestSignedSize": newest.size if newest else None,
+            "publishedSize": published.size if published else None,
+            "cosignedNewest": [w.name for w in settings.witnesses if w.key_id in cosigned],
+            "missing": [w.name for w in settings.witnesses if w.key_id not in cosigned]
+            if waiting
+            else [],
+            "waitingSeconds": round(
+                (
+                    dt.datetime.now(dt.UTC) - newest.anchored_at.replace(tzinfo=dt.UTC)
+                ).total_seconds(),
+                3,
+            )
+            if waiting and newest is not None
+            else 0.0,
+        }
 
     # --- writes -------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from anchoring.errors import ProofUnavailable
-from anchoring.tiles import TileReader
+from anchoring.tiles import TileSource
 from anchoring.treemath import (
     Node,
     consistency_ranges,
@@ -15,7 +15,7 @@ from anchoring.treemath import (
 
 
 async def _range_hashes(
-    reader: TileReader, ranges: list[tuple[int, int]], published_size: int
+    reader: TileSource, ranges: list[tuple[int, int]], published_size: int
 ) -> list[bytes]:
     per_range = [range_nodes(lo, hi) for lo, hi in ranges]
     wanted: list[Node] = sorted({n for nodes in per_range for n in nodes})
@@ -24,7 +24,7 @@ async def _range_hashes(
 
 
 async def inclusion_proof(
-    reader: TileReader, index: int, size: int, published_size: int
+    reader: TileSource, index: int, size: int, published_size: int
 ) -> list[bytes]:
     """The audit path of leaf `index` in the tree of `size`. Requires 0 <= index < size <= published."""
     if not 0 <= index < size:
@@ -37,7 +37,7 @@ async def inclusion_proof(
 
 
 async def inclusion_proofs(
-    reader: TileReader, indices: list[int], size: int, published_size: int
+    reader: TileSource, indices: list[int], size: int, published_size: int
 ) -> list[list[bytes]]:
     """The audit paths of several leaves in the tree of `size`, from one read of tiles.
     Requires 0 <= index < size <= published for each index."""
@@ -58,7 +58,7 @@ async def inclusion_proofs(
 
 
 async def consistency_proof(
-    reader: TileReader, old_size: int, new_size: int, published_size: int
+    reader: TileSource, old_size: int, new_size: int, published_size: int
 ) -> list[bytes]:
     """The proof that tree old_size is a prefix of tree new_size. Requires old <= new <= published."""
     if not 0 <= old_size <= new_size:
@@ -72,7 +72,7 @@ async def consistency_proof(
     return await _range_hashes(reader, consistency_ranges(old_size, new_size), published_size)
 
 
-async def root_hash(reader: TileReader, size: int, published_size: int) -> bytes:
+async def root_hash(reader: TileSource, size: int, published_size: int) -> bytes:
     """The root of the tree of `size` leaves, from stored tiles."""
     if size > published_size:
         raise ProofUnavailable(

@@ -88,7 +88,8 @@ def entry_bundle(leaves: list[bytes]) -> bytes:
 
 def parse_entry_bundle(data: bytes) -> list[bytes]:
     """The entries of an entry bundle; raises ValueError when it is truncated."""
-    leaves, at = [], 0
+    leaves: list[bytes] = []
+    at = 0
     while at < len(data):
         if at + 2 > len(data):
             raise ValueError(f"entry bundle is truncated at byte {at}")
@@ -132,14 +133,18 @@ class _Tile:
         return self.rows[level][i * HASH_SIZE : (i + 1) * HASH_SIZE]
 
 
-class TileReader:
-    """Fetches node hashes through tiles, with an LRU cache (every tile is immutable)."""
+class TileSource:
+    """Node hashes through tiles, with an LRU cache (every tile is immutable); subclasses say
+    where tiles come from."""
 
-    def __init__(self, store: LogStore, cache_tiles: int = 4096) -> None:
-        self.store = store
+    def __init__(self, cache_tiles: int = 4096) -> None:
         self.cache_tiles = cache_tiles
         self._cache: OrderedDict[str, _Tile] = OrderedDict()
-        self.reads = 0  # database round trips, for tests and benchmarks
+        self.reads = 0  # round trips to the tiles' storage, for tests and benchmarks
+
+    async def _fetch(self, keys: list[str]) -> dict[str, bytes]:
+        """The stored bytes of tiles by key ("L/N" or "L/N.p/W"); absent keys are left out."""
+        raise NotImplementedError
 
     def remember(self, docs: list[Doc]) -> None:
         """Cache tiles just written (they never change)."""
@@ -166,10 +171,9 @@ class TileReader:
                 found[key] = tile
         if missing:
             self.reads += 1
-            query = one_of("_id", missing)
-            async for doc in self.store.tiles.find(query):
-                tile = _Tile(doc["_id"], bytes(doc["hashes"]))
-                found[tile.key] = tile
+            for key, data in (await self._fetch(missing)).items():
+                tile = _Tile(key, data)
+                found[key] = tile
                 self._put(tile)
         absent = [key for key in keys if key not in found]
         if absent:
@@ -204,6 +208,20 @@ class TileReader:
             keys[node] = tile_key(sl.tile_level, sl.tile_index, width)
         tiles = await self._tiles(set(keys.values()))
         return {node: tiles[keys[node]].node(sl.start, sl.count) for node, sl in slices.items()}
+
+
+class TileReader(TileSource):
+    """Tiles from the log's MongoDB collection."""
+
+    def __init__(self, store: LogStore, cache_tiles: int = 4096) -> None:
+        super().__init__(cache_tiles)
+        self.store = store
+
+    async def _fetch(self, keys: list[str]) -> dict[str, bytes]:
+        return {
+            doc["_id"]: bytes(doc["hashes"])
+            async for doc in self.store.tiles.find(one_of("_id", keys))
+        }
 
 
 def tile_document(level: int, index: int, hashes: list[bytes]) -> Doc:

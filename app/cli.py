@@ -17,6 +17,8 @@ from typing import Any
 
 from pymongo.errors import PyMongoError
 
+from anchoring.hashing import leaf_hash
+from anchoring.log import InclusionProof
 from anchoring.note import Verifier, open_checkpoint, parse_verifier_key, verifier_key_string
 from anchoring.verify import (
     MALFORMED,
@@ -114,6 +116,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from app.db import make_client, make_store
 
     settings = Settings.from_env()
+    if args.from_tiles and not args.key:
+        raise UsageError(
+            "--from-tiles needs --key: the log's verifier key, which you must get from the log's "
+            "operator, not from the log itself"
+        )
     verifiers = [_verifier(args.key)] if args.key else [settings.signer(create=False).verifier()]
 
     def progress(done: int, total: int) -> None:
@@ -126,16 +133,25 @@ def cmd_audit(args: argparse.Namespace) -> int:
             )
 
     async def run() -> int:
-        client = make_client(settings)
-        try:
-            report = await audit_log(make_store(settings, client), verifiers, progress)
-        finally:
-            await client.close()
+        if args.from_tiles:
+            from anchoring.audit import audit_remote
+            from anchoring.remote import RemoteLog
+
+            async with RemoteLog(args.from_tiles) as remote:
+                report = await audit_remote(remote, verifiers, progress, origin=args.origin)
+            source = args.from_tiles
+        else:
+            client = make_client(settings)
+            try:
+                report = await audit_log(make_store(settings, client), verifiers, progress)
+            finally:
+                await client.close()
+            source = settings.origin
         if not args.quiet:
             print(file=sys.stderr)
         if report.ok:
             print(
-                f"OK: {report.entries} entries, {report.tiles} tiles and {report.checkpoints} checkpoints of {settings.origin} verified"
+                f"OK: {report.entries} entries, {report.tiles} tiles and {report.checkpoints} checkpoints of {source} verified"
             )
             return EXIT_OK
         print(f"FAILED: first divergence: {report.problems[0]}")
@@ -144,6 +160,94 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return EXIT_FAILED
 
     return asyncio.run(run())
+
+
+def cmd_export_proof(args: argparse.Namespace) -> int:
+    from anchoring.proofs import inclusion_proofs
+    from app.db import make_client, make_log
+
+    settings = Settings.from_env()
+    out = Path(args.out or f"proofs-{args.prescription}")
+
+    async def run() -> int:
+        client = make_client(settings)
+        tlog = make_log(settings, client)
+        try:
+            events = await tlog.store.ledger.find(
+                {"subject": args.prescription}, {"version": 1, "header": 1, "leaf": 1}
+            ).to_list()
+            if not events:
+                raise UsageError(f"no prescription {args.prescription!r} in the ledger")
+            events.sort(key=lambda e: int(e["version"]))
+            deadline = asyncio.get_running_loop().time() + args.wait
+            while True:
+                indices = await tlog.leaf_indices([e["_id"] for e in events])
+                cp = await tlog.latest_checkpoint()
+                covered = [
+                    e for e in events if e["_id"] in indices and cp and indices[e["_id"]] < cp.size
+                ]
+                if len(covered) == len(events) or asyncio.get_running_loop().time() >= deadline:
+                    break
+                await asyncio.sleep(0.2)
+            paths = (
+                await inclusion_proofs(
+                    tlog.reader, [indices[e["_id"]] for e in covered], cp.size, cp.size
+                )
+                if cp and covered
+                else []
+            )
+        finally:
+            await client.close()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "verifier.key").write_text(tlog.verifier_key + "\n")
+        for event, path in zip(covered, paths, strict=True):
+            assert cp is not None
+            leaf = bytes(event["leaf"])
+            proof = InclusionProof(indices[event["_id"]], cp.size, leaf, leaf_hash(leaf), path, cp)
+            name = f"v{event['version']}-{event['header'].get('type', 'EVENT')}.json"
+            (out / name).write_text(json.dumps(proof.bundle(), indent=2) + "\n")
+            print(f"wrote {out / name}: leaf {proof.leaf_index} in tree {cp.size}", file=sys.stderr)
+        print(f"wrote {out / 'verifier.key'}", file=sys.stderr)
+        pending = [e for e in events if e not in covered]
+        if pending:
+            versions = ", ".join(str(e["version"]) for e in pending)
+            print(
+                f"INCOMPLETE: no checkpoint covers version(s) {versions} of {args.prescription} yet "
+                f"(waited {args.wait:g} s); run again shortly",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        print(
+            f"OK: {len(covered)} bundles; check one with: rxledger verify {out}/v1-*.json --key {out}/verifier.key"
+        )
+        return EXIT_OK
+
+    return asyncio.run(run())
+
+
+def cmd_witness(args: argparse.Namespace) -> int:
+    from anchoring.note import load_private_key
+    from anchoring.witness import Cosigner
+
+    try:
+        cosigner = Cosigner(args.name, load_private_key(Path(args.key).read_bytes()))
+    except FileNotFoundError:
+        raise UsageError(
+            f"--key: no such file {args.key}; create one with: rxledger keygen --name {args.name} --out {args.key}"
+        ) from None
+    except ValueError as exc:
+        raise UsageError(f"--key {args.key}: {exc}") from None
+    if args.print_key:
+        print(cosigner.verifier_key)
+        return EXIT_OK
+    if not args.log or not args.log_key:
+        raise UsageError("--log URL and --log-key VKEY are required (except with --print-key)")
+    from app.witness import run_witness
+
+    state = Path(args.state or Path("var/witness") / f"{args.name.replace('/', '_')}.json")
+    return run_witness(
+        cosigner, _verifier(args.log_key), args.log, state, args.origin, args.interval, args.once
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -308,7 +412,83 @@ def build_parser() -> argparse.ArgumentParser:
         help="verifier key to check checkpoints with (default: the configured signing key's)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument(
+        "--from-tiles",
+        metavar="URL",
+        help="audit a remote log through its C2SP tlog-tiles alone, e.g. "
+        "https://rx.example.org/log (no database access; needs --key)",
+    )
+    p.add_argument("--origin", help="with --from-tiles: require this checkpoint origin")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser(
+        "export-proof",
+        help="write a proof bundle for every event of a prescription, with the verifier key",
+        description="Write one proof bundle per event of a prescription (the JSON `rxledger "
+        "verify` reads, the same as GraphQL history.bundle) and the log's verifier key, so that "
+        "anyone can check them offline: rxledger verify DIR/v1-ISSUED.json --key "
+        "DIR/verifier.key. Reads the database (MONGODB_URI, RXLEDGER_DB).",
+    )
+    p.add_argument("--prescription", required=True, metavar="ID", help="the prescription's id")
+    p.add_argument("--out", metavar="DIR", help="directory to write into (default: proofs-<ID>)")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for a checkpoint to cover the newest events (default: %(default)s)",
+    )
+    p.set_defaults(func=cmd_export_proof)
+
+    p = sub.add_parser(
+        "witness",
+        help="run a witness: cosign each new checkpoint of a log that is consistent with the last",
+        description="Run an independent witness with its own Ed25519 key. It fetches the log's "
+        "newest checkpoint (URL/next-checkpoint, else URL/checkpoint), verifies the log's "
+        "signature and, from the log's tiles, a consistency proof from the last checkpoint it "
+        "cosigned, then returns a C2SP tlog-cosignature/v1 to URL/cosignature. It refuses, and "
+        "says why, a checkpoint that is smaller than, forks from or is inconsistent with what "
+        "it cosigned. What it cosigned last is kept in --state; keep that file.",
+    )
+    p.add_argument(
+        "--log", metavar="URL", help="the log's tlog-tiles prefix, e.g. http://127.0.0.1:8000/log"
+    )
+    p.add_argument(
+        "--key",
+        required=True,
+        metavar="WITNESS_KEY",
+        help="the witness's Ed25519 private key (PEM; create it with rxledger keygen --out FILE)",
+    )
+    p.add_argument(
+        "--name", required=True, help="the witness's key name, e.g. witness.example.org/w1"
+    )
+    p.add_argument(
+        "--log-key",
+        metavar="VKEY",
+        help="the log's verifier key (or a file holding it), from the log's operator",
+    )
+    p.add_argument("--origin", help="require this checkpoint origin (default: the first one seen)")
+    p.add_argument(
+        "--state",
+        metavar="FILE",
+        help="where the witness remembers what it cosigned (default: var/witness/<name>.json)",
+    )
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="poll interval (default: %(default)s)",
+    )
+    p.add_argument(
+        "--once", action="store_true", help="witness the current checkpoint once and exit"
+    )
+    p.add_argument(
+        "--print-key",
+        action="store_true",
+        help="print the witness's verifier key (for the log's RXLEDGER_WITNESSES) and exit",
+    )
+    p.set_defaults(func=cmd_witness)
 
     p = sub.add_parser("serve", help="run the gateway (uvicorn) with its sequencer and anchorer")
     p.add_argument("--host", default="127.0.0.1")
@@ -383,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

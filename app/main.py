@@ -27,6 +27,7 @@ from app.db import make_client, make_log
 from app.events import EventStream
 from app.feed import PrescriptionFeed
 from app.limits import BodySizeLimit, LimitSettings, RateLimiter, graphql_extensions
+from app.logserver import LogServer
 from app.metrics import Metrics, MetricsMiddleware
 from app.service import PrescriptionService
 from app.settings import Settings
@@ -185,6 +186,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
             "sequencerError": tlog.sequencer.last_error,
             "anchorError": tlog.anchor_error,
         }
+        if tlog.settings.witnesses:
+            try:
+                witnesses = await tlog.witness_status()
+            except PyMongoError as exc:
+                witnesses = {"error": f"database: {type(exc).__name__}"}
+            body["witnesses"] = witnesses
+            # A checkpoint waits a moment for witnesses polling it: only a longer wait counts.
+            grace = max(5.0, 5 * tlog.settings.anchor.interval)
+            if witnesses.get("missing") and witnesses.get("waitingSeconds", 0) >= grace:
+                # Still ready: writes and reads go on; only new checkpoints wait.
+                body["status"] = (
+                    f"degraded: checkpoint {witnesses['newestSignedSize']} waits for "
+                    f"{tlog.settings.quorum} of {len(tlog.settings.witnesses)} witnesses; "
+                    f"missing: {', '.join(witnesses['missing'])}"
+                )
         if not tlog.running:
             body["status"] = "sequencer stopped"
             return JSONResponse(body, status_code=503)
@@ -217,6 +233,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/graphql", endpoint, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", graphql),
             Route("/events", EventStream(auth)),
+            *LogServer().routes(),
             Route("/audit", audit_page),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],

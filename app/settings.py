@@ -10,8 +10,10 @@ from pathlib import Path
 
 from anchoring.anchorer import AnchorSettings
 from anchoring.log import LogSettings
-from anchoring.note import Signer, load_private_key, private_key_pem
+from anchoring.note import Signer, Verifier, load_private_key, private_key_pem
 from anchoring.sequencer import SequencerSettings
+from anchoring.verify import VerificationError
+from anchoring.witness import parse_witness_key
 
 log = logging.getLogger("rxledger.settings")
 
@@ -35,6 +37,23 @@ def env_number(name: str, default: float, minimum: float, integer: bool = False)
     if not math.isfinite(value) or value < minimum:
         raise ConfigError(f"{name}={raw} must be {kind} of at least {minimum}")
     return value
+
+
+def _witnesses(raw: str) -> tuple[Verifier, ...]:
+    """Witness verifier keys (cosignature/v1, "<name>+<hex id>+<base64(0x04 ‖ key)>"),
+    separated by spaces, commas or newlines."""
+    keys = []
+    for text in raw.replace(",", " ").split():
+        try:
+            keys.append(parse_witness_key(text))
+        except VerificationError as exc:
+            raise ConfigError(
+                f"RXLEDGER_WITNESSES: {text!r:.60} is not a witness verifier key ({exc}); "
+                "`rxledger witness --key FILE --name NAME --print-key` prints one"
+            ) from None
+    if len({k.key_id for k in keys}) != len(keys):
+        raise ConfigError("RXLEDGER_WITNESSES names the same witness key twice")
+    return tuple(keys)
 
 
 @dataclass(frozen=True)
@@ -62,6 +81,13 @@ class Settings:
         database = os.environ.get("RXLEDGER_DB", "rxledger")
         origin = os.environ.get("RXLEDGER_ORIGIN", "rxledger.local/log")
         key = os.environ.get("RXLEDGER_SIGNING_KEY")
+        witnesses = _witnesses(os.environ.get("RXLEDGER_WITNESSES", ""))
+        quorum = int(env_number("RXLEDGER_WITNESS_QUORUM", 0, 0, integer=True))
+        if quorum > len(witnesses):
+            raise ConfigError(
+                f"RXLEDGER_WITNESS_QUORUM={quorum} needs at least {quorum} witness keys in "
+                f"RXLEDGER_WITNESSES; it has {len(witnesses)}"
+            )
         return cls(
             mongodb_uri=os.environ.get("MONGODB_URI", "mongodb://127.0.0.1:27017/"),
             database=database,
@@ -81,6 +107,8 @@ class Settings:
                     interval=env_number("RXLEDGER_CHECKPOINT_INTERVAL", 1.0, 0.01),
                     max_leaves=int(env_number("RXLEDGER_CHECKPOINT_LEAVES", 1000, 1)),
                 ),
+                witnesses=witnesses,
+                quorum=quorum,
             ),
         )
 

@@ -18,13 +18,33 @@ from anchoring.receipt import Receipt as SignedReceipt
 from app.limits import ClientError
 
 
+@strawberry.type(
+    description="A witness's C2SP tlog-cosignature/v1 on a checkpoint: it checked that the "
+    "checkpoint is consistent with every earlier one it saw."
+)
+class Cosignature:
+    witness: str = strawberry.field(description="the witness's key name")
+    key_id: str = strawberry.field(
+        description="8 hex digits: SHA-256(name ‖ 0x0A ‖ 0x04 ‖ key)[:4]"
+    )
+    cosigned_at: dt.datetime = strawberry.field(description="the timestamp the witness signed")
+    line: str = strawberry.field(description="the signature line as it appears in the note")
+
+
 @strawberry.type(description="A signed checkpoint (C2SP tlog-checkpoint) of the log.")
 class Checkpoint:
     origin: str
     size: int
     root_hash: str = strawberry.field(description="base64 RFC 9162 root hash")
-    note: str = strawberry.field(description="the full signed-note text")
+    note: str = strawberry.field(
+        description="the full signed-note text: the log's signature, then any witnesses' "
+        "cosignatures"
+    )
     anchored_at: dt.datetime
+    cosignatures: list[Cosignature] = strawberry.field(
+        description="the witnesses that cosigned this checkpoint (configured with "
+        "RXLEDGER_WITNESSES; each was verified when it arrived)"
+    )
 
     @classmethod
     def of(cls, cp: SignedCheckpoint) -> Checkpoint:
@@ -32,8 +52,17 @@ class Checkpoint:
             origin=cp.origin,
             size=cp.size,
             root_hash=b64(cp.root_hash),
-            note=cp.note,
+            note=cp.witnessed_note,
             anchored_at=cp.anchored_at,
+            cosignatures=[
+                Cosignature(
+                    witness=c.name,
+                    key_id=c.key_id.hex(),
+                    cosigned_at=dt.datetime.fromtimestamp(c.timestamp, dt.UTC),
+                    line=c.line.rstrip("\n"),
+                )
+                for c in cp.cosignatures
+            ],
         )
 
 

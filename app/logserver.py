@@ -1,0 +1,157 @@
+"""The log over HTTP as C2SP tlog-tiles, for auditors, monitors and witnesses (no token needed:
+the log holds no personal data).
+
+    GET  /log/checkpoint              the published checkpoint, with its witnesses' cosignatures
+    GET  /log/tile/<L>/<N>[.p/<W>]    Merkle tree tiles (immutable)
+    GET  /log/tile/entries/<N>[.p/<W>] entry bundles: the leaf bytes (immutable)
+    GET  /log/next-checkpoint         the newest signed checkpoint, published or not (witnesses)
+    POST /log/cosignature             a witness returns a checkpoint with its cosignature
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from collections import OrderedDict
+
+from pymongo.errors import PyMongoError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from anchoring.anchorer import SignedCheckpoint
+from anchoring.errors import CosignatureRejected
+from anchoring.log import TransparencyLog
+from anchoring.tiles import ENTRIES, TileCorrupt, TileNotFound, parse_tile_path, tile_exists
+
+log = logging.getLogger("rxledger.logserver")
+
+IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}
+# The checkpoint changes: caches may keep it a moment, never long.
+MUTABLE = {"Cache-Control": "public, max-age=2"}
+NOT_YET = {"Cache-Control": "no-store"}
+MAX_COSIGNATURE_BODY = 64 * 1024
+OCTETS = "application/octet-stream"
+
+
+def _not_found(message: str) -> Response:
+    return PlainTextResponse(message + "\n", status_code=404, headers=NOT_YET)
+
+
+def _unavailable(exc: Exception) -> Response:
+    return PlainTextResponse(
+        f"the log's database is unavailable ({type(exc).__name__}); retry shortly\n",
+        status_code=503,
+        headers={"Retry-After": "1", **NOT_YET},
+    )
+
+
+def _note(cp: SignedCheckpoint | None, missing: str) -> Response:
+    if cp is None:
+        return _not_found(missing)
+    return PlainTextResponse(cp.witnessed_note, headers=MUTABLE)
+
+
+class LogServer:
+    def __init__(self, bundles_cached: int = 64) -> None:
+        self._bundles: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._bundles_cached = bundles_cached
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/log/checkpoint", self.checkpoint),
+            Route("/log/next-checkpoint", self.next_checkpoint),
+            Route("/log/tile/{path:path}", self.tile),
+            Route("/log/cosignature", self.cosignature, methods=["POST"]),
+        ]
+
+    async def checkpoint(self, request: Request) -> Response:
+        tlog: TransparencyLog = request.app.state.log
+        try:
+            return _note(
+                await tlog.current_checkpoint(),
+                "no checkpoint published yet (when witnesses are required, a checkpoint is "
+                "published once enough of them have cosigned it; see /readyz)",
+            )
+        except PyMongoError as exc:
+            return _unavailable(exc)
+
+    async def next_checkpoint(self, request: Request) -> Response:
+        tlog: TransparencyLog = request.app.state.log
+        try:
+            return _note(await tlog.newest_checkpoint(), "no checkpoint signed yet")
+        except PyMongoError as exc:
+            return _unavailable(exc)
+
+    async def tile(self, request: Request) -> Response:
+        tlog: TransparencyLog = request.app.state.log
+        path = "tile/" + request.path_params["path"]
+        try:
+            level, index, width = parse_tile_path(path)
+        except ValueError as exc:
+            return _not_found(str(exc))
+        try:
+            # What this process saw published; read the head only for a tile beyond it.
+            size = tlog.tail.position or 0
+            if not tile_exists(level, index, width, size):
+                size = await tlog.published_size()
+            if level == ENTRIES:
+                return await self._bundle(request, tlog, index, width, size)
+            data = await tlog.reader.tile(level, index, width, size)
+        except TileNotFound as exc:
+            return _not_found(str(exc))
+        except TileCorrupt as exc:
+            log.error("tile %s: %s", path, exc)
+            return PlainTextResponse(f"{path}: {exc}\n", status_code=500, headers=NOT_YET)
+        except PyMongoError as exc:
+            return _unavailable(exc)
+        return Response(data, media_type=OCTETS, headers=IMMUTABLE)
+
+    async def _bundle(
+        self, request: Request, tlog: TransparencyLog, index: int, width: int, size: int
+    ) -> Response:
+        key = (index, width)
+        data = self._bundles.get(key)
+        if data is None:
+            data = await tlog.entry_bundle(index, width, size)
+            self._bundles[key] = data
+            if len(self._bundles) > self._bundles_cached:
+                self._bundles.popitem(last=False)
+        else:
+            self._bundles.move_to_end(key)
+        headers = {**IMMUTABLE, "Vary": "Accept-Encoding"}
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            return Response(
+                gzip.compress(data, 6),
+                media_type=OCTETS,
+                headers={**headers, "Content-Encoding": "gzip"},
+            )
+        return Response(data, media_type=OCTETS, headers=headers)
+
+    async def cosignature(self, request: Request) -> Response:
+        tlog: TransparencyLog = request.app.state.log
+        body = await request.body()
+        if len(body) > MAX_COSIGNATURE_BODY:
+            return _rejected(413, "BODY_TOO_LARGE", "a cosigned checkpoint is at most 64 KiB")
+        try:
+            note = body.decode()
+        except UnicodeDecodeError:
+            return _rejected(400, "MALFORMED", "the body must be a UTF-8 signed note")
+        try:
+            cp = await tlog.add_cosignatures(note)
+        except CosignatureRejected as exc:
+            return _rejected(422, "COSIGNATURE_REJECTED", str(exc))
+        except PyMongoError as exc:
+            return _unavailable(exc)
+        published = await tlog.latest_checkpoint()
+        return JSONResponse(
+            {
+                "size": cp.size,
+                "cosignedBy": [c.name for c in cp.cosignatures],
+                "published": published is not None and published.size >= cp.size,
+            }
+        )
+
+
+def _rejected(status: int, code: str, message: str) -> Response:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
