@@ -76,6 +76,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     write_new_key(out, force=args.force)
     signer = Signer(args.name, load_private_key(out.read_bytes()))
     print(f"wrote Ed25519 signing key to {out} (mode 0600)", file=sys.stderr)
+    print(
+        "its verifier key as a log key follows; for a witness key, print its witness verifier "
+        f"key with: rxledger witness --key {out} --name {args.name} --print-key",
+        file=sys.stderr,
+    )
     print(signer.verifier_key)
     return EXIT_OK
 

@@ -233,6 +233,8 @@ COMMANDS = [
     "verifier-key",
     "token",
     "schema",
+    "export-proof",
+    "witness",
 ]
 
 
