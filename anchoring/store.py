@@ -2,7 +2,8 @@
 
 Growing collections are insert-only (ledger, entries, tiles, notarizations): appends and
 sequencing never update or delete a document there. An application may remove its own `data`
-and `tags` from events and entries, as a legal erasure does; leaves are never touched. Only two
+and `tags` from events and entries, as a legal erasure does; leaves are never touched. Witnesses'
+cosignatures are added to a checkpoint's notarization document; its signed note never changes. Only two
 small collections change: `pending` (events appended but not yet sequenced, deleted once
 sequenced) and `leases` (one document per log holding the sequencer lease and the published
 tree head).
