@@ -120,7 +120,7 @@ class LogServer:
         else:
             self._bundles.move_to_end(key)
         headers = {**IMMUTABLE, "Vary": "Accept-Encoding"}
-        if "gzip" in request.headers.get("accept-encoding", ""):
+        if accepts_gzip(request.headers.get("accept-encoding", "")):
             return Response(
                 gzip.compress(data, 6),
                 media_type=OCTETS,
@@ -151,6 +151,30 @@ class LogServer:
                 "published": published is not None and published.size >= cp.size,
             }
         )
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header (RFC 9110 §12.5.3) allows gzip: named (or x-gzip)
+    with a q above 0, or else covered by a "*" with a q above 0. Codings are case-insensitive."""
+    named: float | None = None
+    wildcard: float | None = None
+    for item in accept_encoding.split(","):
+        coding, *params = (part.strip() for part in item.split(";"))
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        coding = coding.lower()
+        if coding in ("gzip", "x-gzip"):
+            named = q
+        elif coding == "*":
+            wildcard = q
+    chosen = named if named is not None else wildcard
+    return chosen is not None and chosen > 0
 
 
 def _rejected(status: int, code: str, message: str) -> Response:

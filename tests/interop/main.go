@@ -51,15 +51,19 @@ type summary struct {
 }
 
 func main() {
-	base := flag.String("url", "", "the log's base URL, e.g. http://127.0.0.1:8000/log")
-	vkey := flag.String("vkey", "", "the log's verifier key, <name>+<hex id>+<base64 key>")
-	old := flag.String("old", "", "a file holding an older signed checkpoint of the same log")
-	samples := flag.Int("samples", 64, "entries to prove; all of them when the tree is no larger")
-	seed := flag.Uint64("seed", uint64(time.Now().UnixNano()), "seed of the random sample")
-	flag.Parse()
-	if *base == "" || *vkey == "" || flag.NArg() != 0 || *samples < 0 {
+	// Every failure, a usage error too, exits 1: callers tell success from failure only.
+	flags := flag.NewFlagSet("interop", flag.ContinueOnError)
+	base := flags.String("url", "", "the log's base URL, e.g. http://127.0.0.1:8000/log")
+	vkey := flags.String("vkey", "", "the log's verifier key, <name>+<hex id>+<base64 key>")
+	old := flags.String("old", "", "a file holding an older signed checkpoint of the same log")
+	samples := flags.Int("samples", 64, "entries to prove; all of them when the tree is no larger")
+	seed := flags.Uint64("seed", uint64(time.Now().UnixNano()), "seed of the random sample")
+	if err := flags.Parse(os.Args[1:]); err != nil {
+		os.Exit(1)
+	}
+	if *base == "" || *vkey == "" || flags.NArg() != 0 || *samples < 0 {
 		fmt.Fprintln(os.Stderr, "usage: interop -url BASE/log -vkey VKEY [-old FILE] [-samples N] [-seed S]")
-		os.Exit(2)
+		os.Exit(1)
 	}
 	out, err := run(strings.TrimSuffix(*base, "/"), *vkey, *old, *samples, *seed)
 	if err != nil {
