@@ -1,0 +1,712 @@
+// The /audit page: verifies rxledger proof bundles in the browser, with WebCrypto only.
+//
+// A bundle is {"leaf", "leafIndex", "treeSize", "inclusionPath", "checkpoint"} (DESIGN.md,
+// "Formats auditors rely on"). Each bundle goes through CHECKS in order and stops at the first
+// that fails; then the bundles' leaves (event headers) are laid out as a timeline and the hash
+// chain of each prescription (every version's `prev` is the previous version's leaf hash) is
+// checked. Everything read from a bundle reaches the page through textContent, never as HTML.
+
+const CHECKS = [
+  { short: "bundle", title: "Bundle parses" },
+  { short: "key", title: "Verifier key parses and its key ID matches" },
+  { short: "signature", title: "Checkpoint is signed by the verifier key" },
+  { short: "size", title: "Checkpoint size equals treeSize" },
+  { short: "root", title: "Root rebuilt from the leaf and inclusion path equals the checkpoint root" },
+];
+const HASH_SIZE = 32;
+const SIG_PREFIX = "\u2014 "; // em dash and a space
+const ALG_ED25519 = 0x01;
+const MAX_FILE_BYTES = 4 << 20;
+const VERIFIER_KEY_SHAPE = /^[^\s+]+\+[0-9A-Fa-f]{8}\+[A-Za-z0-9+/]+=*$/;
+const STRICT_BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
+const DECIMAL = /^(?:0|[1-9][0-9]*)$/;
+const MARK = { passed: "\u2713", failed: "\u2717", pending: "\u2026", skipped: "\u2013" };
+const WORD = { passed: "passed", failed: "failed", pending: "checking", skipped: "not run" };
+
+/** A check failed; `detail` says what was expected and what was found. */
+class CheckFailed extends Error {}
+
+function fail(detail) {
+  throw new CheckFailed(detail);
+}
+
+// --- bytes, base64, hashes --------------------------------------------------------------
+
+const utf8 = (text) => new TextEncoder().encode(text);
+
+function concat(...parts) {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
+function equalBytes(a, b) {
+  return a.length === b.length && a.every((x, i) => x === b[i]);
+}
+
+const hex = (bytes) => Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+
+function b64(bytes) {
+  let binary = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  }
+  return btoa(binary);
+}
+
+/** Strict standard base64 (padded, no whitespace, no stray bits), as the CLI reads it. */
+function unb64(text, what) {
+  if (typeof text !== "string") fail(`${what} must be a base64 string, got ${kindOf(text)}`);
+  if (!STRICT_BASE64.test(text)) {
+    fail(`${what} is not strict base64 (standard alphabet, padded, no spaces or line breaks)`);
+  }
+  const bytes = Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+  if (b64(bytes) !== text) fail(`${what} is non-canonical base64 (stray bits in its last character)`);
+  return bytes;
+}
+
+function kindOf(value) {
+  if (value === null) return "null";
+  if (Array.isArray(value)) return "an array";
+  if (typeof value === "string") return `the string ${quote(value)}`;
+  if (typeof value === "object") return "an object";
+  return `${typeof value} ${String(value)}`;
+}
+
+function quote(text, max = 60) {
+  const shown = JSON.stringify(text);
+  return shown.length > max ? `${shown.slice(0, max - 1)}\u2026"` : shown;
+}
+
+async function sha256(bytes) {
+  return new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+}
+
+/** RFC 9162 §2.1.1: the hash of a leaf, SHA-256(0x00 ‖ leaf). */
+const leafHash = (leaf) => sha256(concat(Uint8Array.of(0x00), leaf));
+
+/** RFC 9162 §2.1.1: the hash of an interior node, SHA-256(0x01 ‖ left ‖ right). */
+const nodeHash = (left, right) => sha256(concat(Uint8Array.of(0x01), left, right));
+
+// --- check 1: the bundle ------------------------------------------------------------------
+
+function integerField(bundle, name) {
+  const value = bundle[name];
+  if (!Number.isSafeInteger(value) || value < 0) {
+    fail(`field "${name}" must be a non-negative integer, got ${kindOf(value)}`);
+  }
+  return value;
+}
+
+/** The fields of a proof bundle, decoded; fails on a missing or ill-typed field. */
+function parseBundle(bundle) {
+  if (typeof bundle !== "object" || bundle === null || Array.isArray(bundle)) {
+    fail(`a proof bundle must be a JSON object, got ${kindOf(bundle)}`);
+  }
+  for (const name of ["leaf", "leafIndex", "treeSize", "inclusionPath", "checkpoint"]) {
+    if (!(name in bundle)) fail(`missing field "${name}"`);
+  }
+  const leaf = unb64(bundle.leaf, 'field "leaf"');
+  const leafIndex = integerField(bundle, "leafIndex");
+  const treeSize = integerField(bundle, "treeSize");
+  if (!Array.isArray(bundle.inclusionPath)) {
+    fail(`field "inclusionPath" must be an array of base64 hashes, got ${kindOf(bundle.inclusionPath)}`);
+  }
+  const path = bundle.inclusionPath.map((item, i) => {
+    const hash = unb64(item, `inclusionPath[${i}]`);
+    if (hash.length !== HASH_SIZE) fail(`inclusionPath[${i}] is ${hash.length} bytes, want ${HASH_SIZE}`);
+    return hash;
+  });
+  if (typeof bundle.checkpoint !== "string") {
+    fail(`field "checkpoint" must be the signed note text, got ${kindOf(bundle.checkpoint)}`);
+  }
+  return { leaf, leafIndex, treeSize, path, checkpoint: bundle.checkpoint };
+}
+
+// --- check 2: the verifier key ------------------------------------------------------------
+
+/** C2SP signed-note key ID: SHA-256(name ‖ 0x0A ‖ alg ‖ public key)[:4]. */
+async function keyId(name, alg, publicKey) {
+  return (await sha256(concat(utf8(name), Uint8Array.of(0x0a, alg), publicKey))).subarray(0, 4);
+}
+
+/** "<name>+<8 hex key ID>+<base64(0x01 ‖ 32-byte Ed25519 key)>", with its key ID checked. */
+async function parseVerifierKey(text) {
+  const trimmed = text.trim();
+  if (!trimmed) fail("no verifier key given: paste the log's key or drop its verifier.key file");
+  const first = trimmed.indexOf("+");
+  const second = trimmed.indexOf("+", first + 1);
+  if (first < 0 || second < 0) fail("verifier key must read <name>+<8 hex key ID>+<base64 key>");
+  const name = trimmed.slice(0, first);
+  const idHex = trimmed.slice(first + 1, second);
+  if (!name || /[\s+\u0000-\u001f\u007f]/.test(name)) {
+    fail(`verifier key name ${quote(name)} must be non-empty printable text without "+" or spaces`);
+  }
+  if (!/^[0-9A-Fa-f]{8}$/.test(idHex)) fail(`verifier key ID must be 8 hex digits, got ${quote(idHex)}`);
+  const raw = unb64(trimmed.slice(second + 1), "verifier key");
+  if (raw.length !== 33 || raw[0] !== ALG_ED25519) {
+    fail(`verifier key must be 0x01 followed by a 32-byte Ed25519 key, got ${raw.length} bytes starting 0x${hex(raw.subarray(0, 1))}`);
+  }
+  const publicKey = raw.slice(1);
+  const id = await keyId(name, ALG_ED25519, publicKey);
+  if (hex(id) !== idHex.toLowerCase()) {
+    fail(`verifier key ID does not match the key: the key reads ${idHex}, the key's ID is ${hex(id)}`);
+  }
+  let key;
+  try {
+    key = await crypto.subtle.importKey("raw", publicKey, { name: "Ed25519" }, false, ["verify"]);
+  } catch (err) {
+    if (err.name === "NotSupportedError") {
+      fail("this browser's WebCrypto has no Ed25519: use a current Chromium, Firefox or Safari");
+    }
+    fail(`verifier key is not a valid Ed25519 public key (${err.message})`);
+  }
+  return { name, id, idHex: hex(id), key };
+}
+
+// --- check 3: the signed checkpoint ---------------------------------------------------------
+
+/** C2SP signed-note: the signed text (up to the blank line) and its signature lines. */
+function splitNote(note) {
+  const sep = note.lastIndexOf("\n\n");
+  if (sep < 0 || !note.endsWith("\n")) {
+    fail("checkpoint note must be text, a blank line and signature lines, ending in a newline");
+  }
+  const control = note.match(/[\u0000-\u0009\u000b-\u001f\u007f]/);
+  if (control) {
+    fail(`checkpoint note contains control character U+${control[0].charCodeAt(0).toString(16).padStart(4, "0")}`);
+  }
+  const text = note.slice(0, sep + 1);
+  const lines = note.slice(sep + 2).split("\n").slice(0, -1);
+  if (!lines.length) fail("checkpoint note has no signature lines");
+  const signatures = lines.map((line, i) => {
+    const where = `checkpoint signature line ${i + 1}`;
+    if (!line.startsWith(SIG_PREFIX)) fail(`${where} must start with an em dash and a space: ${quote(line)}`);
+    const rest = line.slice(SIG_PREFIX.length);
+    const space = rest.indexOf(" ");
+    const name = rest.slice(0, space);
+    const encoded = rest.slice(space + 1);
+    if (space <= 0 || encoded.includes(" ")) fail(`${where} must read "— <key name> <base64>": ${quote(line)}`);
+    const raw = unb64(encoded, where);
+    if (raw.length < 5) fail(`${where} holds ${raw.length} bytes, too few for a key ID and a signature`);
+    return { name, id: raw.subarray(0, 4), signature: raw.subarray(4) };
+  });
+  return { text, signatures };
+}
+
+/** C2SP tlog-checkpoint: origin, tree size, base64 root hash, then optional extension lines. */
+function parseCheckpoint(text) {
+  const lines = text.split("\n");
+  if (lines.length < 4) fail("checkpoint text must have origin, size and root hash lines");
+  const [origin, size, root] = lines;
+  if (!origin) fail("checkpoint origin line is empty");
+  if (!DECIMAL.test(size) || !Number.isSafeInteger(Number(size))) {
+    fail(`checkpoint size ${quote(size)} is not a decimal number`);
+  }
+  const rootHash = unb64(root, "checkpoint root hash");
+  if (rootHash.length !== HASH_SIZE) fail(`checkpoint root hash is ${rootHash.length} bytes, want ${HASH_SIZE}`);
+  if (lines.slice(3, -1).some((line) => !line)) fail("checkpoint extension lines must not be empty");
+  return { origin, size: Number(size), rootHash };
+}
+
+/** The checkpoint, once a signature by `key` verifies; signatures by other keys are ignored. */
+async function openCheckpoint(note, key) {
+  const { text, signatures } = splitNote(note);
+  const own = signatures.filter((s) => s.name === key.name && equalBytes(s.id, key.id));
+  const others = signatures.length - own.length;
+  if (!own.length) {
+    const seen = signatures.map((s) => `${s.name}+${hex(s.id)}`).join(", ");
+    fail(`no signature by this key: the checkpoint is not signed by ${key.name}+${key.idHex} (its signatures are by ${seen})`);
+  }
+  for (const s of own) {
+    const valid = s.signature.length === 64
+      && await crypto.subtle.verify("Ed25519", key.key, s.signature, utf8(text));
+    if (!valid) {
+      fail(`the signature by ${key.name}+${key.idHex} does not verify: the checkpoint text is not what the key signed`);
+    }
+  }
+  return { ...parseCheckpoint(text), others };
+}
+
+// --- checks 4 and 5: the tree ---------------------------------------------------------------
+
+const bitLength = (n) => (n === 0n ? 0 : n.toString(2).length);
+const popCount = (n) => n.toString(2).split("1").length - 1;
+
+/** RFC 9162 inclusion path length: inner (below the split) plus border (right edge). */
+function inclusionPathLength(index, size) {
+  const inner = bitLength(index ^ (size - 1n));
+  return inner + popCount(index >> BigInt(inner));
+}
+
+/** RFC 9162 §2.1.3.2: the root implied by a leaf hash and its inclusion path (BigInt: sizes
+ * may exceed the 32 bits JavaScript's bit operators keep). */
+async function rootFromInclusionPath(leafIndex, treeSize, hash, path) {
+  if (leafIndex >= treeSize) {
+    fail(`leafIndex ${leafIndex} is out of range: it must be less than treeSize ${treeSize}`);
+  }
+  const want = inclusionPathLength(BigInt(leafIndex), BigInt(treeSize));
+  const where = `for leaf ${leafIndex} in a tree of ${treeSize}`;
+  let fn = BigInt(leafIndex);
+  let sn = BigInt(treeSize - 1);
+  let r = hash;
+  for (const p of path) {
+    if (sn === 0n) fail(`inclusion path is too long: ${path.length} hashes, want ${want} ${where}`);
+    if (fn & 1n || fn === sn) {
+      r = await nodeHash(p, r);
+      while (!(fn & 1n) && fn !== 0n) {
+        fn >>= 1n;
+        sn >>= 1n;
+      }
+    } else {
+      r = await nodeHash(r, p);
+    }
+    fn >>= 1n;
+    sn >>= 1n;
+  }
+  if (sn !== 0n) fail(`inclusion path is too short: ${path.length} hashes, want ${want} ${where}`);
+  return r;
+}
+
+// --- one bundle -------------------------------------------------------------------------------
+
+/** The event header in a leaf (RFC 8785 JSON), or why it is not one; for the timeline only:
+ * the log proves leaf bytes, whatever they hold. */
+function readHeader(leaf) {
+  try {
+    const header = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(leaf));
+    if (header && typeof header.subject === "string" && Number.isSafeInteger(header.version)) {
+      return { header };
+    }
+    return { headerError: "the leaf is JSON but not an event header (no subject and version)" };
+  } catch (err) {
+    return { headerError: `the leaf is not an event header (${err.message})` };
+  }
+}
+
+/** Runs the checks on one bundle in order, calling `show(report)` as each settles. */
+async function verifyBundle(entry, keyResult, show) {
+  const report = {
+    label: entry.label,
+    states: CHECKS.map(() => "pending"),
+    details: CHECKS.map(() => ""),
+    failedAt: -1,
+    done: false,
+  };
+  show(report);
+  const steps = [
+    () => {
+      if (entry.error) fail(entry.error);
+      const bundle = parseBundle(entry.value);
+      Object.assign(report, { bundle }, readHeader(bundle.leaf));
+      const path = `${bundle.path.length} hash${bundle.path.length === 1 ? "" : "es"}`;
+      return `leaf of ${bundle.leaf.length} bytes at index ${bundle.leafIndex}, tree size ${bundle.treeSize}, inclusion path of ${path}`;
+    },
+    () => {
+      if (keyResult.error) fail(keyResult.error);
+      return `${keyResult.key.name}+${keyResult.key.idHex}, an Ed25519 key`;
+    },
+    async () => {
+      report.checkpoint = await openCheckpoint(report.bundle.checkpoint, keyResult.key);
+      const { origin, others } = report.checkpoint;
+      const ignored = others ? `; ${others} signature${others === 1 ? "" : "s"} by other keys ignored` : "";
+      return `signed by ${keyResult.key.name}+${keyResult.key.idHex}, origin ${origin}${ignored}`;
+    },
+    () => {
+      const { size } = report.checkpoint;
+      if (size !== report.bundle.treeSize) {
+        fail(`size mismatch: bundle treeSize ${report.bundle.treeSize}, checkpoint size ${size}`);
+      }
+      return `both are ${size}`;
+    },
+    async () => {
+      const { leaf, leafIndex, treeSize, path } = report.bundle;
+      const root = await rootFromInclusionPath(leafIndex, treeSize, await leafHash(leaf), path);
+      const want = report.checkpoint.rootHash;
+      if (!equalBytes(root, want)) {
+        fail(`root mismatch: the root rebuilt from the leaf and inclusion path is ${b64(root)}, the checkpoint's root is ${b64(want)}`);
+      }
+      return `root ${b64(root)}`;
+    },
+  ];
+  for (let i = 0; i < steps.length; i++) {
+    try {
+      report.details[i] = await steps[i]();
+      report.states[i] = "passed";
+    } catch (err) {
+      report.states[i] = "failed";
+      report.details[i] = err instanceof CheckFailed ? err.message : `unexpected error: ${err}`;
+      report.failedAt = i;
+      report.states.fill("skipped", i + 1);
+      break;
+    }
+    show(report);
+  }
+  if (report.bundle) report.leafHash = b64(await leafHash(report.bundle.leaf));
+  report.verified = report.failedAt < 0;
+  report.done = true;
+  show(report);
+  return report;
+}
+
+// --- the hash chain ---------------------------------------------------------------------------
+
+/** Per prescription, by version: version 1 has no prev, and every later version's prev is the
+ * leaf hash of the version before it. Versions missing in between are gaps. */
+function checkChain(reports) {
+  const events = reports.filter((r) => r.header);
+  const subjects = new Map();
+  for (const r of events) {
+    if (!subjects.has(r.header.subject)) subjects.set(r.header.subject, []);
+    subjects.get(r.header.subject).push(r);
+  }
+  const gaps = [];
+  const breaks = [];
+  const rows = new Map();
+  if (subjects.size > 1) {
+    const listed = [...subjects].map(([s, rs]) => `${s} (version ${rs.map((r) => r.header.version).sort((a, b) => a - b).join(", ")})`);
+    breaks.push(`the bundles are of ${subjects.size} prescriptions, not one: ${listed.join("; ")}`);
+  }
+  for (const [subject, group] of subjects) {
+    group.sort((a, b) => a.header.version - b.header.version);
+    const other = subjects.size > 1 ? ` of ${subject}` : "";
+    let before = null;
+    for (const r of group) {
+      const { version, prev } = r.header;
+      const at = `version ${version}${other}`;
+      if (before && before.leafHash === r.leafHash) {
+        rows.set(r, { state: "passed", text: "same event as above" });
+        continue;
+      }
+      if (before && before.header.version === version) {
+        breaks.push(`two different leaves claim ${at}`);
+        rows.set(r, { state: "failed", text: `break: another leaf for version ${version}` });
+      } else if (!before && version === 1) {
+        const ok = prev === null || prev === undefined;
+        if (!ok) breaks.push(`${at} has prev ${prev}; a first version has none`);
+        rows.set(r, ok ? { state: "passed", text: "first version" } : { state: "failed", text: "break: a first version with a prev" });
+      } else if (!before && group.length === 1) {
+        rows.set(r, { state: "skipped", text: `not checked: version ${version - 1} not given` });
+      } else if (!before) {
+        const missing = version === 2 ? "version 1" : `versions 1 to ${version - 1}`;
+        gaps.push(`${at} is the first given: ${missing}${other} missing`);
+        rows.set(r, { state: "failed", text: `gap: ${missing} not given` });
+      } else if (version > before.header.version + 1) {
+        const missing = version - before.header.version === 2
+          ? `version ${version - 1}` : `versions ${before.header.version + 1} to ${version - 1}`;
+        gaps.push(`${missing}${other} missing between version ${before.header.version} and ${version}`);
+        rows.set(r, { state: "failed", text: `gap: ${missing} not given` });
+      } else if (prev === before.leafHash) {
+        rows.set(r, { state: "passed", text: `links to version ${before.header.version}` });
+      } else {
+        breaks.push(`${at}'s prev ${prev ?? "null"} is not the leaf hash of version ${before.header.version}, ${before.leafHash}`);
+        rows.set(r, { state: "failed", text: `break: prev is not version ${before.header.version}\u2019s leaf hash` });
+      }
+      before = r;
+    }
+  }
+  let verdict = "complete";
+  if (breaks.length) verdict = "broken";
+  else if (gaps.length) verdict = "incomplete";
+  else if (events.length < 2) verdict = "single";
+  return { verdict, gaps, breaks, rows, subjects };
+}
+
+// --- the page ---------------------------------------------------------------------------------
+
+const $ = (id) => document.getElementById(id);
+
+function element(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(props)) {
+    if (name === "class") node.className = value;
+    else if (name === "text") node.textContent = value;
+    else node.setAttribute(name, value);
+  }
+  node.append(...children);
+  return node;
+}
+
+const mark = (state) => element("span", { class: "mark", "aria-hidden": "true", text: MARK[state] });
+
+const files = []; // {name, text}: chosen or dropped bundle files, verified with the pasted text
+
+function describeFailure(report) {
+  return `check ${report.failedAt + 1} (${CHECKS[report.failedAt].short}): ${report.details[report.failedAt]}`;
+}
+
+function eventName(report) {
+  return report.header ? ` \u2014 version ${report.header.version} ${report.header.type ?? ""}`.trimEnd() : "";
+}
+
+function renderReport(report, index) {
+  const id = `bundle-${index + 1}`;
+  let node = $(id);
+  const { done } = report;
+  if (!node) {
+    node = element("details", { class: "bundle", id });
+    $("bundle-reports").append(node);
+  }
+  const state = !done ? "pending" : report.verified ? "passed" : "failed";
+  node.dataset.verdict = done ? (report.verified ? "verified" : "failed") : "pending";
+  node.open = done && !report.verified;
+  const verdict = !done ? "checking\u2026"
+    : report.verified ? `verified: all ${CHECKS.length} checks passed`
+      : `failed at check ${report.failedAt + 1} of ${CHECKS.length} (${CHECKS[report.failedAt].short})`;
+  const summary = element(
+    "summary", {}, mark(state), " ",
+    element("span", { class: "label", text: `${report.label}${eventName(report)}` }), ": ",
+    element("strong", { text: verdict }),
+  );
+  const checks = element("ol", { class: "checks" });
+  report.states.forEach((s, i) => {
+    const detail = report.details[i] ? `: ${report.details[i]}` : "";
+    checks.append(element(
+      "li", { "data-state": s, "data-check": CHECKS[i].short }, mark(s), " ",
+      element("span", { class: "check", text: CHECKS[i].title }), " \u2014 ",
+      element("strong", { text: WORD[s] }), detail,
+    ));
+  });
+  node.replaceChildren(summary, checks);
+}
+
+function renderTimeline(reports, chain) {
+  const rows = reports.filter((r) => r.header);
+  $("timeline-section").hidden = rows.length === 0;
+  if (!rows.length) return;
+  const several = chain.subjects.size > 1;
+  rows.sort((a, b) => (a.header.subject === b.header.subject
+    ? a.header.version - b.header.version : (a.header.subject < b.header.subject ? -1 : 1)));
+  const columns = [...(several ? ["Prescription"] : []), "Version", "Event", "Actor", "Time", "Leaf index", "Proof", "Chain"];
+  const subject = several ? `${chain.subjects.size} prescriptions` : `prescription ${rows[0].header.subject}`;
+  const table = $("timeline");
+  const head = element("tr", {}, ...columns.map((c) => element("th", { scope: "col", text: c })));
+  const body = element("tbody");
+  for (const r of rows) {
+    const link = chain.rows.get(r) ?? { state: "skipped", text: "not checked" };
+    const proof = r.verified
+      ? element("td", { "data-label": "Proof", "data-state": "passed" }, mark("passed"), " verified")
+      : element("td", { "data-label": "Proof", "data-state": "failed" }, mark("failed"), " ",
+        element("a", { href: `#${r.id}`, text: `failed at check ${r.failedAt + 1} (${CHECKS[r.failedAt].short})` }));
+    const cells = [
+      ...(several ? [element("td", { "data-label": "Prescription", text: r.header.subject })] : []),
+      element("td", { "data-label": "Version", text: String(r.header.version) }),
+      element("td", { "data-label": "Event", text: String(r.header.type ?? "") }),
+      element("td", { "data-label": "Actor", text: String(r.header.actor ?? "") }),
+      element("td", { "data-label": "Time" }, element("time", { text: String(r.header.at ?? "") })),
+      element("td", { "data-label": "Leaf index", text: String(r.bundle.leafIndex) }),
+      proof,
+      element("td", { "data-label": "Chain", "data-state": link.state }, mark(link.state), ` ${link.text}`),
+    ];
+    body.append(element("tr", { "data-version": String(r.header.version) }, ...cells));
+  }
+  const caption = element("caption", { text: `Events of ${subject}, by version` });
+  table.replaceChildren(caption, element("thead", {}, head), body);
+  const chainText = {
+    complete: `Hash chain complete: versions ${rows[0].header.version} to ${rows[rows.length - 1].header.version}, each prev equal to the leaf hash of the version before.`,
+    single: "Hash chain: a single event; give all of a prescription's bundles to check its chain.",
+    incomplete: `Hash chain incomplete: ${chain.gaps.join("; ")}.`,
+    broken: `Hash chain broken: ${[...chain.breaks, ...chain.gaps].join("; ")}.`,
+  }[chain.verdict];
+  const ok = chain.verdict === "complete" || chain.verdict === "single";
+  $("chain").replaceChildren(mark(ok ? "passed" : "failed"), ` ${chainText}`);
+  $("chain").dataset.chain = chain.verdict;
+}
+
+function renderSummary(reports, chain) {
+  const failed = reports.filter((r) => !r.verified);
+  const n = reports.length;
+  const chainGood = chain.verdict === "complete" || chain.verdict === "single";
+  const passing = n === 1 ? `The bundle passes all ${CHECKS.length} checks.`
+    : `All ${n} bundles pass all ${CHECKS.length} checks.`;
+  const lines = [];
+  if (failed.length) {
+    lines.push(`Failed: ${failed.length} of ${n} bundle${n === 1 ? "" : "s"} did not verify.`);
+    for (const r of failed.slice(0, 3)) lines.push(`${r.label}${eventName(r)}: ${describeFailure(r)}`);
+    if (failed.length > 3) lines.push(`\u2026 and ${failed.length - 3} more (see below).`);
+  } else if (chainGood) {
+    lines.push(`Verified: ${passing.charAt(0).toLowerCase()}${passing.slice(1)}`);
+  } else {
+    lines.push(`Not verified: the hash chain is ${chain.verdict}.`, passing);
+  }
+  if (chain.verdict === "complete") lines.push("Hash chain complete.");
+  else if (chain.verdict === "incomplete") lines.push(`Hash chain incomplete: ${chain.gaps.join("; ")}.`);
+  else if (chain.verdict === "broken") lines.push(`Hash chain broken: ${chain.breaks.join("; ")}.`);
+  const good = !failed.length && chainGood;
+  $("summary").dataset.verdict = good ? "verified" : "failed";
+  $("summary").replaceChildren(...lines.map((text, i) => (i === 0
+    ? element("p", {}, mark(good ? "passed" : "failed"), " ", element("strong", { text }))
+    : element("p", { text }))));
+}
+
+function sayOnly(text, verdict) {
+  $("summary").dataset.verdict = verdict;
+  $("summary").replaceChildren(element("p", {}, element("strong", { text })));
+}
+
+/** Every bundle to verify, from the pasted text and the files: one entry per bundle, or one
+ * entry carrying the parse error of a source that is not JSON. */
+function collectEntries() {
+  const sources = [];
+  if ($("bundles").value.trim()) sources.push({ name: "pasted text", text: $("bundles").value });
+  sources.push(...files);
+  const entries = [];
+  for (const { name, text } of sources) {
+    let value;
+    try {
+      value = JSON.parse(text);
+    } catch (err) {
+      entries.push({ label: name, error: `${name} is not valid JSON: ${err.message}` });
+      continue;
+    }
+    if (!Array.isArray(value)) {
+      entries.push({ label: name, value });
+    } else if (!value.length) {
+      entries.push({ label: name, error: `${name} is an empty JSON array: no bundles` });
+    } else {
+      value.forEach((v, i) => entries.push({ label: value.length === 1 ? name : `${name}, bundle ${i + 1} of ${value.length}`, value: v }));
+    }
+  }
+  return entries;
+}
+
+let runs = 0;
+let busy = false;
+
+async function verify() {
+  if (busy) return; // one run at a time: a second Enter while verifying changes nothing
+  busy = true;
+  const results = $("results");
+  const run = ++runs;
+  results.setAttribute("aria-busy", "true");
+  $("bundle-reports").replaceChildren();
+  $("timeline-section").hidden = true;
+  $("bundle-section").hidden = true;
+  try {
+    if (!window.isSecureContext || !crypto.subtle) {
+      sayOnly("Cannot verify here: WebCrypto needs a secure context. Open this page over HTTPS (or on localhost).", "failed");
+      return;
+    }
+    const entries = collectEntries();
+    if (!entries.length) {
+      sayOnly("Nothing to verify: paste a bundle, or choose or drop bundle files.", "failed");
+      return;
+    }
+    sayOnly(`Verifying ${entries.length} bundle${entries.length === 1 ? "" : "s"}\u2026`, "pending");
+    $("bundle-section").hidden = false;
+    const keyResult = await parseVerifierKey($("key").value).then(
+      (key) => ({ key }),
+      (err) => ({ error: err instanceof CheckFailed ? err.message : `unexpected error: ${err}` }),
+    );
+    const reports = [];
+    for (const [i, entry] of entries.entries()) {
+      const report = await verifyBundle(entry, keyResult, (r) => renderReport(r, i));
+      report.id = `bundle-${i + 1}`;
+      reports.push(report);
+    }
+    const chain = checkChain(reports);
+    renderTimeline(reports, chain);
+    renderSummary(reports, chain);
+  } finally {
+    busy = false;
+    results.setAttribute("aria-busy", "false");
+    results.dataset.run = String(run);
+  }
+}
+
+// --- files: chosen, dropped ---------------------------------------------------------------------
+
+function renderFiles() {
+  $("file-list").replaceChildren(...files.map((f, i) => element(
+    "li", {}, element("span", { class: "file-name", text: f.name }), " ",
+    element("button", {
+      type: "button", class: "remove", "data-index": String(i), "aria-label": `Remove ${f.name}`, text: "Remove",
+    }),
+  )));
+}
+
+async function addFiles(list) {
+  const notes = [];
+  for (const file of list) {
+    if (file.size > MAX_FILE_BYTES) {
+      notes.push(`${file.name} is larger than ${MAX_FILE_BYTES >> 20} MiB: not read`);
+      continue;
+    }
+    let text;
+    try {
+      text = await file.text();
+    } catch (err) {
+      notes.push(`${file.name} could not be read (${err.message})`);
+      continue;
+    }
+    if (VERIFIER_KEY_SHAPE.test(text.trim())) {
+      $("key").value = text.trim();
+      notes.push(`${file.name}: verifier key filled in`);
+      continue;
+    }
+    files.push({ name: file.name, text });
+  }
+  const bundles = files.length;
+  notes.push(`${bundles} file${bundles === 1 ? "" : "s"} to verify`);
+  $("file-status").textContent = `${notes.join("; ")}.`;
+  renderFiles();
+}
+
+function setUp() {
+  const form = $("audit-form");
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    verify();
+  });
+  $("clear").addEventListener("click", () => {
+    form.reset();
+    files.length = 0;
+    renderFiles();
+    $("file-status").textContent = "";
+    $("bundle-reports").replaceChildren();
+    $("timeline-section").hidden = true;
+    $("bundle-section").hidden = true;
+    sayOnly("Nothing verified yet.", "");
+    $("key").focus();
+  });
+  $("files").addEventListener("change", async (event) => {
+    await addFiles(event.target.files);
+    event.target.value = "";
+  });
+  $("file-list").addEventListener("click", (event) => {
+    const button = event.target.closest("button.remove");
+    if (!button) return;
+    const [removed] = files.splice(Number(button.dataset.index), 1);
+    renderFiles();
+    $("file-status").textContent = `${removed.name} removed; ${files.length} file${files.length === 1 ? "" : "s"} to verify.`;
+    $("files").focus();
+  });
+  // Files dropped anywhere on the page are read, never opened by the browser in its place.
+  const zone = $("dropzone");
+  let depth = 0;
+  document.addEventListener("dragenter", (event) => {
+    event.preventDefault();
+    depth += 1;
+    zone.classList.add("dragging");
+  });
+  document.addEventListener("dragleave", () => {
+    depth = Math.max(0, depth - 1);
+    if (!depth) zone.classList.remove("dragging");
+  });
+  document.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    if (event.dataTransfer) event.dataTransfer.dropEffect = "copy";
+  });
+  document.addEventListener("drop", (event) => {
+    event.preventDefault();
+    depth = 0;
+    zone.classList.remove("dragging");
+    if (event.dataTransfer?.files.length) addFiles(event.dataTransfer.files);
+  });
+}
+
+setUp();
