@@ -270,8 +270,14 @@ class TransparencyLog:
         return None if doc is None else SignedCheckpoint.from_doc(doc)
 
     async def checkpoints(self, after_size: int = -1, limit: int = 100) -> list[SignedCheckpoint]:
+        """Published checkpoints (those witnesses still have to cosign are left out), by size."""
+        published = (await self.store.head()).get("checkpointSize")
+        if published is None:
+            return []
         cursor = (
-            self.store.notarizations.find({"_id": {"$gt": after_size}}).sort("_id", 1).limit(limit)
+            self.store.notarizations.find({"_id": {"$gt": after_size, "$lte": published}})
+            .sort("_id", 1)
+            .limit(limit)
         )
         return [SignedCheckpoint.from_doc(d) async for d in cursor]
 
@@ -349,12 +355,21 @@ class TransparencyLog:
         )
 
     async def _checkpoint_for(self, tree_size: int | None) -> SignedCheckpoint:
-        cp = await (self.latest_checkpoint() if tree_size is None else self.checkpoint(tree_size))
+        """The latest published checkpoint, or the published one of `tree_size`: a checkpoint
+        still waiting for its witnesses is not used for proofs."""
+        if tree_size is None:
+            cp = await self.latest_checkpoint()
+            if cp is None:
+                raise ProofUnavailable("no checkpoint published yet")
+            return cp
+        published = (await self.store.head()).get("checkpointSize")
+        cp = None
+        if published is not None and tree_size <= published:
+            cp = await self.checkpoint(tree_size)
         if cp is None:
             raise ProofUnavailable(
-                "no checkpoint yet"
-                if tree_size is None
-                else f"no checkpoint of tree size {tree_size}; omit treeSize for the latest"
+                f"no published checkpoint of tree size {tree_size} (a checkpoint waiting for "
+                "its witnesses is not published); omit treeSize for the latest"
             )
         return cp
 

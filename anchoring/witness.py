@@ -202,6 +202,7 @@ class Witness:
         # Remember before releasing the cosignature: a witness must never sign two views.
         self.state = WitnessState(cp.origin, cp.size, cp.root_hash)
         save_state(self.state_path, self.state)
+        self.origin = cp.origin  # from now on, this is the log it witnesses
         return self.cosigner.cosign(note[: note.rfind("\n\n") + 1])
 
     @staticmethod

@@ -15,6 +15,10 @@ from anchoring.witness import Cosigner, Refused, Witness
 EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2
 
 
+class LogRejected(Exception):
+    """The log answered but did not take the cosignature."""
+
+
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -38,16 +42,21 @@ async def witness_once(witness: Witness, remote: RemoteLog) -> tuple[int, str | 
     if witness.submitted == note:
         return size, None
     response = await remote.post("cosignature", note + cosignature.line)
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = {}
     if response.status_code != 200:
-        try:
-            reason = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            reason = response.text[:300]
-        raise RemoteError(
-            f"the log did not take the cosignature (HTTP {response.status_code}): {reason}"
+        error = answer.get("error") if isinstance(answer, dict) else None
+        reason = error.get("message") if isinstance(error, dict) else response.text[:300]
+        raise LogRejected(f"HTTP {response.status_code}: {reason}")
+    if witness.cosigner.name not in answer.get("cosignedBy", []):
+        raise LogRejected(
+            f"the log answered but did not keep the cosignature by {witness.cosigner.name}: is "
+            "this witness's key in the log's RXLEDGER_WITNESSES?"
         )
     witness.submitted = note
-    published = response.json().get("published")
+    published = answer.get("published")
     return size, f"cosigned checkpoint {size}" + (" (published)" if published else "")
 
 
@@ -60,7 +69,11 @@ async def _run(
     interval: float,
     once: bool,
 ) -> int:
-    witness = Witness(cosigner, log_key, state, origin)
+    try:
+        witness = Witness(cosigner, log_key, state, origin)
+    except (ValueError, OSError) as exc:
+        _say(f"rxledger witness: --state {state}: {exc}; fix or move the file")
+        return EXIT_UNREACHABLE
     last = f"size {witness.state.size}" if witness.state else "nothing yet"
     _say(
         f"witness {cosigner.name} ({cosigner.verifier_key}) watching {url}; "
@@ -75,8 +88,11 @@ async def _run(
                 code = EXIT_OK
             except Refused as exc:
                 message, code = f"REFUSED: {exc}", EXIT_REFUSED
+            except LogRejected as exc:
+                message, code = f"REJECTED by the log: {exc}", EXIT_UNREACHABLE
             except RemoteError as exc:
-                message, code = f"cannot reach the log: {exc}; retrying", EXIT_UNREACHABLE
+                retry = "" if once else f"; retrying every {interval:g} s"
+                message, code = f"cannot reach the log: {exc}{retry}", EXIT_UNREACHABLE
             if message and message != said:
                 _say(message)
                 said = message

@@ -167,7 +167,7 @@ def test_bad_requests_get_clear_errors_not_tracebacks(gateway):
     out = gql(gateway, "{ ledger { inclusionProof(leafIndex: 5) { leafIndex } } }")
     assert "not in the checkpoint" in out["errors"][0]["message"]
     out = gql(gateway, "{ ledger { inclusionProof(treeSize: 3, leafIndex: 0) { leafIndex } } }")
-    assert "no checkpoint of tree size 3" in out["errors"][0]["message"]
+    assert "no published checkpoint of tree size 3" in out["errors"][0]["message"]
     out = gql(gateway, '{ ledger { inclusionProof(leafIndex: "x") { leafIndex } } }')
     assert "Int cannot represent" in out["errors"][0]["message"]
     r = httpx.post(f"{gateway}/graphql", json={"query": "{ ledger { "}, timeout=10)
