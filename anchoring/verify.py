@@ -20,6 +20,7 @@ ORIGIN_MISMATCH = "origin mismatch"
 SIZE_MISMATCH = "size mismatch"
 WRONG_PROOF_LENGTH = "wrong proof length"
 ROOT_MISMATCH = "root mismatch"
+NO_QUORUM = "witness quorum not met"
 
 
 class VerificationError(Exception):

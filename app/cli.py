@@ -85,14 +85,49 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _witness_keys(given: list[str]) -> list[Verifier]:
+    """Witness verifier keys given inline or as files holding one per line."""
+    from anchoring.witness import parse_witness_key
+
+    keys = []
+    for item in given:
+        texts = [item]
+        if "+" not in item or Path(item).is_file():
+            texts = _read_text(item, "witness key").split()
+        keys += [parse_witness_key(text) for text in texts]
+    return keys
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     verifier = _verifier(args.key)
+    witnesses = _witness_keys(args.witness)
+    quorum = len(witnesses) if args.quorum is None else args.quorum
+    if not 0 <= quorum <= len(witnesses):
+        raise UsageError(
+            f"--quorum {quorum}: want 0 to {len(witnesses)} (the --witness keys given)"
+        )
     bundle = parse_inclusion_bundle(_read_json(args.bundle, "bundle"))
     cp = open_checkpoint(bundle.checkpoint, [verifier], args.origin)
     verify_bundle_inclusion(bundle, cp.size, cp.root_hash)
+    witnessed = ""
+    if witnesses:
+        from anchoring.verify import NO_QUORUM
+        from anchoring.witness import cosignatures
+
+        _, found = cosignatures(bundle.checkpoint, witnesses)
+        names = {c.key_id for c in found}
+        if len(found) < quorum:
+            missing = ", ".join(w.name for w in witnesses if w.key_id not in names)
+            raise VerificationError(
+                NO_QUORUM,
+                f"{len(found)} of the {len(witnesses)} witnesses cosigned the checkpoint, "
+                f"{quorum} required (missing: {missing})",
+            )
+        witnessed = f"; cosigned by {len(found)} of {len(witnesses)} witnesses ({', '.join(c.name for c in found) or 'none'})"
     print(
         f"OK: leaf {bundle.leaf_index} is included in {cp.origin} at tree size {cp.size}; "
         f"checkpoint signed by {verifier.name}+{verifier.key_id.hex()}; root {cp.root_hash.hex()}"
+        + witnessed
     )
     return EXIT_OK
 
@@ -395,6 +430,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="verifier key <name>+<hex id>+<base64 key>, or a file holding it",
     )
     p.add_argument("--origin", help="require this checkpoint origin")
+    p.add_argument(
+        "--witness",
+        action="append",
+        default=[],
+        metavar="WKEY",
+        help="a witness verifier key (<name>+<hex id>+<base64(0x04 ‖ key)>), or a file of them, "
+        "one per line; repeatable. The checkpoint must carry their cosignatures",
+    )
+    p.add_argument(
+        "--quorum",
+        type=int,
+        metavar="K",
+        help="how many of the --witness keys must have cosigned (default: all of them)",
+    )
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser(

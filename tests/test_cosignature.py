@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -554,3 +557,61 @@ def test_a_quorum_the_witnesses_cannot_meet_is_a_config_error(env, witnesses, qu
     env.setenv("RXLEDGER_WITNESS_QUORUM", quorum)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         Settings.from_env()
+
+
+# --- rxledger verify --witness: a client that insists on a quorum ----------------------------
+
+
+def run_verify(*args: str) -> tuple[int, str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "verify", *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_verify_with_witness_keys_requires_their_cosignatures(tmp_path: Path) -> None:
+    log = Signer("log.example", Ed25519PrivateKey.generate())
+    w1, w2, w3 = (Cosigner(f"w{i}.example/w", Ed25519PrivateKey.generate()) for i in range(3))
+    leaf = b'{"subject":"rx-1","version":1}'
+    root = hashlib.sha256(b"\x00" + leaf).digest()
+    text = Checkpoint("log.example/log", 1, root).text()
+    note = log.sign_note(text) + w1.cosign(text).line + w2.cosign(text).line
+    bundle = tmp_path / "bundle.json"
+    bundle.write_text(
+        json.dumps(
+            {
+                "leaf": b64(leaf),
+                "leafIndex": 0,
+                "treeSize": 1,
+                "inclusionPath": [],
+                "checkpoint": note,
+            }
+        )
+    )
+    keys = tmp_path / "witnesses.txt"
+    keys.write_text(f"{w1.verifier_key}\n{w2.verifier_key}\n{w3.verifier_key}\n")
+    base = [str(bundle), "--key", log.verifier_key]
+
+    code, out = run_verify(*base, "--witness", w1.verifier_key, "--witness", w2.verifier_key)
+    assert code == 0, out
+    assert "cosigned by 2 of 2 witnesses (w0.example/w, w1.example/w)" in out
+
+    code, out = run_verify(*base, "--witness", str(keys), "--quorum", "2")
+    assert code == 0 and "cosigned by 2 of 3 witnesses" in out, out
+
+    code, out = run_verify(*base, "--witness", str(keys))
+    assert code == 1
+    assert (
+        "FAILED: witness quorum not met: 2 of the 3 witnesses cosigned the checkpoint, 3 required (missing: w2.example/w)"
+        in out
+    )
+
+    code, out = run_verify(*base, "--witness", str(keys), "--quorum", "4")
+    assert code == 2 and "--quorum 4: want 0 to 3" in out
+
+    code, out = run_verify(*base, "--witness", log.verifier_key)
+    assert code == 1 and "malformed input: verifier key must be 0x04" in out
