@@ -82,10 +82,11 @@ test: venv ferretdb browser ## lint, typecheck, then the test suite
 	@$(MAKE) --no-print-directory typecheck
 	$(VENV)/bin/python -m pytest
 
-bench: venv ferretdb ## run the benchmarks (bench/ledger.py, graphql.py, subscriptions.py)
+bench: venv ferretdb ## run the benchmarks (bench/ledger.py, graphql.py, subscriptions.py, tiles.py)
 	$(VENV)/bin/python bench/ledger.py
 	$(VENV)/bin/python bench/graphql.py
 	$(VENV)/bin/python bench/subscriptions.py
+	$(VENV)/bin/python bench/tiles.py
 
 clean: ## stop the dev server, remove .venv, var/ (FerretDB binary, data) and caches
 	-@$(DEVDB) stop

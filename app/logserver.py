@@ -54,7 +54,8 @@ def _note(cp: SignedCheckpoint | None, missing: str) -> Response:
 
 class LogServer:
     def __init__(self, bundles_cached: int = 64) -> None:
-        self._bundles: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        # (index, width) -> (bundle, gzipped bundle)
+        self._bundles: OrderedDict[tuple[int, int], tuple[bytes, bytes]] = OrderedDict()
         self._bundles_cached = bundles_cached
 
     def routes(self) -> list[Route]:
@@ -111,10 +112,12 @@ class LogServer:
         self, request: Request, tlog: TransparencyLog, index: int, width: int, size: int
     ) -> Response:
         key = (index, width)
-        data = self._bundles.get(key)
-        if data is None:
+        cached = self._bundles.get(key)
+        if cached is None:
             data = await tlog.entry_bundle(index, width, size)
-            self._bundles[key] = data
+            # Compressed once: most clients (httpx, Go, browsers) ask for gzip.
+            cached = (data, gzip.compress(data, 6, mtime=0))
+            self._bundles[key] = cached
             if len(self._bundles) > self._bundles_cached:
                 self._bundles.popitem(last=False)
         else:
@@ -122,11 +125,9 @@ class LogServer:
         headers = {**IMMUTABLE, "Vary": "Accept-Encoding"}
         if accepts_gzip(request.headers.get("accept-encoding", "")):
             return Response(
-                gzip.compress(data, 6),
-                media_type=OCTETS,
-                headers={**headers, "Content-Encoding": "gzip"},
+                cached[1], media_type=OCTETS, headers={**headers, "Content-Encoding": "gzip"}
             )
-        return Response(data, media_type=OCTETS, headers=headers)
+        return Response(cached[0], media_type=OCTETS, headers=headers)
 
     async def cosignature(self, request: Request) -> Response:
         tlog: TransparencyLog = request.app.state.log
