@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from bson import Binary
 from pymongo.errors import DuplicateKeyError
 
+from anchoring.cosignature import Cosignature
 from anchoring.errors import AnchorRefused
 from anchoring.note import Checkpoint, Signer, open_checkpoint
 from anchoring.proofs import consistency_proof
 from anchoring.store import Doc, LogStore
 from anchoring.tiles import TileReader
 from anchoring.verify import VerificationError, verify_consistency
-from anchoring.witness import Cosignature
 
 log = logging.getLogger("rxledger.anchorer")
 
@@ -77,7 +77,7 @@ class Anchorer:
         self.reader = reader
         self.settings = settings or AnchorSettings()
         self.latest: SignedCheckpoint | None = None
-        self._last_anchor = 0.0
+        self.last_anchor = 0.0
 
     async def load_latest(self) -> SignedCheckpoint | None:
         """The newest notarized checkpoint (also one signed just before a crash, which the
@@ -110,7 +110,7 @@ class Anchorer:
             return False
         if size - anchored >= self.settings.max_leaves:
             return True
-        return time.monotonic() - self._last_anchor >= self.settings.interval
+        return time.monotonic() - self.last_anchor >= self.settings.interval
 
     async def anchor(self, size: int, root: bytes) -> SignedCheckpoint:
         """Sign the tree (size, root) after proving it consistent with the last checkpoint."""
@@ -149,6 +149,6 @@ class Anchorer:
                 ) from None
             doc = existing
         self.latest = self._checked(doc)
-        self._last_anchor = time.monotonic()
+        self.last_anchor = time.monotonic()
         log.info("anchor: signed checkpoint %s at size %d", self.store.origin, size)
         return self.latest

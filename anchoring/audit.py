@@ -16,9 +16,9 @@ from anchoring.encoding import EncodingError, b64, canonical_json
 from anchoring.hashing import HASH_SIZE, leaf_hash
 from anchoring.note import Verifier, open_checkpoint
 from anchoring.proofs import consistency_proof
-from anchoring.remote import RemoteError, RemoteLog
+from anchoring.remote import RemoteLog
 from anchoring.store import Doc, LogStore
-from anchoring.tiles import TileCorrupt, TileNotFound, TileReader, tile_path
+from anchoring.tiles import TileCorrupt, TileNotFound, TileReader, parse_tile_key, tile_path
 from anchoring.treemath import TILE_HEIGHT, TILE_WIDTH, CompactRange, Node, tile_key, tile_width
 from anchoring.verify import VerificationError, verify_consistency
 
@@ -169,9 +169,11 @@ async def audit_remote(
     max_problems: int = 20,
     origin: str | None = None,
 ) -> AuditReport:
-    """Audit a log through its tlog-tiles alone: verify its checkpoint, read every entry
-    bundle, check each leaf (canonical JSON, versions and prev hashes per subject), rebuild the
-    tree and compare every tile of the checkpoint's size and the root with the checkpoint."""
+    """Audit a log through its tlog-tiles alone: verify its current checkpoint, read every
+    entry bundle, check each leaf (canonical JSON, versions and prev hashes per subject), rebuild
+    the tree and compare every tile of the checkpoint's size and the root with the checkpoint.
+    A resource the checkpoint needs and the log does not serve is a problem; RemoteError (the
+    log unreachable, too slow, answering errors) is raised."""
     report = AuditReport()
 
     def problem(message: str) -> None:
@@ -183,8 +185,8 @@ async def audit_remote(
         await _audit_remote(remote, verifiers, report, problem, progress, origin)
     except _Stop:
         pass
-    except (RemoteError, TileNotFound) as exc:
-        report.problems.append(f"the log could not be read: {exc}")
+    except TileNotFound as exc:
+        report.problems.append(f"the log does not serve what its checkpoint needs: {exc}")
     return report
 
 
@@ -197,6 +199,7 @@ async def _audit_remote(
     origin: str | None,
 ) -> None:
     note = await remote.checkpoint()
+    assert note is not None
     try:
         cp = open_checkpoint(note, verifiers, origin)
     except VerificationError as exc:
@@ -209,7 +212,8 @@ async def _audit_remote(
     last_version: dict[str, tuple[int, bytes]] = {}
 
     def on_node(node: Node, digest: bytes) -> None:
-        if node.level % TILE_HEIGHT == 0:
+        # Level 0 is checked leaf by leaf; higher tiles against these rows at the end.
+        if node.level % TILE_HEIGHT == 0 and node.level > 0:
             rows.setdefault(node.level // TILE_HEIGHT, []).append(digest)
 
     for bundle in range((size + TILE_WIDTH - 1) // TILE_WIDTH):
@@ -223,20 +227,7 @@ async def _audit_remote(
                 problem(
                     f"entry {index}: its leaf does not hash to {tile_path(0, bundle, width)}[{i}]"
                 )
-            try:
-                header = json.loads(leaf)
-            except ValueError:
-                header = None
-            if not isinstance(header, dict):
-                problem(f"entry {index}: the leaf is not a JSON object")
-            else:
-                pseudo = {
-                    "_id": f"at leaf {index}",
-                    "header": header,
-                    "subject": header.get("subject"),
-                    "version": header.get("version"),
-                }
-                _check_event(index, leaf, pseudo, last_version, problem)
+            _check_leaf(index, leaf, last_version, problem)
             rng.append(digest, on_node)
         report.entries = rng.size
         if progress is not None:
@@ -261,17 +252,11 @@ async def _audit_remote(
 
 
 def _parse_tile_key(key: object) -> tuple[int, int, int] | None:
-    """(level, index, width) from "L/N" or "L/N.p/W"."""
+    """(level, index, width) from "L/N" or "L/N.p/W", None for anything else."""
     try:
-        assert isinstance(key, str)
-        body, _, partial = key.partition(".p/")
-        level, index = (int(x) for x in body.split("/"))
-        width = int(partial) if partial else TILE_WIDTH
-    except (AssertionError, ValueError):
+        return parse_tile_key(key) if isinstance(key, str) else None
+    except ValueError:
         return None
-    if level < 0 or index < 0 or not 0 < width <= TILE_WIDTH:
-        return None
-    return level, index, width
 
 
 async def _check_tiles(
@@ -351,6 +336,42 @@ def _check_event(
         problem(
             f"entry {index}: event {event['_id']} subject/version fields differ from its header"
         )
+    _check_chain(index, subject, version, header, leaf, last_version, problem)
+
+
+def _check_leaf(
+    index: int,
+    leaf: bytes,
+    last_version: dict[str, tuple[int, bytes]],
+    problem: Callable[[str], None],
+) -> None:
+    """A leaf read from a remote log, which may be hostile: canonical JSON of an object with a
+    string subject and a positive integer version, in order after the subject's last one."""
+    try:
+        header = json.loads(leaf)
+        canonical = canonical_json(header) == leaf
+    except (ValueError, RecursionError, EncodingError):
+        header, canonical = None, False
+    if not isinstance(header, dict) or not canonical:
+        problem(f"entry {index}: the leaf is not a JSON object in RFC 8785 canonical form")
+        return
+    subject, version = header.get("subject"), header.get("version")
+    if not isinstance(subject, str) or type(version) is not int or version < 1:
+        problem(f"entry {index}: the leaf has no string subject and positive integer version")
+        return
+    _check_chain(index, subject, version, header, leaf, last_version, problem)
+
+
+def _check_chain(
+    index: int,
+    subject: str,
+    version: int,
+    header: Doc,
+    leaf: bytes,
+    last_version: dict[str, tuple[int, bytes]],
+    problem: Callable[[str], None],
+) -> None:
+    """Each subject's versions in order, each `prev` the leaf hash of the version before."""
     previous = last_version.get(subject)
     expected = 1 if previous is None else previous[0] + 1
     if version != expected:

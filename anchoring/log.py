@@ -14,6 +14,7 @@ from bson import ObjectId
 from pymongo.errors import PyMongoError
 
 from anchoring.anchorer import Anchorer, AnchorSettings, SignedCheckpoint
+from anchoring.cosignature import Cosignature, cosignatures
 from anchoring.encoding import b64
 from anchoring.errors import AnchorRefused, CosignatureRejected, ProofUnavailable
 from anchoring.hashing import leaf_hash
@@ -29,15 +30,15 @@ from anchoring.tiles import (
     TileCorrupt,
     TileNotFound,
     TileReader,
-    entry_bundle,
     tile_exists,
     tile_path,
 )
 from anchoring.treemath import TILE_WIDTH
 from anchoring.verify import VerificationError
-from anchoring.witness import Cosignature, cosignatures
 
 log = logging.getLogger("rxledger.log")
+
+MAX_CLOCK_SKEW = 600  # seconds a witness's cosignature may be dated ahead of this log's clock
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class LogSettings:
     # checkpoint before it is published (0: published as soon as it is signed).
     witnesses: tuple[Verifier, ...] = ()
     quorum: int = 0
+    witness_hold: float = 30.0  # seconds a checkpoint waits for its quorum before a newer one
 
     def __post_init__(self) -> None:
         if not 0 <= self.quorum <= len(self.witnesses):
@@ -103,6 +105,7 @@ class TransparencyLog:
         self.sequencer.on_publish.append(lambda size, root, entries: self.tail.offer(entries))
         self._tail_task: asyncio.Task[None] | None = None
         self._latest: tuple[float, SignedCheckpoint | None] = (0.0, None)
+        self._newest: tuple[float, SignedCheckpoint | None] = (0.0, None)
 
     @property
     def running(self) -> bool:
@@ -146,7 +149,7 @@ class TransparencyLog:
         if self._anchor_epoch != self.sequencer.epoch:
             await self.anchorer.load_latest()  # another leader may have signed meanwhile
             self._anchor_epoch = self.sequencer.epoch
-        if not self.anchorer.due(self.sequencer.size):
+        if not self.anchorer.due(self.sequencer.size) or self._waiting_for_witnesses():
             return
         try:
             cp = await self.anchorer.anchor(self.sequencer.size, self.sequencer.root)
@@ -163,6 +166,18 @@ class TransparencyLog:
 
     # --- witnesses ----------------------------------------------------------------------
 
+    def _waiting_for_witnesses(self) -> bool:
+        """Whether to hold the next checkpoint back while witnesses cosign the last one: each
+        witness cosigns the newest checkpoint it sees, so a quorum forms only on a checkpoint
+        that stays the newest long enough. After `witness_hold` seconds a newer one is signed
+        all the same, for witnesses that come back later to have a fresh one to cosign."""
+        latest = self.anchorer.latest
+        if self.settings.quorum == 0 or latest is None or latest.size == 0:
+            return False  # (the empty tree's checkpoint holds nothing worth waiting for)
+        if self.tail.checkpoint_size >= latest.size:
+            return False  # published
+        return time.monotonic() - self.anchorer.last_anchor < self.settings.witness_hold
+
     async def add_cosignatures(self, note: str) -> SignedCheckpoint:
         """Store the configured witnesses' cosignatures found on `note`, a checkpoint this log
         signed, and publish it once its quorum has cosigned. Returns the checkpoint with all
@@ -177,15 +192,27 @@ class TransparencyLog:
             raise CosignatureRejected(
                 f"the note carries no cosignature by a witness this log accepts (configured: {names})"
             )
+        latest = time.time() + MAX_CLOCK_SKEW
+        for c in found:
+            if c.timestamp > latest:
+                raise CosignatureRejected(
+                    f"the cosignature by {c.name} is dated {c.timestamp}, in the future "
+                    f"(more than {MAX_CLOCK_SKEW} s ahead of this log's clock)"
+                )
         doc = await self.store.notarizations.find_one({"_id": cp.size})
         if doc is None or not str(doc.get("note", "")).startswith(text + "\n"):
             raise CosignatureRejected(
                 f"this log has not signed that checkpoint of size {cp.size}: a witness saw "
                 "a checkpoint this log never made"
             )
-        await self.store.notarizations.update_one(
-            {"_id": cp.size}, {"$set": {f"cosignatures.k{c.key_id.hex()}": c.doc() for c in found}}
-        )
+        stored = doc.get("cosignatures") or {}
+        for c in found:
+            field = f"k{c.key_id.hex()}"
+            if field not in stored:  # the first cosignature of each witness stays
+                await self.store.notarizations.update_one(
+                    {"_id": cp.size, f"cosignatures.{field}": {"$exists": False}},
+                    {"$set": {f"cosignatures.{field}": c.doc()}},
+                )
         doc = await self.store.notarizations.find_one({"_id": cp.size})
         signed = SignedCheckpoint.from_doc(doc or {})
         if self.settings.quorum and len(self._accepted(signed)) >= self.settings.quorum:
@@ -209,18 +236,34 @@ class TransparencyLog:
         self._latest = (0.0, None)
         self.tail.wake()
 
-    async def newest_checkpoint(self) -> SignedCheckpoint | None:
-        """The newest signed checkpoint, published or still waiting for its witnesses."""
-        newest = await self.store.notarizations.find({}).sort("_id", -1).limit(1).to_list()
-        return SignedCheckpoint.from_doc(newest[0]) if newest else None
+    async def newest_checkpoint(self, max_age: float = 0.0) -> SignedCheckpoint | None:
+        """The newest signed checkpoint, published or still waiting for its witnesses, at
+        most `max_age` seconds stale."""
+        now = time.monotonic()
+        fetched_at, cp = self._newest
+        if now - fetched_at > max_age or max_age == 0:
+            newest = await self.store.notarizations.find({}).sort("_id", -1).limit(1).to_list()
+            cp = SignedCheckpoint.from_doc(newest[0]) if newest else None
+            self._newest = (now, cp)
+        return cp
 
     async def witness_status(self) -> dict[str, Any]:
-        """Whether checkpoints wait for witnesses, and which of them are missing."""
+        """Whether checkpoints wait for witnesses, which of them are missing on the newest
+        checkpoint, and how long the oldest unpublished checkpoint has waited."""
         settings = self.settings
         newest = await self.newest_checkpoint()
         published = await self.latest_checkpoint()
+        published_size = published.size if published else -1
         cosigned = {c.key_id for c in self._accepted(newest)} if newest else set()
-        waiting = newest is not None and (published is None or published.size < newest.size)
+        waiting = newest is not None and newest.size > published_size
+        waited = 0.0
+        if waiting:
+            oldest = await self.store.notarizations.find_one(
+                {"_id": {"$gt": published_size}}, sort=[("_id", 1)]
+            )
+            if oldest is not None:
+                since = SignedCheckpoint.from_doc(oldest).anchored_at.replace(tzinfo=dt.UTC)
+                waited = round((dt.datetime.now(dt.UTC) - since).total_seconds(), 3)
         return {
             "required": settings.quorum,
             "configured": [w.name for w in settings.witnesses],
@@ -230,14 +273,7 @@ class TransparencyLog:
             "missing": [w.name for w in settings.witnesses if w.key_id not in cosigned]
             if waiting
             else [],
-            "waitingSeconds": round(
-                (
-                    dt.datetime.now(dt.UTC) - newest.anchored_at.replace(tzinfo=dt.UTC)
-                ).total_seconds(),
-                3,
-            )
-            if waiting and newest is not None
-            else 0.0,
+            "waitingSeconds": waited,
         }
 
     # --- writes -------------------------------------------------------------------------
@@ -281,8 +317,8 @@ class TransparencyLog:
         )
         return [SignedCheckpoint.from_doc(d) async for d in cursor]
 
-    async def entry_bundle(self, index: int, width: int, published_size: int) -> bytes:
-        """The tlog-tiles entry bundle `index` of `width` leaves; raises TileNotFound when the
+    async def entry_leaves(self, index: int, width: int, published_size: int) -> list[bytes]:
+        """The `width` leaves of tlog-tiles entry bundle `index`; raises TileNotFound when the
         tree of `published_size` does not have them all, TileCorrupt when entries are missing."""
         if not tile_exists(ENTRIES, index, width, published_size):
             raise TileNotFound(
@@ -295,7 +331,7 @@ class TransparencyLog:
         leaves = [(int(doc["_id"]), bytes(doc["leaf"])) async for doc in cursor]
         if [i for i, _ in leaves] != list(range(first, first + width)):
             raise TileCorrupt(f"entries {first}..{first + width - 1} are not all stored")
-        return entry_bundle([leaf for _, leaf in leaves])
+        return [leaf for _, leaf in leaves]
 
     async def entry(self, index: int) -> Doc | None:
         return await self.store.entries.find_one({"_id": index})

@@ -30,6 +30,8 @@ from anchoring.verify import (
 ALG_ED25519 = 0x01
 SIG_PREFIX = "\u2014 "  # em dash and a space
 MAX_NOTE_BYTES = 1 << 20
+MAX_SIGNATURES = 100  # as Go's sumdb/note: a note cannot make a verifier check without end
+MAX_TREE_SIZE = (1 << 64) - 1  # a uint64
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 
 
@@ -140,6 +142,10 @@ def split_note(note: str) -> tuple[str, list[tuple[str, bytes]]]:
     lines = sig_block.split("\n")[:-1]
     if not lines:
         raise VerificationError(MALFORMED, "signed note has no signature lines")
+    if len(lines) > MAX_SIGNATURES:
+        raise VerificationError(
+            MALFORMED, f"signed note has {len(lines)} signature lines, at most {MAX_SIGNATURES}"
+        )
     for line in lines:
         if not line.startswith(SIG_PREFIX):
             raise VerificationError(
@@ -209,6 +215,8 @@ def parse_checkpoint(text: str) -> Checkpoint:
         raise VerificationError(
             MALFORMED, f"checkpoint size {size_s!r:.30} is not a decimal number"
         )
+    if len(size_s) > 20 or int(size_s) > MAX_TREE_SIZE:
+        raise VerificationError(MALFORMED, f"checkpoint size {size_s:.30} is above 2^64 - 1")
     try:
         root = unb64(root_s, "checkpoint root hash")
     except EncodingError as exc:

@@ -70,6 +70,22 @@ def parse_tile_path(path: str) -> tuple[int, int, int]:
     return level, index, width
 
 
+def parse_tile_key(key: str) -> tuple[int, int, int]:
+    """(level, index, width) of a storage key "L/N" or "L/N.p/W" (see treemath.tile_key).
+    Raises ValueError for anything else."""
+    body, sep, partial = key.partition(".p/")
+    level, index = (int(x) for x in body.split("/"))
+    width = int(partial) if sep else TILE_WIDTH
+    if (
+        tile_key(level, index, width) != key
+        or level < 0
+        or index < 0
+        or not 0 < width <= TILE_WIDTH
+    ):
+        raise ValueError(f"{key!r} is not a tile key")
+    return level, index, width
+
+
 def tile_exists(level: int, index: int, width: int, size: int) -> bool:
     """Whether a tree of `size` leaves has all `width` hashes of tile (level, index): a tile
     (or entry bundle, level ENTRIES) of that width is then immutable."""

@@ -86,16 +86,14 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _witness_keys(given: list[str]) -> list[Verifier]:
-    """Witness verifier keys given inline or as files holding one per line."""
-    from anchoring.witness import parse_witness_key
+    """Witness verifier keys given inline or as files holding them, each named once."""
+    from anchoring.cosignature import parse_witness_keys
 
-    keys = []
+    texts = []
     for item in given:
-        texts = [item]
-        if "+" not in item or Path(item).is_file():
-            texts = _read_text(item, "witness key").split()
-        keys += [parse_witness_key(text) for text in texts]
-    return keys
+        is_key = "+" in item and not Path(item).is_file()
+        texts.append(item if is_key else _read_text(item, "witness key"))
+    return parse_witness_keys(" ".join(texts))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -111,8 +109,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     verify_bundle_inclusion(bundle, cp.size, cp.root_hash)
     witnessed = ""
     if witnesses:
+        from anchoring.cosignature import cosignatures
         from anchoring.verify import NO_QUORUM
-        from anchoring.witness import cosignatures
 
         _, found = cosignatures(bundle.checkpoint, witnesses)
         names = {c.key_id for c in found}
@@ -152,16 +150,17 @@ def cmd_verify_consistency(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from anchoring.audit import audit_log
+    from anchoring.audit import AuditReport, audit_log, audit_remote
+    from anchoring.remote import RemoteError, RemoteLog
     from app.db import make_client, make_store
 
-    settings = Settings.from_env()
+    if args.origin and not args.from_tiles:
+        raise UsageError("--origin goes with --from-tiles (the database audit knows its origin)")
     if args.from_tiles and not args.key:
         raise UsageError(
             "--from-tiles needs --key: the log's verifier key, which you must get from the log's "
             "operator, not from the log itself"
         )
-    verifiers = [_verifier(args.key)] if args.key else [settings.signer(create=False).verifier()]
 
     def progress(done: int, total: int) -> None:
         if not args.quiet:
@@ -172,34 +171,41 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    async def run() -> int:
-        if args.from_tiles:
-            from anchoring.audit import audit_remote
-            from anchoring.remote import RemoteLog
+    async def from_tiles() -> AuditReport:
+        async with RemoteLog(args.from_tiles) as remote:
+            return await audit_remote(remote, [_verifier(args.key)], progress, origin=args.origin)
 
-            async with RemoteLog(args.from_tiles) as remote:
-                report = await audit_remote(remote, verifiers, progress, origin=args.origin)
-            source = args.from_tiles
-        else:
-            client = make_client(settings)
-            try:
-                report = await audit_log(make_store(settings, client), verifiers, progress)
-            finally:
-                await client.close()
-            source = settings.origin
-        if not args.quiet:
-            print(file=sys.stderr)
-        if report.ok:
-            print(
-                f"OK: {report.entries} entries, {report.tiles} tiles and {report.checkpoints} checkpoints of {source} verified"
-            )
-            return EXIT_OK
-        print(f"FAILED: first divergence: {report.problems[0]}")
-        for extra in report.problems[1:]:
-            print(f"  also: {extra}")
-        return EXIT_FAILED
+    async def from_database(settings: Settings) -> AuditReport:
+        verifiers = (
+            [_verifier(args.key)] if args.key else [settings.signer(create=False).verifier()]
+        )
+        client = make_client(settings)
+        try:
+            return await audit_log(make_store(settings, client), verifiers, progress)
+        finally:
+            await client.close()
 
-    return asyncio.run(run())
+    if args.from_tiles:
+        source = args.from_tiles
+        try:
+            report = asyncio.run(from_tiles())
+        except RemoteError as exc:
+            raise UsageError(f"cannot read the log: {exc}") from None
+    else:
+        settings = Settings.from_env()
+        source = settings.origin
+        report = asyncio.run(from_database(settings))
+    if not args.quiet:
+        print(file=sys.stderr)
+    if report.ok:
+        print(
+            f"OK: {report.entries} entries, {report.tiles} tiles and {report.checkpoints} checkpoints of {source} verified"
+        )
+        return EXIT_OK
+    print(f"FAILED: first divergence: {report.problems[0]}")
+    for extra in report.problems[1:]:
+        print(f"  also: {extra}")
+    return EXIT_FAILED
 
 
 def cmd_export_proof(args: argparse.Namespace) -> int:
@@ -238,15 +244,19 @@ def cmd_export_proof(args: argparse.Namespace) -> int:
             )
         finally:
             await client.close()
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "verifier.key").write_text(tlog.verifier_key + "\n")
-        for event, path in zip(covered, paths, strict=True):
-            assert cp is not None
-            leaf = bytes(event["leaf"])
-            proof = InclusionProof(indices[event["_id"]], cp.size, leaf, leaf_hash(leaf), path, cp)
-            name = f"v{event['version']}-{event['header'].get('type', 'EVENT')}.json"
-            (out / name).write_text(json.dumps(proof.bundle(), indent=2) + "\n")
-            print(f"wrote {out / name}: leaf {proof.leaf_index} in tree {cp.size}", file=sys.stderr)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "verifier.key").write_text(tlog.verifier_key + "\n")
+            for event, path in zip(covered, paths, strict=True):
+                assert cp is not None
+                leaf = bytes(event["leaf"])
+                index = indices[event["_id"]]
+                proof = InclusionProof(index, cp.size, leaf, leaf_hash(leaf), path, cp)
+                name = f"v{event['version']}-{event['header'].get('type', 'EVENT')}.json"
+                (out / name).write_text(json.dumps(proof.bundle(), indent=2) + "\n")
+                print(f"wrote {out / name}: leaf {index} in tree {cp.size}", file=sys.stderr)
+        except OSError as exc:
+            raise UsageError(f"--out {out}: {exc}") from None
         print(f"wrote {out / 'verifier.key'}", file=sys.stderr)
         pending = [e for e in events if e not in covered]
         if pending:
@@ -266,25 +276,32 @@ def cmd_export_proof(args: argparse.Namespace) -> int:
 
 
 def cmd_witness(args: argparse.Namespace) -> int:
+    from anchoring.cosignature import Cosigner
     from anchoring.note import load_private_key
-    from anchoring.witness import Cosigner
 
+    try:
+        verifier_key_string(args.name, bytes(32))
+    except ValueError as exc:
+        raise UsageError(f"--name: {exc}") from None
     try:
         cosigner = Cosigner(args.name, load_private_key(Path(args.key).read_bytes()))
     except FileNotFoundError:
         raise UsageError(
             f"--key: no such file {args.key}; create one with: rxledger keygen --name {args.name} --out {args.key}"
         ) from None
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         raise UsageError(f"--key {args.key}: {exc}") from None
     if args.print_key:
         print(cosigner.verifier_key)
         return EXIT_OK
     if not args.log or not args.log_key:
         raise UsageError("--log URL and --log-key VKEY are required (except with --print-key)")
+    if not args.interval > 0:
+        raise UsageError(f"--interval {args.interval}: want a positive number of seconds")
     from app.witness import run_witness
 
-    state = Path(args.state or Path("var/witness") / f"{args.name.replace('/', '_')}.json")
+    default_state = Path("var/witness") / f"{args.name.replace('/', '_')}.json"
+    state = Path(args.state or default_state).resolve()
     return run_witness(
         cosigner, _verifier(args.log_key), args.log, state, args.origin, args.interval, args.once
     )

@@ -22,7 +22,15 @@ from starlette.routing import Route
 from anchoring.anchorer import SignedCheckpoint
 from anchoring.errors import CosignatureRejected
 from anchoring.log import TransparencyLog
-from anchoring.tiles import ENTRIES, TileCorrupt, TileNotFound, parse_tile_path, tile_exists
+from anchoring.tiles import (
+    ENTRIES,
+    TileCorrupt,
+    TileNotFound,
+    entry_bundle,
+    parse_tile_path,
+    tile_exists,
+)
+from anchoring.treemath import tile_width
 
 log = logging.getLogger("rxledger.logserver")
 
@@ -54,9 +62,10 @@ def _note(cp: SignedCheckpoint | None, missing: str) -> Response:
 
 class LogServer:
     def __init__(self, bundles_cached: int = 64) -> None:
-        # (index, width) -> (bundle, gzipped bundle)
-        self._bundles: OrderedDict[tuple[int, int], tuple[bytes, bytes]] = OrderedDict()
-        self._bundles_cached = bundles_cached
+        # Entry bundles are immutable: the leaves read for each, and the gzipped bodies sent.
+        self._cached = bundles_cached
+        self._leaves: OrderedDict[int, list[bytes]] = OrderedDict()
+        self._gzipped: OrderedDict[tuple[int, int], bytes] = OrderedDict()
 
     def routes(self) -> list[Route]:
         return [
@@ -80,7 +89,7 @@ class LogServer:
     async def next_checkpoint(self, request: Request) -> Response:
         tlog: TransparencyLog = request.app.state.log
         try:
-            return _note(await tlog.newest_checkpoint(), "no checkpoint signed yet")
+            return _note(await tlog.newest_checkpoint(max_age=0.5), "no checkpoint signed yet")
         except PyMongoError as exc:
             return _unavailable(exc)
 
@@ -111,23 +120,30 @@ class LogServer:
     async def _bundle(
         self, request: Request, tlog: TransparencyLog, index: int, width: int, size: int
     ) -> Response:
-        key = (index, width)
-        cached = self._bundles.get(key)
-        if cached is None:
-            data = await tlog.entry_bundle(index, width, size)
-            # Compressed once: most clients (httpx, Go, browsers) ask for gzip.
-            cached = (data, gzip.compress(data, 6, mtime=0))
-            self._bundles[key] = cached
-            if len(self._bundles) > self._bundles_cached:
-                self._bundles.popitem(last=False)
-        else:
-            self._bundles.move_to_end(key)
+        leaves = self._leaves.get(index)
+        if leaves is None or len(leaves) < width:
+            # All the leaves the tree has there: any narrower bundle is a prefix of them.
+            leaves = await tlog.entry_leaves(index, tile_width(0, index, size), size)
+            self._leaves[index] = leaves
+            if len(self._leaves) > self._cached:
+                self._leaves.popitem(last=False)
+        self._leaves.move_to_end(index)
+        try:
+            data = entry_bundle(leaves[:width])
+        except ValueError as exc:  # a leaf too long for a bundle's uint16 length
+            raise TileCorrupt(str(exc)) from exc
         headers = {**IMMUTABLE, "Vary": "Accept-Encoding"}
-        if accepts_gzip(request.headers.get("accept-encoding", "")):
-            return Response(
-                cached[1], media_type=OCTETS, headers={**headers, "Content-Encoding": "gzip"}
-            )
-        return Response(cached[0], media_type=OCTETS, headers=headers)
+        if not accepts_gzip(request.headers.get("accept-encoding", "")):
+            return Response(data, media_type=OCTETS, headers=headers)
+        # Compressed once: most clients (httpx, Go, browsers) ask for gzip.
+        key = (index, width)
+        gzipped = self._gzipped.get(key)
+        if gzipped is None:
+            gzipped = self._gzipped[key] = gzip.compress(data, 6, mtime=0)
+            if len(self._gzipped) > self._cached:
+                self._gzipped.popitem(last=False)
+        self._gzipped.move_to_end(key)
+        return Response(gzipped, media_type=OCTETS, headers={**headers, "Content-Encoding": "gzip"})
 
     async def cosignature(self, request: Request) -> Response:
         tlog: TransparencyLog = request.app.state.log
@@ -140,11 +156,11 @@ class LogServer:
             return _rejected(400, "MALFORMED", "the body must be a UTF-8 signed note")
         try:
             cp = await tlog.add_cosignatures(note)
+            published = await tlog.latest_checkpoint()
         except CosignatureRejected as exc:
             return _rejected(422, "COSIGNATURE_REJECTED", str(exc))
         except PyMongoError as exc:
             return _unavailable(exc)
-        published = await tlog.latest_checkpoint()
         return JSONResponse(
             {
                 "size": cp.size,

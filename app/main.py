@@ -251,6 +251,7 @@ def _probe(tlog: Any) -> dict[str, float]:
     return {
         "tree_size": float(tlog.sequencer.size),
         "checkpoint_size": float(cp.size if cp else 0),
+        "checkpoint_published_size": float(tlog.tail.checkpoint_size),
         "sequencer_leader": 1.0 if tlog.sequencer.is_leader else 0.0,
     }
 

@@ -24,6 +24,8 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 LEDGER_GAUGES = {
     "tree_size": "Leaves sequenced into the published tree.",
     "checkpoint_size": "Tree size of the latest signed checkpoint.",
+    "checkpoint_published_size": "Tree size of the latest published checkpoint (with "
+    "RXLEDGER_WITNESS_QUORUM, the latest its witnesses cosigned); -1 before the first.",
     "queued_groups": "Intent groups queued and not yet sequenced.",
     "sequencer_leader": "1 if this process holds the sequencer lease, else 0.",
 }

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from anchoring.anchorer import AnchorSettings
+from anchoring.cosignature import parse_witness_keys
 from anchoring.log import LogSettings
 from anchoring.note import Signer, Verifier, load_private_key, private_key_pem
 from anchoring.sequencer import SequencerSettings
 from anchoring.verify import VerificationError
-from anchoring.witness import parse_witness_key
 
 log = logging.getLogger("rxledger.settings")
 
@@ -40,20 +40,15 @@ def env_number(name: str, default: float, minimum: float, integer: bool = False)
 
 
 def _witnesses(raw: str) -> tuple[Verifier, ...]:
-    """Witness verifier keys (cosignature/v1, "<name>+<hex id>+<base64(0x04 ‖ key)>"),
-    separated by spaces, commas or newlines."""
-    keys = []
-    for text in raw.replace(",", " ").split():
-        try:
-            keys.append(parse_witness_key(text))
-        except VerificationError as exc:
-            raise ConfigError(
-                f"RXLEDGER_WITNESSES: {text!r:.60} is not a witness verifier key ({exc}); "
-                "`rxledger witness --key FILE --name NAME --print-key` prints one"
-            ) from None
-    if len({k.key_id for k in keys}) != len(keys):
-        raise ConfigError("RXLEDGER_WITNESSES names the same witness key twice")
-    return tuple(keys)
+    """RXLEDGER_WITNESSES: witness verifier keys (cosignature/v1)."""
+    try:
+        return tuple(parse_witness_keys(raw))
+    except VerificationError as exc:
+        raise ConfigError(
+            f"RXLEDGER_WITNESSES: {exc.detail} (a witness's verifier key reads "
+            "<name>+<hex id>+<base64(0x04 ‖ key)>; `rxledger witness --key FILE --name NAME "
+            "--print-key` prints it)"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -109,6 +104,7 @@ class Settings:
                 ),
                 witnesses=witnesses,
                 quorum=quorum,
+                witness_hold=env_number("RXLEDGER_WITNESS_HOLD", 30.0, 0.0),
             ),
         )
 

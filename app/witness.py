@@ -1,16 +1,27 @@
-"""`rxledger witness`: the process that watches a log and cosigns its consistent checkpoints."""
+"""`rxledger witness`: the process that watches a log and cosigns its consistent checkpoints.
+
+It treats the log as possibly hostile: whatever the log answers, the witness neither cosigns
+an inconsistent checkpoint nor stops watching (except with --once, which exits with the
+outcome: 0 cosigned, 1 refused, 2 the log could not be read or did not take the cosignature).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import sys
 from pathlib import Path
 
-from anchoring.note import Verifier
+from anchoring.cosignature import Cosigner
+from anchoring.encoding import b64
+from anchoring.note import SIG_PREFIX, Verifier, split_note
 from anchoring.proofs import consistency_proof
-from anchoring.remote import RemoteError, RemoteLog
-from anchoring.tiles import TileNotFound
-from anchoring.witness import Cosigner, Refused, Witness
+from anchoring.remote import RemoteError, RemoteLog, printable
+from anchoring.tiles import TileCorrupt, TileNotFound
+from anchoring.witness import Refused, Witness
+
+log = logging.getLogger("rxledger.witness")
 
 EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2
 
@@ -25,39 +36,56 @@ def _say(message: str) -> None:
 
 async def witness_once(witness: Witness, remote: RemoteLog) -> tuple[int, str | None]:
     """Fetch the log's newest checkpoint, cosign it if consistent and hand the cosignature
-    back. Returns (checkpoint size, what the log answered: None when it was sent before).
-    Raises Refused, or RemoteError when the log cannot be read."""
-    body = await remote.get("next-checkpoint", missing_ok=True)
-    note = body.decode(errors="replace") if body is not None else await remote.checkpoint()
+    back. Returns (checkpoint size, what happened: None when this checkpoint was handed back
+    before). Raises Refused, LogRejected, or RemoteError when the log cannot be read."""
+    note = await remote.checkpoint("next-checkpoint", missing_ok=True)
+    if note is None:  # a log that does not wait for witnesses: its published checkpoint
+        note = await remote.checkpoint()
+    assert note is not None
     tiles = remote.tiles(cache_tiles=256)
 
     async def consistency(old: int, new: int) -> list[bytes]:
         try:
             return await consistency_proof(tiles, old, new, new)
-        except TileNotFound as exc:
-            raise RemoteError(f"the log's tiles for size {new} are incomplete: {exc}") from exc
+        except (TileNotFound, TileCorrupt) as exc:
+            raise RemoteError(f"the log's tiles for size {new} cannot be read: {exc}") from exc
 
     cosignature = await witness.witness(note, consistency)
     size = witness.state.size if witness.state else 0
-    if witness.submitted == note:
+    text, signatures = split_note(note)  # its lines change as witnesses add theirs
+    if witness.submitted == text:
         return size, None
-    response = await remote.post("cosignature", note + cosignature.line)
-    try:
-        answer = response.json()
-    except ValueError:
-        answer = {}
-    if response.status_code != 200:
-        error = answer.get("error") if isinstance(answer, dict) else None
-        reason = error.get("message") if isinstance(error, dict) else response.text[:300]
-        raise LogRejected(f"HTTP {response.status_code}: {reason}")
-    if witness.cosigner.name not in answer.get("cosignedBy", []):
+    # The note as fetched may carry an earlier cosignature of ours: send this one instead.
+    others = "".join(
+        f"{SIG_PREFIX}{name} {b64(raw)}\n"
+        for name, raw in signatures
+        if (name, raw[:4]) != (cosignature.name, cosignature.key_id)
+    )
+    status, body = await remote.post("cosignature", f"{text}\n{others}{cosignature.line}")
+    answer = _json_object(body)
+    if status != 200:
+        error = answer.get("error")
+        reason = error.get("message") if isinstance(error, dict) else None
+        raise LogRejected(
+            f"HTTP {status}: {printable(str(reason or body.decode(errors='replace')))}"
+        )
+    cosigned_by = answer.get("cosignedBy")
+    if not isinstance(cosigned_by, list) or witness.cosigner.name not in cosigned_by:
         raise LogRejected(
             f"the log answered but did not keep the cosignature by {witness.cosigner.name}: is "
             "this witness's key in the log's RXLEDGER_WITNESSES?"
         )
-    witness.submitted = note
-    published = answer.get("published")
+    witness.submitted = text
+    published = answer.get("published") is True
     return size, f"cosigned checkpoint {size}" + (" (published)" if published else "")
+
+
+def _json_object(body: bytes) -> dict[str, object]:
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 async def _run(
@@ -84,8 +112,7 @@ async def _run(
         while True:
             try:
                 _, answer = await witness_once(witness, remote)
-                message = answer or ""
-                code = EXIT_OK
+                message, code = answer or "", EXIT_OK
             except Refused as exc:
                 message, code = f"REFUSED: {exc}", EXIT_REFUSED
             except LogRejected as exc:
@@ -93,6 +120,10 @@ async def _run(
             except RemoteError as exc:
                 retry = "" if once else f"; retrying every {interval:g} s"
                 message, code = f"cannot reach the log: {exc}{retry}", EXIT_UNREACHABLE
+            except Exception as exc:  # a hostile answer we did not foresee: keep watching
+                log.debug("witness: unexpected error", exc_info=True)
+                message = f"unexpected error: {type(exc).__name__}: {printable(str(exc))}"
+                code = EXIT_UNREACHABLE
             if message and message != said:
                 _say(message)
                 said = message

@@ -42,8 +42,8 @@ class Checkpoint:
     )
     anchored_at: dt.datetime
     cosignatures: list[Cosignature] = strawberry.field(
-        description="the witnesses that cosigned this checkpoint (configured with "
-        "RXLEDGER_WITNESSES; each was verified when it arrived)"
+        description="the witnesses' cosignatures stored with this checkpoint, each verified "
+        "against RXLEDGER_WITNESSES when it arrived (the first of each witness is kept)"
     )
 
     @classmethod
@@ -179,12 +179,18 @@ class Ledger:
     async def size(self, info: Info) -> int:
         return await _log(info).published_size()
 
-    @strawberry.field(description="the latest signed checkpoint")
+    @strawberry.field(
+        description="the latest published checkpoint (with a witness quorum: the latest its "
+        "witnesses cosigned)"
+    )
     async def checkpoint(self, info: Info) -> Checkpoint | None:
         cp = await _log(info).latest_checkpoint()
         return None if cp is None else Checkpoint.of(cp)
 
-    @strawberry.field(description="signed checkpoints, oldest first; the cursor is a tree size")
+    @strawberry.field(
+        description="published checkpoints, oldest first (not one still waiting for its "
+        "witnesses); the cursor is a tree size"
+    )
     async def checkpoints(
         self, info: Info, first: int = 20, after: str | None = None
     ) -> CheckpointConnection:

@@ -40,9 +40,9 @@ from test_prescriptions import (
     wait_for,
 )
 
+from anchoring.cosignature import Cosigner
 from anchoring.note import Signer
 from anchoring.verify import inclusion_proof_length
-from anchoring.witness import Cosigner
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver"))

@@ -118,6 +118,21 @@ def test_export_proof_of_an_unknown_prescription_says_so(
     assert "no prescription 'rx-nope' in the ledger" in done.stderr
 
 
+def test_export_proof_into_a_path_that_is_a_file_exits_2_and_names_it(
+    gw: Gateway, mongo_uri: str, tmp_path: Path
+) -> None:
+    rid = Parties(gw).issued()
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory")
+    done = rxledger(
+        "export-proof", "--prescription", rid, "--out", str(taken), "--wait", "0", gw=gw,
+        MONGODB_URI=mongo_uri,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"rxledger export-proof: --out {taken}: [Errno 17] File exists" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_export_proof_of_events_no_checkpoint_covers_is_incomplete(
     mongo_uri: str,
     databases: Databases,  # noqa: F811

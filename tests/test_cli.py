@@ -29,7 +29,7 @@ from pymongo import AsyncMongoClient
 from anchoring.anchorer import AnchorSettings
 from anchoring.encoding import b64, unb64
 from anchoring.log import LogSettings, TransparencyLog
-from anchoring.note import Signer, load_private_key, parse_verifier_key
+from anchoring.note import Signer, load_private_key, parse_verifier_key, private_key_pem
 from anchoring.sequencer import SequencerSettings
 from anchoring.store import LogStore
 from app.cli import main
@@ -289,6 +289,15 @@ def runs(artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory):
     consistency("cons-unknown-key", old, new, artifacts.proof, key=STRANGER.verifier_key)
     consistency("cons-proof-not-json", old, new, "[1, 2")
 
+    # Auditor commands given bad arguments: exit 2, the flag named, no traceback.
+    witness_pem = d / "witness.pem"
+    witness_pem.write_bytes(private_key_pem(Ed25519PrivateKey.generate()))
+    witness = [*RXLEDGER, "witness", "--key", str(witness_pem), "--name", "w.example/w"]
+    for case, extra in USAGE_ERRORS.items():
+        cmds[case] = [*(witness if case.startswith("witness") else RXLEDGER), *extra]
+    cmds["witness-key-is-a-directory"] = [*RXLEDGER, "witness", "--key", str(d)]
+    cmds["witness-key-is-a-directory"] += ["--name", "w.example/w", "--print-key"]
+
     cmds["help"] = [*RXLEDGER, "--help"]
     for command in COMMANDS:
         cmds[f"help-{command}"] = [*RXLEDGER, command, "--help"]
@@ -420,6 +429,40 @@ def test_each_subcommand_has_help(runs, command):
     result = result_of(runs, f"help-{command}")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: rxledger {command}")
+
+
+USAGE_ERRORS = {
+    "witness-bad-name": ["--name", "bad+name", "--print-key"],
+    "witness-no-log": ["--log-key", "x"],
+    "witness-bad-interval": ["--log", "http://127.0.0.1:9/log", "--log-key", "k", "--interval", "-1"],
+    "audit-origin-without-tiles": ["audit", "--origin", "o.example/log"],
+    "audit-tiles-without-key": ["audit", "--from-tiles", "http://127.0.0.1:9/log"],
+    "audit-tiles-unreachable": [
+        "audit", "--from-tiles", "http://127.0.0.1:9/log", "--key", LOG_SIGNER.verifier_key,
+    ],
+    "verify-quorum-without-witnesses": [
+        "verify", "b.json", "--key", LOG_SIGNER.verifier_key, "--quorum", "1",
+    ],
+}  # fmt: skip
+
+USAGE_MESSAGES = {
+    "witness-bad-name": "--name: key name 'bad+name' must be non-empty printable text",
+    "witness-no-log": "--log URL and --log-key VKEY are required",
+    "witness-bad-interval": "--interval -1.0: want a positive number of seconds",
+    "audit-origin-without-tiles": "--origin goes with --from-tiles",
+    "audit-tiles-without-key": "--from-tiles needs --key",
+    "audit-tiles-unreachable": "cannot read the log: GET http://127.0.0.1:9/log/checkpoint",
+    "verify-quorum-without-witnesses": "--quorum 1: want 0 to 0",
+    "witness-key-is-a-directory": "--key ",
+}
+
+
+@pytest.mark.parametrize("case", sorted(USAGE_MESSAGES))
+def test_auditor_commands_with_bad_arguments_exit_2_and_name_the_problem(runs, case):
+    result = result_of(runs, case)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert USAGE_MESSAGES[case] in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_installed_rxledger_script_runs_the_cli(runs):

@@ -1,5 +1,6 @@
 """Witness cosignatures (C2SP tlog-cosignature, Ed25519 cosignature/v1) and the witness's
-decision to give one (anchoring.witness), without a database or a network.
+decision to give one (anchoring.cosignature, anchoring.witness), without a database or a
+network.
 
 Published vector: sigsum/sigsum-go pkg/checkpoint/checkpoint_test.go (commit 2224a397),
 TestCheckpointCosignVerify and TestCheckpointVerifyCosignatureByKey: a witness key from the
@@ -21,6 +22,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from proof_tree import ProofTree
 
+from anchoring.cosignature import (
+    ALG_COSIGNATURE_V1,
+    Cosignature,
+    Cosigner,
+    cosignatures,
+    parse_witness_key,
+)
 from anchoring.encoding import b64
 from anchoring.note import (
     SIG_PREFIX,
@@ -32,17 +40,7 @@ from anchoring.note import (
     split_note,
 )
 from anchoring.verify import BAD_SIGNATURE, MALFORMED, UNKNOWN_KEY, VerificationError
-from anchoring.witness import (
-    ALG_COSIGNATURE_V1,
-    Cosignature,
-    Cosigner,
-    Refused,
-    Witness,
-    WitnessState,
-    cosignatures,
-    load_state,
-    parse_witness_key,
-)
+from anchoring.witness import Refused, Witness, WitnessState, load_state
 from app.settings import ConfigError, Settings
 
 ORIGIN = "log.rx.example/log"
@@ -250,12 +248,22 @@ def test_a_key_id_flipped_makes_a_line_unknown_not_valid():
     assert cosignatures(body + "\n" + other, [verifier_of(witness)])[1] == []
 
 
-def test_two_cosignatures_by_one_witness_count_once():
+def test_two_cosignatures_by_one_witness_are_refused_before_the_second_is_verified():
+    """Each witness line is verified once at most: a note repeating one line hundreds of times
+    cannot make the log verify it hundreds of times."""
     witness = cosigner("w.example")
     body = Checkpoint(ORIGIN, 1, bytes(32)).text()
-    note = body + "\n" + witness.cosign(body, 10).line + witness.cosign(body, 11).line
-    found = cosignatures(note, [verifier_of(witness)])[1]
-    assert len(found) == 1
+    line = witness.cosign(body, 10).line
+    for note in (
+        body + "\n" + line + witness.cosign(body, 11).line,
+        body + "\n" + line * 50,
+    ):
+        with pytest.raises(VerificationError) as err:
+            cosignatures(note, [verifier_of(witness)])
+        assert (err.value.check, err.value.detail) == (
+            MALFORMED,
+            "the note carries two cosignatures by w.example",
+        )
 
 
 def test_a_note_with_the_log_signature_and_cosignatures_still_opens_as_a_checkpoint(log_signer):
@@ -537,7 +545,9 @@ def test_a_malformed_or_log_witness_key_is_a_config_error_naming_the_variable(en
 def test_a_witness_named_twice_is_a_config_error(env):
     w = cosigner("w.example")
     env.setenv("RXLEDGER_WITNESSES", f"{w.verifier_key} {w.verifier_key}")
-    with pytest.raises(ConfigError, match="RXLEDGER_WITNESSES names the same witness key twice"):
+    with pytest.raises(
+        ConfigError, match="RXLEDGER_WITNESSES: the witness key w.example is given twice"
+    ):
         Settings.from_env()
 
 
@@ -614,4 +624,4 @@ def test_verify_with_witness_keys_requires_their_cosignatures(tmp_path: Path) ->
     assert code == 2 and "--quorum 4: want 0 to 3" in out
 
     code, out = run_verify(*base, "--witness", log.verifier_key)
-    assert code == 1 and "malformed input: verifier key must be 0x04" in out
+    assert code == 1 and "verifier key must be 0x04 followed by a 32-byte Ed25519 key" in out

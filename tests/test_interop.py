@@ -32,11 +32,11 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 from test_gateway import ORIGIN, env_for, serve
 
+from anchoring.cosignature import Cosigner
 from anchoring.encoding import b64
 from anchoring.ledger import Ledger
 from anchoring.note import Signer, open_checkpoint, parse_verifier_key
 from anchoring.store import LogStore
-from anchoring.witness import Cosigner
 
 ROOT = Path(__file__).resolve().parent.parent
 INTEROP = ROOT / "tests" / "interop"

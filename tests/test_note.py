@@ -305,6 +305,15 @@ def test_note_larger_than_the_limit_is_malformed():
     assert check_of(open_note, note, [signer.verifier()]) == MALFORMED
 
 
+def test_a_note_with_more_than_100_signature_lines_is_malformed():
+    # As Go's sumdb/note: a note cannot make a verifier check signatures without end.
+    signer = new_signer("log")
+    note = signer.sign_note(TEXT)
+    extra = f"{EM_DASH} Other {PETER_SIG_B64}"  # with its newline
+    assert open_note(note + extra * 99, [signer.verifier()])[1] == ["log"]
+    assert check_of(open_note, note + extra * 100, [signer.verifier()]) == MALFORMED
+
+
 def test_control_character_in_a_signature_line_is_malformed():
     # C2SP signed-note: signed notes MUST NOT contain ASCII control characters other than
     # newline, anywhere, so this holds for the line of an unknown key too.
@@ -376,6 +385,17 @@ def root_line() -> str:
 )
 def test_checkpoint_size_that_is_not_a_plain_decimal_is_malformed(size):
     assert check_of(parse_checkpoint, f"o\n{size}\n{root_line()}\n") == MALFORMED
+
+
+@pytest.mark.parametrize("size", [str(2**64), "9" * 21, "1" * 5000])
+def test_checkpoint_size_beyond_a_uint64_is_malformed(size):
+    # A size of thousands of digits must not reach int() either (Python refuses more than
+    # 4300 digits with a ValueError).
+    assert check_of(parse_checkpoint, f"o\n{size}\n{root_line()}\n") == MALFORMED
+
+
+def test_the_largest_checkpoint_size_parses():
+    assert parse_checkpoint(f"o\n{2**64 - 1}\n{root_line()}\n").size == 2**64 - 1
 
 
 @pytest.mark.parametrize("size", ["\u00b2", "\u0661\u0662", "\uff11\uff12"])

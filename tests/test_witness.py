@@ -25,6 +25,7 @@ from pymongo import MongoClient
 from test_gateway import ORIGIN, env_for, free_port, serve
 
 from anchoring.anchorer import AnchorSettings
+from anchoring.cosignature import Cosigner, cosignatures, parse_witness_key
 from anchoring.errors import CosignatureRejected, ProofUnavailable
 from anchoring.ledger import Ledger
 from anchoring.log import LogSettings, TransparencyLog
@@ -39,7 +40,6 @@ from anchoring.note import (
 )
 from anchoring.sequencer import SequencerSettings
 from anchoring.store import LogStore
-from anchoring.witness import Cosigner, cosignatures, parse_witness_key
 from app.settings import write_new_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,12 +60,15 @@ def witness_set(count: int) -> list[Cosigner]:
     return [Cosigner(f"w{i}.witness.test", Ed25519PrivateKey.generate()) for i in range(count)]
 
 
-def settings_for(witnesses: list[Cosigner], quorum: int) -> LogSettings:
+def settings_for(witnesses: list[Cosigner], quorum: int, witness_hold: float = 0.0) -> LogSettings:
+    """Log settings; checkpoints are not held for witnesses unless `witness_hold` says so,
+    for tests that cosign by hand the checkpoint of a size they choose."""
     return LogSettings(
         sequencer=SequencerSettings(poll_interval=0.02, lease_ttl=2.0),
         anchor=AnchorSettings(interval=0.05, max_leaves=1000),
         witnesses=tuple(parse_witness_key(w.verifier_key) for w in witnesses),
         quorum=quorum,
+        witness_hold=witness_hold,
     )
 
 
@@ -166,6 +169,43 @@ async def appended_more(tlog: TransparencyLog, subject: str, first: int, last: i
         await tlog.append(subject, v, header(subject, v))
 
 
+async def test_while_witnesses_cosign_a_checkpoint_no_newer_one_replaces_it(store, signer):
+    """Each witness cosigns the newest checkpoint it sees: were a newer one signed at every
+    interval while writes go on, witnesses polling out of step would never cosign the same
+    one and nothing would be published."""
+    (w,) = witness_set(1)
+    tlog = TransparencyLog(store, signer, settings_for([w], quorum=1, witness_hold=30))
+    await tlog.start()
+    try:
+        await appended(tlog, "rx-hold", 1)
+        held = await signed_checkpoint(tlog, 1)
+        await appended_more(tlog, "rx-hold", 2, 6)
+        await asyncio.sleep(0.5)  # ten checkpoint intervals
+        assert (await tlog.newest_checkpoint()).size == 1
+        status = await tlog.witness_status()
+        assert status["missing"] == ["w0.witness.test"] and status["waitingSeconds"] >= 0.5
+
+        await tlog.add_cosignatures(held.note + w.cosign(note_body(held.note)).line)
+        assert (await tlog.latest_checkpoint()).size == 1
+        await signed_checkpoint(tlog, 6)  # published: the next one follows
+    finally:
+        await tlog.stop()
+
+
+async def test_a_checkpoint_its_witnesses_do_not_cosign_is_replaced_after_the_hold(store, signer):
+    (w,) = witness_set(1)
+    tlog = TransparencyLog(store, signer, settings_for([w], quorum=1, witness_hold=0.5))
+    await tlog.start()
+    try:
+        await appended(tlog, "rx-hold", 1)
+        await signed_checkpoint(tlog, 1)
+        await appended_more(tlog, "rx-hold", 2, 3)
+        await signed_checkpoint(tlog, 3)  # after 0.5 s, without any cosignature
+        assert await tlog.latest_checkpoint() is None
+    finally:
+        await tlog.stop()
+
+
 async def test_a_late_quorum_for_an_older_checkpoint_does_not_move_the_head_back(store, signer):
     w1, w2 = witness_set(2)
     tlog = TransparencyLog(store, signer, settings_for([w1, w2], quorum=2))
@@ -231,7 +271,9 @@ async def test_cosignatures_the_log_cannot_accept_are_rejected_and_not_stored(st
         await tlog.stop()
 
 
-async def test_the_same_witness_cosigning_again_keeps_one_entry(store, signer):
+async def test_the_same_witness_cosigning_again_keeps_its_first_cosignature(store, signer):
+    """The served note of a checkpoint stops changing once its witnesses have cosigned: a
+    witness's later (or replayed) line does not replace its first."""
     w1, w2, w3 = witness_set(3)
     tlog = TransparencyLog(store, signer, settings_for([w1, w2, w3], quorum=3))
     await tlog.start()
@@ -241,7 +283,7 @@ async def test_the_same_witness_cosigning_again_keeps_one_entry(store, signer):
         body = note_body(cp.note)
         await tlog.add_cosignatures(cp.note + w1.cosign(body, 1000).line)
         again = await tlog.add_cosignatures(cp.note + w1.cosign(body, 2000).line)
-        assert [(c.name, c.timestamp) for c in again.cosignatures] == [("w0.witness.test", 2000)]
+        assert [(c.name, c.timestamp) for c in again.cosignatures] == [("w0.witness.test", 1000)]
         # Several cosignatures in one note are all taken.
         both = await tlog.add_cosignatures(
             cp.note + w2.cosign(body).line + w3.cosign(body).line + w1.cosign(body, 2000).line
@@ -409,6 +451,9 @@ def gateways(
             RXLEDGER_SIGNING_KEY=str(keys.log_pem),
             RXLEDGER_WITNESSES=f"{keys.w1.vkey} {keys.w2.vkey}",
             RXLEDGER_WITNESS_QUORUM="2",
+            # A checkpoint waits this long for its witnesses before a newer one is signed:
+            # short here, where tests wait for checkpoints of sizes they choose.
+            RXLEDGER_WITNESS_HOLD="1" if which == "a" else "0",
         )
         base, proc = serve(env, tmp / "gateway.log")
         started.append(Gateway(base, db, proc, tmp / "gateway.log"))
@@ -846,6 +891,28 @@ def test_a_bad_cosignature_post_gets_a_json_error(log_a, body, status, code):
         return
     error = r.json()["error"]
     assert error["code"] == code and error["message"]
+
+
+def test_a_checkpoint_size_of_thousands_of_digits_is_rejected_not_a_server_error(log_a):
+    body = f"o\n{'9' * 5000}\nAAAA\n\n\u2014 x AAAAAAAA\n".encode()
+    r = httpx.post(f"{log_a.log}/cosignature", content=body, timeout=10)
+    assert r.status_code == 422, r.text
+    assert "is above 2^64 - 1" in r.json()["error"]["message"]
+
+
+def test_a_cosignature_dated_in_the_future_is_rejected(log_a, keys):
+    """A witness with a broken clock must not store a time GraphQL cannot even render."""
+    note = httpx.get(f"{log_a.log}/next-checkpoint", timeout=5).text
+    cosigner = Cosigner(keys.w1.name, load_private_key(keys.w1.pem.read_bytes()))
+    line = cosigner.cosign(note_body(note), timestamp=2**62).line
+    lines = [x for x in note.split("\n\n", 1)[1].splitlines(True) if keys.w1.name not in x]
+    r = httpx.post(
+        f"{log_a.log}/cosignature", content=note_body(note) + "\n" + "".join(lines) + line
+    )
+    assert r.status_code == 422, r.text
+    assert "in the future" in r.json()["error"]["message"]
+    out = gql(log_a, "{ ledger { checkpoint { cosignatures { cosignedAt } } } }")
+    assert "errors" not in out, out
 
 
 def test_the_logs_own_note_posted_back_is_rejected(log_a, keys):
