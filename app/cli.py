@@ -302,9 +302,13 @@ def cmd_witness(args: argparse.Namespace) -> int:
 
     default_state = Path("var/witness") / f"{args.name.replace('/', '_')}.json"
     state = Path(args.state or default_state).resolve()
-    return run_witness(
-        cosigner, _verifier(args.log_key), args.log, state, args.origin, args.interval, args.once
-    )
+    log_key = _verifier(args.log_key)
+    try:
+        return asyncio.run(
+            run_witness(cosigner, log_key, args.log, state, args.origin, args.interval, args.once)
+        )
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ from anchoring.tiles import (
     entry_bundle,
     parse_tile_path,
     tile_exists,
+    tile_path,
 )
 from anchoring.treemath import tile_width
 
@@ -120,6 +121,8 @@ class LogServer:
     async def _bundle(
         self, request: Request, tlog: TransparencyLog, index: int, width: int, size: int
     ) -> Response:
+        if not tile_exists(ENTRIES, index, width, size):
+            raise TileNotFound(f"the tree of size {size} has no {tile_path(ENTRIES, index, width)}")
         leaves = self._leaves.get(index)
         if leaves is None or len(leaves) < width:
             # All the leaves the tree has there: any narrower bundle is a prefix of them.

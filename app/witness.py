@@ -88,7 +88,7 @@ def _json_object(body: bytes) -> dict[str, object]:
     return value if isinstance(value, dict) else {}
 
 
-async def _run(
+async def run_witness(
     cosigner: Cosigner,
     log_key: Verifier,
     url: str,
@@ -97,6 +97,7 @@ async def _run(
     interval: float,
     once: bool,
 ) -> int:
+    """Watch the log at `url` every `interval` seconds (once with `once`); the exit code."""
     try:
         witness = Witness(cosigner, log_key, state, origin)
     except (ValueError, OSError) as exc:
@@ -130,18 +131,3 @@ async def _run(
             if once:
                 return code
             await asyncio.sleep(interval)
-
-
-def run_witness(
-    cosigner: Cosigner,
-    log_key: Verifier,
-    url: str,
-    state: Path,
-    origin: str | None,
-    interval: float,
-    once: bool,
-) -> int:
-    try:
-        return asyncio.run(_run(cosigner, log_key, url, state, origin, interval, once))
-    except KeyboardInterrupt:
-        return EXIT_OK

@@ -62,11 +62,16 @@ from anchoring.note import open_checkpoint, parse_verifier_key  # noqa: E402
 from anchoring.verify import VerificationError, verify_inclusion  # noqa: E402
 from app.auth import Role, load_dev_secret, mint_token  # noqa: E402
 from bench.processes import (  # noqa: E402
+    Broken,
     cpu_seconds,
     die_with_parent,
     free_port,
+    gateway_env,
+    log_tail,
+    pct,
     progress,
     redacted_uri,
+    stop_process,
     terminated_by_sigterm,
 )
 
@@ -95,10 +100,6 @@ VERIFY_QUERY = """query Verify($id: ID!) { ledger { origin verifierKey }
     proof { leafIndex treeSize leafHash path checkpoint { note } } } } }"""
 
 
-class Broken(Exception):
-    """A server did not start or never reached the state the benchmark needs."""
-
-
 # --- processes --------------------------------------------------------------------------------
 
 
@@ -119,20 +120,10 @@ class App:
         return f"{self.base}/graphql"
 
     def log_tail(self, lines: int = 8) -> str:
-        try:
-            tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return "(no log)"
-        return "\n".join(line[:240] for line in tail)
+        return log_tail(self.log_path, lines)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def start_app(name: str, cmd: list[str], env: dict[str, str], tmp: Path) -> App:
@@ -187,10 +178,7 @@ class Measurement:
         return self.ops / self.seconds if self.seconds > 0 else float("nan")
 
     def latency_ms(self, q: float) -> float:
-        if not self.latencies:
-            return float("nan")
-        values = sorted(self.latencies)
-        return values[min(len(values) - 1, int(q * len(values)))] * 1000
+        return pct(self.latencies, q) * 1000
 
     def busy(self, process: str) -> float:
         """Share of one core the process used during the window."""
@@ -880,21 +868,14 @@ def parse_args() -> argparse.Namespace:
 def start_apps(uri: str, tmp: Path, gateway_db: str, baseline_db: str) -> list[App]:
     """Start the gateway and the baseline; returns them as soon as they are launched (so the
     caller can stop them whatever happens next)."""
-    var_dir = tmp / "var"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RXLEDGER_")}
-    env["MONGODB_URI"] = uri
-    gateway_env = {
-        "RXLEDGER_DB": gateway_db,
-        "RXLEDGER_VAR_DIR": str(var_dir),
-        "RXLEDGER_RATE_LIMIT": "0",
-    }
-    gateway = start_app(
-        "gateway", [sys.executable, "-m", "app.cli", "serve"], env | gateway_env, tmp
-    )
+    gateway_cmd = [sys.executable, "-m", "app.cli", "serve"]
+    gateway = start_app("gateway", gateway_cmd, gateway_env(uri, gateway_db, tmp / "var"), tmp)
     # As a module from ROOT: run as a script, its neighbour bench/graphql.py would shadow
     # graphql-core.
     baseline_cmd = [sys.executable, "-m", "bench.baseline_app"]
-    baseline = start_app("baseline", baseline_cmd, env | {"BASELINE_DB": baseline_db}, tmp)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RXLEDGER_")}
+    baseline_env = env | {"MONGODB_URI": uri, "BASELINE_DB": baseline_db}
+    baseline = start_app("baseline", baseline_cmd, baseline_env, tmp)
     return [gateway, baseline]
 
 

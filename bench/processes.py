@@ -1,5 +1,6 @@
 """What the benchmarks share: child processes that die with the benchmark, their CPU time,
-free ports, progress output and clean-up on SIGTERM."""
+free ports, progress output, clean-up on SIGTERM, percentiles, and a real gateway process
+(`rxledger serve`) on a free port."""
 
 from __future__ import annotations
 
@@ -8,13 +9,33 @@ import ctypes
 import os
 import signal
 import socket
+import subprocess
 import sys
+import time
 import urllib.parse
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Broken(Exception):
+    """A process did not start, or never reached the state the benchmark needs."""
 
 
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (0 <= q <= 1) of `values` by nearest rank; NaN when there are none."""
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def free_port() -> int:
@@ -57,3 +78,92 @@ def terminated_by_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL when it has not exited within 10 s; nothing if it already has."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def log_tail(log_path: Path, lines: int) -> str:
+    """The last `lines` lines of a process's log, each cut at 240 characters, for an error."""
+    try:
+        tail = log_path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return "(no log)"
+    return "\n".join(line[:240] for line in tail)
+
+
+# --- the gateway ------------------------------------------------------------------------------
+
+
+@dataclass
+class Gateway:
+    """One `rxledger serve` process, its address and the file its output goes to."""
+
+    process: subprocess.Popen[bytes]
+    base: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        return log_tail(self.log_path, lines)
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+def gateway_env(uri: str, database: str, var_dir: Path, **settings: str) -> dict[str, str]:
+    """The gateway's environment: ours without any RXLEDGER_ setting, then database `database`
+    at `uri`, its files under `var_dir`, no rate limit, and `settings` last."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RXLEDGER_")}
+    env.update(
+        MONGODB_URI=uri,
+        RXLEDGER_DB=database,
+        RXLEDGER_VAR_DIR=str(var_dir),
+        RXLEDGER_RATE_LIMIT="0",
+        **settings,
+    )
+    return env
+
+
+def start_gateway(env: dict[str, str], log_path: Path) -> Gateway:
+    """Start `python -m app.cli serve` on a free port with environment `env`, its output
+    appended to `log_path`; it dies with this process and is not reached by Ctrl-C."""
+    port = free_port()
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
+            + ["--log-level", "warning"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+            start_new_session=True,  # Ctrl-C reaches us; we stop it
+        )
+    return Gateway(process, f"http://127.0.0.1:{port}", log_path)
+
+
+def wait_until_ready(gateway: Gateway, timeout: float = 60) -> None:
+    """Return once /readyz says the gateway leads the sequencer; Broken, with the end of its
+    log, when it exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.TransportError, ValueError):
+            r = httpx.get(f"{gateway.base}/readyz", timeout=2)
+            if r.status_code == 200 and r.json()["sequencerLeader"]:
+                return
+        if gateway.process.poll() is not None or time.monotonic() > deadline:
+            raise Broken(f"the gateway did not start; last lines of its log:\n{gateway.log_tail()}")
+        time.sleep(0.2)

@@ -46,7 +46,6 @@ import resource
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,12 +74,16 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from app.auth import Role, load_dev_secret, mint_token  # noqa: E402
 from bench.processes import (  # noqa: E402
+    Broken,
+    Gateway,
     cpu_seconds,
-    die_with_parent,
-    free_port,
+    gateway_env,
+    pct,
     progress,
     redacted_uri,
+    start_gateway,
     terminated_by_sigterm,
+    wait_until_ready,
 )
 
 MEMORY_TARGET_KIB = 50.0  # gateway RSS per idle subscriber
@@ -92,17 +95,6 @@ DEPARTMENT = "cardiology"
 SUBSCRIBE = "subscription { prescriptionEvents { prescriptionId version leafIndex at } }"
 ISSUE = """mutation Issue($input: IssuePrescriptionInput!) {
   issuePrescription(input: $input) { __typename ... on Prescription { id version } } }"""
-
-
-class Broken(Exception):
-    """A process did not start, or a phase never reached the state the benchmark needs."""
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def raise_open_file_limit() -> int:
@@ -126,69 +118,6 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise Broken(f"no VmRSS for process {pid}")
-
-
-@dataclass
-class Gateway:
-    process: subprocess.Popen[bytes]
-    base: str
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def start_gateway(uri: str, database: str, tmp: Path) -> Gateway:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RXLEDGER_")}
-    env.update(
-        MONGODB_URI=uri,
-        RXLEDGER_DB=database,
-        RXLEDGER_VAR_DIR=str(tmp / "var"),
-        RXLEDGER_RATE_LIMIT="0",
-    )
-    port = free_port()
-    log_path = tmp / "gateway.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
-            + ["--log-level", "warning"],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-            start_new_session=True,  # Ctrl-C reaches us; we stop it
-        )
-    return Gateway(process, f"http://127.0.0.1:{port}", log_path)
-
-
-def wait_until_ready(gateway: Gateway, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(httpx.TransportError, ValueError):
-            r = httpx.get(f"{gateway.base}/readyz", timeout=2)
-            if r.status_code == 200 and r.json()["sequencerLeader"]:
-                return
-        if gateway.process.poll() is not None or time.monotonic() > deadline:
-            raise Broken(f"the gateway did not start; last lines of its log:\n{gateway.log_tail()}")
-        time.sleep(0.2)
 
 
 # --- the client processes -------------------------------------------------------------------
@@ -923,7 +852,7 @@ async def run(
     server_pid: int | None,
 ) -> int:
     database = f"bench_subs_{uuid.uuid4().hex[:8]}"
-    gateway = start_gateway(uri, database, tmp)
+    gateway = start_gateway(gateway_env(uri, database, tmp / "var"), tmp / "gateway.log")
     try:
         await asyncio.to_thread(wait_until_ready, gateway)
         progress(f"gateway (pid {gateway.pid}) on {gateway.base}, database {database}")

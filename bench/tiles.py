@@ -69,17 +69,21 @@ from anchoring.encoding import b64  # noqa: E402
 from anchoring.ledger import Ledger  # noqa: E402
 from anchoring.note import Verifier, open_checkpoint, parse_verifier_key  # noqa: E402
 from anchoring.proofs import inclusion_proof  # noqa: E402
-from anchoring.remote import RemoteLog  # noqa: E402
+from anchoring.remote import RemoteError, RemoteLog  # noqa: E402
 from anchoring.store import LogStore  # noqa: E402
 from anchoring.tiles import ENTRIES, parse_entry_bundle, tile_path  # noqa: E402
 from anchoring.treemath import TILE_WIDTH  # noqa: E402
 from bench.processes import (  # noqa: E402
+    Broken,
     cpu_seconds,
     die_with_parent,
-    free_port,
+    gateway_env,
+    pct,
     progress,
     redacted_uri,
+    start_gateway,
     terminated_by_sigterm,
+    wait_until_ready,
 )
 
 ORIGIN = "bench.rxledger/log"
@@ -91,92 +95,11 @@ PROOF = """query Proof($leafIndex: Int!) {
   ledger { inclusionProof(leafIndex: $leafIndex) { treeSize path } } }"""
 
 
-class Broken(Exception):
-    """A process did not start, or the log never reached the state the benchmark needs."""
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
 # --- processes --------------------------------------------------------------------------------
-
-
-@dataclass
-class Gateway:
-    process: subprocess.Popen[bytes]
-    base: str
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log_tail(self, lines: int = 12) -> str:
-        try:
-            tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return "(no log)"
-        return "\n".join(line[:240] for line in tail)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def gateway_env(uri: str, database: str, var_dir: Path) -> dict[str, str]:
-    """The gateway's environment; `rxledger audit` from the database needs the same."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RXLEDGER_")}
-    env.update(
-        MONGODB_URI=uri,
-        RXLEDGER_DB=database,
-        RXLEDGER_ORIGIN=ORIGIN,
-        RXLEDGER_VAR_DIR=str(var_dir),
-        RXLEDGER_CHECKPOINT_INTERVAL=CHECKPOINT_INTERVAL,
-        RXLEDGER_RATE_LIMIT="0",
-    )
-    return env
-
-
-def start_gateway(env: dict[str, str], log_path: Path) -> Gateway:
-    port = free_port()
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
-            + ["--log-level", "warning"],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-            start_new_session=True,  # Ctrl-C reaches us; we stop it
-        )
-    return Gateway(process, f"http://127.0.0.1:{port}", log_path)
-
-
-def wait_until_ready(gateway: Gateway, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(httpx.TransportError, ValueError):
-            r = httpx.get(f"{gateway.base}/readyz", timeout=2)
-            if r.status_code == 200 and r.json()["sequencerLeader"]:
-                return
-        if gateway.process.poll() is not None or time.monotonic() > deadline:
-            raise Broken(f"the gateway did not start; last lines of its log:\n{gateway.log_tail()}")
-        time.sleep(0.2)
 
 
 def cpu_now(pids: dict[str, int]) -> dict[str, float]:
@@ -580,13 +503,21 @@ async def measure_proofs(base: str, size: int, count: int, seed: int) -> Proofs:
     time, alternating which goes first; both must give the same path."""
     leaves = random.Random(seed).sample(range(size), min(count, size))
     result = Proofs()
-    async with httpx.AsyncClient(timeout=60) as http:
+    log_requests = 0
+
+    async def count_log_request(request: httpx.Request) -> None:
+        nonlocal log_requests
+        if request.url.path.startswith("/log/"):
+            log_requests += 1
+
+    hooks = {"request": [count_log_request]}
+    async with httpx.AsyncClient(timeout=60, event_hooks=hooks) as http:
         remote = RemoteLog(f"{base}/log", client=http)
 
         async def from_tiles(index: int) -> list[str]:
-            requests = remote.requests
+            before = log_requests
             path = await inclusion_proof(remote.tiles(), index, size, size)
-            result.requests.append(remote.requests - requests)
+            result.requests.append(log_requests - before)
             return [b64(h) for h in path]
 
         async def from_graphql(index: int) -> list[str]:
@@ -608,7 +539,7 @@ async def measure_proofs(base: str, size: int, count: int, seed: int) -> Proofs:
                 started = time.perf_counter()
                 try:
                     paths[name] = await (from_tiles if name == "tiles" else from_graphql)(index)
-                except (ValueError, KeyError, httpx.HTTPError) as exc:
+                except (ValueError, KeyError, httpx.HTTPError, RemoteError) as exc:
                     result.problems.append(f"leaf {index} from {name}: {exc}")
                     continue
                 if k > 0:
@@ -905,7 +836,14 @@ async def run(
     server: str,
     server_pid: int | None,
 ) -> int:
-    env = gateway_env(uri, database, tmp / "var")
+    # `rxledger audit` from the database runs with the gateway's environment too.
+    env = gateway_env(
+        uri,
+        database,
+        tmp / "var",
+        RXLEDGER_ORIGIN=ORIGIN,
+        RXLEDGER_CHECKPOINT_INTERVAL=CHECKPOINT_INTERVAL,
+    )
     log_path = tmp / "gateway.log"
     gateway = start_gateway(env, log_path)
     server_pids = {} if server_pid is None else {"database": server_pid}
