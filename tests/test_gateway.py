@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -69,22 +70,27 @@ def serve(environment: dict[str, str], log_path: Path) -> tuple[str, subprocess.
     return f"http://127.0.0.1:{port}", proc
 
 
-@pytest.fixture
-def gateway(mongo_uri: str, db_name: str, tmp_path: Path) -> Iterator[str]:
-    log_path = tmp_path / "gateway.log"
-    base, proc = serve(env_for(mongo_uri, db_name, tmp_path), log_path)
+def wait_healthy(base: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    """Wait until the gateway at `base` answers /healthz; fail with its log if it exits or
+    takes more than 30 s."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"gateway did not start: {log_path.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.1)
+
+
+@contextmanager
+def running_gateway(environment: dict[str, str], log_path: Path) -> Iterator[str]:
+    """A gateway process, ready; its base URL. Stopped on exit."""
+    base, proc = serve(environment, log_path)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                out = log_path.read_text(errors="replace")
-                pytest.fail(f"gateway did not start: {out[-2000:]}")
-            time.sleep(0.1)
+        wait_healthy(base, proc, log_path)
         yield base
     finally:
         proc.terminate()
@@ -92,6 +98,12 @@ def gateway(mongo_uri: str, db_name: str, tmp_path: Path) -> Iterator[str]:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture
+def gateway(mongo_uri: str, db_name: str, tmp_path: Path) -> Iterator[str]:
+    with running_gateway(env_for(mongo_uri, db_name, tmp_path), tmp_path / "gateway.log") as base:
+        yield base
 
 
 def gql(base: str, query: str, **variables: object) -> dict:

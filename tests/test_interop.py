@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pymongo import AsyncMongoClient, MongoClient
 from pymongo.collection import Collection
 from pymongo.database import Database
-from test_gateway import ORIGIN, env_for, serve
+from test_gateway import ORIGIN, env_for, running_gateway
 
 from anchoring.cosignature import Cosigner
 from anchoring.encoding import b64
@@ -101,32 +101,6 @@ def fails(run: subprocess.CompletedProcess[str], reason: str) -> str:
 # --- gateways and their logs -------------------------------------------------------------------
 
 
-@contextmanager
-def gateway(environment: dict[str, str], log_path: Path) -> Iterator[str]:
-    """A gateway process, ready; its base URL."""
-    base, proc = serve(environment, log_path)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(
-                    f"gateway did not start: {log_path.read_text(errors='replace')[-2000:]}"
-                )
-            time.sleep(0.1)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 def append(mongo_uri: str, db_name: str, subjects: list[str]) -> None:
     """Append one event per subject straight to the log, as another gateway process's
     group-committing appender would (far faster than mutations over HTTP on FerretDB); the
@@ -190,7 +164,7 @@ def log(mongo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lo
     env = env_for(mongo_uri, db_name, tmp, RXLEDGER_WITNESSES=witness.verifier_key)
     client: MongoClient[dict] = MongoClient(mongo_uri)
     try:
-        with gateway(env, tmp / "gateway.log") as base:
+        with running_gateway(env, tmp / "gateway.log") as base:
             vkey = httpx.post(
                 f"{base}/graphql", json={"query": "{ ledger { verifierKey } }"}, timeout=10
             ).json()["data"]["ledger"]["verifierKey"]
@@ -232,7 +206,7 @@ def fork(mongo_uri: str, log: Log) -> Iterator[Log]:
     env = {**env_for(mongo_uri, db_name, tmp), "RXLEDGER_VAR_DIR": str(log.var_dir)}
     client: MongoClient[dict] = MongoClient(mongo_uri)
     try:
-        with gateway(env, log.tmp / "gateway-fork.log") as base:
+        with running_gateway(env, log.tmp / "gateway-fork.log") as base:
             old = {}
             for size, subjects in (
                 (256, [f"rx-interop-{i:04d}" for i in range(256)]),
@@ -346,7 +320,7 @@ def test_go_client_rejects_a_tampered_tile(interop_client, log, tile, at):
     # The serving gateway keeps the tiles it wrote in memory; a fresh one reads the database.
     with (
         tampered(log.db.tiles, tile, "hashes", at),
-        gateway(log.env, log.tmp / f"gateway-tile-{tile.replace('/', '-')}.log") as base,
+        running_gateway(log.env, log.tmp / f"gateway-tile-{tile.replace('/', '-')}.log") as base,
     ):
         fails(interop(interop_client, base, log.vkey, "-samples", "1000"), "inconsistent tile")
 
@@ -354,7 +328,7 @@ def test_go_client_rejects_a_tampered_tile(interop_client, log, tile, at):
 def test_go_client_rejects_a_tampered_entry(interop_client, log):
     with (
         tampered(log.db.entries, 300, "leaf", 10),
-        gateway(log.env, log.tmp / "gateway-entry.log") as base,
+        running_gateway(log.env, log.tmp / "gateway-entry.log") as base,
     ):
         fails(
             interop(interop_client, base, log.vkey, "-samples", "1000"),

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pymongo import MongoClient
-from test_gateway import ORIGIN, env_for, free_port, serve
+from test_gateway import ORIGIN, env_for, free_port, serve, wait_healthy
 
 from anchoring.anchorer import AnchorSettings
 from anchoring.cosignature import Cosigner, cosignatures, parse_witness_key
@@ -421,19 +421,6 @@ class Gateway:
         return f"{self.base}/log"
 
 
-def wait_healthy(gw: Gateway) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{gw.base}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if gw.proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"gateway did not start: {gw.log_path.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def gateways(
     mongo_uri: str, keys: Keys, tmp_path_factory: pytest.TempPathFactory
@@ -459,7 +446,7 @@ def gateways(
         started.append(Gateway(base, db, proc, tmp / "gateway.log"))
     try:
         for gw in started:
-            wait_healthy(gw)
+            wait_healthy(gw.base, gw.proc, gw.log_path)
         yield started[0], started[1]
     finally:
         for gw in started:
