@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from anchoring.encoding import EncodingError, b64, canonical_json
-from anchoring.hashing import HASH_SIZE, leaf_hash
-from anchoring.note import Verifier, open_checkpoint
+from anchoring.hashing import EMPTY_ROOT, HASH_SIZE, leaf_hash
+from anchoring.note import Checkpoint, Verifier, open_checkpoint
 from anchoring.proofs import consistency_proof
 from anchoring.remote import RemoteLog
 from anchoring.store import Doc, LogStore
@@ -31,6 +31,7 @@ class AuditReport:
     checkpoints: int = 0
     tiles: int = 0
     problems: list[str] = field(default_factory=list)
+    note: str | None = None  # the checkpoint audited (a remote audit)
 
     @property
     def ok(self) -> bool:
@@ -168,12 +169,15 @@ async def audit_remote(
     progress: Callable[[int, int], None] | None = None,
     max_problems: int = 20,
     origin: str | None = None,
+    since: str | None = None,
 ) -> AuditReport:
     """Audit a log through its tlog-tiles alone: verify its current checkpoint, read every
     entry bundle, check each leaf (canonical JSON, versions and prev hashes per subject), rebuild
     the tree and compare every tile of the checkpoint's size and the root with the checkpoint.
-    A resource the checkpoint needs and the log does not serve is a problem; RemoteError (the
-    log unreachable, too slow, answering errors) is raised."""
+    With `since`, a checkpoint of the same log seen before (a signed note), the rebuilt tree
+    must also have its root at its size: the log has not rewritten what was seen. A resource
+    the checkpoint needs and the log does not serve is a problem; RemoteError (the log
+    unreachable, too slow, answering errors) is raised."""
     report = AuditReport()
 
     def problem(message: str) -> None:
@@ -182,7 +186,7 @@ async def audit_remote(
             raise _Stop
 
     try:
-        await _audit_remote(remote, verifiers, report, problem, progress, origin)
+        await _audit_remote(remote, verifiers, report, problem, progress, origin, since)
     except _Stop:
         pass
     except TileNotFound as exc:
@@ -197,6 +201,7 @@ async def _audit_remote(
     problem: Callable[[str], None],
     progress: Callable[[int, int], None] | None,
     origin: str | None,
+    since: str | None,
 ) -> None:
     note = await remote.checkpoint()
     assert note is not None
@@ -206,6 +211,23 @@ async def _audit_remote(
         problem(f"checkpoint: {exc}")
         return
     report.checkpoints = 1
+    report.note = note
+    seen: Checkpoint | None = None
+    if since is not None:
+        try:
+            seen = open_checkpoint(since, verifiers, cp.origin)
+        except VerificationError as exc:
+            problem(f"the checkpoint seen before: {exc}")
+            return
+        report.checkpoints = 2
+        if seen.size > cp.size:
+            problem(
+                f"checkpoint {cp.size} is smaller than checkpoint {seen.size} seen before: "
+                "the log rolled back"
+            )
+            return
+        if seen.size == 0 and seen.root_hash != EMPTY_ROOT:
+            problem("the checkpoint seen before, of size 0, has a root other than the empty tree's")
     size = cp.size
     rng = CompactRange()
     rows: dict[int, list[bytes]] = {}
@@ -229,6 +251,11 @@ async def _audit_remote(
                 )
             _check_leaf(index, leaf, last_version, problem)
             rng.append(digest, on_node)
+            if seen is not None and rng.size == seen.size and rng.root() != seen.root_hash:
+                problem(
+                    f"checkpoint {seen.size} seen before is not a prefix of checkpoint {cp.size}: "
+                    "the log has rewritten its history since (a fork)"
+                )
         report.entries = rng.size
         if progress is not None:
             progress(rng.size, size)

@@ -154,8 +154,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from anchoring.remote import RemoteError, RemoteLog
     from app.db import make_client, make_store
 
-    if args.origin and not args.from_tiles:
-        raise UsageError("--origin goes with --from-tiles (the database audit knows its origin)")
+    if (args.origin or args.since or args.save) and not args.from_tiles:
+        raise UsageError(
+            "--origin, --since and --save go with --from-tiles (the database audit reads every "
+            "checkpoint the log stored)"
+        )
     if args.from_tiles and not args.key:
         raise UsageError(
             "--from-tiles needs --key: the log's verifier key, which you must get from the log's "
@@ -171,9 +174,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
+    since = _read_text(args.since, "--since") if args.since else None
+
     async def from_tiles() -> AuditReport:
         async with RemoteLog(args.from_tiles) as remote:
-            return await audit_remote(remote, [_verifier(args.key)], progress, origin=args.origin)
+            return await audit_remote(
+                remote, [_verifier(args.key)], progress, origin=args.origin, since=since
+            )
 
     async def from_database(settings: Settings) -> AuditReport:
         verifiers = (
@@ -201,6 +208,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(
             f"OK: {report.entries} entries, {report.tiles} tiles and {report.checkpoints} checkpoints of {source} verified"
         )
+        if args.save and report.note is not None:
+            try:
+                Path(args.save).write_text(report.note, encoding="utf-8")
+            except OSError as exc:
+                raise UsageError(f"--save {args.save}: {exc}") from None
+            print(f"saved the audited checkpoint to {args.save}; next time: --since {args.save}")
         return EXIT_OK
     print(f"FAILED: first divergence: {report.problems[0]}")
     for extra in report.problems[1:]:
@@ -494,6 +507,18 @@ def build_parser() -> argparse.ArgumentParser:
         "https://rx.example.org/log (no database access; needs --key)",
     )
     p.add_argument("--origin", help="with --from-tiles: require this checkpoint origin")
+    p.add_argument(
+        "--since",
+        metavar="NOTE",
+        help="with --from-tiles: a checkpoint of the log seen before (a file); the log's tree "
+        "must still hold it (no rollback, no rewritten history)",
+    )
+    p.add_argument(
+        "--save",
+        metavar="NOTE",
+        help="with --from-tiles: write the checkpoint audited to this file when all is well, "
+        "for the next audit's --since",
+    )
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser(

@@ -194,8 +194,12 @@ def published(gw: Gateway, size: int) -> None:
     wait_for(at_least, f"a checkpoint of size {size}", timeout=60)
 
 
+def audit_args(gw: Gateway, key: str) -> list[str]:
+    return ["audit", "--from-tiles", f"{gw.base}/log", "--key", key, "--quiet"]
+
+
 def audit(gw: Gateway, key: str) -> subprocess.CompletedProcess[str]:
-    return rxledger("audit", "--from-tiles", f"{gw.base}/log", "--key", key, "--quiet")
+    return rxledger(*audit_args(gw, key))
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +222,20 @@ def test_audit_from_tiles_verifies_a_sound_log(tiled: Any) -> None:
     done = audit(gw, gw.verifier_key())
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith(f"OK: 600 entries, 4 tiles and 1 checkpoints of {gw.base}/log")
+
+
+def test_audit_from_tiles_saves_the_checkpoint_for_the_next_audit_to_start_from(
+    tiled: Any, tmp_path: Path
+) -> None:
+    gw, _ = tiled
+    saved = tmp_path / "seen.note"
+    first = rxledger(*audit_args(gw, gw.verifier_key()), "--save", str(saved))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"next time: --since {saved}" in first.stdout
+    assert saved.read_text() == gw.http.get("/log/checkpoint").text
+    again = rxledger(*audit_args(gw, gw.verifier_key()), "--since", str(saved))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.startswith("OK: 600 entries, 4 tiles and 2 checkpoints")
 
 
 def test_audit_from_tiles_with_another_key_fails_on_the_checkpoint(

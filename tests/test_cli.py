@@ -449,7 +449,7 @@ USAGE_MESSAGES = {
     "witness-bad-name": "--name: key name 'bad+name' must be non-empty printable text",
     "witness-no-log": "--log URL and --log-key VKEY are required",
     "witness-bad-interval": "--interval -1.0: want a positive number of seconds",
-    "audit-origin-without-tiles": "--origin goes with --from-tiles",
+    "audit-origin-without-tiles": "--origin, --since and --save go with --from-tiles",
     "audit-tiles-without-key": "--from-tiles needs --key",
     "audit-tiles-unreachable": "cannot read the log: GET http://127.0.0.1:9/log/checkpoint",
     "verify-quorum-without-witnesses": "--quorum 1: want 0 to 0",

@@ -29,15 +29,31 @@ URL = "http://log.test/log"
 Handler = Callable[[httpx.Request], httpx.Response]
 
 
+def leaf_hash(leaf: bytes) -> bytes:
+    return hashlib.sha256(b"\x00" + leaf).digest()
+
+
+def two_leaf_root(a: bytes, b: bytes) -> bytes:
+    return hashlib.sha256(b"\x01" + leaf_hash(a) + leaf_hash(b)).digest()
+
+
 def one_leaf_log(leaf: bytes) -> dict[str, bytes]:
     """The resources of a log holding one leaf: checkpoint, its level-0 tile and bundle."""
-    digest = hashlib.sha256(b"\x00" + leaf).digest()
-    note = LOG.sign_note(Checkpoint(ORIGIN, 1, digest).text())
+    note = LOG.sign_note(Checkpoint(ORIGIN, 1, leaf_hash(leaf)).text())
     return {
         "/log/checkpoint": note.encode(),
         "/log/next-checkpoint": note.encode(),
-        "/log/tile/0/000.p/1": digest,
+        "/log/tile/0/000.p/1": leaf_hash(leaf),
         "/log/tile/entries/000.p/1": entry_bundle([leaf]),
+    }
+
+
+def two_leaf_log(a: bytes, b: bytes) -> dict[str, bytes]:
+    note = LOG.sign_note(Checkpoint(ORIGIN, 2, two_leaf_root(a, b)).text())
+    return {
+        "/log/checkpoint": note.encode(),
+        "/log/tile/0/000.p/2": leaf_hash(a) + leaf_hash(b),
+        "/log/tile/entries/000.p/2": entry_bundle([a, b]),
     }
 
 
@@ -146,6 +162,43 @@ async def test_audit_from_tiles_reports_a_hostile_leaf_and_does_not_crash(leaf, 
     report = await audit_remote(serving(one_leaf_log(leaf)), [LOG.verifier()])
     assert report.problems == [f"entry 0: {problem}"]
     assert report.entries == 1
+
+
+A1 = b'{"subject":"a","version":1}'
+B1 = b'{"subject":"b","version":1}'
+
+
+async def test_audit_from_tiles_since_a_checkpoint_seen_before_accepts_a_log_that_grew():
+    seen = LOG.sign_note(Checkpoint(ORIGIN, 1, leaf_hash(A1)).text())
+    report = await audit_remote(serving(two_leaf_log(A1, B1)), [LOG.verifier()], since=seen)
+    assert report.ok, report.problems
+    assert (report.entries, report.checkpoints) == (2, 2)
+    assert report.note is not None and report.note.startswith(f"{ORIGIN}\n2\n")
+
+
+async def test_audit_from_tiles_since_a_checkpoint_the_log_no_longer_holds_is_a_fork():
+    seen = LOG.sign_note(Checkpoint(ORIGIN, 1, leaf_hash(B1)).text())  # the log showed b first
+    report = await audit_remote(serving(two_leaf_log(A1, B1)), [LOG.verifier()], since=seen)
+    assert report.problems == [
+        "checkpoint 1 seen before is not a prefix of checkpoint 2: the log has rewritten its "
+        "history since (a fork)"
+    ]
+
+
+async def test_audit_from_tiles_since_a_larger_checkpoint_is_a_rollback():
+    seen = LOG.sign_note(Checkpoint(ORIGIN, 5, bytes(32)).text())
+    report = await audit_remote(serving(two_leaf_log(A1, B1)), [LOG.verifier()], since=seen)
+    assert report.problems == [
+        "checkpoint 2 is smaller than checkpoint 5 seen before: the log rolled back"
+    ]
+
+
+async def test_audit_from_tiles_since_a_checkpoint_signed_by_another_key_is_refused():
+    other = Signer("hostile.example", Ed25519PrivateKey.generate())
+    seen = other.sign_note(Checkpoint(ORIGIN, 1, leaf_hash(A1)).text())
+    report = await audit_remote(serving(two_leaf_log(A1, B1)), [LOG.verifier()], since=seen)
+    assert len(report.problems) == 1
+    assert report.problems[0].startswith("the checkpoint seen before: unknown key")
 
 
 async def test_audit_from_tiles_reports_a_tile_the_checkpoint_needs_and_the_log_lacks():
