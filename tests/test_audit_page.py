@@ -1,6 +1,7 @@
 """The /audit page in a real headless Chromium: it verifies real proof bundles from a real
 gateway in the browser (WebCrypto), shows each check, the first failure and why, the events as
-a timeline and the hash chain of a prescription.
+a timeline and the hash chain of a prescription; given witness keys, it also checks that a quorum
+of those witnesses cosigned each checkpoint.
 
 One gateway and one browser serve the whole module. Chromium and ChromeDriver are Debian's
 (`make browser` installs them); CHROMIUM and CHROMEDRIVER name others.
@@ -41,7 +42,7 @@ from test_prescriptions import (
 )
 
 from anchoring.cosignature import Cosigner
-from anchoring.note import Signer
+from anchoring.note import Signer, split_note
 from anchoring.verify import inclusion_proof_length
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
@@ -64,6 +65,7 @@ CSP = (
 )
 HISTORY = "query($id: ID!) { prescription(id: $id) { history { version type bundle } } }"
 CHECK_NAMES = ("bundle", "key", "signature", "size", "root")
+WITNESS_CHECK_NAMES = (*CHECK_NAMES, "quorum")  # with witness keys given
 LIFECYCLE = ["ISSUED", "DISPENSED", "HANDED_TO_COURIER", "DELIVERED", "RECEIPT_CONFIRMED"]
 
 
@@ -228,12 +230,12 @@ class AuditPage:
         field.clear()
         field.send_keys(key)
 
-    def paste(self, text: str) -> None:
-        """Put `text` in the bundles field at once, as a paste does (typing it is slow)."""
+    def paste(self, text: str, into: str = "#bundles") -> None:
+        """Put `text` in a field at once, as a paste does (typing it is slow)."""
         self.driver.execute_script(
             "arguments[0].value = arguments[1];"
             "arguments[0].dispatchEvent(new Event('input', {bubbles: true}));",
-            self.find("#bundles"),
+            self.find(into),
             text,
         )
 
@@ -253,9 +255,13 @@ class AuditPage:
         errors = [e for e in self.driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
 
-    def check(self, bundles: str, key: str) -> AuditPage:
+    def check(self, bundles: str, key: str, witnesses: str = "", quorum: str = "") -> AuditPage:
         self.open()
         self.type_key(key)
+        if witnesses:
+            self.paste(witnesses, into="#witnesses")
+        if quorum:
+            self.find("#quorum").send_keys(quorum)
         self.paste(bundles)
         self.verify()
         return self
@@ -299,9 +305,12 @@ def page(driver: webdriver.Chrome, gw: Gateway) -> AuditPage:
     return AuditPage(driver, gw.base)
 
 
+SCREENSHOT = (1100, 1240)  # tall enough for the whole timeline of five events
+
+
 def save_screenshot(page: AuditPage, path: Path) -> None:
-    """The page at exactly WINDOW's size (the window's own size includes its frame)."""
-    width, height = WINDOW
+    """The page at exactly SCREENSHOT's size (the window's own size includes its frame)."""
+    width, height = SCREENSHOT
     metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
     page.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
     try:
@@ -465,10 +474,10 @@ def test_the_page_works_from_the_keyboard(page, story):
     page.open()
     order = []
     page.find("#key").click()
-    for _ in range(5):
+    for _ in range(7):
         order.append(page.driver.switch_to.active_element.get_attribute("id"))
         ActionChains(page.driver).send_keys(Keys.TAB).perform()
-    assert order == ["key", "bundles", "files", "verify", "clear"]
+    assert order == ["key", "witnesses", "quorum", "bundles", "files", "verify", "clear"]
     page.paste(as_text(story.bundles[1]))
     key = page.find("#key")
     key.send_keys(story.key)
@@ -484,7 +493,7 @@ def test_the_page_works_from_the_keyboard(page, story):
 
 def test_every_control_is_labelled_and_results_are_announced(page):
     page.open()
-    for control in ("key", "bundles", "files"):
+    for control in ("key", "witnesses", "quorum", "bundles", "files"):
         label = page.find(f"label[for={control}]")
         assert label.is_displayed() and label.text, control
         hint = page.find(f"#{control}").get_attribute("aria-describedby")
@@ -705,6 +714,242 @@ def test_a_checkpoint_with_signatures_by_unknown_keys_still_verifies(page, story
     (report,) = page.reports()
     assert_verified(report)
     assert "; 2 signatures by other keys ignored" in report.checks[2].text
+
+
+# --- witness cosignatures ----------------------------------------------------------------------
+
+# Cosignature times, and how the page shows them.
+T1, T2 = 1_700_000_000, 1_700_000_060
+T1_UTC, T2_UTC = "2023-11-14T22:13:20Z", "2023-11-14T22:14:20Z"
+
+
+@dataclass
+class Witnesses:
+    w1: Cosigner
+    w2: Cosigner
+
+    @property
+    def keys(self) -> str:
+        return f"{self.w1.verifier_key}\n{self.w2.verifier_key}"
+
+
+@pytest.fixture(scope="module")
+def witnesses() -> Witnesses:
+    return Witnesses(
+        Cosigner("w1.example/w", Ed25519PrivateKey.generate()),
+        Cosigner("w2.example/w", Ed25519PrivateKey.generate()),
+    )
+
+
+def cosigned(bundle: dict[str, Any], *lines: Callable[[str], str]) -> dict[str, Any]:
+    """A copy of `bundle` whose checkpoint note carries more signature lines, each made from the
+    note's text (everything up to the blank line)."""
+    text, _ = split_note(bundle["checkpoint"])
+    return {**bundle, "checkpoint": bundle["checkpoint"] + "".join(line(text) for line in lines)}
+
+
+def cosignature(witness: Cosigner, at: int) -> Callable[[str], str]:
+    return lambda text: witness.cosign(text, at).line
+
+
+def altered(line: Callable[[str], str], change: Callable[[bytes], bytes]) -> Callable[[str], str]:
+    """A signature line whose decoded bytes (key ID ‖ time ‖ signature) are changed."""
+
+    def make(text: str) -> str:
+        head, encoded = line(text).rstrip("\n").rsplit(" ", 1)
+        raw = change(base64.b64decode(encoded))
+        return f"{head} {base64.b64encode(raw).decode()}\n"
+
+    return make
+
+
+def flip_signature_byte(raw: bytes) -> bytes:
+    return raw[:20] + bytes([raw[20] ^ 0x01]) + raw[21:]  # a byte of the Ed25519 signature
+
+
+def who(witness: Cosigner) -> str:
+    return f"{witness.name}+{witness.key_id.hex()}"
+
+
+def assert_witnessed(report: Report) -> None:
+    assert report.verdict == "verified", report
+    assert [(c.name, c.state) for c in report.checks] == [
+        (n, "passed") for n in WITNESS_CHECK_NAMES
+    ]
+    assert "verified: all 6 checks passed" in report.title
+
+
+def test_a_quorum_of_witnesses_cosigning_the_checkpoint_passes_a_sixth_check(
+    page, story, witnesses
+):
+    w1, w2 = witnesses.w1, witnesses.w2
+    stranger = Cosigner("w3.example/w", Ed25519PrivateKey.generate())  # not given: ignored
+    bundle = cosigned(
+        story.bundles[0], cosignature(w1, T1), cosignature(stranger, T1), cosignature(w2, T2)
+    )
+    page.check(as_text(bundle), story.key, witnesses=f"{w1.verifier_key}, {w2.verifier_key}")
+    assert page.verdict == "verified", page.summary
+    assert "Verified: the bundle passes all 6 checks." in page.summary
+    (report,) = page.reports()
+    assert_witnessed(report)
+    assert report.checks[5].text == (
+        "✓ Witness quorum: at least 2 of the 2 witnesses cosigned the checkpoint — passed: "
+        f"2 of the 2 witnesses cosigned the checkpoint, 2 required: w1.example/w at {T1_UTC}, "
+        f"w2.example/w at {T2_UTC}"
+    )
+    assert "; 3 signatures by other keys ignored" in report.checks[2].text
+
+
+def test_a_quorum_of_one_is_met_by_one_of_two_witnesses(page, story, witnesses):
+    bundle = cosigned(story.bundles[1], cosignature(witnesses.w2, T2))
+    page.check(as_text(bundle), story.key, witnesses=witnesses.keys, quorum="1")
+    assert page.verdict == "verified", page.summary
+    (report,) = page.reports()
+    assert_witnessed(report)
+    assert (
+        f"1 of the 2 witnesses cosigned the checkpoint, 1 required: w2.example/w at {T2_UTC}"
+    ) in report.checks[5].text
+
+
+def test_without_witness_keys_cosignatures_are_ignored_and_five_checks_run(page, story, witnesses):
+    bundle = cosigned(
+        story.bundles[0], cosignature(witnesses.w1, T1), cosignature(witnesses.w2, T2)
+    )
+    page.check(as_text(bundle), story.key)
+    assert page.verdict == "verified", page.summary
+    assert "Verified: the bundle passes all 5 checks." in page.summary
+    (report,) = page.reports()
+    assert_verified(report)
+    assert "; 2 signatures by other keys ignored" in report.checks[2].text
+
+
+@dataclass
+class Witnessing:
+    """The lines the checkpoint carries and the witness keys and quorum given to the page."""
+
+    lines: Callable[[Witnesses], list[Callable[[str], str]]]
+    keys: Callable[[Witnesses, Story], str] = lambda ws, story: ws.keys
+    quorum: str = ""
+
+
+def both(ws: Witnesses) -> list[Callable[[str], str]]:
+    return [cosignature(ws.w1, T1), cosignature(ws.w2, T2)]
+
+
+WITNESS_FAILURES = {
+    "quorum-not-met": (
+        Witnessing(lambda ws: [cosignature(ws.w1, T1)]),
+        lambda ws: [
+            "1 of the 2 witnesses cosigned the checkpoint, 2 required (missing: w2.example/w)",
+            f"cosigned: w1.example/w at {T1_UTC}",
+        ],
+    ),
+    "no-cosignature-at-all": (
+        Witnessing(lambda ws: [], quorum="1"),
+        lambda ws: [
+            "0 of the 2 witnesses cosigned the checkpoint, 1 required "
+            "(missing: w1.example/w, w2.example/w)"
+        ],
+    ),
+    "cosignature-tampered": (
+        Witnessing(
+            lambda ws: [
+                cosignature(ws.w1, T1),
+                altered(cosignature(ws.w2, T2), flip_signature_byte),
+            ]
+        ),
+        lambda ws: [f"bad cosignature: the cosignature by {who(ws.w2)} does not verify"],
+    ),
+    "cosignature-time-altered": (
+        Witnessing(
+            lambda ws: [altered(cosignature(ws.w1, T1), lambda r: r[:11] + b"\x01" + r[12:])],
+            quorum="0",
+        ),
+        lambda ws: [f"bad cosignature: the cosignature by {who(ws.w1)} does not verify"],
+    ),
+    "cosignature-not-76-bytes": (
+        Witnessing(lambda ws: [altered(cosignature(ws.w1, T1), lambda r: r[:-1]), *both(ws)[1:]]),
+        lambda ws: [f"malformed cosignature: the cosignature by {who(ws.w1)} is 75 bytes, want 76"],
+    ),
+    "two-cosignatures-by-one-witness": (
+        Witnessing(lambda ws: [*both(ws), cosignature(ws.w1, T2)]),
+        lambda ws: [
+            f"malformed cosignature: the checkpoint carries two cosignatures by {who(ws.w1)}"
+        ],
+    ),
+    "witness-key-id-wrong": (
+        Witnessing(
+            both, keys=lambda ws, story: f"{ws.w1.verifier_key}\n{wrong_key_id(ws.w2.verifier_key)}"
+        ),
+        lambda ws: ['witness key "w2.example/w+', "key ID does not match the key"],
+    ),
+    "log-key-given-as-witness-key": (
+        Witnessing(both, keys=lambda ws, story: f"{ws.w1.verifier_key} {story.key}"),
+        lambda ws: [
+            "key must be 0x04 followed by a 32-byte Ed25519 key, got 33 bytes starting 0x01 "
+            "(a log's verifier key)"
+        ],
+    ),
+    "witness-key-given-twice": (
+        Witnessing(both, keys=lambda ws, story: f"{ws.keys},{ws.w1.verifier_key}"),
+        lambda ws: [f"the witness key {who(ws.w1)} is given twice"],
+    ),
+    "quorum-above-the-witness-keys": (
+        Witnessing(both, quorum="3"),
+        lambda ws: ['witness quorum "3": want a whole number from 0 to 2'],
+    ),
+    "quorum-without-witness-keys": (
+        Witnessing(both, keys=lambda ws, story: "", quorum="1"),
+        lambda ws: ['a witness quorum of "1" is given but no witness keys'],
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("witnessing", "messages"), WITNESS_FAILURES.values(), ids=WITNESS_FAILURES
+)
+def test_a_missing_or_bad_cosignature_or_witness_key_fails_the_witness_quorum(
+    page, story, witnesses, witnessing, messages
+):
+    bundle = cosigned(story.bundles[2], *witnessing.lines(witnesses))
+    keys = witnessing.keys(witnesses, story)
+    page.check(as_text(bundle), story.key, witnesses=keys, quorum=witnessing.quorum)
+    assert page.verdict == "failed", page.summary
+    (report,) = page.reports()
+    assert [c.name for c in report.checks] == list(WITNESS_CHECK_NAMES)
+    assert [c.state for c in report.checks] == ["passed"] * 5 + ["failed"], report
+    assert "failed at check 6 of 6 (quorum)" in report.title
+    assert report.failed is not None
+    for message in messages(witnesses):
+        assert message in report.failed[1], report.failed[1]
+    assert "check 6 (quorum): " in page.summary
+
+
+def test_a_witness_keys_file_chosen_in_the_file_input_fills_the_witness_keys(
+    page, story, witnesses, tmp_path
+):
+    (tmp_path / "verifier.key").write_text(story.key + "\n")
+    (tmp_path / "witnesses.txt").write_text(witnesses.keys + "\n")
+    bundle = tmp_path / "bundle.json"
+    bundle.write_text(json.dumps(cosigned(story.bundles[0], *both(witnesses))))
+    page.open()
+    chosen = [tmp_path / "verifier.key", tmp_path / "witnesses.txt", bundle]
+    page.find("#files").send_keys("\n".join(str(p) for p in chosen))
+    page.wait(lambda: len(page.all("#file-list li")) == 1)
+    assert page.find("#key").get_attribute("value") == story.key
+    assert page.find("#witnesses").get_attribute("value") == witnesses.keys
+    assert (
+        "verifier.key: verifier key filled in; witnesses.txt: 2 witness keys filled in; "
+        "1 file to verify."
+    ) in page.find("#file-status").text
+    # Chosen again, the same keys are not given twice.
+    page.find("#files").send_keys(str(tmp_path / "witnesses.txt"))
+    page.wait(lambda: page.find("#file-status").text.startswith("witnesses.txt: 2 witness keys"))
+    assert page.find("#witnesses").get_attribute("value") == witnesses.keys
+    page.verify()
+    assert page.verdict == "verified", page.summary
+    (report,) = page.reports()
+    assert_witnessed(report)
 
 
 # --- the hash chain ------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 // The /audit page: verifies rxledger proof bundles in the browser, with WebCrypto only.
 //
 // A bundle is {"leaf", "leafIndex", "treeSize", "inclusionPath", "checkpoint"} (DESIGN.md,
-// "Formats auditors rely on"). Each bundle goes through CHECKS in order and stops at the first
-// that fails; then the bundles' leaves (event headers) are laid out as a timeline and the hash
-// chain of each prescription (every version's `prev` is the previous version's leaf hash) is
-// checked. Everything read from a bundle reaches the page through textContent, never as HTML.
+// "Formats auditors rely on"). Each bundle goes through CHECKS in order, then QUORUM_CHECK when
+// witness keys are given, and stops at the first that fails; then the bundles' leaves (event
+// headers) are laid out as a timeline and the hash chain of each prescription (every version's
+// `prev` is the previous version's leaf hash) is checked. Everything read from a bundle reaches
+// the page through textContent, never as HTML.
 
 const CHECKS = [
   { short: "bundle", title: "Bundle parses" },
@@ -13,9 +14,16 @@ const CHECKS = [
   { short: "size", title: "Checkpoint size equals treeSize" },
   { short: "root", title: "Root rebuilt from the leaf and inclusion path equals the checkpoint root" },
 ];
+const QUORUM_CHECK = { short: "quorum", title: "Witness quorum: enough of the witness keys cosigned the checkpoint" };
 const HASH_SIZE = 32;
 const SIG_PREFIX = "\u2014 "; // em dash and a space
 const ALG_ED25519 = 0x01;
+const ALG_COSIGNATURE_V1 = 0x04;
+const KEY_KINDS = { [ALG_ED25519]: "a log's verifier key", [ALG_COSIGNATURE_V1]: "a witness key" };
+const COSIGNATURE_BYTES = 4 + 8 + 64; // key ID, big-endian UNIX time, Ed25519 signature
+const MAX_TIMESTAMP = (1n << 63n) - 1n;
+const MAX_DATE_MS = 8.64e15; // the last instant a JavaScript Date holds
+const KEY_SEPARATORS = /[\s,]+/;
 const MAX_FILE_BYTES = 4 << 20;
 const VERIFIER_KEY_SHAPE = /^[^\s+]+\+[0-9A-Fa-f]{8}\+[A-Za-z0-9+/]+=*$/;
 const STRICT_BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
@@ -134,27 +142,27 @@ async function keyId(name, alg, publicKey) {
   return (await sha256(concat(utf8(name), Uint8Array.of(0x0a, alg), publicKey))).subarray(0, 4);
 }
 
-/** "<name>+<8 hex key ID>+<base64(0x01 ‖ 32-byte Ed25519 key)>", with its key ID checked. */
-async function parseVerifierKey(text) {
-  const trimmed = text.trim();
-  if (!trimmed) fail("no verifier key given: paste the log's key or drop its verifier.key file");
-  const first = trimmed.indexOf("+");
-  const second = trimmed.indexOf("+", first + 1);
-  if (first < 0 || second < 0) fail("verifier key must read <name>+<8 hex key ID>+<base64 key>");
-  const name = trimmed.slice(0, first);
-  const idHex = trimmed.slice(first + 1, second);
+/** "<name>+<8 hex key ID>+<base64(alg ‖ 32-byte Ed25519 key)>", with its key ID checked;
+ * `what` names the key in errors. Requires `text` trimmed. */
+async function parseKey(text, alg, what) {
+  const first = text.indexOf("+");
+  const second = text.indexOf("+", first + 1);
+  if (first < 0 || second < 0) fail(`${what} must read <name>+<8 hex key ID>+<base64 key>`);
+  const name = text.slice(0, first);
+  const idHex = text.slice(first + 1, second);
   if (!name || /[\s+\u0000-\u001f\u007f]/.test(name)) {
-    fail(`verifier key name ${quote(name)} must be non-empty printable text without "+" or spaces`);
+    fail(`${what} name ${quote(name)} must be non-empty printable text without "+" or spaces`);
   }
-  if (!/^[0-9A-Fa-f]{8}$/.test(idHex)) fail(`verifier key ID must be 8 hex digits, got ${quote(idHex)}`);
-  const raw = unb64(trimmed.slice(second + 1), "verifier key");
-  if (raw.length !== 33 || raw[0] !== ALG_ED25519) {
-    fail(`verifier key must be 0x01 followed by a 32-byte Ed25519 key, got ${raw.length} bytes starting 0x${hex(raw.subarray(0, 1))}`);
+  if (!/^[0-9A-Fa-f]{8}$/.test(idHex)) fail(`${what} ID must be 8 hex digits, got ${quote(idHex)}`);
+  const raw = unb64(text.slice(second + 1), what);
+  if (raw.length !== 33 || raw[0] !== alg) {
+    const kind = raw.length === 33 && KEY_KINDS[raw[0]] ? ` (${KEY_KINDS[raw[0]]})` : "";
+    fail(`${what} must be 0x${hex([alg])} followed by a 32-byte Ed25519 key, got ${raw.length} bytes starting 0x${hex(raw.subarray(0, 1))}${kind}`);
   }
   const publicKey = raw.slice(1);
-  const id = await keyId(name, ALG_ED25519, publicKey);
+  const id = await keyId(name, alg, publicKey);
   if (hex(id) !== idHex.toLowerCase()) {
-    fail(`verifier key ID does not match the key: the key reads ${idHex}, the key's ID is ${hex(id)}`);
+    fail(`${what} ID does not match the key: the key reads ${idHex}, the key's ID is ${hex(id)}`);
   }
   let key;
   try {
@@ -163,9 +171,16 @@ async function parseVerifierKey(text) {
     if (err.name === "NotSupportedError") {
       fail("this browser's WebCrypto has no Ed25519: use a current Chromium, Firefox or Safari");
     }
-    fail(`verifier key is not a valid Ed25519 public key (${err.message})`);
+    fail(`${what} is not a valid Ed25519 public key (${err.message})`);
   }
   return { name, id, idHex: hex(id), key };
+}
+
+/** The log's key: "<name>+<8 hex key ID>+<base64(0x01 ‖ 32-byte Ed25519 key)>". */
+async function parseVerifierKey(text) {
+  const trimmed = text.trim();
+  if (!trimmed) fail("no verifier key given: paste the log's key or drop its verifier.key file");
+  return parseKey(trimmed, ALG_ED25519, "verifier key");
 }
 
 // --- check 3: the signed checkpoint ---------------------------------------------------------
@@ -213,7 +228,8 @@ function parseCheckpoint(text) {
   return { origin, size: Number(size), rootHash };
 }
 
-/** The checkpoint, once a signature by `key` verifies; signatures by other keys are ignored. */
+/** The checkpoint, once a signature by `key` verifies; signatures by other keys are ignored
+ * here (the note's text and signature lines are kept for the witness quorum). */
 async function openCheckpoint(note, key) {
   const { text, signatures } = splitNote(note);
   const own = signatures.filter((s) => s.name === key.name && equalBytes(s.id, key.id));
@@ -229,7 +245,7 @@ async function openCheckpoint(note, key) {
       fail(`the signature by ${key.name}+${key.idHex} does not verify: the checkpoint text is not what the key signed`);
     }
   }
-  return { ...parseCheckpoint(text), others };
+  return { ...parseCheckpoint(text), others, text, signatures };
 }
 
 // --- checks 4 and 5: the tree ---------------------------------------------------------------
@@ -272,6 +288,95 @@ async function rootFromInclusionPath(leafIndex, treeSize, hash, path) {
   return r;
 }
 
+// --- check 6: the witness quorum -------------------------------------------------------------
+
+/** C2SP tlog-cosignature/v1 witness keys, separated by spaces, commas or line breaks, each given
+ * once; fails naming the key that does not parse. */
+async function parseWitnessKeys(text) {
+  const witnesses = [];
+  for (const item of text.split(KEY_SEPARATORS).filter(Boolean)) {
+    let witness;
+    try {
+      witness = await parseKey(item, ALG_COSIGNATURE_V1, "key");
+    } catch (err) {
+      if (err instanceof CheckFailed) fail(`witness key ${quote(item)}: ${err.message}`);
+      throw err;
+    }
+    if (witnesses.some((w) => w.idHex === witness.idHex)) {
+      fail(`the witness key ${witness.name}+${witness.idHex} is given twice`);
+    }
+    witnesses.push(witness);
+  }
+  return witnesses;
+}
+
+/** The witnesses and how many of them must cosign (default: all), or null when neither is given:
+ * then there is no witness check, as `rxledger verify` without --witness. */
+async function parseWitnesses(keysText, quorumText) {
+  const quorumGiven = quorumText.trim();
+  const witnesses = await parseWitnessKeys(keysText);
+  if (!witnesses.length && !quorumGiven) return null;
+  if (!witnesses.length) {
+    fail(`a witness quorum of ${quote(quorumGiven)} is given but no witness keys: give their keys, or clear the quorum`);
+  }
+  if (!quorumGiven) return { witnesses, quorum: witnesses.length };
+  const quorum = Number(quorumGiven);
+  if (!/^[0-9]+$/.test(quorumGiven) || quorum > witnesses.length) {
+    fail(`witness quorum ${quote(quorumGiven)}: want a whole number from 0 to ${witnesses.length} (the witness keys given)`);
+  }
+  return { witnesses, quorum };
+}
+
+/** cosignature/v1 signs "cosignature/v1\ntime <timestamp>\n" followed by the checkpoint text. */
+const cosignedMessage = (text, timestamp) => utf8(`cosignature/v1\ntime ${timestamp}\n${text}`);
+
+/** A UNIX time as a UTC ISO 8601 time, to the second. */
+function utcTime(seconds) {
+  const ms = Number(seconds) * 1000;
+  if (ms > MAX_DATE_MS) return `UNIX time ${seconds}`;
+  return new Date(ms).toISOString().replace(/\.000Z$/, "Z");
+}
+
+/** The valid cosignatures by `witnesses` on an opened checkpoint, as witness → UNIX time (a
+ * BigInt). Lines by other keys are ignored; a witness's line that is not 76 bytes or does not
+ * verify, or a witness's second line, fails (each line is verified at most once). */
+async function cosignatures({ text, signatures }, witnesses) {
+  const found = new Map();
+  for (const s of signatures) {
+    const witness = witnesses.find((w) => w.name === s.name && equalBytes(w.id, s.id));
+    if (!witness) continue;
+    const who = `${witness.name}+${witness.idHex}`;
+    if (found.has(witness)) fail(`malformed cosignature: the checkpoint carries two cosignatures by ${who}`);
+    const length = 4 + s.signature.length;
+    if (length !== COSIGNATURE_BYTES) {
+      fail(`malformed cosignature: the cosignature by ${who} is ${length} bytes, want ${COSIGNATURE_BYTES}`);
+    }
+    const timestamp = new DataView(s.signature.buffer, s.signature.byteOffset, 8).getBigUint64(0);
+    const valid = timestamp <= MAX_TIMESTAMP && await crypto.subtle.verify(
+      "Ed25519", witness.key, s.signature.subarray(8), cosignedMessage(text, timestamp),
+    );
+    if (!valid) {
+      fail(`bad cosignature: the cosignature by ${who} does not verify: the checkpoint text and time are not what the witness signed`);
+    }
+    found.set(witness, timestamp);
+  }
+  return found;
+}
+
+/** "k of the n witnesses cosigned the checkpoint, q required", then who cosigned when, or who
+ * is missing; fails below the quorum. */
+async function checkQuorum(checkpoint, { witnesses, quorum }) {
+  const found = await cosignatures(checkpoint, witnesses);
+  const n = witnesses.length;
+  const count = `${found.size} of the ${n} witness${n === 1 ? "" : "es"} cosigned the checkpoint, ${quorum} required`;
+  const cosigned = witnesses.filter((w) => found.has(w)).map((w) => `${w.name} at ${utcTime(found.get(w))}`);
+  if (found.size < quorum) {
+    const missing = witnesses.filter((w) => !found.has(w)).map((w) => w.name);
+    fail(`${count} (missing: ${missing.join(", ")})${cosigned.length ? `; cosigned: ${cosigned.join(", ")}` : ""}`);
+  }
+  return cosigned.length ? `${count}: ${cosigned.join(", ")}` : count;
+}
+
 // --- one bundle -------------------------------------------------------------------------------
 
 /** The event header in a leaf (RFC 8785 JSON), or why it is not one; for the timeline only:
@@ -288,12 +393,24 @@ function readHeader(leaf) {
   }
 }
 
-/** Runs the checks on one bundle in order, calling `show(report)` as each settles. */
-async function verifyBundle(entry, keyResult, show) {
+/** The checks of a run: CHECKS, and the witness quorum when witnesses are given. */
+function checksFor(witnessResult) {
+  if (!witnessResult) return CHECKS;
+  if (witnessResult.error) return [...CHECKS, QUORUM_CHECK];
+  const { witnesses, quorum } = witnessResult;
+  const title = `Witness quorum: at least ${quorum} of the ${witnesses.length} witness${witnesses.length === 1 ? "" : "es"} cosigned the checkpoint`;
+  return [...CHECKS, { ...QUORUM_CHECK, title }];
+}
+
+/** Runs the checks on one bundle in order, calling `show(report)` as each settles;
+ * `witnessResult` is null when no witness keys are given (five checks, no quorum). */
+async function verifyBundle(entry, keyResult, witnessResult, show) {
+  const checks = checksFor(witnessResult);
   const report = {
     label: entry.label,
-    states: CHECKS.map(() => "pending"),
-    details: CHECKS.map(() => ""),
+    checks,
+    states: checks.map(() => "pending"),
+    details: checks.map(() => ""),
     failedAt: -1,
     done: false,
   };
@@ -333,6 +450,12 @@ async function verifyBundle(entry, keyResult, show) {
       return `root ${b64(root)}`;
     },
   ];
+  if (witnessResult) {
+    steps.push(() => {
+      if (witnessResult.error) fail(witnessResult.error);
+      return checkQuorum(report.checkpoint, witnessResult);
+    });
+  }
   for (let i = 0; i < steps.length; i++) {
     try {
       report.details[i] = await steps[i]();
@@ -436,7 +559,7 @@ const mark = (state) => element("span", { class: "mark", "aria-hidden": "true", 
 const files = []; // {name, text}: chosen or dropped bundle files, verified with the pasted text
 
 function describeFailure(report) {
-  return `check ${report.failedAt + 1} (${CHECKS[report.failedAt].short}): ${report.details[report.failedAt]}`;
+  return `check ${report.failedAt + 1} (${report.checks[report.failedAt].short}): ${report.details[report.failedAt]}`;
 }
 
 function eventName(report) {
@@ -446,7 +569,7 @@ function eventName(report) {
 function renderReport(report, index) {
   const id = `bundle-${index + 1}`;
   let node = $(id);
-  const { done } = report;
+  const { done, checks: list } = report;
   if (!node) {
     node = element("details", { class: "bundle", id });
     $("bundle-reports").append(node);
@@ -455,8 +578,8 @@ function renderReport(report, index) {
   node.dataset.verdict = done ? (report.verified ? "verified" : "failed") : "pending";
   node.open = done && !report.verified;
   const verdict = !done ? "checking\u2026"
-    : report.verified ? `verified: all ${CHECKS.length} checks passed`
-      : `failed at check ${report.failedAt + 1} of ${CHECKS.length} (${CHECKS[report.failedAt].short})`;
+    : report.verified ? `verified: all ${list.length} checks passed`
+      : `failed at check ${report.failedAt + 1} of ${list.length} (${list[report.failedAt].short})`;
   const summary = element(
     "summary", {}, mark(state), " ",
     element("span", { class: "label", text: `${report.label}${eventName(report)}` }), ": ",
@@ -466,8 +589,8 @@ function renderReport(report, index) {
   report.states.forEach((s, i) => {
     const detail = report.details[i] ? `: ${report.details[i]}` : "";
     checks.append(element(
-      "li", { "data-state": s, "data-check": CHECKS[i].short }, mark(s), " ",
-      element("span", { class: "check", text: CHECKS[i].title }), " \u2014 ",
+      "li", { "data-state": s, "data-check": list[i].short }, mark(s), " ",
+      element("span", { class: "check", text: list[i].title }), " \u2014 ",
       element("strong", { text: WORD[s] }), detail,
     ));
   });
@@ -491,7 +614,7 @@ function renderTimeline(reports, chain) {
     const proof = r.verified
       ? element("td", { "data-label": "Proof", "data-state": "passed" }, mark("passed"), " verified")
       : element("td", { "data-label": "Proof", "data-state": "failed" }, mark("failed"), " ",
-        element("a", { href: `#${r.id}`, text: `failed at check ${r.failedAt + 1} (${CHECKS[r.failedAt].short})` }));
+        element("a", { href: `#${r.id}`, text: `failed at check ${r.failedAt + 1} (${r.checks[r.failedAt].short})` }));
     const cells = [
       ...(several ? [element("td", { "data-label": "Prescription", text: r.header.subject })] : []),
       element("td", { "data-label": "Version", text: String(r.header.version) }),
@@ -521,8 +644,9 @@ function renderSummary(reports, chain) {
   const failed = reports.filter((r) => !r.verified);
   const n = reports.length;
   const chainGood = chain.verdict === "complete" || chain.verdict === "single";
-  const passing = n === 1 ? `The bundle passes all ${CHECKS.length} checks.`
-    : `All ${n} bundles pass all ${CHECKS.length} checks.`;
+  const checks = reports[0].checks.length; // the same checks for every bundle of a run
+  const passing = n === 1 ? `The bundle passes all ${checks} checks.`
+    : `All ${n} bundles pass all ${checks} checks.`;
   const lines = [];
   if (failed.length) {
     lines.push(`Failed: ${failed.length} of ${n} bundle${n === 1 ? "" : "s"} did not verify.`);
@@ -602,9 +726,12 @@ async function verify() {
       (key) => ({ key }),
       (err) => ({ error: err instanceof CheckFailed ? err.message : `unexpected error: ${err}` }),
     );
+    const witnessResult = await parseWitnesses($("witnesses").value, $("quorum").value).catch(
+      (err) => ({ error: err instanceof CheckFailed ? err.message : `unexpected error: ${err}` }),
+    );
     const reports = [];
     for (const [i, entry] of entries.entries()) {
-      const report = await verifyBundle(entry, keyResult, (r) => renderReport(r, i));
+      const report = await verifyBundle(entry, keyResult, witnessResult, (r) => renderReport(r, i));
       report.id = `bundle-${i + 1}`;
       reports.push(report);
     }
@@ -629,6 +756,33 @@ function renderFiles() {
   )));
 }
 
+/** The type byte of a text shaped like a key (VERIFIER_KEY_SHAPE), or -1 when its base64 does
+ * not decode: 0x01 for a log's verifier key, 0x04 for a witness key. */
+function keyType(item) {
+  try {
+    return atob(item.slice(item.indexOf("+", item.indexOf("+") + 1) + 1)).charCodeAt(0);
+  } catch {
+    return -1;
+  }
+}
+
+/** What a file holds when it is keys: {key} for one log verifier key (any type byte but 0x04:
+ * check 2 says what is wrong with it), {witnesses} for witness keys only, {mixed} for several
+ * keys that are not all witness keys; null when it is not keys (a bundle file). */
+function keysIn(text) {
+  const items = text.split(KEY_SEPARATORS).filter(Boolean);
+  if (!items.length || !items.every((item) => VERIFIER_KEY_SHAPE.test(item))) return null;
+  if (items.every((item) => keyType(item) === ALG_COSIGNATURE_V1)) return { witnesses: items };
+  return items.length === 1 ? { key: items[0] } : { mixed: items };
+}
+
+/** Adds witness keys to the witness field, one a line, leaving out those already in it. */
+function addWitnessKeys(items) {
+  const field = $("witnesses");
+  const given = new Set(field.value.split(KEY_SEPARATORS));
+  field.value = [field.value.trim(), ...items.filter((k) => !given.has(k))].filter(Boolean).join("\n");
+}
+
 async function addFiles(list) {
   const notes = [];
   for (const file of list) {
@@ -643,9 +797,20 @@ async function addFiles(list) {
       notes.push(`${file.name} could not be read (${err.message})`);
       continue;
     }
-    if (VERIFIER_KEY_SHAPE.test(text.trim())) {
-      $("key").value = text.trim();
+    const keys = keysIn(text);
+    if (keys?.key) {
+      $("key").value = keys.key;
       notes.push(`${file.name}: verifier key filled in`);
+      continue;
+    }
+    if (keys?.witnesses) {
+      addWitnessKeys(keys.witnesses);
+      const n = keys.witnesses.length;
+      notes.push(`${file.name}: ${n} witness key${n === 1 ? "" : "s"} filled in`);
+      continue;
+    }
+    if (keys?.mixed) {
+      notes.push(`${file.name} holds ${keys.mixed.length} keys, not all witness keys (0x04): not read; give the log's key and the witness keys in separate files`);
       continue;
     }
     files.push({ name: file.name, text });
