@@ -324,17 +324,26 @@ def test_audit_from_tiles_reports_a_broken_hash_chain(
     """A leaf rewritten with its tile (the tree then matches nothing signed): the root check
     and the per-subject prev chain both catch it."""
 
+    edited: dict[str, Any] = {}
+
     def edit(db: Any) -> None:
-        leaf = bytes(db.entries.find_one({"_id": 10})["leaf"])
-        header = json.loads(leaf)
+        # Entry 200: by then every subject has appeared, so it is not a first version. Which
+        # subject it holds depends on how the sequencer interleaved the appends.
+        header = json.loads(bytes(db.entries.find_one({"_id": 200})["leaf"]))
+        edited.update(header)
         header["prev"] = None
         new = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-        db.entries.update_one({"_id": 10}, {"$set": {"leaf": Binary(new)}})
+        db.entries.update_one({"_id": 200}, {"$set": {"leaf": Binary(new)}})
         tile = bytearray(db.tiles.find_one({"_id": "0/0"})["hashes"])
-        tile[10 * 32 : 11 * 32] = hashlib.sha256(b"\x00" + new).digest()
+        tile[200 * 32 : 201 * 32] = hashlib.sha256(b"\x00" + new).digest()
         db.tiles.update_one({"_id": "0/0"}, {"$set": {"hashes": Binary(bytes(tile))}})
 
     done = tampered_log(mongo_uri, tmp_path / "second", small_log, edit)
     assert done.returncode == 1
-    assert "entry 10: rx-0 v3 prev hash does not match the leaf hash of v2" in done.stdout
+    subject, version = edited["subject"], edited["version"]
+    assert version > 1
+    assert (
+        f"entry 200: {subject} v{version} prev hash does not match the leaf hash of v{version - 1}"
+        in done.stdout
+    )
     assert "checkpoint 300: its root differs from the tree rebuilt" in done.stdout
