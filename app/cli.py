@@ -113,9 +113,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         from anchoring.verify import NO_QUORUM
 
         _, found = cosignatures(bundle.checkpoint, witnesses)
-        names = {c.key_id for c in found}
+        cosigned = {c.key_id for c in found}
         if len(found) < quorum:
-            missing = ", ".join(w.name for w in witnesses if w.key_id not in names)
+            missing = ", ".join(w.name for w in witnesses if w.key_id not in cosigned)
             raise VerificationError(
                 NO_QUORUM,
                 f"{len(found)} of the {len(witnesses)} witnesses cosigned the checkpoint, "
@@ -222,7 +222,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_export_proof(args: argparse.Namespace) -> int:
-    from anchoring.proofs import inclusion_proofs
     from app.db import make_client, make_log
 
     settings = Settings.from_env()
@@ -249,9 +248,7 @@ def cmd_export_proof(args: argparse.Namespace) -> int:
                     break
                 await asyncio.sleep(0.2)
             paths = (
-                await inclusion_proofs(
-                    tlog.reader, [indices[e["_id"]] for e in covered], cp.size, cp.size
-                )
+                await tlog.inclusion_paths([indices[e["_id"]] for e in covered], cp.size)
                 if cp and covered
                 else []
             )
