@@ -22,7 +22,7 @@ from anchoring.ledger import Appended, Ledger
 from anchoring.note import Signer, Verifier, parse_checkpoint
 from anchoring.proofs import consistency_proof, inclusion_proof, inclusion_proofs
 from anchoring.receipt import Receipt, sign_receipt
-from anchoring.sequencer import Sequencer, SequencerSettings
+from anchoring.sequencer import LostLease, Sequencer, SequencerSettings
 from anchoring.store import Doc, LogStore, one_of
 from anchoring.tail import LogTail, Sequenced
 from anchoring.tiles import (
@@ -39,6 +39,10 @@ from anchoring.verify import VerificationError
 log = logging.getLogger("rxledger.log")
 
 MAX_CLOCK_SKEW = 600  # seconds a witness's cosignature may be dated ahead of this log's clock
+# How often the leader looks whether another process took the cosignatures that complete the
+# quorum of the newest checkpoint (only the leader writes the head: see _publish).
+COSIGNED_POLL = 0.25
+COSIGNATURE_WRITES = 5  # attempts at storing a cosignature the server lost to a concurrent write
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,8 @@ class TransparencyLog:
         self._tail_task: asyncio.Task[None] | None = None
         self._latest: tuple[float, SignedCheckpoint | None] = (0.0, None)
         self._newest: tuple[float, SignedCheckpoint | None] = (0.0, None)
+        self._cosigning = asyncio.Lock()  # one cosignature write at a time per process
+        self._cosigned_checked = 0.0
 
     @property
     def running(self) -> bool:
@@ -149,6 +155,8 @@ class TransparencyLog:
         if self._anchor_epoch != self.sequencer.epoch:
             await self.anchorer.load_latest()  # another leader may have signed meanwhile
             self._anchor_epoch = self.sequencer.epoch
+        if self.settings.quorum:
+            await self._publish_cosigned()
         if not self.anchorer.due(self.sequencer.size) or self._waiting_for_witnesses():
             return
         try:
@@ -159,10 +167,9 @@ class TransparencyLog:
             return
         self.anchor_error = None
         if self.settings.quorum == 0:
-            await self.sequencer.fenced_update({"checkpointSize": cp.size})
-            self.tail.wake()
+            await self._publish(cp.size)
         # Otherwise the checkpoint is published when its quorum of witnesses has cosigned it
-        # (add_cosignatures).
+        # (add_cosignatures in this process, _publish_cosigned for the others).
 
     # --- witnesses ----------------------------------------------------------------------
 
@@ -174,7 +181,7 @@ class TransparencyLog:
         latest = self.anchorer.latest
         if self.settings.quorum == 0 or latest is None or latest.size == 0:
             return False  # (the empty tree's checkpoint holds nothing worth waiting for)
-        if self.tail.checkpoint_size >= latest.size:
+        if self.sequencer.checkpoint_size >= latest.size:
             return False  # published
         return time.monotonic() - self.anchorer.last_anchor < self.settings.witness_hold
 
@@ -205,36 +212,65 @@ class TransparencyLog:
                 f"this log has not signed that checkpoint of size {cp.size}: a witness saw "
                 "a checkpoint this log never made"
             )
-        stored = doc.get("cosignatures") or {}
-        for c in found:
-            field = f"k{c.key_id.hex()}"
-            if field not in stored:  # the first cosignature of each witness stays
-                await self.store.notarizations.update_one(
-                    {"_id": cp.size, f"cosignatures.{field}": {"$exists": False}},
-                    {"$set": {f"cosignatures.{field}": c.doc()}},
-                )
-        doc = await self.store.notarizations.find_one({"_id": cp.size})
-        signed = SignedCheckpoint.from_doc(doc or {})
+        async with self._cosigning:
+            doc = await self._store_cosignatures(cp.size, found)
+        signed = SignedCheckpoint.from_doc(doc)
         if self.settings.quorum and len(self._accepted(signed)) >= self.settings.quorum:
             await self._publish(signed.size)
         return signed
+
+    async def _store_cosignatures(self, size: int, found: list[Cosignature]) -> Doc:
+        """Add each witness's first cosignature to the checkpoint's document, and read it back
+        to see them there: a server whose updates read the document and write it back whole
+        (FerretDB v1) can lose one of two updates made at once by two processes. A witness
+        whose cosignature the log still loses sends it again, seeing it missing from the
+        checkpoint (app.witness)."""
+        for _ in range(COSIGNATURE_WRITES):
+            doc = await self.store.notarizations.find_one({"_id": size}) or {}
+            stored = doc.get("cosignatures") or {}
+            missing = [c for c in found if f"k{c.key_id.hex()}" not in stored]
+            if not missing:
+                return doc
+            for c in missing:  # the first cosignature of each witness stays
+                field = f"cosignatures.k{c.key_id.hex()}"
+                await self.store.notarizations.update_one(
+                    {"_id": size, field: {"$exists": False}}, {"$set": {field: c.doc()}}
+                )
+        raise PyMongoError(f"the cosignatures of checkpoint {size} could not be stored")
 
     def _accepted(self, cp: SignedCheckpoint) -> list[Cosignature]:
         ids = {w.key_id for w in self.settings.witnesses}
         return [c for c in cp.cosignatures if c.key_id in ids]
 
     async def _publish(self, size: int) -> None:
-        """Name checkpoint `size` in the head, unless a larger one is named already. Any
-        process may: the checkpoint is signed and cosigned, and the size only grows."""
-        await self.store.leases.update_one(
-            {
-                "_id": self.origin,
-                "$or": [{"checkpointSize": {"$lt": size}}, {"checkpointSize": None}],
-            },
-            {"$set": {"checkpointSize": size}},
-        )
-        self._latest = (0.0, None)
-        self.tail.wake()
+        """Name checkpoint `size` (signed, and cosigned by its quorum) in the head. Only the
+        sequencer's leader writes the head, one write at a time: a server whose updates read the
+        document and write it back whole (FerretDB v1) would otherwise lose one of two at once,
+        and with it a publication or the sequencer's own size. In a process that does not
+        lead this does nothing: the leader finds the quorum itself (_publish_cosigned)."""
+        try:
+            published = await self.sequencer.publish_checkpoint(size)
+        except LostLease:
+            return  # the next leader finds it
+        if published:
+            self._latest = (0.0, None)
+            self.tail.wake()
+
+    async def _publish_cosigned(self) -> None:
+        """The leader's look, every COSIGNED_POLL seconds, at whether the newest checkpoint has
+        its quorum, whichever process took the cosignatures."""
+        latest = self.anchorer.latest
+        if latest is None or latest.size <= self.sequencer.checkpoint_size:
+            return
+        now = time.monotonic()
+        if now - self._cosigned_checked < COSIGNED_POLL:
+            return
+        self._cosigned_checked = now
+        doc = await self.store.notarizations.find_one({"_id": latest.size})
+        if doc is not None:
+            cp = SignedCheckpoint.from_doc(doc)
+            if len(self._accepted(cp)) >= self.settings.quorum:
+                await self._publish(cp.size)
 
     async def newest_checkpoint(self, max_age: float = 0.0) -> SignedCheckpoint | None:
         """The newest signed checkpoint, published or still waiting for its witnesses, at

@@ -75,6 +75,13 @@ class Sequencer:
         self.holder = holder or f"seq-{uuid.uuid4().hex[:12]}"
         self.reader = reader or TileReader(store)
         self.is_leader = False
+        # The published checkpoint the head names, as the leader knows it: only the leader
+        # names one (publish_checkpoint).
+        self.checkpoint_size = -1
+        # Every write of the head by this process goes through this lock: on a server whose
+        # updates read the document and write it back whole (FerretDB v1), two concurrent
+        # updates of one document can lose one of them.
+        self._head_lock = asyncio.Lock()
         self.size = 0
         self.root = b""
         self._range = CompactRange()
@@ -95,6 +102,10 @@ class Sequencer:
     # --- lease ------------------------------------------------------------------------
 
     async def acquire_lease(self) -> bool:
+        async with self._head_lock:
+            return await self._acquire_lease()
+
+    async def _acquire_lease(self) -> bool:
         now = _now()
         try:
             doc = await self.store.leases.find_one_and_update(
@@ -113,16 +124,36 @@ class Sequencer:
             )
         except DuplicateKeyError:
             return False  # held by someone else: the upsert tried to create it again
-        return doc is not None and doc.get("holder") == self.holder
+        if doc is None or doc.get("holder") != self.holder:
+            return False
+        self.checkpoint_size = int(doc.get("checkpointSize", -1))
+        return True
 
     async def release_lease(self) -> None:
-        await self.store.leases.update_one(
-            {"_id": self.store.origin, "holder": self.holder}, {"$set": {"expiresAt": _now()}}
-        )
-        self.is_leader = False
+        async with self._head_lock:
+            await self.store.leases.update_one(
+                {"_id": self.store.origin, "holder": self.holder},
+                {"$set": {"expiresAt": _now()}},
+            )
+            self.is_leader = False
 
     async def fenced_update(self, fields: Doc) -> None:
         """Write to the head document only while holding the lease (renewing it)."""
+        async with self._head_lock:
+            await self._fenced_update(fields)
+
+    async def publish_checkpoint(self, size: int) -> bool:
+        """Name checkpoint `size` in the head, unless a larger one is named already. False
+        when this process does not lead: the leader, the one writer of the head, does it."""
+        async with self._head_lock:
+            if not self.is_leader:
+                return False
+            if size > self.checkpoint_size:
+                await self._fenced_update({"checkpointSize": size})
+                self.checkpoint_size = size
+            return True
+
+    async def _fenced_update(self, fields: Doc) -> None:
         fields = {**fields, "expiresAt": _now() + dt.timedelta(seconds=self.settings.lease_ttl)}
         result = await self.store.leases.update_one(
             {"_id": self.store.origin, "holder": self.holder}, {"$set": fields}

@@ -37,7 +37,8 @@ def _say(message: str) -> None:
 async def witness_once(witness: Witness, remote: RemoteLog) -> tuple[int, str | None]:
     """Fetch the log's newest checkpoint, cosign it if consistent and hand the cosignature
     back. Returns (checkpoint size, what happened: None when this checkpoint was handed back
-    before). Raises Refused, LogRejected, or RemoteError when the log cannot be read."""
+    before and the log shows it). Raises Refused, LogRejected, or RemoteError when the log
+    cannot be read."""
     note = await remote.checkpoint("next-checkpoint", missing_ok=True)
     if note is None:  # a log that does not wait for witnesses: its published checkpoint
         note = await remote.checkpoint()
@@ -53,13 +54,15 @@ async def witness_once(witness: Witness, remote: RemoteLog) -> tuple[int, str | 
     cosignature = await witness.witness(note, consistency)
     size = witness.state.size if witness.state else 0
     text, signatures = split_note(note)  # its lines change as witnesses add theirs
-    if witness.submitted == text:
+    ours = (cosignature.name, cosignature.key_id)
+    shown = any((name, raw[:4]) == ours for name, raw in signatures)
+    if witness.submitted == text and shown:
         return size, None
+    # Sent again when the log shows the checkpoint without it: the log lost it (a lost write,
+    # a restored backup) or serves a note older than it (then the log keeps the first).
     # The note as fetched may carry an earlier cosignature of ours: send this one instead.
     others = "".join(
-        f"{SIG_PREFIX}{name} {b64(raw)}\n"
-        for name, raw in signatures
-        if (name, raw[:4]) != (cosignature.name, cosignature.key_id)
+        f"{SIG_PREFIX}{name} {b64(raw)}\n" for name, raw in signatures if (name, raw[:4]) != ours
     )
     status, body = await remote.post("cosignature", f"{text}\n{others}{cosignature.line}")
     answer = _json_object(body)

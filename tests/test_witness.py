@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -38,9 +39,12 @@ from anchoring.note import (
     parse_checkpoint,
     split_note,
 )
+from anchoring.remote import RemoteLog
 from anchoring.sequencer import SequencerSettings
 from anchoring.store import LogStore
+from anchoring.witness import Witness
 from app.settings import write_new_key
+from app.witness import witness_once
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -300,6 +304,79 @@ async def test_the_same_witness_cosigning_again_keeps_its_first_cosignature(stor
         assert stored.witnessed_note == cp.note + "".join(c.line for c in both.cosignatures)
     finally:
         await tlog.stop()
+
+
+async def test_a_published_checkpoint_is_not_lost_to_the_sequencer_writing_the_head(store, signer):
+    """On a server whose updates read, modify and write back the whole document (FerretDB v1),
+    two concurrent updates of the head can lose one: a cosigned checkpoint named in the head
+    while the sequencer renews its lease must stay named."""
+    (w,) = witness_set(1)
+    # Renewals every 20 ms or so: the head is written all the time.
+    settings = dataclasses.replace(
+        settings_for([w], quorum=1),
+        sequencer=SequencerSettings(poll_interval=0.01, lease_ttl=0.06),
+    )
+    tlog = TransparencyLog(store, signer, settings)
+    await tlog.start()
+    try:
+        for size in range(1, 21):
+            await tlog.append("rx-head", size, header("rx-head", size))
+            cp = await signed_checkpoint(tlog, size)
+            await tlog.add_cosignatures(cp.note + w.cosign(note_body(cp.note)).line)
+            await asyncio.sleep(0.1)  # a few renewals later
+            head = await store.head()
+            assert head.get("checkpointSize") == size, f"checkpoint {size} lost from the head"
+    finally:
+        await tlog.stop()
+
+
+async def test_witnesses_cosigning_at_the_same_moment_all_count(store, signer):
+    """Two cosignatures of one checkpoint arriving together both stay (a server whose updates
+    read, modify and write back the whole document could lose one of them)."""
+    w1, w2, w3 = witness_set(3)
+    tlog = TransparencyLog(store, signer, settings_for([w1, w2, w3], quorum=3))
+    await tlog.start()
+    try:
+        for size in range(1, 16):
+            await tlog.append("rx-together", size, header("rx-together", size))
+            cp = await signed_checkpoint(tlog, size)
+            body = note_body(cp.note)
+            await asyncio.gather(
+                *[tlog.add_cosignatures(cp.note + w.cosign(body).line) for w in (w1, w2, w3)]
+            )
+            doc = await store.notarizations.find_one({"_id": size})
+            assert len(doc.get("cosignatures", {})) == 3, f"checkpoint {size}: {doc}"
+            assert (await tlog.latest_checkpoint()).size == size
+    finally:
+        await tlog.stop()
+
+
+async def test_cosignatures_taken_by_a_process_that_does_not_lead_are_published_by_the_leader(
+    store, signer
+):
+    """Only the sequencer's leader writes the head; a gateway that does not lead stores the
+    cosignatures, and the leader sees the quorum and publishes."""
+    w1, w2 = witness_set(2)
+    settings = settings_for([w1, w2], quorum=2)
+    leader = TransparencyLog(store, signer, settings)
+    other = TransparencyLog(store, signer, settings)
+    await leader.start()
+    await other.start(sequence=False)
+    try:
+        await appended(other, "rx-other", 4)
+        cp = await signed_checkpoint(leader, 4)
+        body = note_body(cp.note)
+        for w in (w1, w2):
+            await other.add_cosignatures(cp.note + w.cosign(body).line)
+        assert not other.sequencer.is_leader
+        deadline = time.monotonic() + 5
+        while (await store.head()).get("checkpointSize") != 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert (await other.latest_checkpoint()).size == 4
+        assert len((await leader.latest_checkpoint()).cosignatures) == 2
+    finally:
+        await other.stop()
+        await leader.stop()
 
 
 async def test_without_a_quorum_checkpoints_are_published_when_signed(store, signer):
@@ -661,17 +738,28 @@ async def test_a_gateway_publishes_a_checkpoint_once_two_witness_processes_cosig
 async def test_running_witnesses_cosign_new_checkpoints_as_the_log_grows(
     log_a, keys, client, tmp_path
 ):
-    procs = [
-        subprocess.Popen(
-            [*witness_args(w, log_a.log, keys, tmp_path / f"{i}.json"), "--interval", "0.2"],
-            cwd=ROOT,
-            env=cli_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+    said = [tmp_path / f"{i}.err" for i in range(2)]
+
+    def start_witness(i: int, w: WitnessKey) -> subprocess.Popen:
+        with said[i].open("w") as err:  # a file, to read while it runs
+            return subprocess.Popen(
+                [*witness_args(w, log_a.log, keys, tmp_path / f"{i}.json"), "--interval", "0.2"],
+                cwd=ROOT,
+                env=cli_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+
+    procs = [start_witness(i, w) for i, w in enumerate((keys.w1, keys.w2))]
+
+    def diagnosis() -> str:
+        return (
+            f"readyz: {readyz(log_a)[1]}\nwitnesses said:\n"
+            + "".join(f.read_text() for f in said)
+            + "gateway log (tail):\n"
+            + log_a.log_path.read_text()[-3000:]
         )
-        for i, w in enumerate((keys.w1, keys.w2))
-    ]
+
     try:
         start = tree_size(log_a)
         sizes = []
@@ -688,7 +776,7 @@ async def test_running_witnesses_cosign_new_checkpoints_as_the_log_grows(
                         break
                 assert all(p.poll() is None for p in procs), "a witness exited"
                 time.sleep(0.1)
-            assert size == target, f"published {size}, want {target}"
+            assert size == target, f"published {size}, want {target}\n{diagnosis()}"
             sizes.append(size)
             found = cosignatures(published(log_a).text, [keys.w1.verifier, keys.w2.verifier])
             assert len(found[1]) == 2
@@ -697,8 +785,10 @@ async def test_running_witnesses_cosign_new_checkpoints_as_the_log_grows(
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)
-        outputs = [p.communicate(timeout=15) for p in procs]
-    for p, (_, err) in zip(procs, outputs, strict=True):
+        for p in procs:
+            p.wait(timeout=15)
+    for p, f in zip(procs, said, strict=True):
+        err = f.read_text()
         assert p.returncode == 0, err
         assert "Traceback" not in err
         assert f"cosigned checkpoint {start + 12}" in err
@@ -824,6 +914,31 @@ async def test_a_witness_the_log_does_not_accept_is_not_told_it_succeeded(
     out = witness_cli(keys.w3, log_a, keys, tmp_path / "w3.json")
     assert out.returncode != 0, out.stderr
     assert f"cosigned checkpoint {size}" not in out.stderr, out.stderr
+
+
+async def test_a_witness_sends_its_cosignature_again_when_the_log_has_lost_it(
+    log_a, keys, client, tmp_path
+):
+    """A log may lose a cosignature it took (a lost concurrent update, a restored backup): the
+    witness sees its line missing from the checkpoint and sends it again."""
+    size = await unwitnessed_checkpoint(client, log_a)
+    cosigner = Cosigner(keys.w1.name, load_private_key(keys.w1.pem.read_bytes()))
+    witness = Witness(cosigner, log_verifier(keys), tmp_path / "w1.json")
+    notarizations = client[log_a.db]["notarizations"]
+    field = f"cosignatures.k{cosigner.key_id.hex()}"
+    async with RemoteLog(log_a.log) as remote:
+        assert (await witness_once(witness, remote))[1] == f"cosigned checkpoint {size}"
+        await asyncio.sleep(0.6)  # what /log/next-checkpoint serves is at most 0.5 s old
+        assert await witness_once(witness, remote) == (size, None)  # nothing to send again
+
+        await notarizations.update_one({"_id": size}, {"$unset": {field: ""}})
+        await asyncio.sleep(0.6)
+        assert (await witness_once(witness, remote))[1] == f"cosigned checkpoint {size}"
+    doc = await notarizations.find_one({"_id": size})
+    line = doc["cosignatures"][field.split(".")[1]]["line"]
+    assert [c.name for c in cosignatures(doc["note"] + line, [keys.w1.verifier])[1]] == [
+        keys.w1.name
+    ]
 
 
 def test_a_corrupt_state_file_is_a_clear_error_not_a_traceback(log_a, keys, tmp_path):
