@@ -43,10 +43,7 @@ class SignedCheckpoint:
     @classmethod
     def from_doc(cls, doc: Doc) -> SignedCheckpoint:
         cosigs = sorted(
-            (
-                Cosignature(c["name"], bytes.fromhex(c["keyId"]), int(c["timestamp"]), c["line"])
-                for c in (doc.get("cosignatures") or {}).values()
-            ),
+            map(Cosignature.from_doc, (doc.get("cosignatures") or {}).values()),
             key=lambda c: (c.name, c.key_id),
         )
         return cls(

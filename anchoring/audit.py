@@ -9,7 +9,7 @@ divergence with the index, tile or checkpoint where it shows.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from anchoring.encoding import EncodingError, b64, canonical_json
@@ -42,12 +42,13 @@ class _Stop(Exception):
     pass
 
 
-async def audit_log(
-    store: LogStore,
-    verifiers: list[Verifier],
-    progress: Callable[[int, int], None] | None = None,
-    max_problems: int = 20,
+Problem = Callable[[str], None]
+
+
+async def _collect(
+    max_problems: int, audit: Callable[[AuditReport, Problem], Awaitable[None]]
 ) -> AuditReport:
+    """Run `audit` with a report and a `problem` callback that stops it at `max_problems`."""
     report = AuditReport()
 
     def problem(message: str) -> None:
@@ -56,14 +57,25 @@ async def audit_log(
             raise _Stop
 
     try:
-        await _audit(store, verifiers, report, problem, progress)
+        await audit(report, problem)
     except _Stop:
         pass
     return report
 
 
+async def audit_log(
+    store: LogStore,
+    verifiers: list[Verifier],
+    progress: Callable[[int, int], None] | None = None,
+    max_problems: int = 20,
+) -> AuditReport:
+    return await _collect(
+        max_problems, lambda report, problem: _audit(store, verifiers, report, problem, progress)
+    )
+
+
 async def _load_checkpoints(
-    store: LogStore, verifiers: list[Verifier], problem: Callable[[str], None]
+    store: LogStore, verifiers: list[Verifier], problem: Problem
 ) -> list[Doc]:
     checkpoints = []
     async for doc in store.notarizations.find({}).sort("_id", 1):
@@ -90,7 +102,7 @@ async def _audit(
     store: LogStore,
     verifiers: list[Verifier],
     report: AuditReport,
-    problem: Callable[[str], None],
+    problem: Problem,
     progress: Callable[[int, int], None] | None,
 ) -> None:
     head = await store.head()
@@ -178,27 +190,21 @@ async def audit_remote(
     must also have its root at its size: the log has not rewritten what was seen. A resource
     the checkpoint needs and the log does not serve is a problem; RemoteError (the log
     unreachable, too slow, answering errors) is raised."""
-    report = AuditReport()
 
-    def problem(message: str) -> None:
-        report.problems.append(message)
-        if len(report.problems) >= max_problems:
-            raise _Stop
+    async def audit(report: AuditReport, problem: Problem) -> None:
+        try:
+            await _audit_remote(remote, verifiers, report, problem, progress, origin, since)
+        except TileNotFound as exc:
+            report.problems.append(f"the log does not serve what its checkpoint needs: {exc}")
 
-    try:
-        await _audit_remote(remote, verifiers, report, problem, progress, origin, since)
-    except _Stop:
-        pass
-    except TileNotFound as exc:
-        report.problems.append(f"the log does not serve what its checkpoint needs: {exc}")
-    return report
+    return await _collect(max_problems, audit)
 
 
 async def _audit_remote(
     remote: RemoteLog,
     verifiers: list[Verifier],
     report: AuditReport,
-    problem: Callable[[str], None],
+    problem: Problem,
     progress: Callable[[int, int], None] | None,
     origin: str | None,
     since: str | None,
@@ -291,7 +297,7 @@ async def _check_tiles(
     rows: dict[int, list[bytes]],
     sizes: set[int],
     report: AuditReport,
-    problem: Callable[[str], None],
+    problem: Problem,
 ) -> None:
     """Every stored tile, full or partial (older sizes included), against the rebuilt tree,
     and every tile that proofs at the published and checkpointed sizes need must exist."""
@@ -346,7 +352,7 @@ def _check_event(
     leaf: bytes,
     event: Doc,
     last_version: dict[str, tuple[int, bytes]],
-    problem: Callable[[str], None],
+    problem: Problem,
 ) -> None:
     try:
         recomputed = canonical_json(event.get("header"))
@@ -370,7 +376,7 @@ def _check_leaf(
     index: int,
     leaf: bytes,
     last_version: dict[str, tuple[int, bytes]],
-    problem: Callable[[str], None],
+    problem: Problem,
 ) -> None:
     """A leaf read from a remote log, which may be hostile: canonical JSON of an object with a
     string subject and a positive integer version, in order after the subject's last one."""
@@ -396,7 +402,7 @@ def _check_chain(
     header: Doc,
     leaf: bytes,
     last_version: dict[str, tuple[int, bytes]],
-    problem: Callable[[str], None],
+    problem: Problem,
 ) -> None:
     """Each subject's versions in order, each `prev` the leaf hash of the version before."""
     previous = last_version.get(subject)

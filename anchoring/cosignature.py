@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -62,6 +63,11 @@ class Cosignature:
             "timestamp": self.timestamp,
             "line": self.line,
         }
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Cosignature:
+        """As stored by doc()."""
+        return cls(doc["name"], bytes.fromhex(doc["keyId"]), int(doc["timestamp"]), doc["line"])
 
 
 class Cosigner:

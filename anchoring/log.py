@@ -206,27 +206,26 @@ class TransparencyLog:
                     f"the cosignature by {c.name} is dated {c.timestamp}, in the future "
                     f"(more than {MAX_CLOCK_SKEW} s ahead of this log's clock)"
                 )
-        doc = await self.store.notarizations.find_one({"_id": cp.size})
-        if doc is None or not str(doc.get("note", "")).startswith(text + "\n"):
-            raise CosignatureRejected(
-                f"this log has not signed that checkpoint of size {cp.size}: a witness saw "
-                "a checkpoint this log never made"
-            )
         async with self._cosigning:
-            doc = await self._store_cosignatures(cp.size, found)
+            doc = await self._store_cosignatures(cp.size, text, found)
         signed = SignedCheckpoint.from_doc(doc)
         if self.settings.quorum and len(self._accepted(signed)) >= self.settings.quorum:
             await self._publish(signed.size)
         return signed
 
-    async def _store_cosignatures(self, size: int, found: list[Cosignature]) -> Doc:
-        """Add each witness's first cosignature to the checkpoint's document, and read it back
-        to see them there: a server whose updates read the document and write it back whole
-        (FerretDB v1) can lose one of two updates made at once by two processes. A witness
-        whose cosignature the log still loses sends it again, seeing it missing from the
-        checkpoint (app.witness)."""
+    async def _store_cosignatures(self, size: int, text: str, found: list[Cosignature]) -> Doc:
+        """Add each witness's first cosignature to the document of checkpoint `size`, which
+        must be the checkpoint `text` this log signed, and read it back to see them there: a
+        server whose updates read the document and write it back whole (FerretDB v1) can lose
+        one of two updates made at once by two processes. A witness whose cosignature the log
+        still loses sends it again, seeing it missing from the checkpoint (app.witness)."""
         for _ in range(COSIGNATURE_WRITES):
-            doc = await self.store.notarizations.find_one({"_id": size}) or {}
+            doc = await self.store.notarizations.find_one({"_id": size})
+            if doc is None or not str(doc.get("note", "")).startswith(text + "\n"):
+                raise CosignatureRejected(
+                    f"this log has not signed that checkpoint of size {size}: a witness saw "
+                    "a checkpoint this log never made"
+                )
             stored = doc.get("cosignatures") or {}
             missing = [c for c in found if f"k{c.key_id.hex()}" not in stored]
             if not missing:
@@ -332,9 +331,13 @@ class TransparencyLog:
     async def published_size(self) -> int:
         return int((await self.store.head()).get("size", 0))
 
+    async def _named_checkpoint_size(self) -> int | None:
+        """The size of the published checkpoint the head names (None before the first)."""
+        size = (await self.store.head()).get("checkpointSize")
+        return None if size is None else int(size)
+
     async def latest_checkpoint(self) -> SignedCheckpoint | None:
-        head = await self.store.head()
-        size = head.get("checkpointSize")
+        size = await self._named_checkpoint_size()
         return None if size is None else await self.checkpoint(size)
 
     async def checkpoint(self, size: int) -> SignedCheckpoint | None:
@@ -343,7 +346,7 @@ class TransparencyLog:
 
     async def checkpoints(self, after_size: int = -1, limit: int = 100) -> list[SignedCheckpoint]:
         """Published checkpoints (those witnesses still have to cosign are left out), by size."""
-        published = (await self.store.head()).get("checkpointSize")
+        published = await self._named_checkpoint_size()
         if published is None:
             return []
         cursor = (
@@ -434,7 +437,7 @@ class TransparencyLog:
             if cp is None:
                 raise ProofUnavailable("no checkpoint published yet")
             return cp
-        published = (await self.store.head()).get("checkpointSize")
+        published = await self._named_checkpoint_size()
         cp = None
         if published is not None and tree_size <= published:
             cp = await self.checkpoint(tree_size)

@@ -16,12 +16,11 @@ from bson import Binary
 from pymongo.errors import BulkWriteError
 
 from anchoring.hashing import HASH_SIZE, node_hash
-from anchoring.ledger import DUPLICATE_KEY
+from anchoring.ledger import DUPLICATE_KEY, MAX_LEAF_BYTES
 from anchoring.store import Doc, LogStore, one_of
 from anchoring.treemath import TILE_WIDTH, Node, tile_key, tile_slice, tile_width
 
 ENTRIES = -1  # the "level" of entry bundles in tile paths (tile/entries/N)
-MAX_ENTRY_BYTES = 0xFFFF  # an entry bundle prefixes each entry with a big-endian uint16 length
 
 
 class TileCorrupt(Exception):
@@ -96,7 +95,7 @@ def entry_bundle(leaves: list[bytes]) -> bytes:
     """A tlog-tiles entry bundle: each entry prefixed with its big-endian uint16 length."""
     out = bytearray()
     for leaf in leaves:
-        if len(leaf) > MAX_ENTRY_BYTES:
+        if len(leaf) > MAX_LEAF_BYTES:
             raise ValueError(f"an entry of {len(leaf)} bytes does not fit an entry bundle")
         out += len(leaf).to_bytes(2, "big") + leaf
     return bytes(out)
