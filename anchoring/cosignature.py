@@ -16,8 +16,14 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from anchoring.encoding import b64
-from anchoring.note import SIG_PREFIX, Verifier, key_id, parse_key, split_note, verifier_key_string
+from anchoring.note import (
+    Verifier,
+    format_signature,
+    key_id,
+    parse_key,
+    split_note,
+    verifier_key_string,
+)
 from anchoring.verify import BAD_SIGNATURE, MALFORMED, VerificationError
 
 ALG_COSIGNATURE_V1 = 0x04
@@ -88,7 +94,7 @@ class Cosigner:
             raise ValueError(f"cosignature timestamp {ts} is out of range")
         sig = self.private_key.sign(cosigned_message(checkpoint_text, ts))
         raw = self.key_id + ts.to_bytes(8, "big") + sig
-        return Cosignature(self.name, self.key_id, ts, f"{SIG_PREFIX}{self.name} {b64(raw)}\n")
+        return Cosignature(self.name, self.key_id, ts, format_signature(self.name, raw))
 
 
 def cosignatures(note: str, witnesses: list[Verifier]) -> tuple[str, list[Cosignature]]:
@@ -114,7 +120,5 @@ def cosignatures(note: str, witnesses: list[Verifier]) -> tuple[str, list[Cosign
             raise VerificationError(
                 BAD_SIGNATURE, f"cosignature by {name} ({raw[:4].hex()}) does not verify"
             )
-        found[witness.key_id] = Cosignature(
-            name, witness.key_id, ts, f"{SIG_PREFIX}{name} {b64(raw)}\n"
-        )
+        found[witness.key_id] = Cosignature(name, witness.key_id, ts, format_signature(name, raw))
     return text, list(found.values())

@@ -331,13 +331,13 @@ class TransparencyLog:
     async def published_size(self) -> int:
         return int((await self.store.head()).get("size", 0))
 
-    async def _named_checkpoint_size(self) -> int | None:
+    async def published_checkpoint_size(self) -> int | None:
         """The size of the published checkpoint the head names (None before the first)."""
         size = (await self.store.head()).get("checkpointSize")
         return None if size is None else int(size)
 
     async def latest_checkpoint(self) -> SignedCheckpoint | None:
-        size = await self._named_checkpoint_size()
+        size = await self.published_checkpoint_size()
         return None if size is None else await self.checkpoint(size)
 
     async def checkpoint(self, size: int) -> SignedCheckpoint | None:
@@ -346,7 +346,7 @@ class TransparencyLog:
 
     async def checkpoints(self, after_size: int = -1, limit: int = 100) -> list[SignedCheckpoint]:
         """Published checkpoints (those witnesses still have to cosign are left out), by size."""
-        published = await self._named_checkpoint_size()
+        published = await self.published_checkpoint_size()
         if published is None:
             return []
         cursor = (
@@ -437,7 +437,7 @@ class TransparencyLog:
             if cp is None:
                 raise ProofUnavailable("no checkpoint published yet")
             return cp
-        published = await self._named_checkpoint_size()
+        published = await self.published_checkpoint_size()
         cp = None
         if published is not None and tree_size <= published:
             cp = await self.checkpoint(tree_size)

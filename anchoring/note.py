@@ -98,6 +98,11 @@ def parse_key(text: str, alg: int) -> Verifier:
     return Verifier(name, kid, Ed25519PublicKey.from_public_bytes(raw[1:]))
 
 
+def format_signature(name: str, raw: bytes) -> str:
+    """A note's signature line: "— <key name> <base64(key ID || signature)>" and a newline."""
+    return f"{SIG_PREFIX}{name} {b64(raw)}\n"
+
+
 class Signer:
     """An Ed25519 note signer with its signed-note name."""
 
@@ -113,7 +118,7 @@ class Signer:
 
     def signature_line(self, text: str) -> str:
         sig = self.private_key.sign(text.encode())
-        return f"{SIG_PREFIX}{self.name} {b64(self.key_id + sig)}\n"
+        return format_signature(self.name, self.key_id + sig)
 
     def sign_note(self, text: str) -> str:
         if not text.endswith("\n"):

@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 from anchoring.cosignature import Cosigner
-from anchoring.encoding import b64
-from anchoring.note import SIG_PREFIX, Verifier, split_note
+from anchoring.note import Verifier, format_signature, split_note
 from anchoring.proofs import consistency_proof
 from anchoring.remote import RemoteError, RemoteLog, printable
 from anchoring.tiles import TileCorrupt, TileNotFound
@@ -62,7 +61,7 @@ async def witness_once(witness: Witness, remote: RemoteLog) -> tuple[int, str | 
     # a restored backup) or serves a note older than it (then the log keeps the first).
     # The note as fetched may carry an earlier cosignature of ours: send this one instead.
     others = "".join(
-        f"{SIG_PREFIX}{name} {b64(raw)}\n" for name, raw in signatures if (name, raw[:4]) != ours
+        format_signature(name, raw) for name, raw in signatures if (name, raw[:4]) != ours
     )
     status, body = await remote.post("cosignature", f"{text}\n{others}{cosignature.line}")
     answer = _json_object(body)

@@ -78,10 +78,14 @@ class InclusionProof:
     leaf_hash: str = strawberry.field(description="base64 SHA-256(0x00 ‖ leaf)")
     path: list[str] = strawberry.field(description="base64 sibling hashes, leaf to root")
     checkpoint: Checkpoint = strawberry.field(description="the signed checkpoint of treeSize")
-    bundle: str = strawberry.field(
+    source: strawberry.Private[tlog.InclusionProof]
+
+    @strawberry.field(
         description="the proof as the JSON bundle `rxledger verify BUNDLE --key KEY` checks "
         "offline: {leaf, leafIndex, treeSize, inclusionPath, checkpoint}"
     )
+    def bundle(self) -> str:
+        return bundle_json(self.source)  # only when asked for
 
     @classmethod
     def of(cls, proof: tlog.InclusionProof) -> InclusionProof:
@@ -91,7 +95,7 @@ class InclusionProof:
             leaf_hash=b64(proof.leaf_hash),
             path=[b64(h) for h in proof.path],
             checkpoint=Checkpoint.of(proof.checkpoint),
-            bundle=bundle_json(proof),
+            source=proof,
         )
 
 

@@ -23,7 +23,7 @@ from app.auth import Viewer
 from app.limits import ClientError
 from app.prescriptions import Refused
 from app.service import PrescriptionService, decode_cursor, encode_cursor
-from schema.ledger import InclusionProof, PageInfo, Receipt, bundle_json, page_size
+from schema.ledger import InclusionProof, PageInfo, Receipt, page_size
 from schema.loaders import Loaders
 
 Status = strawberry.enum(rx.Status, description="Where a prescription is in its lifecycle.")
@@ -108,10 +108,14 @@ class PrescriptionEvent:
     leaf_index: int | None = strawberry.field(description="null until sequenced")
     leaf: str = strawberry.field(description="base64 leaf bytes (RFC 8785 JSON header)")
     proof: InclusionProof | None = strawberry.field(description="null until anchored")
-    bundle: str | None = strawberry.field(
+
+    @strawberry.field(
         description="the proof bundle JSON (as proof.bundle, and as `rxledger export-proof` "
         "writes it): null until anchored"
     )
+    def bundle(self) -> str | None:
+        return None if self.proof is None else self.proof.bundle()
+
     receipt: Receipt | None = strawberry.field(
         description="signed receipt while sequenced but not yet anchored"
     )
@@ -245,7 +249,6 @@ class Prescription:
                 leaf_index=p.leaf_index,
                 leaf=b64(bytes(e["leaf"])),
                 proof=None if p.proof is None else InclusionProof.of(p.proof),
-                bundle=None if p.proof is None else bundle_json(p.proof),
                 receipt=None if p.receipt is None else Receipt.of(p.receipt),
             )
             for e, h, p in zip(events, headers, proofs, strict=True)
