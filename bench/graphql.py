@@ -63,14 +63,16 @@ from anchoring.verify import VerificationError, verify_inclusion  # noqa: E402
 from app.auth import Role, load_dev_secret, mint_token  # noqa: E402
 from bench.processes import (  # noqa: E402
     Broken,
+    copy_logs,
     cpu_seconds,
-    die_with_parent,
-    free_port,
+    drop_databases,
     gateway_env,
     log_tail,
     pct,
     progress,
     redacted_uri,
+    start_database,
+    start_server,
     stop_process,
     terminated_by_sigterm,
 )
@@ -127,19 +129,10 @@ class App:
 
 
 def start_app(name: str, cmd: list[str], env: dict[str, str], tmp: Path) -> App:
-    port = free_port()
+    """Start `cmd` on a free port, its output in `tmp`/NAME.log; Ctrl-C reaches it too."""
     log_path = tmp / f"{name}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [*cmd, "--port", str(port), "--log-level", "warning"],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-        )
-    return App(name, process, f"http://127.0.0.1:{port}", log_path)
+    process, base = start_server(cmd, env, log_path, own_session=False)
+    return App(name, process, base, log_path)
 
 
 def wait_until_up(
@@ -793,15 +786,6 @@ async def data_sizes(uri: str, gateway_db: str, baseline_db: str) -> str:
     )
 
 
-async def drop_databases(uri: str, names: list[str]) -> None:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, serverSelectionTimeoutMS=3000)
-    try:
-        for name in names:
-            await client.drop_database(name)
-    finally:
-        await client.close()
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -955,20 +939,13 @@ def main() -> int:
     gateway_db, baseline_db = f"bench_gw_{suffix}", f"bench_base_{suffix}"
     ferret = None
     apps: list[App] = []
-    uri = os.environ.get("MONGODB_URI")
+    uri = None
     try:
         with terminated_by_sigterm():
-            if uri:
+            uri, ferret = start_database(tmp)
+            if ferret is None:
                 server = f"MONGODB_URI {redacted_uri(uri)}"
             else:
-                import devdb
-
-                progress("starting FerretDB ...")
-                try:
-                    ferret = devdb.start_ferretdb(tmp / "db", log_path=tmp / "ferretdb.log")
-                except devdb.FerretDBError as exc:
-                    raise Broken(str(exc)) from None
-                uri = ferret.uri
                 server = (
                     f"FerretDB v1.24.2, SQLite handler (every lookup scans), started for this "
                     f"run at {uri}"
@@ -1014,9 +991,7 @@ def main() -> int:
             with contextlib.suppress(Exception):
                 asyncio.run(drop_databases(uri, [gateway_db, baseline_db]))
         if args.keep_logs is not None:
-            args.keep_logs.mkdir(parents=True, exist_ok=True)
-            for log in tmp.glob("*.log"):
-                shutil.copy(log, args.keep_logs / log.name)
+            copy_logs(tmp, args.keep_logs)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

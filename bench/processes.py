@@ -1,12 +1,14 @@
-"""What the benchmarks share: child processes that die with the benchmark, their CPU time,
-free ports, progress output, clean-up on SIGTERM, percentiles, and a real gateway process
-(`rxledger serve`) on a free port."""
+"""What the benchmarks share: the database server (MONGODB_URI, or a FerretDB of their own),
+child processes that die with the benchmark, their CPU time, free ports, progress output,
+clean-up on SIGTERM, dropping their databases and keeping their logs, percentiles, and server
+processes such as a real gateway (`rxledger serve`) on a free port."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,8 +18,13 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
+from pymongo import AsyncMongoClient
+
+if TYPE_CHECKING:
+    import devdb
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,6 +73,41 @@ def redacted_uri(uri: str) -> str:
     return f"{parts.scheme}://{parts.hostname or '?'}{f':{parts.port}' if parts.port else ''}/"
 
 
+def start_database(tmp: Path) -> tuple[str, devdb.FerretServer | None]:
+    """The database server's URI: MONGODB_URI when it is set; otherwise that of a FerretDB
+    started for this run, its files in `tmp`/db and its log `tmp`/ferretdb.log, returned too
+    so that the caller stops it. Broken when FerretDB does not start. Imports devdb from
+    scripts/, which the benchmarks put on sys.path."""
+    uri = os.environ.get("MONGODB_URI")
+    if uri:
+        return uri, None
+    import devdb
+
+    progress("starting FerretDB ...")
+    try:
+        ferret = devdb.start_ferretdb(tmp / "db", log_path=tmp / "ferretdb.log")
+    except devdb.FerretDBError as exc:
+        raise Broken(str(exc)) from None
+    return ferret.uri, ferret
+
+
+async def drop_databases(uri: str, names: list[str]) -> None:
+    """Drop the databases `names` on the server at `uri`."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, serverSelectionTimeoutMS=3000)
+    try:
+        for name in names:
+            await client.drop_database(name)
+    finally:
+        await client.close()
+
+
+def copy_logs(source: Path, dest: Path) -> None:
+    """Copy the *.log files in `source` to `dest`, creating it if needed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for log in source.glob("*.log"):
+        shutil.copy(log, dest / log.name)
+
+
 @contextlib.contextmanager
 def terminated_by_sigterm() -> Iterator[None]:
     """Turn SIGTERM into SystemExit, so the clean-up in `finally` blocks runs."""
@@ -98,6 +140,28 @@ def log_tail(log_path: Path, lines: int) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(line[:240] for line in tail)
+
+
+def start_server(
+    cmd: list[str], env: dict[str, str], log_path: Path, *, own_session: bool = True
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `cmd --port PORT --log-level warning` from the project's root on a free port with
+    environment `env`, its output appended to `log_path`; returns the process and its base
+    URL. It dies with this process; in its own session (`own_session`), Ctrl-C does not
+    reach it (we stop it), otherwise it gets Ctrl-C's SIGINT too."""
+    port = free_port()
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [*cmd, "--port", str(port), "--log-level", "warning"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+            start_new_session=own_session,
+        )
+    return process, f"http://127.0.0.1:{port}"
 
 
 # --- the gateway ------------------------------------------------------------------------------
@@ -139,20 +203,9 @@ def gateway_env(uri: str, database: str, var_dir: Path, **settings: str) -> dict
 def start_gateway(env: dict[str, str], log_path: Path) -> Gateway:
     """Start `python -m app.cli serve` on a free port with environment `env`, its output
     appended to `log_path`; it dies with this process and is not reached by Ctrl-C."""
-    port = free_port()
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
-            + ["--log-level", "warning"],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-            start_new_session=True,  # Ctrl-C reaches us; we stop it
-        )
-    return Gateway(process, f"http://127.0.0.1:{port}", log_path)
+    cmd = [sys.executable, "-m", "app.cli", "serve"]
+    process, base = start_server(cmd, env, log_path)
+    return Gateway(process, base, log_path)
 
 
 def wait_until_ready(gateway: Gateway, timeout: float = 60) -> None:

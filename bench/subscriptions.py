@@ -81,6 +81,7 @@ from bench.processes import (  # noqa: E402
     pct,
     progress,
     redacted_uri,
+    start_database,
     start_gateway,
     terminated_by_sigterm,
     wait_until_ready,
@@ -914,18 +915,10 @@ def main() -> int:
     try:
         with terminated_by_sigterm():
             try:
-                uri = os.environ.get("MONGODB_URI")
-                if uri:
+                uri, ferret = start_database(tmp)
+                if ferret is None:
                     server = f"MONGODB_URI {redacted_uri(uri)}"
                 else:
-                    import devdb
-
-                    progress("starting FerretDB ...")
-                    try:
-                        ferret = devdb.start_ferretdb(tmp / "db", log_path=tmp / "ferretdb.log")
-                    except devdb.FerretDBError as exc:
-                        raise Broken(str(exc)) from None
-                    uri = ferret.uri
                     server = f"FerretDB (SQLite handler), started for this run at {uri}"
                 progress(f"database: {server}")
                 server_pid = None if ferret is None else ferret.pid

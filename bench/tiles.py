@@ -75,12 +75,15 @@ from anchoring.tiles import ENTRIES, parse_entry_bundle, tile_path  # noqa: E402
 from anchoring.treemath import TILE_WIDTH  # noqa: E402
 from bench.processes import (  # noqa: E402
     Broken,
+    copy_logs,
     cpu_seconds,
     die_with_parent,
+    drop_databases,
     gateway_env,
     pct,
     progress,
     redacted_uri,
+    start_database,
     start_gateway,
     terminated_by_sigterm,
     wait_until_ready,
@@ -920,14 +923,6 @@ async def run(
         gateway.stop()
 
 
-async def drop_database(uri: str, name: str) -> None:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, serverSelectionTimeoutMS=3000)
-    try:
-        await client.drop_database(name)
-    finally:
-        await client.close()
-
-
 def main() -> int:
     args = parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="rxbench-tiles-"))
@@ -936,18 +931,10 @@ def main() -> int:
     try:
         with terminated_by_sigterm():
             try:
-                uri = os.environ.get("MONGODB_URI")
-                if uri:
+                uri, ferret = start_database(tmp)
+                if ferret is None:
                     server = f"MONGODB_URI {redacted_uri(uri)}"
                 else:
-                    import devdb
-
-                    progress("starting FerretDB ...")
-                    try:
-                        ferret = devdb.start_ferretdb(tmp / "db", log_path=tmp / "ferretdb.log")
-                    except devdb.FerretDBError as exc:
-                        raise Broken(str(exc)) from None
-                    uri = ferret.uri
                     server = (
                         f"FerretDB v1.24.2 (SQLite handler), started for this run at "
                         f"{redacted_uri(uri)}"
@@ -967,11 +954,9 @@ def main() -> int:
             ferret.stop()
         elif os.environ.get("MONGODB_URI"):
             with contextlib.suppress(Exception):
-                asyncio.run(drop_database(os.environ["MONGODB_URI"], database))
+                asyncio.run(drop_databases(os.environ["MONGODB_URI"], [database]))
         if args.keep_logs is not None:
-            args.keep_logs.mkdir(parents=True, exist_ok=True)
-            for log in tmp.glob("*.log"):
-                shutil.copy(log, args.keep_logs / log.name)
+            copy_logs(tmp, args.keep_logs)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
