@@ -41,7 +41,7 @@ def key_id(name: str, public_key: bytes, alg: int = ALG_ED25519) -> bytes:
     return hashlib.sha256(name.encode() + b"\n" + bytes([alg]) + public_key).digest()[:4]
 
 
-def _check_key_name(name: str) -> None:
+def check_key_name(name: str) -> None:
     if not name or any(c in name for c in "+ \t\n\r") or not name.isprintable():
         raise ValueError(
             f"key name {name!r} must be non-empty printable text without '+' or spaces"
@@ -63,7 +63,7 @@ class Verifier:
 
 
 def verifier_key_string(name: str, public_key: bytes, alg: int = ALG_ED25519) -> str:
-    _check_key_name(name)
+    check_key_name(name)
     return f"{name}+{key_id(name, public_key, alg).hex()}+{b64(bytes([alg]) + public_key)}"
 
 
@@ -82,7 +82,7 @@ def parse_key(text: str, alg: int) -> Verifier:
         )
     name, hex_id, key_b64 = parts
     try:
-        _check_key_name(name)
+        check_key_name(name)
         raw = unb64(key_b64, "verifier key")
         kid = bytes.fromhex(hex_id)
     except (ValueError, EncodingError) as exc:
@@ -107,7 +107,7 @@ class Signer:
     """An Ed25519 note signer with its signed-note name."""
 
     def __init__(self, name: str, private_key: Ed25519PrivateKey) -> None:
-        _check_key_name(name)
+        check_key_name(name)
         self.name = name
         self.private_key = private_key
         self.public_bytes = private_key.public_key().public_bytes(

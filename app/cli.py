@@ -19,7 +19,7 @@ from pymongo.errors import PyMongoError
 
 from anchoring.hashing import leaf_hash
 from anchoring.log import InclusionProof
-from anchoring.note import Verifier, open_checkpoint, parse_verifier_key, verifier_key_string
+from anchoring.note import Verifier, check_key_name, open_checkpoint, parse_verifier_key
 from anchoring.verify import (
     MALFORMED,
     VerificationError,
@@ -53,12 +53,16 @@ def _read_json(path: str, what: str) -> Any:
         raise VerificationError(MALFORMED, f"{what} {path} is not JSON: {exc}") from None
 
 
+def _key_text(key: str, what: str) -> str:
+    """A key given inline, or the text of the file holding it."""
+    if "+" in key and not Path(key).is_file():
+        return key
+    return _read_text(key, what).strip()
+
+
 def _verifier(key: str) -> Verifier:
     """A verifier key given inline or as a file holding it."""
-    text = key
-    if "+" not in key or Path(key).is_file():
-        text = _read_text(key, "verifier key").strip()
-    return parse_verifier_key(text)
+    return parse_verifier_key(_key_text(key, "verifier key"))
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -66,7 +70,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     try:
-        verifier_key_string(args.name, bytes(32))
+        check_key_name(args.name)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if out.exists() and not args.force:
@@ -89,11 +93,7 @@ def _witness_keys(given: list[str]) -> list[Verifier]:
     """Witness verifier keys given inline or as files holding them, each named once."""
     from anchoring.cosignature import parse_witness_keys
 
-    texts = []
-    for item in given:
-        is_key = "+" in item and not Path(item).is_file()
-        texts.append(item if is_key else _read_text(item, "witness key"))
-    return parse_witness_keys(" ".join(texts))
+    return parse_witness_keys(" ".join(_key_text(item, "witness key") for item in given))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -290,7 +290,7 @@ def cmd_witness(args: argparse.Namespace) -> int:
     from anchoring.note import load_private_key
 
     try:
-        verifier_key_string(args.name, bytes(32))
+        check_key_name(args.name)
     except ValueError as exc:
         raise UsageError(f"--name: {exc}") from None
     try:
