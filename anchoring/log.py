@@ -73,6 +73,13 @@ class InclusionProof:
     path: list[bytes]
     checkpoint: SignedCheckpoint
 
+    @classmethod
+    def against(
+        cls, leaf_index: int, leaf: bytes, path: list[bytes], cp: SignedCheckpoint
+    ) -> InclusionProof:
+        """The proof of `leaf` at `leaf_index` with audit `path` in the tree of checkpoint `cp`."""
+        return cls(leaf_index, cp.size, leaf, leaf_hash(leaf), path, cp)
+
     def bundle(self) -> dict[str, Any]:
         """The proof bundle `rxledger verify` reads."""
         return {
@@ -416,7 +423,7 @@ class TransparencyLog:
         """Inclusion proof of a leaf the caller holds, against checkpoint `cp`.
         Requires 0 <= leaf_index < cp.size."""
         path = await inclusion_proof(self.reader, leaf_index, cp.size, cp.size)
-        return InclusionProof(leaf_index, cp.size, leaf, leaf_hash(leaf), path, cp)
+        return InclusionProof.against(leaf_index, leaf, path, cp)
 
     async def inclusion_paths(self, indices: list[int], size: int) -> list[list[bytes]]:
         """Audit paths of several leaves in the tree of `size` (a published size), from one

@@ -17,7 +17,6 @@ from typing import Any
 
 from pymongo.errors import PyMongoError
 
-from anchoring.hashing import leaf_hash
 from anchoring.log import InclusionProof
 from anchoring.note import Verifier, check_key_name, open_checkpoint, parse_verifier_key
 from anchoring.verify import (
@@ -261,7 +260,7 @@ def cmd_export_proof(args: argparse.Namespace) -> int:
                 assert cp is not None
                 leaf = bytes(event["leaf"])
                 index = indices[event["_id"]]
-                proof = InclusionProof(index, cp.size, leaf, leaf_hash(leaf), path, cp)
+                proof = InclusionProof.against(index, leaf, path, cp)
                 name = f"v{event['version']}-{event['header'].get('type', 'EVENT')}.json"
                 (out / name).write_text(json.dumps(proof.bundle(), indent=2) + "\n")
                 print(f"wrote {out / name}: leaf {index} in tree {cp.size}", file=sys.stderr)

@@ -402,7 +402,7 @@ class PrescriptionService:
             if index is None:
                 out.append(EventProof(None, None, None))
             elif cp is not None and index in found:
-                proof = InclusionProof(index, cp.size, leaf, leaf_hash(leaf), found[index], cp)
+                proof = InclusionProof.against(index, leaf, found[index], cp)
                 out.append(EventProof(index, proof, None))
             else:
                 out.append(EventProof(index, None, self.log.receipt(index, leaf)))
@@ -436,7 +436,7 @@ class PrescriptionService:
             return Integrity(
                 "TAMPERED", index, None, f"leaf {index} does not match checkpoint {cp.size}"
             )
-        proof = InclusionProof(index, cp.size, leaf, leaf_hash(leaf), path, cp)
+        proof = InclusionProof.against(index, leaf, path, cp)
         if "erased" in doc:
             return Integrity("ERASED", index, proof, "personal data erased; the ledger verifies")
         return Integrity("VERIFIED", index, proof, f"matches leaf {index} in checkpoint {cp.size}")
