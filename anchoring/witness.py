@@ -17,7 +17,7 @@ from pathlib import Path
 
 from anchoring.cosignature import Cosignature, Cosigner
 from anchoring.encoding import EncodingError, b64, unb64
-from anchoring.note import Checkpoint, Verifier, open_checkpoint, split_note
+from anchoring.note import Checkpoint, Verifier, open_note, parse_checkpoint
 from anchoring.verify import VerificationError, verify_consistency
 
 
@@ -88,16 +88,21 @@ class Witness:
                 f"it witnesses origin {self.state.origin!r}, not {origin!r}: a witness follows "
                 "one log; give another log its own state file"
             )
-        self.origin = origin or (self.state.origin if self.state else None)
+        self._origin = origin or None
         self.submitted: str | None = None  # the checkpoint text last cosigned and handed back
+
+    @property
+    def origin(self) -> str | None:
+        """The log it witnesses: that of what it cosigned, else the one it was given."""
+        return self.state.origin if self.state else self._origin
 
     async def witness(self, note: str, consistency: ConsistencyFetcher) -> Cosignature:
         """Cosign `note` if it is consistent with the last checkpoint cosigned (or is that
         checkpoint again). `consistency(old, new)` fetches a proof (from the log's tiles),
         which is verified here. Raises Refused."""
         try:
-            cp = open_checkpoint(note, [self.log_key])
-            text, _ = split_note(note)
+            text, _ = open_note(note, [self.log_key])
+            cp = parse_checkpoint(text)
         except VerificationError as exc:
             raise Refused(f"the checkpoint does not verify with the log's key: {exc}") from exc
         if self.origin is not None and cp.origin != self.origin:
@@ -117,8 +122,7 @@ class Witness:
                 ) from exc
         # Remember before releasing the cosignature: a witness must never sign two views.
         self.state = WitnessState(cp.origin, cp.size, cp.root_hash)
-        save_state(self.state_path, self.state)
-        self.origin = cp.origin  # from now on, this is the log it witnesses
+        save_state(self.state_path, self.state)  # from now on, the log it witnesses
         return self.cosigner.cosign(text)
 
     @staticmethod
