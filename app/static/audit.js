@@ -597,6 +597,9 @@ function renderReport(report, index) {
   node.replaceChildren(summary, checks);
 }
 
+/** Whether the chain verdict lets the bundles stand as one verified history. */
+const chainGood = (chain) => chain.verdict === "complete" || chain.verdict === "single";
+
 function renderTimeline(reports, chain) {
   const rows = reports.filter((r) => r.header);
   $("timeline-section").hidden = rows.length === 0;
@@ -635,15 +638,13 @@ function renderTimeline(reports, chain) {
     incomplete: `Hash chain incomplete: ${chain.gaps.join("; ")}.`,
     broken: `Hash chain broken: ${[...chain.breaks, ...chain.gaps].join("; ")}.`,
   }[chain.verdict];
-  const ok = chain.verdict === "complete" || chain.verdict === "single";
-  $("chain").replaceChildren(mark(ok ? "passed" : "failed"), ` ${chainText}`);
+  $("chain").replaceChildren(mark(chainGood(chain) ? "passed" : "failed"), ` ${chainText}`);
   $("chain").dataset.chain = chain.verdict;
 }
 
 function renderSummary(reports, chain) {
   const failed = reports.filter((r) => !r.verified);
   const n = reports.length;
-  const chainGood = chain.verdict === "complete" || chain.verdict === "single";
   const checks = reports[0].checks.length; // the same checks for every bundle of a run
   const passing = n === 1 ? `The bundle passes all ${checks} checks.`
     : `All ${n} bundles pass all ${checks} checks.`;
@@ -652,7 +653,7 @@ function renderSummary(reports, chain) {
     lines.push(`Failed: ${failed.length} of ${n} bundle${n === 1 ? "" : "s"} did not verify.`);
     for (const r of failed.slice(0, 3)) lines.push(`${r.label}${eventName(r)}: ${describeFailure(r)}`);
     if (failed.length > 3) lines.push(`\u2026 and ${failed.length - 3} more (see below).`);
-  } else if (chainGood) {
+  } else if (chainGood(chain)) {
     lines.push(`Verified: ${passing.charAt(0).toLowerCase()}${passing.slice(1)}`);
   } else {
     lines.push(`Not verified: the hash chain is ${chain.verdict}.`, passing);
@@ -660,7 +661,7 @@ function renderSummary(reports, chain) {
   if (chain.verdict === "complete") lines.push("Hash chain complete.");
   else if (chain.verdict === "incomplete") lines.push(`Hash chain incomplete: ${chain.gaps.join("; ")}.`);
   else if (chain.verdict === "broken") lines.push(`Hash chain broken: ${chain.breaks.join("; ")}.`);
-  const good = !failed.length && chainGood;
+  const good = !failed.length && chainGood(chain);
   $("summary").dataset.verdict = good ? "verified" : "failed";
   $("summary").replaceChildren(...lines.map((text, i) => (i === 0
     ? element("p", {}, mark(good ? "passed" : "failed"), " ", element("strong", { text }))
