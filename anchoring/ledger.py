@@ -24,7 +24,7 @@ import bson.errors
 from bson import Binary, ObjectId
 from pymongo.errors import BulkWriteError, PyMongoError
 
-from anchoring.encoding import EncodingError, canonical_json
+from anchoring.encoding import EncodingError, b64, canonical_json
 from anchoring.errors import InvalidEvent, LedgerUnavailable, VersionConflict
 from anchoring.hashing import leaf_hash
 from anchoring.store import Doc, LogStore, one_of
@@ -171,6 +171,29 @@ def make_event(
 Pending = tuple[Doc, Appended, "asyncio.Future[Appended]"]
 
 
+def _predecessor_problem(
+    appended: Appended, header: Doc, known: dict[tuple[str, int], bytes]
+) -> str | None:
+    """Why an event does not extend its subject's previous version (None when it does)."""
+    subject, version = appended.subject, appended.version
+    previous = known.get((subject, version - 1)) if version > 1 else None
+    if version > 1 and previous is None:
+        return (
+            f"version gap: {subject!r} has no version {version - 1}, so version {version} "
+            "cannot follow it; append the versions in order"
+        )
+    if "prev" not in header:
+        return None
+    if previous is None and header["prev"] is not None:
+        return f"the first version of {subject!r} has prev {header['prev']!r:.60}; it must be null"
+    if previous is not None and header["prev"] != b64(previous):
+        return (
+            f"prev {header['prev']!r:.60} of {subject!r} version {version} is not the leaf hash "
+            f"of version {version - 1} ({b64(previous)})"
+        )
+    return None
+
+
 class Ledger:
     """Group-committing appender. `append` returns once the event is durably stored."""
 
@@ -279,6 +302,9 @@ class Ledger:
                 # The unique (subject, version) index must exist before the first event does.
                 await self.store.ensure_indexes()
                 self._indexed = True
+            batch = await self._extending_their_predecessors(batch)
+            if not batch:
+                return
             # The intent first: whatever is written after it is completed or discarded by the
             # sequencer, so a failure from here on loses nothing.
             await self.store.pending.insert_one(intent(group_id, [d for d, _, _ in batch]))
@@ -315,6 +341,36 @@ class Ledger:
         for _, appended, future in written:
             if not future.done():
                 future.set_result(appended)
+
+    async def _extending_their_predecessors(self, batch: list[Pending]) -> list[Pending]:
+        """The events of `batch` that extend their subject's previous version; the others are
+        refused. Version n+1 needs version n, in the ledger or earlier in this group (one
+        query for the group), and a header's `prev`, where it has one, must be the leaf hash
+        of version n (null for version 1): a subject's events form a hash chain without gaps,
+        whatever a caller (or a document it read) believes the newest version to be."""
+        ours = {(a.subject, a.version): a.leaf_hash for _, a, _ in batch}
+        wanted = [
+            {"subject": s, "version": v - 1}
+            for s, v in sorted(ours)
+            if v > 1 and (s, v - 1) not in ours
+        ]
+        stored: dict[tuple[str, int], bytes] = {}
+        if wanted:
+            query = wanted[0] if len(wanted) == 1 else {"$or": wanted}
+            async for d in self.store.ledger.find(query, {"subject": 1, "version": 1, "leaf": 1}):
+                stored[(d["subject"], d["version"])] = leaf_hash(bytes(d["leaf"]))
+        known = {**ours, **stored}  # a stored version wins over a rival in this group
+        accepted: set[int] = set()
+        for item in sorted(batch, key=lambda item: (item[1].subject, item[1].version)):
+            doc, appended, future = item
+            problem = _predecessor_problem(appended, doc["header"], known)
+            if problem is None:
+                accepted.add(id(future))
+                continue
+            known.pop((appended.subject, appended.version), None)
+            if not future.done():
+                future.set_exception(InvalidEvent(problem))
+        return [item for item in batch if id(item[2]) in accepted]
 
     @staticmethod
     def _reject(item: Pending, err: Doc) -> None:

@@ -9,6 +9,7 @@ import pytest
 from bson import ObjectId
 
 from anchoring.anchorer import AnchorSettings
+from anchoring.encoding import b64
 from anchoring.errors import InvalidEvent, ProofUnavailable, VersionConflict
 from anchoring.ledger import Ledger, commit_marker, group_events, intent, make_event
 from anchoring.log import LogSettings, TransparencyLog
@@ -73,6 +74,43 @@ async def test_second_event_for_same_version_is_a_conflict(tlog):
         return_exceptions=True,
     )
     assert sorted(type(x).__name__ for x in (a, b)) == ["Appended", "VersionConflict"]
+
+
+async def test_a_version_gap_is_refused_and_nothing_is_stored(tlog):
+    await tlog.append("rx-gap", 1, header("rx-gap", 1))
+    with pytest.raises(InvalidEvent, match="'rx-gap' has no version 2"):
+        await tlog.append("rx-gap", 3, header("rx-gap", 3))
+    with pytest.raises(InvalidEvent, match="'rx-none' has no version 1"):
+        await tlog.append("rx-none", 2, header("rx-none", 2))
+    assert await tlog.store.ledger.count_documents({"subject": "rx-gap"}) == 1
+    assert await tlog.store.ledger.count_documents({"subject": "rx-none"}) == 0
+    # The refused events hold nothing back: the next version is taken and sequenced.
+    second = await tlog.append("rx-gap", 2, header("rx-gap", 2))
+    await tlog.wait_sequenced(second.event_id)
+
+
+async def test_versions_appended_together_may_extend_each_other(tlog):
+    appended = await asyncio.gather(
+        *(tlog.append("rx-together", v, header("rx-together", v)) for v in range(1, 6))
+    )
+    assert [a.version for a in appended] == [1, 2, 3, 4, 5]
+
+
+async def test_a_prev_that_is_not_the_previous_versions_leaf_hash_is_refused(tlog):
+    with pytest.raises(InvalidEvent, match="first version of 'rx-prev' has prev"):
+        await tlog.append("rx-prev", 1, header("rx-prev", 1, prev=b64(b"\x00" * 32)))
+    first = await tlog.append("rx-prev", 1, header("rx-prev", 1, prev=None))
+    with pytest.raises(InvalidEvent, match="is not the leaf hash of version 1"):
+        await tlog.append("rx-prev", 2, header("rx-prev", 2, prev=b64(b"\x00" * 32)))
+    second = await tlog.append("rx-prev", 2, header("rx-prev", 2, prev=b64(first.leaf_hash)))
+    # In one group: the prev of version 3 is checked against version 2 of the same group.
+    third, fourth = await asyncio.gather(
+        tlog.append("rx-prev", 3, header("rx-prev", 3, prev=b64(second.leaf_hash))),
+        tlog.append("rx-prev", 4, header("rx-prev", 4, prev=b64(b"\x01" * 32))),
+        return_exceptions=True,
+    )
+    assert not isinstance(third, Exception), third
+    assert isinstance(fourth, InvalidEvent) and "version 3" in str(fourth), fourth
 
 
 async def test_the_next_version_after_a_lost_race_is_sequenced_promptly(store, signer):
