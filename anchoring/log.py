@@ -33,7 +33,7 @@ from anchoring.tiles import (
     tile_exists,
     tile_path,
 )
-from anchoring.treemath import TILE_WIDTH
+from anchoring.treemath import TILE_WIDTH, Node
 from anchoring.verify import VerificationError
 
 log = logging.getLogger("rxledger.log")
@@ -429,6 +429,15 @@ class TransparencyLog:
         """Audit paths of several leaves in the tree of `size` (a published size), from one
         read of tiles."""
         return await inclusion_proofs(self.reader, indices, size, size)
+
+    async def leaf_hashes(self, indices: list[int]) -> dict[int, bytes]:
+        """The tree's own leaf hashes (level 0 of the tiles) at published indices, from one
+        read of tiles: what a receipt may sign, since no checkpoint covers them yet."""
+        if not indices:
+            return {}
+        size = await self.published_size()
+        nodes = await self.reader.nodes([Node(0, i) for i in indices if i < size], size)
+        return {node.index: digest for node, digest in nodes.items()}
 
     def receipt(self, leaf_index: int, leaf: bytes, at: dt.datetime | None = None) -> Receipt:
         """A signed receipt for a sequenced leaf not yet covered by a checkpoint."""

@@ -9,10 +9,14 @@ sequenced version of every prescription changed since it started), the next muta
 then meets a version conflict) or the sweep at start-up copies the newest event's state into
 the document.
 
-The document keeps a copy of its events (`events`: id, version, type, time, actor and leaf
-bytes), so a read costs one query on servers where every query scans. Integrity does not trust
-that copy: it checks the hash chain of the leaves, the state digest of the newest one, and the
-newest leaf's inclusion proof against the signed checkpoint.
+Nothing the gateway claims rests on the document, which whoever writes the database can edit.
+A mutation extends the ledger's newest event of its prescription (a document that disagrees is
+restored from the ledger, or the mutation is refused). History, proofs, receipts and integrity
+are built from the ledger's events and checked against the signed tree: every event's leaf hash
+must be the level-0 hash at its index in the tiles the checkpoint authenticates, versions run
+1..n along the `prev` chain, and the document must be the newest event's state. The document's
+own copy of its events (`events`: id, version, type, time, actor and leaf bytes) is checked
+against the ledger like any other field, never used as a source.
 """
 
 from __future__ import annotations
@@ -48,8 +52,13 @@ log = logging.getLogger("rxledger.service")
 REQUEST_FIELDS = {"data.actor": 1, "data.mutation": 1, "data.idem": 1, "data.payload": 1}
 
 
+# What history, proofs and integrity read of a ledger event (its leaf, and who acted).
+EVENT_FIELDS = {"subject": 1, "version": 1, "header": 1, "leaf": 1, "data.actor": 1}
+
 # Audit paths of leaves in a tree size: (indices, size) -> paths.
 PathSource = Callable[[list[int], int], Awaitable[list[list[bytes]]]]
+# The tree's leaf hashes at sequenced indices: indices -> {index: hash}.
+LeafHashSource = Callable[[list[int]], Awaitable[dict[int, bytes]]]
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class Integrity:
     leaf_index: int | None
     proof: InclusionProof | None
     detail: str
+    behind: bool = False  # the document is behind sequenced events of its ledger
 
 
 @dataclass(frozen=True)
@@ -113,21 +123,34 @@ class PrescriptionService:
             if doc is None or doc["version"] < version:
                 docs[subject] = await self.repair(subject)
 
-    async def repair(self, subject: str) -> Doc | None:
-        """Copy the newest event's state into the document; returns the document."""
+    async def repair(self, subject: str, stale: Doc | None = None) -> Doc | None:
+        """Copy the newest event's state into the document, once its leaf proves that state
+        (the state digest); returns the document. Brings a document forward; with `stale`
+        (the document as last read), replaces that one whatever its version: a document the
+        ledger does not back (rolled back, edited, or claiming events the ledger lacks)."""
         newest = await self.ledger.find_one({"subject": subject}, sort=[("version", DESCENDING)])
         if newest is None:
             return await self.prescriptions.find_one({"_id": subject})
         state = (newest.get("data") or {}).get("state")
-        if state is None:
-            log.error("repair: event %s of %s holds no state", newest["version"], subject)
+        problem = _unproven_state(subject, newest, state)
+        if problem is not None:
+            log.error("repair: %s version %s: %s", subject, newest.get("version"), problem)
             return await self.prescriptions.find_one({"_id": subject})
+        assert state is not None
+        guard: Doc = {"version": {"$lt": state["version"]}}
+        if stale is not None:
+            guard = {"version": stale.get("version")}
         try:
-            await self.prescriptions.replace_one(
-                {"_id": subject, "version": {"$lt": state["version"]}}, state, upsert=True
+            done = await self.prescriptions.replace_one(
+                {"_id": subject, **guard}, state, upsert=stale is None
             )
+            if stale is not None and done.matched_count == 0 and done.upserted_id is None:
+                return await self.prescriptions.find_one({"_id": subject})
             log.warning(
-                "repair: %s brought to version %d from the ledger", subject, state["version"]
+                "repair: %s %s to version %d from the ledger",
+                subject,
+                "brought" if stale is None else "restored (it disagreed with the ledger)",
+                state["version"],
             )
         except DuplicateKeyError:
             pass  # already at (or past) that version
@@ -234,9 +257,25 @@ class PrescriptionService:
     # --- internals ----------------------------------------------------------------------
 
     async def _current(self, viewer: Viewer, rid: str) -> Doc:
+        """The prescription as its ledger says it is, which a mutation then extends: its
+        newest event (sequenced or pending), never a version only the document claims."""
+        # The document first, then the ledger: a mutation appends before it stores, so a
+        # document ahead of the ledger read after it was not written by this gateway.
         doc = await self.prescriptions.find_one({"_id": rid})
-        if doc is None:
-            doc = await self.repair(rid)  # filed, but the document was never written
+        newest = await self.ledger.find_one(
+            {"subject": rid}, {"version": 1, "leaf": 1}, sort=[("version", DESCENDING)]
+        )
+        if newest is None:
+            doc = None  # a document the ledger knows nothing of is nothing to extend
+        elif doc is None or not _backed_by(doc, newest):
+            doc = await self.repair(rid, stale=doc)
+            if doc is None or not _backed_by(doc, newest):
+                log.error("%s disagrees with its ledger and could not be restored", rid)
+                raise Refused(
+                    "Tampered",
+                    f"prescription {rid} disagrees with its ledger events and cannot be "
+                    "restored from them; nothing was appended",
+                )
         if doc is None or not rx.can_see(viewer, doc):
             raise Refused("NotFound", f"no prescription {rid} that you may see")
         return doc
@@ -380,66 +419,144 @@ class PrescriptionService:
 
     # --- integrity and proofs -------------------------------------------------------------
 
-    async def event_proofs(
-        self,
-        events: list[Doc],
-        indices: dict[ObjectId, int],
-        cp: SignedCheckpoint | None,
-        paths: PathSource,
-    ) -> list[EventProof]:
-        """Each event's proof against `cp` when it covers the event, else a signed receipt
-        when the event is sequenced. `paths` fetches audit paths (batched by the caller)."""
-        anchored = [
-            indices[e["id"]]
-            for e in events
-            if e["id"] in indices and cp is not None and indices[e["id"]] < cp.size
-        ]
-        found = dict(zip(anchored, await paths(anchored, cp.size), strict=True)) if cp else {}
-        out = []
-        for event in events:
-            index = indices.get(event["id"])
-            leaf = bytes(event["leaf"])
-            if index is None:
-                out.append(EventProof(None, None, None))
-            elif cp is not None and index in found:
-                proof = InclusionProof.against(index, leaf, found[index], cp)
-                out.append(EventProof(index, proof, None))
-            else:
-                out.append(EventProof(index, None, self.log.receipt(index, leaf)))
-        return out
+    async def ledger_events(self, subjects: list[str]) -> dict[str, list[Doc]]:
+        """Each subject's ledger events, oldest first (one query): what history, proofs and
+        integrity are built from, never the document's copy."""
+        found: dict[str, list[Doc]] = {s: [] for s in subjects}
+        async for event in self.ledger.find(one_of("subject", subjects), EVENT_FIELDS):
+            found.setdefault(event["subject"], []).append(event)
+        for events in found.values():
+            events.sort(key=lambda e: e["version"])
+        return found
 
-    async def integrity(
+    async def examine(
         self,
         doc: Doc,
         events: list[Doc],
         indices: dict[ObjectId, int],
         cp: SignedCheckpoint | None,
         paths: PathSource,
-    ) -> Integrity:
-        problem = _disagreement(doc, events)
-        if problem is not None:
-            return Integrity("TAMPERED", None, None, problem)
-        latest = events[-1]
-        index = indices.get(latest["id"])
-        if index is None or cp is None or index >= cp.size:
-            status = "ERASED" if "erased" in doc else "PENDING"
-            detail = (
-                "the latest event is not sequenced yet"
-                if index is None
-                else f"leaf {index} is sequenced; no checkpoint covers it yet"
-            )
-            return Integrity(status, index, None, detail)
-        leaf = bytes(latest["leaf"])
-        [path] = await paths([index], cp.size)
-        root = root_from_inclusion_proof(index, cp.size, leaf_hash(leaf), path)
-        if root != cp.root_hash:
+        leaf_hashes: LeafHashSource,
+    ) -> Examined:
+        """Check `doc` and its ledger `events` against the log: every event in the signed
+        tree (its leaf hash equal to the authenticated level-0 hash at its index: the audit
+        path from the tiles rebuilds the checkpoint's root), versions 1..n and the `prev`
+        chain, and the document equal to the newest event's state. Each event gets a proof
+        (anchored) or a signed receipt (sequenced, its leaf hash the tree's own) only when its
+        bytes are the log's. `paths` and `leaf_hashes` read tiles, batched by the caller."""
+        placed = [indices.get(e["_id"]) for e in events]
+        anchored = [i for i in placed if i is not None and cp is not None and i < cp.size]
+        found = dict(zip(anchored, await paths(anchored, cp.size), strict=True)) if cp else {}
+        tree = await leaf_hashes([i for i in placed if i is not None and i not in found])
+        proofs: list[EventProof] = []
+        problem = _ledger_problem(doc, events)
+        for event, index in zip(events, placed, strict=True):
+            leaf = bytes(event["leaf"])
+            if index is None:
+                proofs.append(EventProof(None, None, None))
+            elif cp is not None and index in found:
+                root = root_from_inclusion_proof(index, cp.size, leaf_hash(leaf), found[index])
+                if root == cp.root_hash:
+                    proofs.append(
+                        EventProof(
+                            index, InclusionProof.against(index, leaf, found[index], cp), None
+                        )
+                    )
+                    continue
+                proofs.append(EventProof(index, None, None))
+                problem = problem or (
+                    f"event {event['version']} (leaf {index}) is not the leaf of the signed "
+                    f"tree of checkpoint {cp.size}"
+                )
+            elif tree.get(index) == leaf_hash(leaf):
+                proofs.append(EventProof(index, None, self.log.receipt(index, leaf)))
+            else:
+                proofs.append(EventProof(index, None, None))
+                problem = problem or (
+                    f"event {event['version']} is not the leaf the signed tree holds at {index}"
+                )
+        return Examined(_integrity(doc, events, placed, proofs, cp, problem), proofs)
+
+
+@dataclass(frozen=True)
+class Examined:
+    integrity: Integrity
+    proofs: list[EventProof]  # one per ledger event, oldest first
+
+
+def _integrity(
+    doc: Doc,
+    events: list[Doc],
+    placed: list[int | None],
+    proofs: list[EventProof],
+    cp: SignedCheckpoint | None,
+    problem: str | None,
+) -> Integrity:
+    """The verdict on a prescription from what `examine` found."""
+    newest = placed[-1] if placed else None
+    if problem is None:
+        problem = _sequencing_problem(events, placed)
+    if problem is None and doc.get("version", 0) < len(events):
+        if all(i is None for i in placed[doc.get("version", 0) :]):
             return Integrity(
-                "TAMPERED", index, None, f"leaf {index} does not match checkpoint {cp.size}"
+                "PENDING",
+                newest,
+                None,
+                f"the document is at version {doc.get('version')}; the ledger's version "
+                f"{len(events)} is not sequenced yet",
             )
-        proof = InclusionProof.against(index, leaf, path, cp)
-        if "erased" in doc:
-            return Integrity("ERASED", index, proof, "personal data erased; the ledger verifies")
-        return Integrity("VERIFIED", index, proof, f"matches leaf {index} in checkpoint {cp.size}")
+    if problem is not None:
+        return Integrity("TAMPERED", newest, None, problem)
+    problem = _document_problem(doc, events)
+    if problem is not None:
+        # Only the document disagrees: the ledger proves what it should be.
+        behind = doc.get("version", 0) < len(events)
+        return Integrity("TAMPERED", newest, None, problem, behind)
+    erased = "erased" in doc
+    latest = proofs[-1]
+    if latest.proof is None:
+        detail = (
+            "the latest event is not sequenced yet"
+            if newest is None
+            else f"leaf {newest} is sequenced; no checkpoint covers it yet"
+        )
+        return Integrity("ERASED" if erased else "PENDING", newest, None, detail)
+    assert cp is not None
+    if erased:
+        return Integrity(
+            "ERASED", newest, latest.proof, "personal data erased; the ledger verifies"
+        )
+    return Integrity(
+        "VERIFIED",
+        newest,
+        latest.proof,
+        f"every event is in the signed tree; the latest matches leaf {newest} in checkpoint {cp.size}",
+    )
+
+
+def _backed_by(doc: Doc, newest: Doc) -> bool:
+    """Whether a document is at the ledger's newest event (same version and leaf)."""
+    return doc.get("version") == newest["version"] and bytes(
+        doc.get("lastLeafHash") or b""
+    ) == leaf_hash(bytes(newest["leaf"]))
+
+
+def _unproven_state(subject: str, event: Doc, state: Doc | None) -> str | None:
+    """Why an event's recorded state is not what its leaf commits to (None when it is)."""
+    if state is None:
+        return "the event holds no state"
+    try:
+        header = json.loads(bytes(event["leaf"]))
+    except ValueError:
+        return "its leaf is not JSON"
+    if state.get("_id") != subject or state.get("version") != header.get("version"):
+        return "its state is of another prescription or version"
+    salt = b"" if "erased" in state else state.get("salt")
+    if salt is None or rx.digest(bytes(salt), rx.state_of(state)) != header.get("stateDigest"):
+        return "its state differs from the state digest of its leaf"
+    if bytes(state.get("lastLeafHash") or b"") != leaf_hash(bytes(event["leaf"])):
+        return "its state names another leaf"
+    return None
 
 
 def _may_act(viewer: Viewer, doc: Doc, mutation: str) -> None:
@@ -466,47 +583,97 @@ def _same_request(event: Doc, viewer: Viewer, mutation: str, key: str, payload: 
     return True
 
 
-def _disagreement(doc: Doc, events: list[Doc]) -> str | None:
-    """What in the document or its copy of the events disagrees with their leaves, if anything."""
+def _ledger_problem(doc: Doc, events: list[Doc]) -> str | None:
+    """What in a prescription's ledger events breaks the chain, if anything: versions 1..n,
+    each leaf canonical JSON equal to its stored header, naming this prescription and its
+    version, each `prev` the leaf hash of the version before, and the application's record of
+    who acted saying what the leaf says."""
     if not events:
-        return "the document lists no ledger events"
+        return f"the ledger holds no event of {doc['_id']}"
     prev: bytes | None = None
-    header: Doc = {}
     for expected, event in enumerate(events, start=1):
+        version = event.get("version")
+        if version != expected:
+            return f"version {expected} is missing from the ledger (version {version} follows version {expected - 1})"
         leaf = bytes(event["leaf"])
         try:
             header = json.loads(leaf)
         except ValueError:
-            return f"event {expected}: its leaf is not JSON"
+            return f"event {version}: its leaf is not JSON"
         if not isinstance(header, dict) or canonical_json(header) != leaf:
-            return f"event {expected}: its leaf is not canonical JSON"
-        if event.get("version") != expected or header.get("version") != expected:
-            return f"event {expected} is missing or out of order"
-        if header.get("subject") != doc["_id"]:
-            return f"event {expected}: its leaf names another prescription"
-        if header.get("type") != event.get("type"):
-            return f"event {expected}: its type differs from its leaf"
+            return f"event {version}: its leaf is not canonical JSON"
+        if event.get("header") != header:
+            return f"event {version}: the ledger's header differs from its leaf (edited)"
+        if header.get("version") != version or header.get("subject") != doc["_id"]:
+            return f"event {version}: its leaf names another prescription or version"
         if header.get("prev") != (None if prev is None else b64(prev)):
-            return f"event {expected}: the hash chain to event {expected - 1} is broken"
-        problem = _actor_disagreement(doc, event, header)
+            return f"event {version}: the hash chain to event {version - 1} is broken"
+        problem = _actor_disagreement(doc, (event.get("data") or {}).get("actor"), header)
         if problem is not None:
-            return f"event {expected}: {problem}"
+            return f"event {version}: {problem}"
         prev = leaf_hash(leaf)
-    if doc["version"] != len(events):
-        return f"document version {doc['version']}, but {len(events)} events"
+    return None
+
+
+def _sequencing_problem(events: list[Doc], placed: list[int | None]) -> str | None:
+    """The log takes a prescription's events in version order: a sequenced event after one
+    that is not means an entry was removed or rewritten."""
+    for event, index, before in zip(events[1:], placed[1:], placed[:-1], strict=True):
+        if index is not None and before is None:
+            return f"event {event['version']} is in the log (leaf {index}) but event {event['version'] - 1} is not"
+    return None
+
+
+def _document_problem(doc: Doc, events: list[Doc]) -> str | None:
+    """What in the document disagrees with its ledger events, if anything: its version, its
+    copy of the events, the hash of its last leaf, and the newest event's state digest."""
+    newest = events[-1]
+    n = newest["version"]
+    copy = {e.get("version"): e for e in doc.get("events", [])}
+    extra = sorted(v for v in copy if not isinstance(v, int) or v > n)
+    if extra:
+        fake = copy[extra[0]]
+        return (
+            f"event {extra[0]} ({fake.get('type')}) of the document is not in the ledger, "
+            f"whose newest event of it is version {n}"
+        )
+    if doc.get("version") != n:
+        return (
+            f"the document is at version {doc.get('version')}, the ledger at version {n}: the "
+            "document was rolled back or edited"
+        )
+    for event in events:
+        version = event["version"]
+        mine = copy.get(version)
+        if mine is None:
+            return f"event {version} is missing from the document's copy of its events"
+        if bytes(mine.get("leaf", b"")) != bytes(event["leaf"]) or mine.get("id") != event["_id"]:
+            return f"event {version}: the document's copy differs from the ledger's event"
+    if bytes(doc.get("lastLeafHash") or b"") != leaf_hash(bytes(newest["leaf"])):
+        return f"the document's last leaf hash is not that of event {n}"
+    header = newest["header"]
     if "erased" in doc and header.get("type") != rx.EventType.PERSONAL_DATA_ERASED:
         return "document marked erased, its latest event is not an erasure"
     # After an erasure the salt is gone and the digest is of the remaining (impersonal) state.
     salt = b"" if "erased" in doc else doc.get("salt")
     if salt is None or rx.digest(bytes(salt), rx.state_of(doc)) != header.get("stateDigest"):
-        return f"the document differs from the state digest of its event {len(events)}"
+        return f"the document differs from the state digest of its event {n}"
     return None
 
 
-def _actor_disagreement(doc: Doc, event: Doc, header: Doc) -> str | None:
+def shown_actor(doc: Doc, event: Doc, header: Doc, hidden: bool) -> str:
+    """Who acted in a ledger event: as the application recorded it when that agrees with the
+    leaf, else (withheld from auditors, erased, or disagreeing) as the leaf says."""
+    actor = (event.get("data") or {}).get("actor") or {}
+    if hidden or not actor.get("sub") or _actor_disagreement(doc, actor, header):
+        return str(header["actor"])
+    return f"{actor['role']}:{actor['sub']}"
+
+
+def _actor_disagreement(doc: Doc, actor: Doc | None, header: Doc) -> str | None:
     """The application's record of who acted must say what the leaf says (the leaf records a
     patient only as PATIENT: then it must be the prescription's own patient)."""
-    actor = event.get("actor") or {}
+    actor = actor or {}
     role, sub = actor.get("role"), actor.get("sub")
     if role is None:
         return None if "erased" in doc else "it names no actor"

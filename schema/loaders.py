@@ -13,7 +13,7 @@ from anchoring.anchorer import SignedCheckpoint
 from anchoring.log import TransparencyLog
 from anchoring.store import Doc
 from app.feed import PrescriptionFeed
-from app.service import PrescriptionService
+from app.service import Examined, PrescriptionService
 
 
 class Loaders:
@@ -26,7 +26,10 @@ class Loaders:
         self.documents: DataLoader[str, Doc | None] = DataLoader(load_fn=self._documents)
         self.indices: DataLoader[ObjectId, int | None] = DataLoader(load_fn=self._indices)
         self._paths: DataLoader[tuple[int, int], list[bytes]] = DataLoader(load_fn=self._load_paths)
+        self.events: DataLoader[str, list[Doc]] = DataLoader(load_fn=self._events)
+        self._leaf_hashes: DataLoader[int, bytes | None] = DataLoader(load_fn=self._load_hashes)
         self._checkpoint: asyncio.Task[SignedCheckpoint | None] | None = None
+        self._examined: dict[str, asyncio.Future[Examined]] = {}
 
     async def _documents(self, ids: list[str]) -> list[Doc | None]:
         found: dict[str, Doc | None] = dict(await self.service.documents(ids))
@@ -45,9 +48,42 @@ class Loaders:
             await self.service.up_to_date(docs, stale)
 
     def forget(self, rid: str) -> None:
-        """Drop a cached document (after this request changed it)."""
+        """Drop a cached document and what was read of its events (after this request
+        changed it)."""
         with contextlib.suppress(KeyError):  # DataLoader.clear raises for keys never loaded
             self.documents.clear(rid)
+        with contextlib.suppress(KeyError):
+            self.events.clear(rid)
+        self._examined.pop(rid, None)
+
+    async def _events(self, subjects: list[str]) -> list[list[Doc]]:
+        found = await self.service.ledger_events(subjects)
+        return [found.get(s, []) for s in subjects]
+
+    async def examined(self, doc: Doc) -> Examined:
+        """A prescription checked against its ledger events and the signed tree, once per
+        request however many fields ask (history and integrity share it)."""
+        rid = doc["_id"]
+        if rid not in self._examined:
+            self._examined[rid] = asyncio.ensure_future(self._examine(doc))
+        return await self._examined[rid]
+
+    async def _examine(self, doc: Doc) -> Examined:
+        events = await self.events.load(doc["_id"])
+        ids = [e["_id"] for e in events]
+        found = await self.indices.load_many(ids)
+        cp = await self.checkpoint()
+        indices = {e: i for e, i in zip(ids, found, strict=True) if i is not None}
+        return await self.service.examine(doc, events, indices, cp, self.paths, self.leaf_hashes)
+
+    async def leaf_hashes(self, indices: list[int]) -> dict[int, bytes]:
+        """The tree's leaf hashes at sequenced indices: batched across the request."""
+        found = await self._leaf_hashes.load_many(indices)
+        return {i: h for i, h in zip(indices, found, strict=True) if h is not None}
+
+    async def _load_hashes(self, indices: list[int]) -> list[bytes | None]:
+        found = await self.log.leaf_hashes(indices)
+        return [found.get(i) for i in indices]
 
     async def _indices(self, event_ids: list[ObjectId]) -> list[int | None]:
         found = await self.log.leaf_indices(event_ids)

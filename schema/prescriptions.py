@@ -1,7 +1,7 @@
 """GraphQL types, queries and mutations for prescriptions.
 
 Expected failures of a mutation are members of its result union (NotFound, Forbidden,
-IllegalTransition, VersionConflict, InvalidInput, Unavailable), never stack traces. Reads
+IllegalTransition, VersionConflict, InvalidInput, Unavailable, Tampered), never stack traces. Reads
 check authorization on every node: a prescription the viewer may not see is null, as if
 absent, and auditors get every personal field as null.
 """
@@ -22,7 +22,7 @@ from app import prescriptions as rx
 from app.auth import Viewer
 from app.limits import ClientError
 from app.prescriptions import Refused
-from app.service import PrescriptionService, decode_cursor, encode_cursor
+from app.service import PrescriptionService, decode_cursor, encode_cursor, shown_actor
 from schema.ledger import InclusionProof, PageInfo, Receipt, page_size
 from schema.loaders import Loaders
 
@@ -234,53 +234,45 @@ class Prescription:
         e = self.doc.get("erased")
         return None if e is None else Erasure(at=e["at"], by=e["by"], reason=e["reason"])
 
-    @strawberry.field(description="every ledger event of this prescription, oldest first")
+    @strawberry.field(
+        description="every ledger event of this prescription, oldest first (read from the "
+        "ledger, never from the document); proof and receipt are given only for an event "
+        "whose leaf is the one the signed tree holds"
+    )
     async def history(self, info: Info) -> list[PrescriptionEvent]:
-        events = self.events
-        indices, cp = await _indices_and_checkpoint(loaders(info), events)
-        proofs = await service(info).event_proofs(events, indices, cp, loaders(info).paths)
-        headers = [json.loads(bytes(e["leaf"])) for e in events]
-        return [
-            PrescriptionEvent(
-                type=h["type"],
-                version=h["version"],
-                actor=_actor(e, h, self.hidden),
-                at=h["at"],
-                leaf_index=p.leaf_index,
-                leaf=b64(bytes(e["leaf"])),
-                proof=None if p.proof is None else InclusionProof.of(p.proof),
-                receipt=None if p.receipt is None else Receipt.of(p.receipt),
+        examined = await loaders(info).examined(self.doc)
+        events = await loaders(info).events.load(self.doc["_id"])
+        out = []
+        for event, proof in zip(events, examined.proofs, strict=True):
+            header = json.loads(bytes(event["leaf"]))
+            out.append(
+                PrescriptionEvent(
+                    type=header["type"],
+                    version=header["version"],
+                    actor=shown_actor(self.doc, event, header, self.hidden),
+                    at=header["at"],
+                    leaf_index=proof.leaf_index,
+                    leaf=b64(bytes(event["leaf"])),
+                    proof=None if proof.proof is None else InclusionProof.of(proof.proof),
+                    receipt=None if proof.receipt is None else Receipt.of(proof.receipt),
+                )
             )
-            for e, h, p in zip(events, headers, proofs, strict=True)
-        ]
+        return out
 
-    @strawberry.field(description="does the document match the ledger, and is that anchored")
+    @strawberry.field(
+        description="does the document match its ledger events, and are they all in the signed tree"
+    )
     async def integrity(self, info: Info) -> Integrity:
-        events = self.events
-        indices, cp = await _indices_and_checkpoint(loaders(info), events[-1:])
-        result = await service(info).integrity(self.doc, events, indices, cp, loaders(info).paths)
+        result = (await loaders(info).examined(self.doc)).integrity
+        if result.behind:
+            # Rolled back, or its update failed after the append: the next read has it back.
+            await service(info).repair(self.doc["_id"], stale=self.doc)
         return Integrity(
             status=IntegrityStatus(result.status),
             leaf_index=result.leaf_index,
             proof=None if result.proof is None else InclusionProof.of(result.proof),
             detail=result.detail,
         )
-
-
-async def _indices_and_checkpoint(ld: Loaders, events: list[Doc]) -> tuple[dict[Any, int], Any]:
-    ids = [e["id"] for e in events]
-    found = await ld.indices.load_many(ids)
-    cp = await ld.checkpoint()
-    return {e: i for e, i in zip(ids, found, strict=True) if i is not None}, cp
-
-
-def _actor(event: Doc, header: Doc, hidden: bool) -> str:
-    """Who acted: as the application recorded it, or as the leaf says when that is withheld
-    (auditors) or erased."""
-    actor = event.get("actor") or {}
-    if hidden or not actor.get("sub"):
-        return str(header["actor"])
-    return f"{actor['role']}:{actor['sub']}"
 
 
 def present(info: Info, doc: Doc | None) -> Prescription | None:
@@ -419,9 +411,25 @@ class Unavailable(Error):
     pass
 
 
+@strawberry.type(
+    description="The stored prescription disagrees with its ledger events and cannot be restored "
+    "from them; nothing was appended. An operator should run `rxledger audit`."
+)
+class Tampered(Error):
+    pass
+
+
 ERRORS = {
     cls.__name__: cls
-    for cls in (NotFound, Forbidden, IllegalTransition, VersionConflict, InvalidInput, Unavailable)
+    for cls in (
+        NotFound,
+        Forbidden,
+        IllegalTransition,
+        VersionConflict,
+        InvalidInput,
+        Unavailable,
+        Tampered,
+    )
 }
 
 PrescriptionResult = Annotated[
@@ -431,7 +439,8 @@ PrescriptionResult = Annotated[
     | IllegalTransition
     | VersionConflict
     | InvalidInput
-    | Unavailable,
+    | Unavailable
+    | Tampered,
     strawberry.union("PrescriptionResult"),
 ]
 

@@ -7,11 +7,13 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, MongoClient
 
 from anchoring.note import Signer
 from anchoring.store import LogStore
@@ -60,3 +62,34 @@ def store(client: AsyncMongoClient[dict], db_name: str) -> LogStore:
 @pytest.fixture(scope="session")
 def signer() -> Signer:
     return Signer("test.rxledger.example", Ed25519PrivateKey.generate())
+
+
+@dataclass
+class Databases:
+    """Throw-away databases for the gateways of this module, dropped at its end."""
+
+    client: MongoClient[dict[str, Any]]
+    created: list[str] = field(default_factory=list)
+
+    def new(self) -> str:
+        name = f"t_rx_{uuid.uuid4().hex[:12]}"
+        self.created.append(name)
+        return name
+
+
+@pytest.fixture(scope="module")
+def databases(mongo_uri: str) -> Iterator[Databases]:
+    client: MongoClient[dict[str, Any]] = MongoClient(
+        mongo_uri, tz_aware=True, serverSelectionTimeoutMS=5000
+    )
+    dbs = Databases(client)
+    yield dbs
+    for name in dbs.created:
+        client.drop_database(name)
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def mongo(databases: Databases) -> MongoClient[dict[str, Any]]:
+    """A plain client, for reading and editing what the gateways stored."""
+    return databases.client
