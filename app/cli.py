@@ -27,6 +27,7 @@ from anchoring.verify import (
     verify_bundle_inclusion,
     verify_consistency,
 )
+from app.limits import LimitSettings
 from app.settings import ConfigError, Settings, write_new_key
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -325,6 +326,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     settings.signer()  # fail fast on a missing production key
+    limits = LimitSettings.from_env()
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -334,6 +336,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Subscription messages are small and frequent: compressing each costs more CPU than it
         # saves, and a deflate context costs about 40 KiB of memory per WebSocket.
         ws_per_message_deflate=False,
+        # A WebSocket message past this closes the connection (1009) before it is buffered;
+        # one under it but over the body limit is refused by the app with a precise error.
+        ws_max_size=limits.max_ws_message_bytes,
         # Clients keep connections open between requests; uvicorn's 5 s default races their
         # reuse of an idle connection (the client sees a reset).
         timeout_keep_alive=30,

@@ -23,10 +23,15 @@ RXLEDGER_MAX_BODY_BYTES (integer >= 1, default 65536)
     Largest HTTP request body in bytes. A larger Content-Length, or a streamed (chunked) body
     that grows past the limit, is answered with HTTP 413 and the GraphQL-shaped error code
     REQUEST_TOO_LARGE: "request body of 70000 bytes exceeds the maximum of 65536 bytes".
+    The same limit holds for each `subscribe` message on a WebSocket (see below), and
+    `rxledger serve` has uvicorn close a connection (code 1009, message too big) that sends a
+    message larger than twice the limit, before buffering it.
 RXLEDGER_RATE_LIMIT (number >= 0, default 50)
     Sustained requests per second allowed for one subject (the key the app rate-limits by,
     such as the authenticated subject); 0 disables rate limiting. It is the refill rate of an
-    in-process token bucket per subject, so each gateway process limits on its own.
+    in-process token bucket per subject, so each gateway process limits on its own. An
+    operation on a WebSocket counts as a request, against the same bucket as the subject's
+    HTTP requests.
 RXLEDGER_RATE_BURST (integer >= 1, default 100)
     Requests a subject may make at once before the rate applies: the token bucket's size.
 
@@ -37,6 +42,18 @@ RXLEDGER_SUBSCRIPTION_WINDOW (integer >= 16, default 4096)
 
 RXLEDGER_MAX_SUBSCRIPTIONS (integer >= 1, default 10)
     Most operations one WebSocket connection may run at once.
+
+WebSocket (graphql-transport-ws, the only subprotocol served) operations are held to what an
+HTTP request is. Each `subscribe` message, whatever its operation type, is checked before it
+runs, in this order, and a refused one is answered with an `error` message for its id (the
+connection stays open):
+- its size: over RXLEDGER_MAX_BODY_BYTES is REQUEST_TOO_LARGE, "subscribe message of 70000
+  bytes exceeds the maximum of 65536 bytes";
+- the token of connection_init: from its `exp` on, UNAUTHENTICATED, "token has expired;
+  reconnect with a fresh token" (no leeway: the socket's subscriptions end at `exp` too);
+- the rate: over it, RATE_LIMITED, "rate limit exceeded for ROLE:sub: retry in 3.2 s", with
+  `extensions.retryAfter` the whole seconds to wait (HTTP's Retry-After).
+Query depth, tokens and aliases are checked per operation on both transports alike.
 
 Query depth, token and alias errors carry `extensions.code` QUERY_TOO_COMPLEX. In production,
 introspection is refused and errors carry no "Did you mean ...?" suggestions, so the schema
@@ -93,6 +110,12 @@ class LimitSettings:
     rate_burst: int = 100
     subscription_window: int = 4096
     max_subscriptions: int = 10
+
+    @property
+    def max_ws_message_bytes(self) -> int:
+        """The largest WebSocket message the server reads (uvicorn's ws_max_size): room for a
+        subscribe message over the body limit to be refused precisely, and no more."""
+        return 2 * self.max_body_bytes
 
     @classmethod
     def from_env(cls) -> LimitSettings:

@@ -7,10 +7,12 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from graphql import GraphQLFormattedError
 from pymongo.errors import PyMongoError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -20,18 +22,29 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 from strawberry.asgi import GraphQL
+from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
+from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
+    BaseGraphQLTransportWSHandler,
+)
+from strawberry.subscriptions.protocols.graphql_transport_ws.types import SubscribeMessage
 
 from anchoring.sequencer import INTENTS
-from app.auth import Authenticator, AuthError, AuthSettings
+from app.auth import Authenticator, AuthError, AuthSettings, Viewer
 from app.db import make_client, make_log
 from app.events import EventStream
 from app.feed import PrescriptionFeed
-from app.limits import BodySizeLimit, LimitSettings, RateLimiter, graphql_extensions
+from app.limits import (
+    REQUEST_TOO_LARGE,
+    BodySizeLimit,
+    LimitSettings,
+    RateLimiter,
+    graphql_extensions,
+)
 from app.logserver import LogServer
 from app.metrics import Metrics, MetricsMiddleware
 from app.service import PrescriptionService
 from app.settings import Settings
-from schema.loaders import Loaders
+from schema.loaders import LoadersPerOperation
 from schema.root import make_schema
 
 log = logging.getLogger("rxledger.app")
@@ -47,16 +60,120 @@ PAGE_HEADERS = {
 }
 
 
+def _problem(message: str, code: str, **extensions: Any) -> GraphQLFormattedError:
+    """One GraphQL error, as HTTP error bodies and WebSocket error messages carry it."""
+    return {"message": message, "extensions": {"code": code, **extensions}}
+
+
 def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> Response:
-    body = {"errors": [{"message": message, "extensions": {"code": code}}]}
+    body = {"errors": [_problem(message, code)]}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _rate_key(viewer: Viewer | None, scope: Scope) -> str:
+    """What a caller's requests count against: its subject, or its address when anonymous."""
+    if viewer is not None:
+        return viewer.rate_key
+    client = scope.get("client") or ("?",)
+    return f"ip:{client[0]}"
+
+
+def _over_rate(limiter: RateLimiter, key: str, scope: Scope) -> tuple[str, int] | None:
+    """None when `key` may go on (a token is taken); else the error message and the whole
+    seconds to wait (Retry-After), counted in the metrics."""
+    retry = limiter.check(key)
+    if retry is None:
+        return None
+    scope["app"].state.metrics.count_rate_limited()
+    return f"rate limit exceeded for {key}: retry in {retry:.1f} s", max(1, round(retry))
+
+
+class _SubscribeMessage(dict[str, Any]):
+    """A decoded subscribe message that remembers its size on the wire."""
+
+    def __init__(self, decoded: dict[str, Any], size: int) -> None:
+        super().__init__(decoded)
+        self.size = size
+
+
+class StrictTransportWS(BaseGraphQLTransportWSHandler[dict[str, Any], None]):
+    """graphql-transport-ws with each operation held to what an HTTP request is: the size of
+    its message, the token's expiry and the caller's rate are checked before it runs, and a
+    refused operation gets an `error` message while the connection stays open."""
+
+    async def handle_subscribe(self, message: SubscribeMessage) -> None:
+        view = self.view
+        # Before the handshake, or with an id in use, strawberry closes the socket as the
+        # protocol says; an error message there would answer an operation that is not ours.
+        if (
+            isinstance(view, GraphQLApp)
+            and self.connection_acknowledged
+            and message["id"] not in self.operations
+        ):
+            refused = view.refusal(self.context, message)
+            if refused is not None:
+                await self.send_message(
+                    {"id": message["id"], "type": "error", "payload": [refused]}
+                )
+                return
+        await super().handle_subscribe(message)
+
+
 class GraphQLApp(GraphQL[dict[str, Any], None]):
-    def __init__(self, *args: Any, max_page: int, auth: Authenticator, **kwargs: Any) -> None:
+    graphql_transport_ws_handler_class = StrictTransportWS
+
+    def __init__(
+        self,
+        *args: Any,
+        max_page: int,
+        auth: Authenticator,
+        limiter: RateLimiter,
+        max_body_bytes: int,
+        **kwargs: Any,
+    ) -> None:
+        # Only graphql-transport-ws: the older graphql-ws would run operations unchecked.
+        kwargs["subscription_protocols"] = (GRAPHQL_TRANSPORT_WS_PROTOCOL,)
         super().__init__(*args, **kwargs)
         self.max_page = max_page
         self.auth = auth
+        self.limiter = limiter
+        self.max_body_bytes = max_body_bytes
+
+    def decode_json(self, data: str | bytes) -> object:
+        decoded = super().decode_json(data)
+        if isinstance(decoded, dict) and decoded.get("type") == "subscribe":
+            size = len(data.encode() if isinstance(data, str) else data)
+            return _SubscribeMessage(decoded, size)
+        return decoded
+
+    def refusal(
+        self, context: dict[str, Any], message: SubscribeMessage
+    ) -> GraphQLFormattedError | None:
+        """Why an operation on a WebSocket may not run (a GraphQL error), or None: its message
+        is larger than an HTTP body may be, the token has expired, or the caller is over its
+        rate (sharing its bucket with its HTTP requests)."""
+        size = getattr(message, "size", 0)
+        if size > self.max_body_bytes:
+            return _problem(
+                f"subscribe message of {size} bytes exceeds the maximum of "
+                f"{self.max_body_bytes} bytes",
+                REQUEST_TOO_LARGE,
+            )
+        viewer: Viewer | None = context.get("viewer")
+        # From `exp` on, as subscriptions end then: the leeway HTTP grants for clock skew is
+        # for a token's first use, and this socket has used it already.
+        if (
+            viewer is not None
+            and viewer.expires_at is not None
+            and time.time() >= viewer.expires_at
+        ):
+            return _problem("token has expired; reconnect with a fresh token", "UNAUTHENTICATED")
+        scope = context["request"].scope
+        over = _over_rate(self.limiter, _rate_key(viewer, scope), scope)
+        if over is not None:
+            text, retry_after = over
+            return _problem(text, "RATE_LIMITED", retryAfter=retry_after)
+        return None
 
     async def get_context(self, request: Any, response: Any = None) -> dict[str, Any]:
         state = request.app.state
@@ -68,7 +185,6 @@ class GraphQLApp(GraphQL[dict[str, Any], None]):
             "feed": state.feed,
             "metrics": state.metrics,
             "viewer": request.scope.get("state", {}).get("viewer"),
-            "loaders": Loaders(state.service, state.log, state.feed),
             "max_page": self.max_page,
         }
 
@@ -109,16 +225,10 @@ class GraphQLEndpoint:
                     {"WWW-Authenticate": 'Bearer error="invalid_token"'},
                 )
                 return await response(scope, receive, send)
-            key = viewer.rate_key if viewer else f"ip:{scope.get('client', ('?',))[0]}"
-            retry = self.limiter.check(key)
-            if retry is not None:
-                scope["app"].state.metrics.count_rate_limited()
-                response = _error(
-                    429,
-                    f"rate limit exceeded for {key}: retry in {retry:.1f} s",
-                    "RATE_LIMITED",
-                    {"Retry-After": str(max(1, round(retry)))},
-                )
+            over = _over_rate(self.limiter, _rate_key(viewer, scope), scope)
+            if over is not None:
+                text, retry_after = over
+                response = _error(429, text, "RATE_LIMITED", {"Retry-After": str(retry_after)})
                 return await response(scope, receive, send)
             scope.setdefault("state", {})["viewer"] = viewer
         await self.graphql(scope, receive, send)
@@ -213,18 +323,24 @@ def create_app(settings: Settings | None = None) -> Starlette:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    # One limiter for HTTP requests and WebSocket operations: a caller has one budget.
+    limiter = RateLimiter(limits.rate_per_second, limits.rate_burst)
     graphql = GraphQLApp(
         make_schema(
-            [*graphql_extensions(limits, settings.production), metrics.operation_counter()]
+            [
+                LoadersPerOperation,
+                *graphql_extensions(limits, settings.production),
+                metrics.operation_counter(),
+            ]
         ),
         graphql_ide=None if settings.production else "graphiql",
         max_page=limits.max_page,
         auth=auth,
+        limiter=limiter,
+        max_body_bytes=limits.max_body_bytes,
         max_subscriptions_per_connection=limits.max_subscriptions,
     )
-    endpoint = GraphQLEndpoint(
-        graphql, auth, RateLimiter(limits.rate_per_second, limits.rate_burst)
-    )
+    endpoint = GraphQLEndpoint(graphql, auth, limiter)
     return Starlette(
         routes=[
             Route("/healthz", healthz),

@@ -1,13 +1,21 @@
-"""Per-request DataLoaders: every read of a request is batched into a handful of queries,
-however many prescriptions, events and proofs the query asks for."""
+"""Per-operation DataLoaders: every read of an operation is batched into a handful of queries,
+however many prescriptions, events and proofs the query asks for.
+
+A loader caches what it read for as long as it lives, so it lives for one operation: an HTTP
+request, or one query, mutation or subscription on a WebSocket. A connection-wide loader would
+serve a socket the documents (erased personal data included) and the checkpoint of its first
+read for as long as it stays open.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 
 from bson import ObjectId
 from strawberry.dataloader import DataLoader
+from strawberry.extensions import SchemaExtension
 
 from anchoring.anchorer import SignedCheckpoint
 from anchoring.log import TransparencyLog
@@ -108,7 +116,20 @@ class Loaders:
         return [found[k] for k in keys]
 
     async def checkpoint(self) -> SignedCheckpoint | None:
-        """The latest checkpoint, read once per request."""
+        """The latest checkpoint, read once per operation."""
         if self._checkpoint is None:
             self._checkpoint = asyncio.ensure_future(self.log.current_checkpoint())
         return await self._checkpoint
+
+
+class LoadersPerOperation(SchemaExtension):
+    """Gives each operation a context of its own with fresh Loaders, built from the `service`,
+    `log` and `feed` of the context the transport made (strawberry makes one per HTTP request
+    but only one per WebSocket connection, shared by all its operations)."""
+
+    def on_operation(self) -> Iterator[None]:
+        shared = self.execution_context.context
+        loaders = Loaders(shared["service"], shared["log"], shared["feed"])
+        # A copy, not an update: operations running at once on one socket share `shared`.
+        self.execution_context.context = {**shared, "loaders": loaders}
+        yield

@@ -101,11 +101,12 @@ StartGateway = Callable[..., Awaitable[Gateway]]
 @pytest.fixture
 def start_gateway(mongo_uri: str, db_name: str, tmp_path: Path) -> Iterator[StartGateway]:
     """Starts gateway processes over this test's database, all with the same var/ directory
-    (so the same log signing key and token secret); stops them at the end of the test."""
+    (so the same log signing key and token secret); stops them at the end of the test.
+    Rate limiting is off unless `env` sets RXLEDGER_RATE_LIMIT."""
     started: list[Gateway] = []
 
     async def start(**env: str) -> Gateway:
-        environment = env_for(mongo_uri, db_name, tmp_path, RXLEDGER_RATE_LIMIT="0", **env)
+        environment = env_for(mongo_uri, db_name, tmp_path, **{"RXLEDGER_RATE_LIMIT": "0", **env})
         secret = load_dev_secret(Path(environment["RXLEDGER_VAR_DIR"]))
         log_path = tmp_path / f"gateway-{len(started)}.log"
         base, proc = serve(environment, log_path)

@@ -74,6 +74,26 @@ class GraphQLSocket:
         payload: dict[str, Any] = {"query": query, "variables": variables or {}}
         await self.send({"id": op_id, "type": "subscribe", "payload": payload})
 
+    async def execute(
+        self,
+        op_id: str,
+        query: str,
+        variables: dict[str, Any] | None = None,
+        timeout: float = 30.0,
+    ) -> dict[str, Any]:
+        """Run a query or mutation as operation `op_id`: its `next` message (after which the
+        server's `complete` is read), or the `error` message that refused it. Raises
+        ProtocolError for anything else."""
+        await self.subscribe(op_id, query, variables)
+        message = await self.receive(timeout)
+        if message.get("id") != op_id or message.get("type") not in ("next", "error"):
+            raise ProtocolError(f"expected next or error of {op_id}, got {message}")
+        if message["type"] == "next":
+            done = await self.receive(timeout)
+            if done != {"id": op_id, "type": "complete"}:
+                raise ProtocolError(f"expected complete of {op_id}, got {done}")
+        return message
+
     async def complete(self, op_id: str) -> None:
         await self.send({"id": op_id, "type": "complete"})
 
