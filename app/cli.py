@@ -24,6 +24,7 @@ from anchoring.verify import (
     VerificationError,
     parse_consistency_proof,
     parse_inclusion_bundle,
+    root_from_inclusion_proof,
     verify_bundle_inclusion,
     verify_consistency,
 )
@@ -254,6 +255,7 @@ def cmd_export_proof(args: argparse.Namespace) -> int:
             )
         finally:
             await client.close()
+        tampered: list[dict[str, Any]] = []
         try:
             out.mkdir(parents=True, exist_ok=True)
             (out / "verifier.key").write_text(tlog.verifier_key + "\n")
@@ -262,12 +264,25 @@ def cmd_export_proof(args: argparse.Namespace) -> int:
                 leaf = bytes(event["leaf"])
                 index = indices[event["_id"]]
                 proof = InclusionProof.against(index, leaf, path, cp)
+                if root_from_inclusion_proof(index, cp.size, proof.leaf_hash, path) != cp.root_hash:
+                    # The ledger's copy of the leaf is not what the signed tree holds.
+                    tampered.append(event)
+                    continue
                 name = f"v{event['version']}-{event['header'].get('type', 'EVENT')}.json"
                 (out / name).write_text(json.dumps(proof.bundle(), indent=2) + "\n")
                 print(f"wrote {out / name}: leaf {index} in tree {cp.size}", file=sys.stderr)
         except OSError as exc:
             raise UsageError(f"--out {out}: {exc}") from None
         print(f"wrote {out / 'verifier.key'}", file=sys.stderr)
+        for event in tampered:
+            print(
+                f"TAMPERED: version {event['version']} of {args.prescription}: its ledger leaf "
+                f"is not leaf {indices[event['_id']]} of the signed tree; no bundle written "
+                "(run rxledger audit)",
+                file=sys.stderr,
+            )
+        if tampered:
+            return EXIT_FAILED
         pending = [e for e in events if e not in covered]
         if pending:
             versions = ", ".join(str(e["version"]) for e in pending)

@@ -35,7 +35,6 @@ from test_prescriptions import (
     Databases,
     Gateway,
     Parties,
-    databases,  # noqa: F401  (the module's throw-away databases)
     launch,
     running,
     wait_for,
@@ -75,7 +74,7 @@ LIFECYCLE = ["ISSUED", "DISPENSED", "HANDED_TO_COURIER", "DELIVERED", "RECEIPT_C
 @pytest.fixture(scope="module")
 def gw(
     mongo_uri: str,
-    databases: Databases,  # noqa: F811  (the fixture imported above)
+    databases: Databases,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Gateway]:
     launched = launch(

@@ -25,9 +25,7 @@ from test_prescriptions import (
     Gateway,
     Parties,
     call,
-    databases,  # noqa: F401  (a fixture)
     launch,
-    mongo,  # noqa: F401  (a fixture)
     running,
     verify_offline,
     wait_for,
@@ -61,7 +59,7 @@ def rxledger(*args: str, gw: Gateway | None = None, **env: str) -> subprocess.Co
 @pytest.fixture(scope="module")
 def gw(
     mongo_uri: str,
-    databases: Databases,  # noqa: F811
+    databases: Databases,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Any:
     launched = launch(mongo_uri, databases.new(), tmp_path_factory.mktemp("auditor"), **LIMITS)
@@ -107,6 +105,27 @@ def test_export_proof_writes_each_events_bundle_as_graphql_returns_it_and_each_v
     )
 
 
+def test_export_proof_writes_no_bundle_for_a_ledger_leaf_the_signed_tree_does_not_hold(
+    gw: Gateway, mongo_uri: str, tmp_path: Path
+) -> None:
+    p = Parties(gw)
+    rid = p.issued()
+    anchored_history(p, rid, 1)
+    ledger = MongoClient(mongo_uri)[gw.db]["ledger"]
+    event = ledger.find_one({"subject": rid, "version": 1})
+    header = {**event["header"], "actor": "PRESCRIBER:mallory"}
+    forged = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    ledger.update_one({"_id": event["_id"]}, {"$set": {"header": header, "leaf": Binary(forged)}})
+    out = tmp_path / "proofs"
+    done = rxledger(
+        "export-proof", "--prescription", rid, "--out", str(out), "--wait", "0", gw=gw,
+        MONGODB_URI=mongo_uri,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "TAMPERED: version 1" in done.stderr, done.stderr
+    assert not (out / "v1-ISSUED.json").exists()
+
+
 def test_export_proof_of_an_unknown_prescription_says_so(
     gw: Gateway, mongo_uri: str, tmp_path: Path
 ) -> None:
@@ -135,7 +154,7 @@ def test_export_proof_into_a_path_that_is_a_file_exits_2_and_names_it(
 
 def test_export_proof_of_events_no_checkpoint_covers_is_incomplete(
     mongo_uri: str,
-    databases: Databases,  # noqa: F811
+    databases: Databases,
     tmp_path: Path,
 ) -> None:
     """Events appended to a log that nothing sequences: no bundle can exist yet."""
@@ -205,7 +224,7 @@ def audit(gw: Gateway, key: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def tiled(
     mongo_uri: str,
-    databases: Databases,  # noqa: F811
+    databases: Databases,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Any:
     """A log of 600 entries (full and partial tiles at level 0, a partial one at level 1)."""
@@ -266,7 +285,7 @@ class StoredLog:
 @pytest.fixture
 def small_log(
     mongo_uri: str,
-    databases: Databases,  # noqa: F811
+    databases: Databases,
     tmp_path: Path,
 ) -> StoredLog:
     """A log of 300 entries whose gateway has stopped."""
