@@ -97,7 +97,10 @@ class StatusTime:
 class Erasure:
     at: dt.datetime
     by: str
-    reason: str
+    reason: str | None = strawberry.field(
+        description="free text that may name the patient: null when personal fields are "
+        "withheld from you (auditors)"
+    )
 
 
 @strawberry.type(description="One ledger event of a prescription, with its proof.")
@@ -233,7 +236,9 @@ class Prescription:
     @strawberry.field
     def erased(self) -> Erasure | None:
         e = self.doc.get("erased")
-        return None if e is None else Erasure(at=e["at"], by=e["by"], reason=e["reason"])
+        if e is None:
+            return None
+        return Erasure(at=e["at"], by=e["by"], reason=None if self.hidden else e["reason"])
 
     @strawberry.field(description="every ledger event of this prescription, oldest first")
     async def history(self, info: Info) -> list[PrescriptionEvent]:

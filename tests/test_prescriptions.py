@@ -1289,6 +1289,19 @@ def test_erasing_personal_data_keeps_the_ledger_verifiable_and_closes_the_prescr
     assert ledger_count(p.gw, mongo, rid) == 3
 
 
+def test_an_auditor_reads_an_erasure_without_its_free_text_reason(parties):
+    # The reason is free text: it may name the patient, so it is personal data.
+    p = parties
+    rid = p.issued()
+    reason = f"request of {p.patient_name}, letter of 2 May"
+    erased = call(p.gw, p.admin, "erasePersonalData", id=rid, expectedVersion=1, reason=reason)
+    assert erased["__typename"] == "Prescription", erased
+    read = p.gw.gql(PRESCRIPTION, p.auditor, id=rid)
+    assert read["data"]["prescription"]["erased"] == {"by": f"ADMIN:admin-{p.uid}", "reason": None}
+    assert p.patient_name not in json.dumps(read)
+    assert p.read(rid)["erased"]["reason"] == reason  # the admin still reads it
+
+
 # --- 9. bad input ----------------------------------------------------------------------------
 
 
