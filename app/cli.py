@@ -27,7 +27,7 @@ from anchoring.verify import (
     verify_bundle_inclusion,
     verify_consistency,
 )
-from app.settings import ConfigError, Settings, write_new_key
+from app.settings import ConfigError, Settings, announce_mode, write_new_key
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -323,8 +323,11 @@ def cmd_witness(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.auth import AuthSettings
+
     settings = Settings.from_env()
     settings.signer()  # fail fast on a missing production key
+    AuthSettings.from_env(settings.mode, settings.var_dir)  # ... and token settings
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -346,6 +349,7 @@ def cmd_sequence(args: argparse.Namespace) -> int:
     from app.db import make_client, make_log
 
     settings = Settings.from_env()
+    announce_mode(settings)
 
     async def run() -> int:
         client = make_client(settings)

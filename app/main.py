@@ -30,7 +30,7 @@ from app.limits import BodySizeLimit, LimitSettings, RateLimiter, graphql_extens
 from app.logserver import LogServer
 from app.metrics import Metrics, MetricsMiddleware
 from app.service import PrescriptionService
-from app.settings import Settings
+from app.settings import Settings, announce_mode
 from schema.loaders import Loaders
 from schema.root import make_schema
 
@@ -126,6 +126,7 @@ class GraphQLEndpoint:
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
+    announce_mode(settings)
     auth = Authenticator(AuthSettings.from_env(settings.mode, settings.var_dir))
     limits = LimitSettings.from_env()
     metrics = Metrics()

@@ -1479,6 +1479,9 @@ class Others:
     production_verifier_key: str
 
 
+ISSUER, AUDIENCE = "https://idp.rxledger.test", "rxledger-gateway"
+
+
 def production_settings(tmp: Path) -> tuple[dict[str, str], Callable[..., str], str]:
     """A log key from `rxledger keygen`, a token issuer's Ed25519 key pair: the production
     environment, a token minter and the expected verifier key."""
@@ -1501,12 +1504,14 @@ def production_settings(tmp: Path) -> tuple[dict[str, str], Callable[..., str], 
     private_pem = issuer.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
 
     def mint(**claims: Any) -> str:
-        return mint_token(key_pem=private_pem, **claims)
+        return mint_token(key_pem=private_pem, issuer=ISSUER, audience=AUDIENCE, **claims)
 
     env = {
         "RXLEDGER_MODE": "production",
         "RXLEDGER_SIGNING_KEY": str(log_key),
         "RXLEDGER_JWT_PUBLIC_KEYS": str(public),
+        "RXLEDGER_JWT_ISSUER": ISSUER,
+        "RXLEDGER_JWT_AUDIENCE": AUDIENCE,
     }
     return env, mint, keygen.stdout.strip()
 
