@@ -209,6 +209,7 @@ class PrescriptionService:
         )
         if retried is not None:
             return retried
+        _may_act(viewer, doc, mutation)
         if mutation == "erasePersonalData":
             if "erased" in doc:
                 raise Refused("IllegalTransition", "the personal data is already erased")
@@ -220,7 +221,6 @@ class PrescriptionService:
                 raise Refused(
                     "IllegalTransition", "the prescription's personal data was erased; it is closed"
                 )
-            _may_act(viewer, doc, mutation)
             step = rx.check_transition(doc, mutation)
             at = rx.now()
             new = rx.apply_transition(doc, step, at, args)
