@@ -6,6 +6,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# The image is for deployments: production mode, which refuses to start without a signing key,
+# token verification keys, RXLEDGER_JWT_ISSUER and RXLEDGER_JWT_AUDIENCE (no development fallbacks).
+ENV RXLEDGER_MODE=production
+
 # Build context is filtered by .dockerignore (no .venv, var/, .git, caches).
 COPY . /tmp/src
 RUN pip install /tmp/src && rm -rf /tmp/src

@@ -62,6 +62,7 @@ db-stop: ## stop the development server
 
 run: venv db ## serve the GraphQL gateway on HOST:PORT (MONGODB_URI defaults to the dev server)
 	MONGODB_URI="$${MONGODB_URI:-mongodb://127.0.0.1:$(DB_PORT)/}" \
+	RXLEDGER_MODE="$${RXLEDGER_MODE:-development}" \
 	  $(VENV)/bin/rxledger serve --host $(HOST) --port $(PORT)
 
 lint: venv ## ruff check and ruff format --check

@@ -10,8 +10,9 @@ Claims
     `org`   optional string: the pharmacy id of a PHARMACIST or PARTNER, the courier company of a
             COURIER, the department of a PRESCRIBER (`Viewer.organization`).
     `exp`   required; `nbf` and `iat` are checked when present. `iss` and `aud` are required and
-            checked when RXLEDGER_JWT_ISSUER / RXLEDGER_JWT_AUDIENCE are set; a token that carries
-            an `aud` is refused when no audience is configured (RFC 7519 §4.1.3).
+            checked when RXLEDGER_JWT_ISSUER / RXLEDGER_JWT_AUDIENCE are set (always, in
+            production); a token that carries an `aud` is refused when no audience is configured
+            (RFC 7519 §4.1.3).
 
 Algorithms
     EdDSA (Ed25519) and RS256 (RSA, at least 2048 bits) against the configured public keys;
@@ -37,12 +38,14 @@ Environment (read by `AuthSettings.from_env`)
                               use; `rxledger token` uses the same secret, so development tokens
                               work with `make run` without setup. Setting it in production is a
                               startup error, and production refuses every HS256 token.
-    RXLEDGER_JWT_ISSUER       When set, tokens must carry exactly this `iss`.
-    RXLEDGER_JWT_AUDIENCE     When set, tokens must carry this `aud` (a string, or a list holding it).
+    RXLEDGER_JWT_ISSUER       Tokens must carry exactly this `iss`. Required in production.
+    RXLEDGER_JWT_AUDIENCE     Tokens must carry this `aud` (a string, or a list holding it). Required
+                              in production.
     RXLEDGER_JWT_LEEWAY       Seconds of clock skew tolerated on `exp`, `nbf` and `iat` (default 30).
 
-Production mode needs RXLEDGER_JWT_PUBLIC_KEYS or RXLEDGER_JWKS (or both); without either, and
-with RXLEDGER_JWT_DEV_SECRET set, startup fails with a `ConfigError`.
+Production mode needs RXLEDGER_JWT_PUBLIC_KEYS or RXLEDGER_JWKS (or both), and both
+RXLEDGER_JWT_ISSUER and RXLEDGER_JWT_AUDIENCE; without them, and with RXLEDGER_JWT_DEV_SECRET set,
+startup fails with a `ConfigError` naming the variables.
 """
 
 from __future__ import annotations
@@ -149,6 +152,22 @@ class AuthSettings:
         if self.production and not self.public_keys and self.jwks_path is None:
             raise ConfigError(
                 "production mode needs token verification keys: set RXLEDGER_JWT_PUBLIC_KEYS (comma-separated PEM public keys, Ed25519 or RSA) or RXLEDGER_JWKS (a JWKS file)"
+            )
+        missing = [
+            name
+            for name, value in (
+                ("RXLEDGER_JWT_ISSUER", self.issuer),
+                ("RXLEDGER_JWT_AUDIENCE", self.audience),
+            )
+            if not value
+        ]
+        if self.production and missing:
+            # Without both, a token the identity provider issued to any other service, signed
+            # by the same key, would be accepted here.
+            raise ConfigError(
+                f"production mode needs {' and '.join(missing)}: tokens must name their issuer "
+                "(iss) and this gateway as their audience (aud); set them to the values your "
+                "identity provider puts in the tokens it issues for rxledger"
             )
 
     @property

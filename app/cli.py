@@ -29,7 +29,7 @@ from anchoring.verify import (
     verify_consistency,
 )
 from app.limits import LimitSettings
-from app.settings import ConfigError, Settings, write_new_key
+from app.settings import ConfigError, Settings, announce_mode, write_new_key
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -339,8 +339,11 @@ def cmd_witness(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.auth import AuthSettings
+
     settings = Settings.from_env()
     settings.signer()  # fail fast on a missing production key
+    AuthSettings.from_env(settings.mode, settings.var_dir)  # ... and token settings
     limits = LimitSettings.from_env()
     uvicorn.run(
         "app.main:create_app",
@@ -366,6 +369,7 @@ def cmd_sequence(args: argparse.Namespace) -> int:
     from app.db import make_client, make_log
 
     settings = Settings.from_env()
+    announce_mode(settings)
 
     async def run() -> int:
         client = make_client(settings)

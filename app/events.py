@@ -27,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 from anchoring.encoding import b64
 from app.auth import Authenticator, AuthError
 from app.feed import FeedEvent, PrescriptionFeed, StreamEnded, event_filter
+from app.policy import NotAllowed
 from app.prescriptions import Status
 
 HEARTBEAT_SECONDS = 15.0
@@ -95,6 +96,8 @@ class EventStream:
                 organization=q.get("organization"),
                 statuses=statuses or None,
             )
+        except NotAllowed as exc:
+            return _error(403, str(exc), "FORBIDDEN")
         except ValueError as exc:
             return _error(400, str(exc), "BAD_USER_INPUT")
         feed: PrescriptionFeed = state.feed

@@ -27,7 +27,7 @@ from typing import Any
 from anchoring.log import TransparencyLog
 from anchoring.tail import Sequenced
 from app.auth import Viewer
-from app.prescriptions import Tags, redacted
+from app.policy import Tags, check_patient_filter, check_sees_any
 
 log = logging.getLogger("rxledger.feed")
 
@@ -247,9 +247,10 @@ def event_filter(
     statuses: list[str] | None = None,
 ) -> Callable[[FeedEvent], bool]:
     """Which events a subscriber receives: those its token may read, narrowed by its filter.
-    Raises ValueError for a filter the viewer may not use."""
-    if patient_id is not None and redacted(viewer):
-        raise ValueError("auditors cannot filter by patient")
+    Raises policy.NotAllowed for a viewer that may read none, or a filter it may not use."""
+    check_sees_any(viewer)
+    if patient_id is not None:
+        check_patient_filter(viewer)
     patient = None if patient_id is None else tags.patient(patient_id)
     wanted = None if not statuses else set(statuses)
 

@@ -43,7 +43,7 @@ from app.limits import (
 from app.logserver import LogServer
 from app.metrics import Metrics, MetricsMiddleware
 from app.service import PrescriptionService
-from app.settings import Settings
+from app.settings import Settings, announce_mode
 from schema.loaders import LoadersPerOperation
 from schema.root import make_schema
 
@@ -236,6 +236,7 @@ class GraphQLEndpoint:
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
+    announce_mode(settings)
     auth = Authenticator(AuthSettings.from_env(settings.mode, settings.var_dir))
     limits = LimitSettings.from_env()
     metrics = Metrics()

@@ -1,5 +1,6 @@
-"""The prescription domain: states, who may move a prescription between them, and the ledger
-event each step appends. Pure: no database, no clock of its own, no GraphQL.
+"""The prescription domain: states, the transitions between them, and the ledger event each
+step appends (who may take a step is app/policy.py's). Pure: no database, no clock of its own,
+no GraphQL.
 
 A prescription document (the projection kept in `prescriptions`):
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import hashlib
-import hmac
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -118,28 +118,6 @@ TRANSITIONS: dict[str, Transition] = {
     )
 }
 
-# Which roles may attempt each mutation at all (checked before the prescription is read).
-MUTATION_ROLES: dict[str, frozenset[Role]] = {
-    "issuePrescription": frozenset({Role.PRESCRIBER}),
-    "cancelPrescription": frozenset({Role.PRESCRIBER}),
-    "rejectPrescription": frozenset({Role.PHARMACIST}),
-    "dispensePrescription": frozenset({Role.PHARMACIST}),
-    "handToCourier": frozenset({Role.PHARMACIST}),
-    "deliverPrescription": frozenset({Role.COURIER, Role.PHARMACIST}),
-    "confirmReceipt": frozenset({Role.PATIENT}),
-    "erasePersonalData": frozenset({Role.ADMIN}),
-}
-
-
-def check_role(viewer: Viewer, mutation: str) -> None:
-    """Raises Refused("Forbidden") unless the viewer's role may attempt `mutation`."""
-    roles = MUTATION_ROLES[mutation]
-    if viewer.role not in roles:
-        names = ", ".join(sorted(r.value for r in roles))
-        raise Refused(
-            "Forbidden", f"{mutation} needs the role {names}; you are {viewer.role.value}"
-        )
-
 
 class Refused(Exception):
     """An expected refusal; `kind` names the GraphQL error type."""
@@ -223,99 +201,11 @@ def header(
     }
 
 
-# --- routing tags -------------------------------------------------------------------------
-
-
-class Tags:
-    """The routing tags each event carries to followers of the log (subscriptions): who may
-    see it and its new status. The patient is a keyed hash (HMAC-SHA256 under a key derived
-    from the log's signing key), so entries hold no patient identifier, yet a patient's own
-    events and a filter by patient can still be matched."""
-
-    def __init__(self, key: bytes) -> None:
-        self._key = hashlib.sha256(b"rxledger patient tag\n" + key).digest()
-
-    def patient(self, patient_id: str) -> str:
-        return hmac.new(self._key, patient_id.encode(), hashlib.sha256).hexdigest()[:32]
-
-    def of(self, doc: dict[str, Any]) -> dict[str, str | None]:
-        patient = (doc.get("patient") or {}).get("id")
-        return {
-            "status": doc["status"],
-            "prescriber": doc.get("prescriber"),
-            "pharmacy": doc.get("pharmacy"),
-            "courier": doc.get("courier"),
-            "courierOrganization": doc.get("courierOrganization"),
-            "patient": None if patient is None else self.patient(patient),
-        }
-
-    def can_see(self, viewer: Viewer, tags: dict[str, str | None]) -> bool:
-        """can_see, for an event known only by its tags."""
-        view: dict[str, Any] = {k: v for k, v in tags.items() if k != "patient"}
-        if viewer.role is Role.PATIENT:
-            return tags.get("patient") == self.patient(viewer.subject)
-        return can_see(viewer, view)
-
-
-# --- who may see and act ----------------------------------------------------------------
-
-
-def visibility_filter(viewer: Viewer) -> dict[str, Any] | None:
-    """A MongoDB filter selecting the prescriptions `viewer` may read (None: nothing)."""
-    role, sub, org = viewer.role, viewer.subject, viewer.organization
-    if role in (Role.ADMIN, Role.AUDITOR):
-        return {}
-    if role is Role.PRESCRIBER:
-        return {"prescriber": sub}
-    if role is Role.PATIENT:
-        return {"patient.id": sub}
-    if role is Role.COURIER:
-        return {"courier": sub}
-    if org is None:
-        return None  # a pharmacist or partner token without an organization sees nothing
-    if role is Role.PHARMACIST:
-        return {"pharmacy": org}
-    if role is Role.PARTNER:
-        return {"$or": [{"pharmacy": org}, {"courierOrganization": org}]}
-    return None
-
-
-def can_see(viewer: Viewer, doc: dict[str, Any]) -> bool:
-    role, sub, org = viewer.role, viewer.subject, viewer.organization
-    if role in (Role.ADMIN, Role.AUDITOR):
-        return True
-    if role is Role.PRESCRIBER:
-        return bool(doc.get("prescriber") == sub)
-    if role is Role.PATIENT:
-        return bool((doc.get("patient") or {}).get("id") == sub)
-    if role is Role.COURIER:
-        return bool(doc.get("courier") == sub)
-    if org is None:
-        return False
-    if role is Role.PHARMACIST:
-        return bool(doc.get("pharmacy") == org)
-    if role is Role.PARTNER:
-        return org in (doc.get("pharmacy"), doc.get("courierOrganization"))
-    return False
-
-
-def redacted(viewer: Viewer | None) -> bool:
-    """Auditors see the ledger, events and proofs, never personal data."""
-    return viewer is None or viewer.role is Role.AUDITOR
-
-
-def check_transition(viewer: Viewer, doc: dict[str, Any], mutation: str) -> Transition:
-    """The transition `viewer` may take on `doc`; raises Refused when they may not."""
+def check_transition(doc: dict[str, Any], mutation: str) -> Transition:
+    """The transition `mutation` takes from `doc`'s status; raises Refused("IllegalTransition")
+    when that status does not allow it. Who may take it is app.policy's."""
     step = TRANSITIONS[mutation]
     status = Status(doc["status"])
-    if mutation == "deliverPrescription":
-        # A courier delivers what it carries (it sees nothing else); a pharmacist hands over
-        # at the counter (pick-up).
-        if viewer.role is Role.PHARMACIST and status is Status.IN_TRANSIT:
-            raise Refused(
-                "Forbidden",
-                "this prescription is IN_TRANSIT: only its assigned courier may deliver it",
-            )
     if status not in step.sources:
         allowed = ", ".join(sorted(s.value for s in step.sources))
         raise Refused(

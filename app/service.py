@@ -42,6 +42,7 @@ from anchoring.log import InclusionProof, TransparencyLog
 from anchoring.receipt import Receipt
 from anchoring.store import Doc, one_of
 from anchoring.verify import root_from_inclusion_proof
+from app import policy
 from app import prescriptions as rx
 from app.auth import Role, Viewer
 from app.prescriptions import Refused
@@ -82,7 +83,7 @@ class PrescriptionService:
         self.log = log_
         self.prescriptions = collection
         self.ledger = log_.store.ledger
-        self.tags = rx.Tags(log_.signer.private_key.private_bytes_raw())
+        self.tags = policy.Tags(log_.signer.private_key.private_bytes_raw())
 
     async def ensure_indexes(self) -> None:
         await self.prescriptions.create_index(
@@ -175,7 +176,7 @@ class PrescriptionService:
     # --- mutations ----------------------------------------------------------------------
 
     async def issue(self, viewer: Viewer, fields: Doc, idempotency_key: str | None) -> Doc:
-        rx.check_role(viewer, "issuePrescription")
+        policy.check_role(viewer, "issuePrescription")
         if idempotency_key is not None:
             # The same key from the same prescriber names the same prescription, so a retry
             # meets the unique (subject, version 1) index instead of filing a second one.
@@ -224,13 +225,14 @@ class PrescriptionService:
         idempotency_key: str | None,
         args: Doc,
     ) -> Doc:
-        rx.check_role(viewer, mutation)
+        policy.check_role(viewer, mutation)
         doc = await self._current(viewer, rid)
         retried = await self._retried(
             viewer, doc, mutation, expected_version, idempotency_key, args
         )
         if retried is not None:
             return retried
+        _may_act(viewer, doc, mutation)
         if mutation == "erasePersonalData":
             if "erased" in doc:
                 raise Refused("IllegalTransition", "the personal data is already erased")
@@ -242,8 +244,7 @@ class PrescriptionService:
                 raise Refused(
                     "IllegalTransition", "the prescription's personal data was erased; it is closed"
                 )
-            _may_act(viewer, doc, mutation)
-            step = rx.check_transition(viewer, doc, mutation)
+            step = rx.check_transition(doc, mutation)
             at = rx.now()
             new = rx.apply_transition(doc, step, at, args)
             event = step.event
@@ -276,7 +277,7 @@ class PrescriptionService:
                     f"prescription {rid} disagrees with its ledger events and cannot be "
                     "restored from them; nothing was appended",
                 )
-        if doc is None or not rx.can_see(viewer, doc):
+        if doc is None or not policy.can_see(viewer, doc):
             raise Refused("NotFound", f"no prescription {rid} that you may see")
         return doc
 
@@ -560,11 +561,8 @@ def _unproven_state(subject: str, event: Doc, state: Doc | None) -> str | None:
 
 
 def _may_act(viewer: Viewer, doc: Doc, mutation: str) -> None:
-    """Beyond seeing it: the prescriber cancels only their own; a courier only what it carries."""
-    if viewer.role is Role.PRESCRIBER and doc.get("prescriber") != viewer.subject:
-        raise Refused("Forbidden", "only the prescriber who filed it may cancel it")
-    if viewer.role is Role.COURIER and doc.get("courier") != viewer.subject:
-        raise Refused("Forbidden", "only the courier it was handed to may deliver it")
+    """Beyond seeing it: whether the viewer may take this step (app/policy.py decides)."""
+    policy.check_may_act(viewer, doc, mutation)
 
 
 def _same_request(event: Doc, viewer: Viewer, mutation: str, key: str, payload: Doc) -> bool:

@@ -1,4 +1,9 @@
-"""Configuration from environment variables (documented in the README)."""
+"""Configuration from environment variables (documented in the README).
+
+RXLEDGER_MODE is `development` or `production`. Unset, it is development, and every process that
+serves or signs (`rxledger serve`, `rxledger sequence`) says so in a WARNING line at start-up
+(`announce_mode`); `make run` sets it to development explicitly.
+"""
 
 from __future__ import annotations
 
@@ -63,6 +68,7 @@ class Settings:
     var_dir: Path
     db_timeout_ms: int
     log: LogSettings
+    mode_is_default: bool = False  # RXLEDGER_MODE was not set
 
     @property
     def production(self) -> bool:
@@ -70,7 +76,8 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        mode = os.environ.get("RXLEDGER_MODE", "development")
+        raw_mode = os.environ.get("RXLEDGER_MODE")
+        mode = "development" if raw_mode is None else raw_mode
         if mode not in ("development", "production"):
             raise ConfigError(f"RXLEDGER_MODE={mode!r} must be 'development' or 'production'")
         database = os.environ.get("RXLEDGER_DB", "rxledger")
@@ -106,6 +113,7 @@ class Settings:
                 quorum=quorum,
                 witness_hold=env_number("RXLEDGER_WITNESS_HOLD", 30.0, 0.0),
             ),
+            mode_is_default=raw_mode is None,
         )
 
     def signer(self, create: bool = True) -> Signer:
@@ -135,6 +143,20 @@ class Settings:
             raise ConfigError(f"RXLEDGER_SIGNING_KEY: no such file {path}") from None
         except ValueError as exc:
             raise ConfigError(f"signing key {path}: {exc}") from None
+
+
+UNSET_MODE_WARNING = (
+    "RXLEDGER_MODE is not set: running in DEVELOPMENT mode (HS256 development tokens accepted, "
+    "keys created under RXLEDGER_VAR_DIR, GraphiQL on). Set RXLEDGER_MODE=production to deploy, "
+    "or RXLEDGER_MODE=development to say this is meant"
+)
+
+
+def announce_mode(settings: Settings) -> None:
+    """Warn loudly when the mode was not chosen (a deployment that forgot RXLEDGER_MODE would
+    otherwise run with development keys and tokens without anyone noticing)."""
+    if settings.mode_is_default:
+        log.warning(UNSET_MODE_WARNING)
 
 
 def write_new_key(path: Path, force: bool = False) -> Signer:

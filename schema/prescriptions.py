@@ -18,6 +18,7 @@ from strawberry.types import Info
 
 from anchoring.encoding import b64
 from anchoring.store import Doc
+from app import policy
 from app import prescriptions as rx
 from app.auth import Viewer
 from app.limits import ClientError
@@ -96,7 +97,10 @@ class StatusTime:
 class Erasure:
     at: dt.datetime
     by: str
-    reason: str
+    reason: str | None = strawberry.field(
+        description="free text that may name the patient: null when personal fields are "
+        "withheld from you (auditors)"
+    )
 
 
 @strawberry.type(description="One ledger event of a prescription, with its proof.")
@@ -232,7 +236,9 @@ class Prescription:
     @strawberry.field
     def erased(self) -> Erasure | None:
         e = self.doc.get("erased")
-        return None if e is None else Erasure(at=e["at"], by=e["by"], reason=e["reason"])
+        if e is None:
+            return None
+        return Erasure(at=e["at"], by=e["by"], reason=None if self.hidden else e["reason"])
 
     @strawberry.field(
         description="every ledger event of this prescription, oldest first (read from the "
@@ -278,9 +284,9 @@ class Prescription:
 def present(info: Info, doc: Doc | None) -> Prescription | None:
     """The prescription as this viewer may see it (None when they may not)."""
     viewer = viewer_of(info)
-    if doc is None or viewer is None or not rx.can_see(viewer, doc):
+    if doc is None or viewer is None or not policy.can_see(viewer, doc):
         return None
-    return Prescription(doc=doc, hidden=rx.redacted(viewer))
+    return Prescription(doc=doc, hidden=policy.personal_data_hidden(viewer))
 
 
 @strawberry.type
@@ -306,15 +312,14 @@ class PrescriptionFilter:
 
 
 def _query(viewer: Viewer, f: PrescriptionFilter | None) -> Doc:
-    visible = rx.visibility_filter(viewer)
-    if visible is None:
-        raise ClientError(
-            f"a {viewer.role.value} token needs an 'org' claim to see prescriptions", "FORBIDDEN"
-        )
+    try:
+        visible = policy.check_sees_any(viewer)
+        if f is not None and f.patient_id is not None:
+            policy.check_patient_filter(viewer)
+    except policy.NotAllowed as exc:
+        raise ClientError(str(exc), "FORBIDDEN") from None
     conditions = [visible] if visible else []
     if f is not None:
-        if f.patient_id is not None and rx.redacted(viewer):
-            raise ClientError("auditors cannot filter by patient", "FORBIDDEN")
         if f.status:
             conditions.append({"status": {"$in": [rx.Status(s).value for s in f.status]}})
         for field, value in (
@@ -482,10 +487,10 @@ async def _run(info: Info, mutation: str, action: Any) -> Any:
                 "authentication required: send 'Authorization: Bearer <token>' "
                 "(`rxledger token --role ROLE --sub ID` mints one in development)",
             )
-        rx.check_role(viewer, mutation)  # before the arguments: a wrong role learns only that
+        policy.check_role(viewer, mutation)  # before the arguments: a wrong role learns only that
         doc = await action(viewer)
         loaders(info).forget(doc["_id"])  # this request may have read the old version
-        result: Any = Prescription(doc=doc, hidden=rx.redacted(viewer))
+        result: Any = Prescription(doc=doc, hidden=policy.personal_data_hidden(viewer))
     except Refused as exc:
         result = ERRORS[exc.kind](message=exc.message)
     if metrics is not None:
@@ -556,7 +561,9 @@ class Mutation:
         )
 
     @strawberry.mutation(
-        description="PHARMACIST of its pharmacy: DISPENSED → IN_TRANSIT with a courier"
+        description="PHARMACIST of its pharmacy: DISPENSED → IN_TRANSIT with a courier and its "
+        "company (courierOrganization, required): only a COURIER token with that sub and org "
+        "sees and delivers it"
     )
     async def hand_to_courier(
         self,
@@ -624,9 +631,9 @@ async def _transition(
         checked = dict(args)
         for field in ("reason", "courier", "courierOrganization"):
             if field in checked:
-                required = field != "courierOrganization" and not (
-                    field == "reason" and mutation == "cancelPrescription"
-                )
+                # A courier sees what it carries only when its id and company both match,
+                # so a hand-over must name the company.
+                required = not (field == "reason" and mutation == "cancelPrescription")
                 checked[field] = rx.text(checked[field], field, required=required)
         checked = {k: v for k, v in checked.items() if v is not None}
         if expected_version < 1:

@@ -20,6 +20,7 @@ from anchoring.encoding import b64
 from app import prescriptions as rx
 from app.feed import FeedEvent, PrescriptionFeed, StreamEnded, event_filter
 from app.limits import ClientError
+from app.policy import NotAllowed
 from app.service import PrescriptionService
 from schema.ledger import Checkpoint, ConsistencyProof, InclusionProof, Receipt, non_negative
 from schema.prescriptions import Status, signed_in, viewer_of
@@ -167,7 +168,7 @@ class Subscription:
                 organization=f.organization,
                 statuses=None if not f.status else [rx.Status(s).value for s in f.status],
             )
-        except ValueError as exc:
+        except NotAllowed as exc:
             raise ClientError(str(exc), "FORBIDDEN") from None
         feed = _feed(info)
         start = await feed.start_position() if after_leaf_index is None else after_leaf_index + 1

@@ -53,6 +53,7 @@ AUTH_ENV = (
     "RXLEDGER_JWT_LEEWAY",
 )
 SECRET = b"s" * 32
+ISSUER, AUDIENCE = "https://idp.example", "rxledger"  # what production tests configure
 
 ED_KEY = Ed25519PrivateKey.generate()
 OTHER_ED_KEY = Ed25519PrivateKey.generate()
@@ -75,6 +76,7 @@ def auth(
     **overrides: Any,
 ) -> Authenticator:
     """An Authenticator trusting `keys` as PEM files named key0.pem, key1.pem, ..."""
+    production = mode == "production"  # which needs an issuer and an audience
     fields: dict[str, Any] = {
         "mode": mode,
         "public_keys": tuple(
@@ -83,8 +85,8 @@ def auth(
         ),
         "jwks_path": None,
         "dev_secret": None,
-        "issuer": None,
-        "audience": None,
+        "issuer": ISSUER if production else None,
+        "audience": AUDIENCE if production else None,
         "leeway_seconds": 30.0,
     }
     fields.update(overrides)
@@ -180,10 +182,24 @@ def test_jwks_key_is_chosen_by_kid(tmp_path: Path) -> None:
         (RSA_KEY, "rsa"),
     ]
     for key, kid in signers:
-        token = mint_token(role="PARTNER", subject=kid, key_pem=private_pem(key), kid=kid)
+        token = mint_token(
+            role="PARTNER",
+            subject=kid,
+            key_pem=private_pem(key),
+            kid=kid,
+            issuer=ISSUER,
+            audience=AUDIENCE,
+        )
         viewer = authenticator.authenticate(bearer(token))
         assert viewer is not None and viewer.subject == kid
-    wrong_kid = mint_token(role="PARTNER", subject="x", key_pem=private_pem(ED_KEY), kid="ed-new")
+    wrong_kid = mint_token(
+        role="PARTNER",
+        subject="x",
+        key_pem=private_pem(ED_KEY),
+        kid="ed-new",
+        issuer=ISSUER,
+        audience=AUDIENCE,
+    )
     assert "does not verify" in refusal(authenticator, bearer(wrong_kid))
 
 
@@ -387,6 +403,33 @@ def test_production_without_keys_or_jwks_is_a_config_error(tmp_path: Path) -> No
     assert not (tmp_path / "keys").exists()
 
 
+@pytest.mark.parametrize(
+    ("issuer", "audience", "missing"),
+    [
+        (None, None, "RXLEDGER_JWT_ISSUER and RXLEDGER_JWT_AUDIENCE"),
+        ("https://idp.example", None, "RXLEDGER_JWT_AUDIENCE"),
+        (None, "rxledger", "RXLEDGER_JWT_ISSUER"),
+    ],
+)
+def test_production_without_issuer_or_audience_is_a_config_error_naming_them(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    issuer: str | None,
+    audience: str | None,
+    missing: str,
+) -> None:
+    # Without them, a token the identity provider issued for any other service would do here.
+    monkeypatch.setenv(
+        "RXLEDGER_JWT_PUBLIC_KEYS", str(write_public_pem(tmp_path / "k.pem", ED_KEY))
+    )
+    for name, value in (("RXLEDGER_JWT_ISSUER", issuer), ("RXLEDGER_JWT_AUDIENCE", audience)):
+        if value is not None:
+            monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        AuthSettings.from_env("production", tmp_path)
+    assert f"production mode needs {missing}" in str(caught.value)
+
+
 def test_production_from_env_loads_keys_issuer_audience_and_leeway(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -541,6 +584,10 @@ def test_cli_with_ed25519_key_prints_an_eddsa_token_for_production(tmp_path: Pat
         "key0",
         "--ttl",
         "60",
+        "--issuer",
+        ISSUER,
+        "--audience",
+        AUDIENCE,
     )
     assert run.returncode == 0, run.stderr
     token = run.stdout.strip()

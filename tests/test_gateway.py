@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from anchoring.encoding import unb64
 from anchoring.ledger import Ledger
@@ -21,6 +23,7 @@ from anchoring.proofs import root_hash
 from anchoring.store import LogStore
 from anchoring.tiles import TileReader
 from anchoring.verify import verify_consistency, verify_inclusion
+from app.settings import write_new_key
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIGIN = "gw.rxledger.test/log"
@@ -202,6 +205,55 @@ def test_production_mode_refuses_to_start_without_a_signing_key(mongo_uri, db_na
     assert "Traceback" not in proc.stderr
 
 
+def test_production_mode_refuses_to_start_without_token_issuer_and_audience(
+    mongo_uri, db_name, tmp_path
+):
+    write_new_key(tmp_path / "log.pem")
+    issuer = tmp_path / "issuer.pem"
+    issuer.write_bytes(
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    )
+    production = env_for(
+        mongo_uri,
+        db_name,
+        tmp_path,
+        RXLEDGER_MODE="production",
+        RXLEDGER_SIGNING_KEY=str(tmp_path / "log.pem"),
+        RXLEDGER_JWT_PUBLIC_KEYS=str(issuer),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(free_port())],
+        cwd=ROOT,
+        env=production,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "production mode needs RXLEDGER_JWT_ISSUER and RXLEDGER_JWT_AUDIENCE" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_an_unset_mode_warns_loudly_that_it_is_development_mode(gateway, tmp_path):
+    # `gateway` runs `rxledger serve` with no RXLEDGER_MODE (env_for drops every RXLEDGER_*).
+    output = (tmp_path / "gateway.log").read_text(errors="replace")
+    warning = [line for line in output.splitlines() if "RXLEDGER_MODE is not set" in line]
+    assert len(warning) == 1, output[-2000:]
+    assert "WARNING" in warning[0] and "DEVELOPMENT mode" in warning[0]
+
+
+def test_an_explicit_development_mode_does_not_warn(mongo_uri, db_name, tmp_path):
+    log_path = tmp_path / "gateway.log"
+    environment = env_for(mongo_uri, db_name, tmp_path, RXLEDGER_MODE="development")
+    with running_gateway(environment, log_path):
+        output = log_path.read_text(errors="replace")
+    # Start-up has logged (after the mode was decided), without the warning.
+    assert "rxledger development mode" in output, output[-2000:]
+    assert "RXLEDGER_MODE is not set" not in output, output[-2000:]
+
+
 def test_development_mode_creates_a_key_under_var_with_a_warning(mongo_uri, db_name, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "app.cli", "verifier-key"],
@@ -216,3 +268,20 @@ def test_development_mode_creates_a_key_under_var_with_a_warning(mongo_uri, db_n
     assert key.exists() and (key.stat().st_mode & 0o777) == 0o600
     assert "created a new log signing key" in proc.stderr
     assert parse_verifier_key(proc.stdout.strip()).name == "gw.rxledger.test"
+
+
+def test_the_docker_image_and_compose_file_run_in_production_mode_with_issuer_and_audience():
+    dockerfile = (ROOT / "Dockerfile").read_text().splitlines()
+    assert "ENV RXLEDGER_MODE=production" in dockerfile
+    compose = (ROOT / "docker-compose.yml").read_text()
+    environment = dict(
+        line.strip().split(": ", 1)
+        for line in compose.split("    environment:\n", 1)[1]
+        .split("    secrets:", 1)[0]
+        .splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    )
+    assert environment["RXLEDGER_MODE"] == "production"
+    # Compose refuses to start the service when either is unset (${VAR:?message}).
+    for name in ("RXLEDGER_JWT_ISSUER", "RXLEDGER_JWT_AUDIENCE"):
+        assert environment[name].startswith(f'"${{{name}:?'), environment[name]

@@ -563,7 +563,13 @@ def at_status(gw: Gateway) -> Callable[[str], tuple[Parties, str, int]]:
     [
         ("CANCELLED", "dispensePrescription", "PHARMACIST", {}, "needs status ISSUED"),
         ("ISSUED", "confirmReceipt", "PATIENT", {}, "needs status DELIVERED"),
-        ("ISSUED", "handToCourier", "PHARMACIST", {"courier": "c-7"}, "needs status DISPENSED"),
+        (
+            "ISSUED",
+            "handToCourier",
+            "PHARMACIST",
+            {"courier": "c-7", "courierOrganization": "fastmeds"},
+            "needs status DISPENSED",
+        ),
         ("ISSUED", "deliverPrescription", "PHARMACIST", {}, "needs status DISPENSED, IN_TRANSIT"),
         ("DISPENSED", "cancelPrescription", "PRESCRIBER", {}, "needs status ISSUED"),
         ("DISPENSED", "rejectPrescription", "PHARMACIST", {"reason": "late"}, "is DISPENSED"),
@@ -620,6 +626,42 @@ def test_another_courier_cannot_deliver_it(parties):
     other = p.gw.token("COURIER", "c-8", p.courier_org)
     result = call(p.gw, other, "deliverPrescription", id=rid, expectedVersion=version)
     refused(result, "NotFound", rid)
+
+
+def test_a_courier_of_another_company_with_the_same_id_sees_and_delivers_nothing(parties, mongo):
+    p = parties
+    rid = p.issued()
+    version = p.advance(rid, "IN_TRANSIT")
+    for impostor in (
+        p.gw.token("COURIER", "c-7", f"rival-{p.uid}"),  # same courier id, another company
+        p.gw.token("COURIER", "c-7"),  # no company at all
+    ):
+        read = p.gw.gql(PRESCRIPTION, impostor, id=rid)
+        assert read["data"]["prescription"] is None, read
+        assert p.patient_name not in json.dumps(read)
+        listed = p.gw.gql(LISTING, impostor, first=50)
+        assert rid not in json.dumps(listed) and p.patient_name not in json.dumps(listed)
+        delivered = call(p.gw, impostor, "deliverPrescription", id=rid, expectedVersion=version)
+        refused(delivered, "NotFound", rid)
+    assert ledger_count(p.gw, mongo, rid) == version
+    # The courier it was handed to (id and company) still sees and delivers it.
+    seen = p.gw.data(PRESCRIPTION, p.courier, id=rid)["prescription"]
+    assert seen["patient"]["name"] == p.patient_name
+    assert rid in [n["id"] for n in p.listing(p.courier)]
+    delivered = call(p.gw, p.courier, "deliverPrescription", id=rid, expectedVersion=version)
+    assert delivered["status"] == "DELIVERED", delivered
+
+
+def test_handing_to_a_courier_names_its_company(parties, mongo):
+    # Without a company no courier could ever see or deliver it: refused, not recorded.
+    p = parties
+    rid = p.issued()
+    version = p.advance(rid, "DISPENSED")
+    result = call(
+        p.gw, p.pharmacist, "handToCourier", id=rid, expectedVersion=version, courier="c-7"
+    )
+    refused(result, "InvalidInput", "courierOrganization is required")
+    assert ledger_count(p.gw, mongo, rid) == version
 
 
 @pytest.fixture(scope="module")
@@ -731,7 +773,15 @@ async def test_the_step_after_a_concurrent_race_is_sequenced_promptly(parties):
     p = parties
     rid = p.issued()
     await race(p.gw, p.pharmacist, "dispensePrescription", 8, id=rid, expectedVersion=1)
-    handed = call(p.gw, p.pharmacist, "handToCourier", id=rid, expectedVersion=2, courier="c-7")
+    handed = call(
+        p.gw,
+        p.pharmacist,
+        "handToCourier",
+        id=rid,
+        expectedVersion=2,
+        courier="c-7",
+        courierOrganization=p.courier_org,
+    )
     assert handed["__typename"] == "Prescription", handed
 
     def handed_over_sequenced() -> bool:
@@ -1147,7 +1197,15 @@ def test_erasing_personal_data_keeps_the_ledger_verifiable_and_closes_the_prescr
     assert holding == []
 
     refused(
-        call(p.gw, p.pharmacist, "handToCourier", id=rid, expectedVersion=3, courier="c-7"),
+        call(
+            p.gw,
+            p.pharmacist,
+            "handToCourier",
+            id=rid,
+            expectedVersion=3,
+            courier="c-7",
+            courierOrganization=p.courier_org,
+        ),
         "IllegalTransition",
         "erased",
     )
@@ -1157,6 +1215,19 @@ def test_erasing_personal_data_keeps_the_ledger_verifiable_and_closes_the_prescr
         "already erased",
     )
     assert ledger_count(p.gw, mongo, rid) == 3
+
+
+def test_an_auditor_reads_an_erasure_without_its_free_text_reason(parties):
+    # The reason is free text: it may name the patient, so it is personal data.
+    p = parties
+    rid = p.issued()
+    reason = f"request of {p.patient_name}, letter of 2 May"
+    erased = call(p.gw, p.admin, "erasePersonalData", id=rid, expectedVersion=1, reason=reason)
+    assert erased["__typename"] == "Prescription", erased
+    read = p.gw.gql(PRESCRIPTION, p.auditor, id=rid)
+    assert read["data"]["prescription"]["erased"] == {"by": f"ADMIN:admin-{p.uid}", "reason": None}
+    assert p.patient_name not in json.dumps(read)
+    assert p.read(rid)["erased"]["reason"] == reason  # the admin still reads it
 
 
 # --- 9. bad input ----------------------------------------------------------------------------
@@ -1336,6 +1407,9 @@ class Others:
     production_verifier_key: str
 
 
+ISSUER, AUDIENCE = "https://idp.rxledger.test", "rxledger-gateway"
+
+
 def production_settings(tmp: Path) -> tuple[dict[str, str], Callable[..., str], str]:
     """A log key from `rxledger keygen`, a token issuer's Ed25519 key pair: the production
     environment, a token minter and the expected verifier key."""
@@ -1358,12 +1432,14 @@ def production_settings(tmp: Path) -> tuple[dict[str, str], Callable[..., str], 
     private_pem = issuer.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
 
     def mint(**claims: Any) -> str:
-        return mint_token(key_pem=private_pem, **claims)
+        return mint_token(key_pem=private_pem, issuer=ISSUER, audience=AUDIENCE, **claims)
 
     env = {
         "RXLEDGER_MODE": "production",
         "RXLEDGER_SIGNING_KEY": str(log_key),
         "RXLEDGER_JWT_PUBLIC_KEYS": str(public),
+        "RXLEDGER_JWT_ISSUER": ISSUER,
+        "RXLEDGER_JWT_AUDIENCE": AUDIENCE,
     }
     return env, mint, keygen.stdout.strip()
 
