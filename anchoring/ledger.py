@@ -25,7 +25,13 @@ from bson import Binary, ObjectId
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from anchoring.encoding import EncodingError, canonical_json
-from anchoring.errors import InvalidEvent, LedgerUnavailable, VersionConflict
+from anchoring.errors import (
+    InvalidEvent,
+    LedgerUnavailable,
+    VersionConflict,
+    database_error,
+    frames,
+)
 from anchoring.hashing import leaf_hash
 from anchoring.store import Doc, LogStore, one_of
 
@@ -251,7 +257,7 @@ class Ledger:
                     await self._write(batch)
                 except Exception as exc:
                     # Never leave a caller waiting on an unexpected error.
-                    log.exception("append batch failed")
+                    log.error("append batch failed: %s\n%s", database_error(exc), frames(exc))
                     self._fail_all(batch, exc)
                 except asyncio.CancelledError as exc:
                     self._fail_all(batch, exc)
@@ -321,7 +327,7 @@ class Ledger:
         future = item[2]
         if not future.done():
             future.set_exception(
-                InvalidEvent(f"the database refused the event: {err.get('errmsg')}")
+                InvalidEvent(f"the database refused the event (code {err.get('code')})")
             )
 
     async def _settle_conflicts(self, conflicts: list[Pending]) -> list[Pending] | None:
@@ -343,9 +349,10 @@ class Ledger:
 
     @staticmethod
     def _fail_all(batch: list[Pending], exc: BaseException) -> None:
-        log.warning("append failed: %s: %s", type(exc).__name__, exc)
+        # Only the class and code: a BulkWriteError's text holds the events themselves.
+        log.warning("append failed: %s", database_error(exc))
         error = LedgerUnavailable(
-            f"database unavailable ({type(exc).__name__}); the event was not acknowledged and may "
+            f"database unavailable ({database_error(exc)}); the event was not acknowledged and may "
             "or may not be recorded: retry later; a VersionConflict then means an event for that "
             "version exists (possibly this one)"
         )

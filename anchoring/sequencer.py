@@ -26,6 +26,7 @@ from bson import Binary
 from pymongo import ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
+from anchoring.errors import database_error, frames
 from anchoring.hashing import leaf_hash
 from anchoring.ledger import commit_marker, group_events, marker_id
 from anchoring.store import Doc, LogStore
@@ -257,7 +258,7 @@ class Sequencer:
                 # already: recovery integrates what is stored and relearns what is done.
                 errors = exc.details.get("writeErrors") or [{}]
                 raise Resync(
-                    f"sequence: lost a race at index {self.size}: {errors[0].get('errmsg')}"
+                    f"sequence: lost a race at index {self.size} (code {errors[0].get('code')})"
                 ) from exc
             t2 = self._timed("sequence", t1)
             await self._integrate_and_publish(entries)
@@ -432,15 +433,21 @@ class Sequencer:
                 log.warning("sequence: %s", exc)
                 self.is_leader = False
             except PyMongoError as exc:
-                self.last_error = f"database: {type(exc).__name__}: {exc}"
+                self.last_error = f"database: {database_error(exc)}"
                 log.warning("sequence: %s; retrying in %.1fs", self.last_error, backoff)
                 self.is_leader = False
                 await _wait(stopping, backoff)
                 backoff = min(backoff * 2, 5.0)
             except Exception as exc:
                 # Never die silently: appends would be acknowledged and never sequenced.
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("sequence: unexpected error; recovering in %.1fs", backoff)
+                # Class and stack only: the text of an error may quote an event's data.
+                self.last_error = type(exc).__name__
+                log.error(
+                    "sequence: unexpected error %s; recovering in %.1fs\n%s",
+                    self.last_error,
+                    backoff,
+                    frames(exc),
+                )
                 self.is_leader = False
                 await _wait(stopping, backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
 
 from bson import Binary, ObjectId
 from pymongo import ASCENDING, DESCENDING
@@ -32,7 +34,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from anchoring.anchorer import SignedCheckpoint
 from anchoring.encoding import b64, canonical_json
-from anchoring.errors import InvalidEvent, LedgerUnavailable, VersionConflict
+from anchoring.errors import InvalidEvent, LedgerUnavailable, VersionConflict, database_error
 from anchoring.hashing import leaf_hash
 from anchoring.log import InclusionProof, TransparencyLog
 from anchoring.receipt import Receipt
@@ -50,6 +52,37 @@ REQUEST_FIELDS = {"data.actor": 1, "data.mutation": 1, "data.idem": 1, "data.pay
 
 # Audit paths of leaves in a tree size: (indices, size) -> paths.
 PathSource = Callable[[list[int], int], Awaitable[list[list[bytes]]]]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def unavailable(exc: BaseException) -> Refused:
+    """The typed answer to a database error met anywhere in a mutation: the change may or
+    may not be recorded, and retrying with the same idempotency key is always safe."""
+    return Refused(
+        "Unavailable",
+        f"the database is unavailable ({database_error(exc)}); the change may or may not be "
+        "recorded: retry in a few seconds with the same idempotencyKey (a retry never records "
+        "it twice)",
+    )
+
+
+def answers_unavailable(
+    mutation: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """A mutation whose database errors, on any of its paths (reads, the append, repairs),
+    are refused as Unavailable instead of escaping as unexpected errors."""
+
+    @functools.wraps(mutation)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await mutation(*args, **kwargs)
+        except PyMongoError as exc:
+            log.warning("%s: database unavailable: %s", mutation.__name__, database_error(exc))
+            raise unavailable(exc) from None
+
+    return guarded
 
 
 @dataclass(frozen=True)
@@ -151,6 +184,7 @@ class PrescriptionService:
 
     # --- mutations ----------------------------------------------------------------------
 
+    @answers_unavailable
     async def issue(self, viewer: Viewer, fields: Doc, idempotency_key: str | None) -> Doc:
         rx.check_role(viewer, "issuePrescription")
         if idempotency_key is not None:
@@ -192,6 +226,7 @@ class PrescriptionService:
         await self._store(doc, None)
         return doc
 
+    @answers_unavailable
     async def transition(
         self,
         viewer: Viewer,
@@ -352,7 +387,9 @@ class PrescriptionService:
         except DuplicateKeyError:
             pass  # a reader repaired it from the ledger first
         except PyMongoError as exc:
-            log.warning("%s stored in the ledger, document deferred: %s", doc["_id"], exc)
+            log.warning(
+                "%s stored in the ledger, document deferred: %s", doc["_id"], database_error(exc)
+            )
 
     async def _scrub(self, subject: str, erased_version: int) -> None:
         """Remove personal copies from the events before an erasure (their leaves stay), and
