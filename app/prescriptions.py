@@ -257,6 +257,12 @@ class Tags:
         return can_see(viewer, view)
 
 
+def cleared_tags(event: EventType) -> tuple[str, ...]:
+    """The routing tags an event withdraws from its prescription's earlier entries: an
+    erasure leaves no patient tag on any entry, even one still queued when it was erased."""
+    return ("patient",) if event is EventType.PERSONAL_DATA_ERASED else ()
+
+
 # --- who may see and act ----------------------------------------------------------------
 
 

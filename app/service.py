@@ -352,7 +352,13 @@ class PrescriptionService:
             data["idem"] = idempotency_key
         try:
             await self.log.append(
-                doc["_id"], doc["version"], header, data, event_id, self.tags.of(doc)
+                doc["_id"],
+                doc["version"],
+                header,
+                data,
+                event_id,
+                self.tags.of(doc),
+                clears_tags=rx.cleared_tags(event),
             )
         except VersionConflict:
             current = await self.repair(doc["_id"])
@@ -392,8 +398,10 @@ class PrescriptionService:
             )
 
     async def _scrub(self, subject: str, erased_version: int) -> None:
-        """Remove personal copies from the events before an erasure (their leaves stay), and
-        the patient tag from their sequenced entries."""
+        """Remove what came from the requests (the state, payload, actor and idempotency key)
+        from the events before an erasure (their leaves stay), from their queued copies, and
+        the patient tag from their sequenced entries. Entries sequenced later lose the tag
+        when the erasure event is sequenced (rx.cleared_tags)."""
         ids = [
             d["_id"]
             async for d in self.ledger.find(
@@ -407,12 +415,18 @@ class PrescriptionService:
                     "data.state": "",
                     "data.payload": "",
                     "data.actor": "",
+                    "data.idem": "",
                     "tags.patient": "",
                 }
             },
         )
         await self.log.store.entries.update_many(
             {"event": {"$in": ids}}, {"$unset": {"tags.patient": ""}}
+        )
+        await self.log.ledger.redact_queued(
+            subject,
+            erased_version,
+            ["data.state", "data.payload", "data.actor", "data.idem", "tags.patient"],
         )
 
     # --- integrity and proofs -------------------------------------------------------------
