@@ -25,7 +25,13 @@ from bson import Binary, ObjectId
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from anchoring.encoding import EncodingError, b64, canonical_json
-from anchoring.errors import InvalidEvent, LedgerUnavailable, VersionConflict
+from anchoring.errors import (
+    InvalidEvent,
+    LedgerUnavailable,
+    VersionConflict,
+    database_error,
+    frames,
+)
 from anchoring.hashing import leaf_hash
 from anchoring.store import Doc, LogStore, one_of
 
@@ -112,13 +118,17 @@ def make_event(
     data: Any = None,
     event_id: ObjectId | None = None,
     tags: Any = None,
+    clears_tags: Any = (),
 ) -> tuple[Doc, Appended]:
     """Validate an event and build its ledger document. Raises InvalidEvent.
 
     `header` becomes the leaf (canonical JSON); `data` is the application's own record of the
     event, stored beside it in `ledger` but not in the tree (so it may hold what a leaf must not,
     and may be erased). `tags` (short strings by name) travel with the sequenced entry, for
-    followers of the log to route events without reading the ledger."""
+    followers of the log to route events without reading the ledger. `clears_tags` names tags
+    withdrawn from the subject's earlier entries when this event is sequenced (the sequencer
+    sequences a subject's versions in order, so all of them are in the log by then, and it
+    leaves the named tags off those it sequences together with this one)."""
     if not isinstance(subject, str) or not subject or len(subject) > MAX_SUBJECT_LENGTH:
         raise InvalidEvent(
             f"subject must be a non-empty string of at most {MAX_SUBJECT_LENGTH} characters"
@@ -136,6 +146,11 @@ def make_event(
         or not all(isinstance(k, str) and isinstance(v, str | None) for k, v in tags.items())
     ):
         raise InvalidEvent("tags must map names to strings")
+    if not isinstance(clears_tags, list | tuple) or not all(
+        isinstance(name, str) and name and "." not in name and not name.startswith("$")
+        for name in clears_tags
+    ):
+        raise InvalidEvent("clears_tags must list tag names")
     for key, expected in (("subject", subject), ("version", version)):
         if key in header and header[key] != expected:
             raise InvalidEvent(
@@ -165,7 +180,23 @@ def make_event(
         doc["data"] = data
     if tags:
         doc["tags"] = tags
+    if clears_tags:
+        doc["clearsTags"] = list(clears_tags)
     return doc, Appended(event_id, subject, version, leaf, leaf_hash(leaf))
+
+
+def _remove(doc: Doc, path: str) -> bool:
+    """Delete the field at dotted `path` from `doc`; whether it was there."""
+    *parents, last = path.split(".")
+    holder: Any = doc
+    for name in parents:
+        holder = holder.get(name)
+        if not isinstance(holder, dict):
+            return False
+    if last not in holder:
+        return False
+    del holder[last]
+    return True
 
 
 Pending = tuple[Doc, Appended, "asyncio.Future[Appended]"]
@@ -216,10 +247,11 @@ class Ledger:
         data: dict[str, Any] | None = None,
         event_id: ObjectId | None = None,
         tags: dict[str, str | None] | None = None,
+        clears_tags: tuple[str, ...] = (),
     ) -> Appended:
         if self._closed:
             raise LedgerUnavailable("the log is shut down; the event was not stored")
-        doc, appended = make_event(subject, version, header, data, event_id, tags)
+        doc, appended = make_event(subject, version, header, data, event_id, tags, clears_tags)
         future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
         self._queue.append((doc, appended, future))
         self._wakeup.set()
@@ -248,6 +280,27 @@ class Ledger:
                 )
         self._queue.clear()
 
+    async def redact_queued(self, subject: str, before_version: int, fields: list[str]) -> int:
+        """Remove `fields` (dotted paths such as "data.state") from the queued copies of the
+        events of `subject` below `before_version`, in the intent documents not yet sequenced.
+        Each intent is replaced only if unchanged since read (one that left the queue
+        meanwhile needs nothing). Returns how many intents were rewritten."""
+        rewritten = 0
+        async for group in self.store.pending.find({"committed": {"$exists": False}}):
+            events = group_events(group)
+            changed = False
+            for event in events:
+                if event["subject"] == subject and event["version"] < before_version:
+                    for path in fields:
+                        changed = _remove(event, path) or changed
+            if changed:
+                result = await self.store.pending.update_one(
+                    {"_id": group["_id"], "events": group["events"]},
+                    {"$set": {"events": Binary(bson.encode({"events": events}))}},
+                )
+                rewritten += result.modified_count
+        return rewritten
+
     def _take_group(self) -> tuple[list[Pending], list[Pending]]:
         """The next group: at most max_batch events and MAX_GROUP_BYTES of leaves, so that
         the intent document stays far below MongoDB's 16 MiB document limit."""
@@ -274,7 +327,7 @@ class Ledger:
                     await self._write(batch)
                 except Exception as exc:
                     # Never leave a caller waiting on an unexpected error.
-                    log.exception("append batch failed")
+                    log.error("append batch failed: %s\n%s", database_error(exc), frames(exc))
                     self._fail_all(batch, exc)
                 except asyncio.CancelledError as exc:
                     self._fail_all(batch, exc)
@@ -377,7 +430,7 @@ class Ledger:
         future = item[2]
         if not future.done():
             future.set_exception(
-                InvalidEvent(f"the database refused the event: {err.get('errmsg')}")
+                InvalidEvent(f"the database refused the event (code {err.get('code')})")
             )
 
     async def _settle_conflicts(self, conflicts: list[Pending]) -> list[Pending] | None:
@@ -399,9 +452,10 @@ class Ledger:
 
     @staticmethod
     def _fail_all(batch: list[Pending], exc: BaseException) -> None:
-        log.warning("append failed: %s: %s", type(exc).__name__, exc)
+        # Only the class and code: a BulkWriteError's text holds the events themselves.
+        log.warning("append failed: %s", database_error(exc))
         error = LedgerUnavailable(
-            f"database unavailable ({type(exc).__name__}); the event was not acknowledged and may "
+            f"database unavailable ({database_error(exc)}); the event was not acknowledged and may "
             "or may not be recorded: retry later; a VersionConflict then means an event for that "
             "version exists (possibly this one)"
         )

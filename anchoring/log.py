@@ -328,10 +328,12 @@ class TransparencyLog:
         data: dict[str, Any] | None = None,
         event_id: ObjectId | None = None,
         tags: dict[str, str | None] | None = None,
+        clears_tags: tuple[str, ...] = (),
     ) -> Appended:
         """Append an event; `event_id` may be chosen by the caller (default: a new ObjectId);
-        `tags` go with the sequenced entry, for followers of the log."""
-        return await self.ledger.append(subject, version, header, data, event_id, tags)
+        `tags` go with the sequenced entry, for followers of the log; `clears_tags` are
+        withdrawn from the subject's earlier entries once this event is sequenced."""
+        return await self.ledger.append(subject, version, header, data, event_id, tags, clears_tags)
 
     # --- reads ----------------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 Its steps carry these names in code and logs:
   queue      - appenders insert events into `pending` (see ledger.py)
   sequence   - the leader takes a batch from `pending` and inserts `entries` {_id: index}
-               from the current size up, in one ordered insert (a race loses on _id)
+               from the current size up, in one ordered insert (a race loses on _id); an
+               event that clears tags first takes them off its subject's earlier entries
   integrate  - it extends the right edge of the tree and inserts the new tiles
   publish    - it sets the new size and root on the lease document, only while it holds
                the lease (the write is fenced by holder), then drops the batch from `pending`
@@ -26,6 +27,7 @@ from bson import Binary
 from pymongo import ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
+from anchoring.errors import database_error, frames
 from anchoring.hashing import leaf_hash
 from anchoring.ledger import commit_marker, group_events, marker_id
 from anchoring.store import Doc, LogStore
@@ -241,12 +243,13 @@ class Sequencer:
         ready = self._in_version_order(candidates, ok, unresolved)[: self.settings.batch_size]
         t1 = self._timed("queue", t0)
         if ready:
+            cleared = await self._clear_tags(ready)
             entries = [
                 {
                     "_id": self.size + i,
                     "event": e["_id"],
                     "leaf": Binary(bytes(e["leaf"])),
-                    **({"tags": e["tags"]} if e.get("tags") else {}),
+                    **({"tags": tags} if (tags := _entry_tags(e, cleared)) else {}),
                 }
                 for i, e in enumerate(ready)
             ]
@@ -257,7 +260,7 @@ class Sequencer:
                 # already: recovery integrates what is stored and relearns what is done.
                 errors = exc.details.get("writeErrors") or [{}]
                 raise Resync(
-                    f"sequence: lost a race at index {self.size}: {errors[0].get('errmsg')}"
+                    f"sequence: lost a race at index {self.size} (code {errors[0].get('code')})"
                 ) from exc
             t2 = self._timed("sequence", t1)
             await self._integrate_and_publish(entries)
@@ -285,6 +288,29 @@ class Sequencer:
             self.batches += 1
             self.sequenced += len(ready)
         return len(ready)
+
+    async def _clear_tags(self, ready: list[Doc]) -> dict[str, tuple[int, list[str]]]:
+        """For each subject with an event here that clears tags: take those tags off the
+        subject's entries sequenced before this batch (all its earlier versions are in the log
+        or in this batch: versions are sequenced in order). Done before this batch's entries
+        are written, so a crash in between only repeats it. Returns {subject: (version, tag
+        names)}, for this batch's earlier versions to be written without them."""
+        cleared: dict[str, tuple[int, list[str]]] = {}
+        for e in ready:
+            if e.get("clearsTags") and e["version"] > cleared.get(e["subject"], (0, []))[0]:
+                cleared[e["subject"]] = (e["version"], list(e["clearsTags"]))
+        for subject, (version, names) in cleared.items():
+            earlier = [
+                d["_id"]
+                async for d in self.store.ledger.find(
+                    {"subject": subject, "version": {"$lt": version}}, {"_id": 1}
+                )
+            ]
+            if earlier:
+                await self.store.entries.update_many(
+                    {"event": {"$in": earlier}}, {"$unset": {f"tags.{n}": "" for n in names}}
+                )
+        return cleared
 
     def _timed(self, step: str, since: float) -> float:
         now = time.perf_counter()
@@ -432,15 +458,21 @@ class Sequencer:
                 log.warning("sequence: %s", exc)
                 self.is_leader = False
             except PyMongoError as exc:
-                self.last_error = f"database: {type(exc).__name__}: {exc}"
+                self.last_error = f"database: {database_error(exc)}"
                 log.warning("sequence: %s; retrying in %.1fs", self.last_error, backoff)
                 self.is_leader = False
                 await _wait(stopping, backoff)
                 backoff = min(backoff * 2, 5.0)
             except Exception as exc:
                 # Never die silently: appends would be acknowledged and never sequenced.
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("sequence: unexpected error; recovering in %.1fs", backoff)
+                # Class and stack only: the text of an error may quote an event's data.
+                self.last_error = type(exc).__name__
+                log.error(
+                    "sequence: unexpected error %s; recovering in %.1fs\n%s",
+                    self.last_error,
+                    backoff,
+                    frames(exc),
+                )
                 self.is_leader = False
                 await _wait(stopping, backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -479,6 +511,16 @@ class Sequencer:
                 pass
             self._wakeup.clear()
             await asyncio.sleep(self.settings.batch_delay)
+
+
+def _entry_tags(event: Doc, cleared: dict[str, tuple[int, list[str]]]) -> Doc:
+    """The tags an event's entry carries: its own, less those a later version in the same
+    batch clears."""
+    tags: Doc = event.get("tags") or {}
+    version, names = cleared.get(event["subject"], (0, []))
+    if event["version"] < version:
+        tags = {k: v for k, v in tags.items() if k not in names}
+    return tags
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from bson import ObjectId
 from pymongo.errors import PyMongoError
 
+from anchoring.errors import database_error, frames
 from anchoring.store import Doc, LogStore
 
 log = logging.getLogger("rxledger.tail")
@@ -108,10 +109,10 @@ class LogTail:
                 await self.poll()
                 self.error = None
             except PyMongoError as exc:
-                self.error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                self.error = database_error(exc)
                 log.warning("tail: %s", self.error)
-            except Exception:
-                log.exception("tail: unexpected error")
+            except Exception as exc:
+                log.error("tail: unexpected error %s\n%s", type(exc).__name__, frames(exc))
             self._wakeup.clear()
             waits = [
                 asyncio.ensure_future(self._wakeup.wait()),

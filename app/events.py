@@ -9,7 +9,8 @@ hold a WebSocket.
 Each event is `id: <leaf index>`, `event: prescription`, and `data:` a JSON object
 {prescriptionId, type, status, version, at, leafIndex, leaf}. The stream ends with
 `event: end` and {message, code} when the subscriber falls too far behind or its token
-expires; reconnecting with the last id resumes exactly after it. A comment line is sent every
+expires, or with code UNAVAILABLE when the database fails (a request that cannot start is a
+503 with that code and Retry-After); reconnecting with the last id resumes exactly after it. A comment line is sent every
 15 s of silence so that proxies keep the connection open.
 """
 
@@ -20,11 +21,13 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 
+from pymongo.errors import PyMongoError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from anchoring.encoding import b64
+from anchoring.errors import database_error
 from app.auth import Authenticator, AuthError
 from app.feed import FeedEvent, PrescriptionFeed, StreamEnded, event_filter
 from app.policy import NotAllowed
@@ -33,8 +36,14 @@ from app.prescriptions import Status
 HEARTBEAT_SECONDS = 15.0
 
 
-def _error(status: int, message: str, code: str) -> Response:
-    return JSONResponse({"error": {"message": message, "code": code}}, status_code=status)
+def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(
+        {"error": {"message": message, "code": code}}, status_code=status, headers=headers
+    )
+
+
+def _unavailable(exc: PyMongoError) -> str:
+    return f"the database is unavailable ({database_error(exc)}): retry in a few seconds"
 
 
 def _index(raw: str | None, name: str) -> int | None:
@@ -101,7 +110,10 @@ class EventStream:
         except ValueError as exc:
             return _error(400, str(exc), "BAD_USER_INPUT")
         feed: PrescriptionFeed = state.feed
-        start = await feed.start_position() if after is None else after + 1
+        try:
+            start = await feed.start_position() if after is None else after + 1
+        except PyMongoError as exc:
+            return _error(503, _unavailable(exc), "UNAVAILABLE", {"Retry-After": "1"})
         return StreamingResponse(
             self._events(feed, start, viewer.expires_at, match),
             media_type="text/event-stream",
@@ -136,6 +148,10 @@ class EventStream:
                 yield sse(event)
         except StreamEnded as exc:
             yield f"event: end\ndata: {json.dumps({'message': exc.message, 'code': exc.code})}\n\n"
+        except PyMongoError as exc:
+            # Resume with Last-Event-ID: the events sent so far carry their leaf index.
+            end = {"message": _unavailable(exc), "code": "UNAVAILABLE"}
+            yield f"event: end\ndata: {json.dumps(end)}\n\n"
         except StopAsyncIteration:
             return
         finally:

@@ -59,7 +59,10 @@ Query depth, token and alias errors carry `extensions.code` QUERY_TOO_COMPLEX. I
 introspection is refused and errors carry no "Did you mean ...?" suggestions, so the schema
 cannot be explored by guessing. In every mode, errors caused by an unexpected exception are
 answered as "Unexpected error."; only GraphQL errors reach the client verbatim: `ClientError`
-raised by resolvers and graphql-core's own (syntax, validation, variable coercion).
+raised by resolvers and graphql-core's own (syntax, validation, variable coercion). A database
+error (the server unreachable, timing out, refusing) is not unexpected: it is answered with
+`extensions.code` UNAVAILABLE, `extensions.retryAfterSeconds` 1 and a message naming only the
+error's class and code ("the database is unavailable (AutoReconnect): retry in a few seconds").
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ from graphql import (
     ValidationContext,
     ValidationRule,
 )
+from pymongo.errors import PyMongoError
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.extensions import (
@@ -93,10 +97,13 @@ from strawberry.extensions import (
     ValidationCache,
 )
 
+from anchoring.errors import LedgerUnavailable, database_error
 from app.settings import env_number
 
 QUERY_TOO_COMPLEX = "QUERY_TOO_COMPLEX"
 REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
+UNAVAILABLE = "UNAVAILABLE"
+RETRY_AFTER_SECONDS = 1
 
 
 @dataclass(frozen=True)
@@ -323,6 +330,30 @@ def is_unexpected_error(error: GraphQLError) -> bool:
     return original is not None and not isinstance(original, GraphQLError)
 
 
+def is_database_error(error: GraphQLError) -> bool:
+    """True for errors caused by the database failing (answered as UNAVAILABLE)."""
+    return isinstance(error.original_error, PyMongoError | LedgerUnavailable)
+
+
+class SafeErrors(MaskErrors):
+    """MaskErrors, except that a database error gets its typed answer: UNAVAILABLE with a
+    retry hint, and a message that names the error's class and code but never its text."""
+
+    def anonymise_error(self, error: GraphQLError) -> GraphQLError:
+        if not is_database_error(error):
+            return super().anonymise_error(error)
+        assert error.original_error is not None
+        return GraphQLError(
+            message=f"the database is unavailable ({database_error(error.original_error)}): "
+            f"retry in a few seconds",
+            nodes=error.nodes,
+            source=error.source,
+            positions=error.positions,
+            path=error.path,
+            extensions={"code": UNAVAILABLE, "retryAfterSeconds": RETRY_AFTER_SECONDS},
+        )
+
+
 def graphql_extensions(
     limits: LimitSettings, production: bool
 ) -> list[Callable[[], SchemaExtension]]:
@@ -331,7 +362,7 @@ def graphql_extensions(
     shape_rule = query_shape_rule(limits.max_depth, limits.max_aliases)
     extensions: list[Callable[[], SchemaExtension]] = [
         partial(QueryLimits, limits.max_tokens, shape_rule),
-        partial(MaskErrors, should_mask_error=is_unexpected_error),
+        partial(SafeErrors, should_mask_error=is_unexpected_error),
         # Clients send the same few documents again and again: validate each once (a bounded
         # LRU cache keyed by the document and the rules in force, these limits included).
         partial(ValidationCache, maxsize=1024),

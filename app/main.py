@@ -279,6 +279,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             oldest = await tlog.store.pending.find_one(
                 INTENTS, {"queuedAt": 1}, sort=[("queuedAt", 1)]
             )
+            tree_size = await tlog.published_size()
         except PyMongoError as exc:
             return JSONResponse(
                 {"status": "unavailable", "database": f"unreachable: {type(exc).__name__}"},
@@ -288,7 +289,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             "status": "ok",
             "database": "ok",
             "sequencerLeader": tlog.sequencer.is_leader,
-            "treeSize": await tlog.published_size(),
+            "treeSize": tree_size,
             "queuedGroups": queued,
             # How long the oldest unsequenced append has waited: the sequencer's lag.
             "sequencerLagSeconds": 0.0

@@ -201,6 +201,12 @@ def header(
     }
 
 
+def cleared_tags(event: EventType) -> tuple[str, ...]:
+    """The routing tags an event withdraws from its prescription's earlier entries: an
+    erasure leaves no patient tag on any entry, even one still queued when it was erased."""
+    return ("patient",) if event is EventType.PERSONAL_DATA_ERASED else ()
+
+
 def check_transition(doc: dict[str, Any], mutation: str) -> Transition:
     """The transition `mutation` takes from `doc`'s status; raises Refused("IllegalTransition")
     when that status does not allow it. Who may take it is app.policy's."""

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
 
 from bson import Binary, ObjectId
 from pymongo import ASCENDING, DESCENDING
@@ -36,7 +38,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from anchoring.anchorer import SignedCheckpoint
 from anchoring.encoding import b64, canonical_json
-from anchoring.errors import InvalidEvent, LedgerUnavailable, VersionConflict
+from anchoring.errors import InvalidEvent, LedgerUnavailable, VersionConflict, database_error
 from anchoring.hashing import leaf_hash
 from anchoring.log import InclusionProof, TransparencyLog
 from anchoring.receipt import Receipt
@@ -60,6 +62,37 @@ EVENT_FIELDS = {"subject": 1, "version": 1, "header": 1, "leaf": 1, "data.actor"
 PathSource = Callable[[list[int], int], Awaitable[list[list[bytes]]]]
 # The tree's leaf hashes at sequenced indices: indices -> {index: hash}.
 LeafHashSource = Callable[[list[int]], Awaitable[dict[int, bytes]]]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def unavailable(exc: BaseException) -> Refused:
+    """The typed answer to a database error met anywhere in a mutation: the change may or
+    may not be recorded, and retrying with the same idempotency key is always safe."""
+    return Refused(
+        "Unavailable",
+        f"the database is unavailable ({database_error(exc)}); the change may or may not be "
+        "recorded: retry in a few seconds with the same idempotencyKey (a retry never records "
+        "it twice)",
+    )
+
+
+def answers_unavailable(
+    mutation: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """A mutation whose database errors, on any of its paths (reads, the append, repairs),
+    are refused as Unavailable instead of escaping as unexpected errors."""
+
+    @functools.wraps(mutation)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await mutation(*args, **kwargs)
+        except PyMongoError as exc:
+            log.warning("%s: database unavailable: %s", mutation.__name__, database_error(exc))
+            raise unavailable(exc) from None
+
+    return guarded
 
 
 @dataclass(frozen=True)
@@ -175,6 +208,7 @@ class PrescriptionService:
 
     # --- mutations ----------------------------------------------------------------------
 
+    @answers_unavailable
     async def issue(self, viewer: Viewer, fields: Doc, idempotency_key: str | None) -> Doc:
         policy.check_role(viewer, "issuePrescription")
         if idempotency_key is not None:
@@ -216,6 +250,7 @@ class PrescriptionService:
         await self._store(doc, None)
         return doc
 
+    @answers_unavailable
     async def transition(
         self,
         viewer: Viewer,
@@ -357,7 +392,13 @@ class PrescriptionService:
             data["idem"] = idempotency_key
         try:
             await self.log.append(
-                doc["_id"], doc["version"], header, data, event_id, self.tags.of(doc)
+                doc["_id"],
+                doc["version"],
+                header,
+                data,
+                event_id,
+                self.tags.of(doc),
+                clears_tags=rx.cleared_tags(event),
             )
         except VersionConflict:
             current = await self.repair(doc["_id"])
@@ -392,11 +433,15 @@ class PrescriptionService:
         except DuplicateKeyError:
             pass  # a reader repaired it from the ledger first
         except PyMongoError as exc:
-            log.warning("%s stored in the ledger, document deferred: %s", doc["_id"], exc)
+            log.warning(
+                "%s stored in the ledger, document deferred: %s", doc["_id"], database_error(exc)
+            )
 
     async def _scrub(self, subject: str, erased_version: int) -> None:
-        """Remove personal copies from the events before an erasure (their leaves stay), and
-        the patient tag from their sequenced entries."""
+        """Remove what came from the requests (the state, payload, actor and idempotency key)
+        from the events before an erasure (their leaves stay), from their queued copies, and
+        the patient tag from their sequenced entries. Entries sequenced later lose the tag
+        when the erasure event is sequenced (rx.cleared_tags)."""
         ids = [
             d["_id"]
             async for d in self.ledger.find(
@@ -410,12 +455,18 @@ class PrescriptionService:
                     "data.state": "",
                     "data.payload": "",
                     "data.actor": "",
+                    "data.idem": "",
                     "tags.patient": "",
                 }
             },
         )
         await self.log.store.entries.update_many(
             {"event": {"$in": ids}}, {"$unset": {"tags.patient": ""}}
+        )
+        await self.log.ledger.redact_queued(
+            subject,
+            erased_version,
+            ["data.state", "data.payload", "data.actor", "data.idem", "tags.patient"],
         )
 
     # --- integrity and proofs -------------------------------------------------------------
