@@ -146,9 +146,10 @@ def test_forced_database_errors_leave_no_personal_data_in_logs_health_or_answers
         assert second["issuePrescription"]["__typename"] != "Prescription", second
         db.ledger.drop_index("by_patient_name")
 
-        # A stored state the database refuses: the next mutation meets a version conflict,
-        # repairs the document from that event, and the repair's write fails (the state names
-        # another _id, which a replacement may not change).
+        # A forged ledger event whose state names another prescription: the next mutation
+        # finds the document behind the ledger, and restoring it from that state is refused
+        # (its leaf does not prove it), so the mutation is refused as Tampered; neither the
+        # answer nor the log may quote the state.
         v1 = db.ledger.find_one({"subject": rid, "version": 1})
         state = {**v1["data"]["state"], "_id": f"{rid}-other", "version": 2}
         db.ledger.insert_one(
@@ -162,8 +163,7 @@ def test_forced_database_errors_leave_no_personal_data_in_logs_health_or_answers
             }
         )
         dispensed = gql(pharmacist, DISPENSE, id=rid)["data"]["dispensePrescription"]
-        assert dispensed["__typename"] == "Unavailable", dispensed
-        assert "retry" in dispensed["message"]
+        assert dispensed["__typename"] == "Tampered", dispensed
 
         bodies.append(http.get("/readyz").text)
         bodies.append(http.get("/metrics").text)
