@@ -19,6 +19,16 @@ RXLEDGER_MAX_ALIASES (integer >= 0, default 30)
     Error: "query alias count 31 exceeds the maximum of 30".
 RXLEDGER_MAX_PAGE (integer >= 1, default 100)
     Largest page size a connection field accepts (its `first` argument); the resolvers apply it.
+RXLEDGER_MAX_COST (integer >= 1, default 50000)
+    Largest estimated cost of one operation, computed from the document and its variables
+    before anything executes (`query_cost`). Each field costs its weight (1, or what
+    FIELD_WEIGHTS says: receipts and bundles for their Ed25519 signature and JSON, proofs,
+    history and integrity for their tile reads) plus the cost of its selection times the items
+    it yields: the page size (`first`, its default when absent, at most RXLEDGER_MAX_PAGE) for
+    a connection, LIST_LENGTHS for an unpaged list, else 1. A fragment counts once per spread,
+    every alias counts, introspection fields count nothing. A subscription costs what one of
+    its events does. Error: "query cost 1311150 exceeds the maximum of 50000
+    (RXLEDGER_MAX_COST)".
 RXLEDGER_MAX_BODY_BYTES (integer >= 1, default 65536)
     Largest HTTP request body in bytes. A larger Content-Length, or a streamed (chunked) body
     that grows past the limit, is answered with HTTP 413 and the GraphQL-shaped error code
@@ -53,9 +63,9 @@ connection stays open):
   reconnect with a fresh token" (no leeway: the socket's subscriptions end at `exp` too);
 - the rate: over it, RATE_LIMITED, "rate limit exceeded for ROLE:sub: retry in 3.2 s", with
   `extensions.retryAfter` the whole seconds to wait (HTTP's Retry-After).
-Query depth, tokens and aliases are checked per operation on both transports alike.
+Query depth, tokens, aliases and cost are checked per operation on both transports alike.
 
-Query depth, token and alias errors carry `extensions.code` QUERY_TOO_COMPLEX. In production,
+Query depth, token, alias and cost errors carry `extensions.code` QUERY_TOO_COMPLEX. In production,
 introspection is refused and errors carry no "Did you mean ...?" suggestions, so the schema
 cannot be explored by guessing. In every mode, errors caused by an unexpected exception are
 answered as "Unexpected error."; only GraphQL errors reach the client verbatim: `ClientError`
@@ -76,17 +86,26 @@ from functools import partial
 from typing import Any
 
 from graphql import (
+    DocumentNode,
     FieldNode,
     FragmentDefinitionNode,
     FragmentSpreadNode,
     GraphQLError,
+    GraphQLField,
+    GraphQLInt,
+    GraphQLSchema,
     GraphQLSyntaxError,
     InlineFragmentNode,
     OperationDefinitionNode,
     SelectionSetNode,
     ValidationContext,
     ValidationRule,
+    get_named_type,
+    get_operation_ast,
+    validate,
+    value_from_ast,
 )
+from graphql.execution.values import get_variable_values
 from pymongo.errors import PyMongoError
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -112,6 +131,7 @@ class LimitSettings:
     max_tokens: int = 2000
     max_aliases: int = 30
     max_page: int = 100
+    max_cost: int = 50000
     max_body_bytes: int = 65536
     rate_per_second: float = 50
     rate_burst: int = 100
@@ -137,6 +157,7 @@ class LimitSettings:
             max_tokens=integer("RXLEDGER_MAX_TOKENS", cls.max_tokens, 1),
             max_aliases=integer("RXLEDGER_MAX_ALIASES", cls.max_aliases, 0),
             max_page=integer("RXLEDGER_MAX_PAGE", cls.max_page, 1),
+            max_cost=integer("RXLEDGER_MAX_COST", cls.max_cost, 1),
             max_body_bytes=integer("RXLEDGER_MAX_BODY_BYTES", cls.max_body_bytes, 1),
             rate_per_second=env_number(
                 "RXLEDGER_RATE_LIMIT", cls.rate_per_second, 0, integer=False
@@ -209,27 +230,38 @@ def _combine(shape: _Shape, totals: dict[str, tuple[int, int]]) -> tuple[int, in
     return depth, aliases
 
 
-def _fragment_totals(shapes: dict[str, _Shape]) -> dict[str, tuple[int, int]]:
-    """Every fragment's depth and alias count through its spreads, each fragment computed
-    once (a naive walk per spread is exponential in the nesting of fragments), without
-    recursion so that long fragment chains cannot exhaust the stack."""
-    totals: dict[str, tuple[int, int]] = {}
-    for root in shapes:
-        if root in totals:
+def _spread_order(spreads: dict[str, list[str]]) -> list[str]:
+    """The fragments, each after every fragment it spreads (a spread closing a cycle is
+    skipped), so that each can be measured once from the totals of those before it (a naive
+    walk per spread is exponential in the nesting of fragments). Without recursion, so that
+    long fragment chains cannot exhaust the stack."""
+    order: list[str] = []
+    done: set[str] = set()
+    for root in spreads:
+        if root in done:
             continue
-        path = [(root, iter(shapes[root].spreads))]
+        path = [(root, iter(spreads[root]))]
         on_path = {root}
         while path:
-            name, spreads = path[-1]
-            for spread, _level in spreads:
-                if spread in shapes and spread not in totals and spread not in on_path:
-                    path.append((spread, iter(shapes[spread].spreads)))
-                    on_path.add(spread)
+            name, children = path[-1]
+            for child in children:
+                if child in spreads and child not in done and child not in on_path:
+                    path.append((child, iter(spreads[child])))
+                    on_path.add(child)
                     break
             else:
                 path.pop()
                 on_path.remove(name)
-                totals[name] = _combine(shapes[name], totals)
+                done.add(name)
+                order.append(name)
+    return order
+
+
+def _fragment_totals(shapes: dict[str, _Shape]) -> dict[str, tuple[int, int]]:
+    """Every fragment's depth and alias count through its spreads."""
+    totals: dict[str, tuple[int, int]] = {}
+    for name in _spread_order({n: [s for s, _ in shape.spreads] for n, shape in shapes.items()}):
+        totals[name] = _combine(shapes[name], totals)
     return totals
 
 
@@ -299,6 +331,198 @@ class QueryLimits(SchemaExtension):
                 error.extensions = {"code": QUERY_TOO_COMPLEX}
 
 
+# --- query cost -----------------------------------------------------------------------------
+
+# What resolving a field once costs, where it is more than the 1 of a field read from memory.
+# The unit is about one plain field's work in the executor (some 10 µs of the gateway's CPU);
+# the figures are gateway CPU time per field, measured on a page of 100 prescriptions of 5
+# events each (README, "Query cost").
+FIELD_WEIGHTS: dict[str, int] = {
+    # an Ed25519 signature over a receipt note (history signs the receipts of the events no
+    # checkpoint covers yet whatever is selected; its own weight covers that)
+    "PrescriptionEvent.receipt": 10,
+    "PrescriptionChange.receipt": 10,
+    # a proof bundle: the JSON of the leaf, its path and the signed checkpoint note
+    "InclusionProof.bundle": 5,
+    "PrescriptionEvent.bundle": 5,
+    # an audit path (tile reads) and a proof or receipt for each event, whatever is selected
+    "Prescription.history": 50,
+    # the newest event's audit path and the root recomputed from it
+    "Prescription.integrity": 60,
+    # a proof object over paths history and integrity already read
+    "PrescriptionEvent.proof": 2,
+    "Integrity.proof": 2,
+    # tile reads of their own
+    "PrescriptionChange.proof": 20,
+    "Ledger.inclusionProof": 50,
+    "Ledger.consistencyProof": 50,
+    # database reads
+    "Query.prescription": 2,
+    "Query.prescriptions": 5,
+    "Ledger.size": 2,
+    "Ledger.checkpoint": 2,
+    "Ledger.checkpoints": 5,
+    "Ledger.entry": 5,
+    # an append to the ledger and a document update
+    **{
+        f"Mutation.{name}": 20
+        for name in (
+            "issuePrescription",
+            "cancelPrescription",
+            "rejectPrescription",
+            "dispensePrescription",
+            "handToCourier",
+            "deliverPrescription",
+            "confirmReceipt",
+            "erasePersonalData",
+        )
+    },
+}
+
+# Lists no argument bounds, by the most items they hold: a prescription has at most six
+# events (issued, dispensed, handed to a courier, delivered, confirmed, erased).
+LIST_LENGTHS: dict[str, int] = {"Prescription.history": 6}
+
+# The argument that makes a field a page of that many items.
+PAGE_ARGUMENT = "first"
+
+
+@dataclass(frozen=True)
+class _Cost:
+    """What one definition costs on its own, before following its fragment spreads."""
+
+    own: int
+    # (fragment name, how many times it executes there: the product of the enclosing pages)
+    spreads: list[tuple[str, int]]
+
+    def total(self, fragments: dict[str, int]) -> int:
+        """With the totals of the fragments it spreads (an unknown one or one closing a
+        cycle adds nothing: the specified rules report those)."""
+        return self.own + sum(times * fragments.get(name, 0) for name, times in self.spreads)
+
+
+def _page_size(
+    node: FieldNode, field: GraphQLField, variables: dict[str, Any], max_page: int
+) -> int:
+    """The page a field with a PAGE_ARGUMENT would return: the argument (literal or variable),
+    else its default; at most max_page (the resolver refuses more without doing the work).
+    A value that cannot be read counts as max_page."""
+    given = [a for a in node.arguments or () if a.name.value == PAGE_ARGUMENT]
+    size = (
+        value_from_ast(given[0].value, GraphQLInt, variables)
+        if given
+        else field.args[PAGE_ARGUMENT].default_value
+    )
+    if not isinstance(size, int):
+        return max_page
+    return max(0, min(size, max_page))
+
+
+def _local_cost(
+    schema: GraphQLSchema,
+    selection_set: SelectionSetNode,
+    parent: Any,
+    page_size: Callable[[FieldNode, GraphQLField], int],
+) -> _Cost:
+    """Each field's weight times the items of the fields around it (a field inside a page of
+    100 runs 100 times), without recursion."""
+    own = 0
+    spreads: list[tuple[str, int]] = []
+    stack: list[tuple[SelectionSetNode, Any, int]] = [(selection_set, parent, 1)]
+    while stack:
+        selections, parent, times = stack.pop()
+        for selection in selections.selections:
+            if isinstance(selection, FragmentSpreadNode):
+                spreads.append((selection.name.value, times))
+            elif isinstance(selection, InlineFragmentNode):
+                condition = selection.type_condition
+                on = parent if condition is None else schema.get_type(condition.name.value)
+                stack.append((selection.selection_set, on, times))
+            elif isinstance(selection, FieldNode):
+                name = selection.name.value
+                if name.startswith("__"):
+                    continue  # __typename is free; introspection is refused in production
+                fields = getattr(parent, "fields", {})  # objects and interfaces have fields
+                field = fields.get(name)
+                if field is None:
+                    own += times  # validation reports the unknown field
+                    continue
+                key = f"{parent.name}.{name}"
+                own += times * FIELD_WEIGHTS.get(key, 1)
+                if selection.selection_set is not None:
+                    items = page_size(selection, field) if PAGE_ARGUMENT in field.args else 1
+                    items = LIST_LENGTHS.get(key, items)
+                    stack.append(
+                        (selection.selection_set, get_named_type(field.type), times * items)
+                    )
+    return _Cost(own, spreads)
+
+
+def query_cost(
+    schema: GraphQLSchema,
+    document: DocumentNode,
+    operation_name: str | None = None,
+    variables: dict[str, Any] | None = None,
+    max_page: int = LimitSettings.max_page,
+) -> int:
+    """The estimated cost of the operation `operation_name` of a valid `document` with these
+    variables (as the client sent them), as the RXLEDGER_MAX_COST paragraph of the module
+    docstring defines it. Linear in the size of the document: each fragment is measured once
+    and multiplied at its spreads."""
+    operation = get_operation_ast(document, operation_name)
+    if operation is None:
+        return 0
+    coerced = get_variable_values(schema, operation.variable_definitions or (), variables or {})
+    known = {} if isinstance(coerced, list) else coerced.coerced  # a list: coercion errors
+    page_size = partial(_page_size, variables=known, max_page=max_page)
+    costs = {
+        d.name.value: _local_cost(
+            schema, d.selection_set, schema.get_type(d.type_condition.name.value), page_size
+        )
+        for d in document.definitions
+        if isinstance(d, FragmentDefinitionNode)
+    }
+    totals: dict[str, int] = {}
+    for name in _spread_order({n: [s for s, _ in cost.spreads] for n, cost in costs.items()}):
+        totals[name] = costs[name].total(totals)
+    root = schema.get_root_type(operation.operation)
+    return _local_cost(schema, operation.selection_set, root, page_size).total(totals)
+
+
+class QueryCostLimit(SchemaExtension):
+    """Refuses an operation whose `query_cost` exceeds max_cost, after validation (so the
+    walk sees a valid document, already within the depth and alias limits) and before
+    execution. It is not a validation rule because the cost depends on the variables, and the
+    validation results are cached by document alone. The error is a validation error, so every
+    transport answers it as it answers the depth and alias limits."""
+
+    def __init__(self, max_cost: int, max_page: int) -> None:
+        self.max_cost = max_cost
+        self.max_page = max_page
+
+    def on_validate(self) -> Iterator[None]:
+        context = self.execution_context
+        document = context.graphql_document
+        schema = context.schema._schema
+        if context.pre_execution_errors is None and document is not None:
+            # No extension before this one validated: validate here, so that the cost is
+            # only ever measured on a valid document.
+            context.pre_execution_errors = validate(schema, document, context.validation_rules)
+        if not context.pre_execution_errors and document is not None:
+            cost = query_cost(
+                schema, document, context.operation_name, context.variables, self.max_page
+            )
+            if cost > self.max_cost:
+                message = (
+                    f"query cost {cost} exceeds the maximum of {self.max_cost} (RXLEDGER_MAX_COST)"
+                )
+                operation = get_operation_ast(document, context.operation_name)
+                context.pre_execution_errors = [
+                    GraphQLError(message, operation, extensions={"code": QUERY_TOO_COMPLEX})
+                ]
+        yield
+
+
 # graphql-core builds every suggestion with pyutils.did_you_mean: " Did you mean 'a' or 'b'?";
 # the suggested names are GraphQL names, which contain no "?".
 _SUGGESTION = re.compile(r" Did you mean [^?]*\?")
@@ -366,6 +590,8 @@ def graphql_extensions(
         # Clients send the same few documents again and again: validate each once (a bounded
         # LRU cache keyed by the document and the rules in force, these limits included).
         partial(ValidationCache, maxsize=1024),
+        # After ValidationCache: it measures only documents that passed validation.
+        partial(QueryCostLimit, limits.max_cost, limits.max_page),
     ]
     if production:
         extensions += [DisableIntrospection, HideSuggestions]
