@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -74,7 +75,9 @@ class Anchorer:
         self.reader = reader
         self.settings = settings or AnchorSettings()
         self.latest: SignedCheckpoint | None = None
-        self.last_anchor = 0.0
+        # time.monotonic() of this process's last checkpoint; never yet, so the first is due at
+        # once (0.0 would be the host's boot: nothing signed during its first interval of uptime)
+        self.last_anchor = -math.inf
 
     async def load_latest(self) -> SignedCheckpoint | None:
         """The newest notarized checkpoint (also one signed just before a crash, which the

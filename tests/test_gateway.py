@@ -44,8 +44,11 @@ def env_for(mongo_uri: str, db_name: str, tmp_path: Path, **extra: str) -> dict[
         RXLEDGER_VAR_DIR=str(tmp_path / "var"),
         RXLEDGER_CHECKPOINT_INTERVAL="0.1",
         RXLEDGER_LEASE_TTL="2",
-        **extra,
+        # No rate limit unless the test sets one: tests sharing a gateway would share its
+        # buckets (and its rxledger_rate_limited_total), and a test polling it could drain them.
+        RXLEDGER_RATE_LIMIT="0",
     )
+    env.update(extra)
     return env
 
 

@@ -11,6 +11,7 @@ from bson import ObjectId
 from anchoring.anchorer import AnchorSettings
 from anchoring.encoding import b64
 from anchoring.errors import InvalidEvent, ProofUnavailable, VersionConflict
+from anchoring.hashing import EMPTY_ROOT
 from anchoring.ledger import Ledger, commit_marker, group_events, intent, make_event
 from anchoring.log import LogSettings, TransparencyLog
 from anchoring.note import open_checkpoint
@@ -273,3 +274,17 @@ async def test_entries_a_deposed_leader_wrote_beyond_the_head_get_published(stor
         await task
     assert leader.size == 4
     assert (await store.head())["size"] == 4
+
+
+async def test_the_empty_tree_is_anchored_at_start_however_long_the_interval(store, signer):
+    """The first checkpoint does not wait for the checkpoint interval to pass since the host
+    booted (time.monotonic() counts from boot): a freshly started VM or container with an
+    interval of an hour would otherwise sign nothing for its first hour of uptime."""
+    longer_than_any_uptime = AnchorSettings(interval=10.0**9, max_leaves=50)
+    tlog = TransparencyLog(store, signer, LogSettings(FAST.sequencer, longer_than_any_uptime))
+    await tlog.start()
+    try:
+        cp = await tlog.wait_anchored(0, timeout=10)
+        assert cp.size == 0 and cp.root_hash == EMPTY_ROOT
+    finally:
+        await tlog.stop()

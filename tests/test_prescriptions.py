@@ -2,8 +2,9 @@
 
 One gateway serves most tests (module scope; every test files its own prescriptions under a
 fresh pharmacy and patient, so tests do not see each other's). Tests that need other settings
-(no anchoring for a while and a low rate limit; production mode) share two more gateways, started
-together when the first of those tests runs. Every gateway has a database of its own.
+(no anchoring for a while; a low rate limit; production mode) share three more gateways, started
+together when the first of those tests runs. Every gateway has a database of its own, and only
+the rate limit test's gateway limits the rate: no other test shares its buckets or polls it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ LIMITS = {
     "RXLEDGER_MAX_TOKENS": "1000",
     "RXLEDGER_MAX_BODY_BYTES": "16384",
     "RXLEDGER_MAX_PAGE": "50",
-    "RXLEDGER_RATE_LIMIT": "0",  # off here: the rate limit test has a gateway of its own
+    "RXLEDGER_RATE_LIMIT": "0",  # off (as by env_for): the rate limit test has its own gateway
 }
 
 ROLES = ("PRESCRIBER", "PHARMACIST", "COURIER", "PATIENT", "PARTNER", "AUDITOR", "ADMIN")
@@ -1394,15 +1395,15 @@ def test_invalid_transition_arguments_are_invalid_input(parties, mongo):
 # --- gateways with other settings (started together, in parallel) -------------------------
 
 
-# A burst of QUIET_BURST requests per caller, then hardly any (one every 50 s): enough for the
-# receipt test's polling, and a limit the rate limit test reaches at once.
-QUIET_BURST = 40
+# The rate limit test's gateway: a burst of LIMITED_BURST requests per caller, then one every
+# 50 s, so no request after the burst can find a token refilled however slow the machine.
+LIMITED_BURST = 5
 
 
 @dataclass
 class Others:
-    # Checkpoints an hour apart, so events stay sequenced but unanchored; a low rate limit.
-    quiet: Gateway
+    quiet: Gateway  # checkpoints an hour apart, so events stay sequenced but unanchored
+    limited: Gateway  # a low rate limit; the rate limit test's alone
     production: Gateway  # RXLEDGER_MODE=production, EdDSA tokens
     production_verifier_key: str
 
@@ -1457,12 +1458,17 @@ def others(
             tmp / "quiet",
             RXLEDGER_CHECKPOINT_INTERVAL="3600",
             RXLEDGER_CHECKPOINT_LEAVES="1000000",
+        ),
+        launch(
+            mongo_uri,
+            databases.new(),
+            tmp / "limited",
             RXLEDGER_RATE_LIMIT="0.02",
-            RXLEDGER_RATE_BURST=str(QUIET_BURST),
+            RXLEDGER_RATE_BURST=str(LIMITED_BURST),
         ),
         launch(mongo_uri, databases.new(), tmp / "production", production_mint, **production_env),
-    ) as (quiet, production):
-        yield Others(quiet, production, verifier_key)
+    ) as (quiet, limited, production):
+        yield Others(quiet, limited, production, verifier_key)
 
 
 @pytest.fixture
@@ -1502,12 +1508,12 @@ def test_a_sequenced_event_awaiting_its_checkpoint_has_a_signed_receipt(others):
 
 
 def test_a_caller_over_the_rate_limit_gets_429_with_retry_after(others):
-    gateway = others.quiet
+    gateway = others.limited
     token = gateway.token("AUDITOR", "hasty")
     statuses = [
-        gateway.post({"query": "{ ledger { size } }"}, token) for _ in range(QUIET_BURST + 1)
+        gateway.post({"query": "{ ledger { size } }"}, token) for _ in range(LIMITED_BURST + 1)
     ]
-    assert [r.status_code for r in statuses[:-1]] == [200] * QUIET_BURST
+    assert [r.status_code for r in statuses[:-1]] == [200] * LIMITED_BURST
     limited = statuses[-1]
     assert limited.status_code == 429, limited.text
     assert int(limited.headers["retry-after"]) >= 1

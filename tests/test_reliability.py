@@ -657,6 +657,17 @@ async def test_stalled_leader_that_resumes_after_losing_the_lease_corrupts_nothi
             version += 1
             await asyncio.sleep(0.03)
 
+    def moved_on(head: dict[str, Any]) -> Callable[[], Awaitable[bool]]:
+        """Whether the log has sequenced and published a checkpoint beyond `head`."""
+
+        async def check() -> bool:
+            now = await store.head()
+            return now.get("size", 0) > head.get("size", 0) and now.get(
+                "checkpointSize", -1
+            ) > head.get("checkpointSize", -1)
+
+        return check
+
     appenders = [asyncio.create_task(appender(f"rx-{i}")) for i in range(4)]
     procs: list[SequencerProcess] = []
     try:
@@ -680,7 +691,8 @@ async def test_stalled_leader_that_resumes_after_losing_the_lease_corrupts_nothi
                     return await lease_holder(store) == other.holder
 
                 await wait_until(other_holds, 4 * ttl + 3, f"cycle {cycle}: a takeover")
-                await asyncio.sleep(0.5)  # the new leader sequences and anchors meanwhile
+                # The new leader sequences and anchors meanwhile: the stalled one's view is stale.
+                await wait_until(moved_on(await store.head()), 10, f"cycle {cycle}: new leader")
             finally:
                 leader.proc.send_signal(signal.SIGCONT)
 
@@ -692,7 +704,7 @@ async def test_stalled_leader_that_resumes_after_losing_the_lease_corrupts_nothi
             await wait_until(
                 stepped_down, 5, f"cycle {cycle}: the resumed ex-leader to notice it lost"
             )
-            await asyncio.sleep(0.5)
+            await wait_until(moved_on(await store.head()), 10, f"cycle {cycle}: the log to grow")
         stop.set()
         await asyncio.wait_for(asyncio.gather(*appenders), 15)
         await wait_until(lambda: drained(store), 30, "the log to be sequenced and anchored")
@@ -761,7 +773,11 @@ async def test_database_outage_fails_appends_clearly_and_sequencer_resumes(tmp_p
         await tlog.wait_anchored(20, timeout=15)
         acknowledged = {a.event_id for a in before}
         background_task = asyncio.create_task(background())
-        await asyncio.sleep(0.5)
+
+        async def background_appending() -> bool:
+            return len(background_acked) >= 5
+
+        await wait_until(background_appending, 15, "the background appends to be acknowledged")
 
         # Stop it (FerretDB shuts down gracefully, in about 3 s) while appends keep coming.
         await asyncio.to_thread(server.stop)

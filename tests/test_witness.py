@@ -92,17 +92,31 @@ async def appended(tlog: TransparencyLog, subject: str, count: int) -> None:
         await tlog.append(subject, v, header(subject, v))
 
 
+async def sequenced_rounds_later(tlog: TransparencyLog, subject: str, version: int) -> int:
+    """Append versions `version` and `version + 1` of `subject`, each once the one before is
+    sequenced: the second is sequenced in a later round of the sequencer than the first, so the
+    round that sequenced the first, with all it does after sequencing (anchor, publish), is over.
+    Proof that the sequencer has moved on, however slow the machine. The next version."""
+    for v in (version, version + 1):
+        got = await tlog.append(subject, v, header(subject, v))
+        await tlog.wait_sequenced(got.event_id, timeout=15)
+    return version + 2
+
+
 async def test_a_checkpoint_is_published_only_once_its_quorum_has_cosigned(store, signer):
     w1, w2, w3 = witness_set(3)
     tlog = TransparencyLog(store, signer, settings_for([w1, w2, w3], quorum=2))
     await tlog.start()
     try:
         await appended(tlog, "rx-q", 5)
-        cp = await signed_checkpoint(tlog, 5)
-        await asyncio.sleep(0.3)  # the sequencer has had its chance to publish; it must not
+        await signed_checkpoint(tlog, 5)
+        # A newer checkpoint signed: the round that signed checkpoint 5, where a log that did
+        # not wait for its witnesses would have published it, is over. Nothing is published.
+        await appended_more(tlog, "rx-q", 6, 6)
+        cp = await signed_checkpoint(tlog, 6)
         assert await tlog.latest_checkpoint() is None
         status = await tlog.witness_status()
-        assert status["required"] == 2 and status["newestSignedSize"] == 5
+        assert status["required"] == 2 and status["newestSignedSize"] == 6
         assert status["publishedSize"] is None
         assert status["missing"] == ["w0.witness.test", "w1.witness.test", "w2.witness.test"]
 
@@ -116,7 +130,7 @@ async def test_a_checkpoint_is_published_only_once_its_quorum_has_cosigned(store
         line2 = w2.cosign(note_body(cp.note)).line
         two = await tlog.add_cosignatures(cp.note + line2)
         published = await tlog.latest_checkpoint()
-        assert published is not None and published.size == 5
+        assert published is not None and published.size == 6
         assert [c.name for c in two.cosignatures] == ["w0.witness.test", "w1.witness.test"]
         assert (await tlog.witness_status())["missing"] == []
 
@@ -126,8 +140,8 @@ async def test_a_checkpoint_is_published_only_once_its_quorum_has_cosigned(store
         assert line2 in published.witnessed_note
         text, found = cosignatures(published.witnessed_note, list(tlog.settings.witnesses))
         assert text == note_body(cp.note) and len(found) == 2
-        assert open_checkpoint(published.witnessed_note, [signer.verifier()]).size == 5
-        doc = await store.notarizations.find_one({"_id": 5})
+        assert open_checkpoint(published.witnessed_note, [signer.verifier()]).size == 6
+        doc = await store.notarizations.find_one({"_id": 6})
         assert sorted(c["name"] for c in doc["cosignatures"].values()) == [
             "w0.witness.test",
             "w1.witness.test",
@@ -184,14 +198,22 @@ async def test_while_witnesses_cosign_a_checkpoint_no_newer_one_replaces_it(stor
         await appended(tlog, "rx-hold", 1)
         held = await signed_checkpoint(tlog, 1)
         await appended_more(tlog, "rx-hold", 2, 6)
-        await asyncio.sleep(0.5)  # ten checkpoint intervals
+        # Wait until, by the anchorer's own clock and the sequenced size, a newer checkpoint
+        # is due, then until the sequencer has finished a round after that: one that would
+        # have signed it, were checkpoint 1 not held for its witness.
+        deadline = time.monotonic() + 15
+        while tlog.sequencer.size < 6 or not tlog.anchorer.due(tlog.sequencer.size):
+            assert time.monotonic() < deadline, "no newer checkpoint became due within 15 s"
+            await asyncio.sleep(0.01)
+        size = await sequenced_rounds_later(tlog, "rx-hold", 7) - 1
         assert (await tlog.newest_checkpoint()).size == 1
         status = await tlog.witness_status()
-        assert status["missing"] == ["w0.witness.test"] and status["waitingSeconds"] >= 0.5
+        interval = tlog.settings.anchor.interval
+        assert status["missing"] == ["w0.witness.test"] and status["waitingSeconds"] >= interval
 
         await tlog.add_cosignatures(held.note + w.cosign(note_body(held.note)).line)
         assert (await tlog.latest_checkpoint()).size == 1
-        await signed_checkpoint(tlog, 6)  # published: the next one follows
+        await signed_checkpoint(tlog, size)  # published: the next one follows
     finally:
         await tlog.stop()
 
@@ -323,11 +345,25 @@ async def test_a_published_checkpoint_is_not_lost_to_the_sequencer_writing_the_h
             await tlog.append("rx-head", size, header("rx-head", size))
             cp = await signed_checkpoint(tlog, size)
             await tlog.add_cosignatures(cp.note + w.cosign(note_body(cp.note)).line)
-            await asyncio.sleep(0.1)  # a few renewals later
+            await lease_renewals(store, 3)  # each a write of the head
             head = await store.head()
             assert head.get("checkpointSize") == size, f"checkpoint {size} lost from the head"
     finally:
         await tlog.stop()
+
+
+async def lease_renewals(store: LogStore, count: int) -> None:
+    """Wait until the leader has written the head `count` more times (each write sets a new
+    lease expiry)."""
+    deadline = time.monotonic() + 15
+    seen = (await store.head()).get("expiresAt")
+    while count:
+        assert time.monotonic() < deadline, f"the lease was not renewed {count} more times"
+        expires = (await store.head()).get("expiresAt")
+        if expires != seen:
+            seen, count = expires, count - 1
+        else:
+            await asyncio.sleep(0.005)
 
 
 async def test_witnesses_cosigning_at_the_same_moment_all_count(store, signer):
@@ -928,17 +964,32 @@ async def test_a_witness_sends_its_cosignature_again_when_the_log_has_lost_it(
     field = f"cosignatures.k{cosigner.key_id.hex()}"
     async with RemoteLog(log_a.log) as remote:
         assert (await witness_once(witness, remote))[1] == f"cosigned checkpoint {size}"
-        await asyncio.sleep(0.6)  # what /log/next-checkpoint serves is at most 0.5 s old
+        await served_with_cosignature(log_a, keys.w1, True)  # (the served note is cached)
         assert await witness_once(witness, remote) == (size, None)  # nothing to send again
 
         await notarizations.update_one({"_id": size}, {"$unset": {field: ""}})
-        await asyncio.sleep(0.6)
+        await served_with_cosignature(log_a, keys.w1, False)
         assert (await witness_once(witness, remote))[1] == f"cosigned checkpoint {size}"
     doc = await notarizations.find_one({"_id": size})
     line = doc["cosignatures"][field.split(".")[1]]["line"]
     assert [c.name for c in cosignatures(doc["note"] + line, [keys.w1.verifier])[1]] == [
         keys.w1.name
     ]
+
+
+async def served_with_cosignature(gw: Gateway, witness: WitnessKey, present: bool) -> None:
+    """Wait until the note /log/next-checkpoint serves carries `witness`'s cosignature (or,
+    with `present` False, no longer does)."""
+    deadline = time.monotonic() + 15
+    async with httpx.AsyncClient(timeout=5) as http:
+        while True:
+            r = await http.get(f"{gw.log}/next-checkpoint")
+            assert r.status_code == 200, r.text
+            found = cosignatures(r.text, [witness.verifier])[1]
+            if bool(found) == present:
+                return
+            assert time.monotonic() < deadline, f"served note, present={present}: {r.text}"
+            await asyncio.sleep(0.05)
 
 
 def test_a_corrupt_state_file_is_a_clear_error_not_a_traceback(log_a, keys, tmp_path):
