@@ -117,6 +117,7 @@ from strawberry.extensions import (
 )
 
 from anchoring.errors import LedgerUnavailable, database_error
+from app.policy import MUTATIONS
 from app.settings import env_number
 
 QUERY_TOO_COMPLEX = "QUERY_TOO_COMPLEX"
@@ -364,19 +365,7 @@ FIELD_WEIGHTS: dict[str, int] = {
     "Ledger.checkpoints": 5,
     "Ledger.entry": 5,
     # an append to the ledger and a document update
-    **{
-        f"Mutation.{name}": 20
-        for name in (
-            "issuePrescription",
-            "cancelPrescription",
-            "rejectPrescription",
-            "dispensePrescription",
-            "handToCourier",
-            "deliverPrescription",
-            "confirmReceipt",
-            "erasePersonalData",
-        )
-    },
+    **{f"Mutation.{name}": 20 for name in MUTATIONS},
 }
 
 # Lists no argument bounds, by the most items they hold: a prescription has at most six

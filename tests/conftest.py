@@ -4,6 +4,8 @@ per test. With MONGODB_URI set, that server is used and nothing is started."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -93,3 +95,27 @@ def databases(mongo_uri: str) -> Iterator[Databases]:
 def mongo(databases: Databases) -> MongoClient[dict[str, Any]]:
     """A plain client, for reading and editing what the gateways stored."""
     return databases.client
+
+
+def run_go(args: list[str], what: str, cwd: Path | None = None, **env: str) -> None:
+    """Run the Go toolchain (`go build` or `go install`, modules through the Go module proxy);
+    fails the test saying what to do when Go is missing, hangs or fails."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.fail(
+            f"the Go toolchain is not on PATH: this test runs `go {args[0]}` for {what} "
+            "(Go >= 1.26, https://go.dev/dl/; `make help` lists what the tests need)"
+        )
+    try:
+        built = subprocess.run(
+            [go, *args],
+            cwd=cwd,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`go {args[0]}` of {what} took over 10 minutes (is the Go proxy reachable?)")
+    if built.returncode != 0:
+        pytest.fail(f"`go {' '.join(args)}` ({what}) failed:\n{built.stderr[-3000:]}")

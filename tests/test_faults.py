@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from conftest import run_go
 from pymongo import MongoClient
 from test_gateway import ORIGIN, env_for, free_port, running_gateway
 
@@ -65,26 +66,8 @@ def toxiproxy_binary() -> Path:
     proxy, GOPROXY), reused afterwards."""
     if TOXIPROXY.exists():
         return TOXIPROXY
-    go = shutil.which("go")
-    if go is None:
-        pytest.fail(
-            "the Go toolchain is not on PATH: this test builds toxiproxy with `go install` "
-            "(Go >= 1.26, https://go.dev/dl/; `make help` lists what the tests need)"
-        )
     gobin = TOXIPROXY.parent / f".toxiproxy-build-{os.getpid()}"
-    env = {**os.environ, "GOBIN": str(gobin), "GOFLAGS": "-buildvcs=false"}
-    try:
-        built = subprocess.run(
-            [go, "install", TOXIPROXY_MODULE],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail("`go install` of toxiproxy took over 10 minutes (is the Go proxy reachable?)")
-    if built.returncode != 0:
-        pytest.fail(f"`go install {TOXIPROXY_MODULE}` failed:\n{built.stderr[-3000:]}")
+    run_go(["install", TOXIPROXY_MODULE], "toxiproxy", GOBIN=str(gobin), GOFLAGS="-buildvcs=false")
     (gobin / "server").replace(TOXIPROXY)
     shutil.rmtree(gobin, ignore_errors=True)
     return TOXIPROXY

@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 import uuid
@@ -26,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 from bson import Binary
+from conftest import run_go
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pymongo import AsyncMongoClient, MongoClient
 from pymongo.collection import Collection
@@ -51,27 +50,13 @@ AT = "2025-01-02T03:04:05.000Z"  # fixed, so that two logs given the same events
 def interop_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/interop built once; the first build downloads golang.org/x/mod through the Go
     module proxy (GOPROXY), later ones use the module cache."""
-    go = shutil.which("go")
-    if go is None:
-        pytest.fail(
-            "the Go toolchain is not on PATH: this test builds tests/interop with `go build` "
-            "(Go >= 1.26, https://go.dev/dl/; `make help` lists what the tests need)"
-        )
     binary = tmp_path_factory.mktemp("interop-bin") / "interop"
-    env = {**os.environ, "GOFLAGS": "-mod=readonly -buildvcs=false"}
-    try:
-        built = subprocess.run(
-            [go, "build", "-o", str(binary), "."],
-            cwd=INTEROP,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail("`go build` in tests/interop took over 10 minutes (is the Go proxy reachable?)")
-    if built.returncode != 0:
-        pytest.fail(f"`go build` in tests/interop failed:\n{built.stderr[-3000:]}")
+    run_go(
+        ["build", "-o", str(binary), "."],
+        "tests/interop",
+        cwd=INTEROP,
+        GOFLAGS="-mod=readonly -buildvcs=false",
+    )
     return binary
 
 

@@ -292,6 +292,19 @@ class Parties:
         assert result["__typename"] == "Prescription", result
         return str(result["id"])
 
+    def hand_over(self, rid: str, expected_version: int) -> dict[str, Any]:
+        """This test's pharmacist hands a dispensed prescription to its courier c-7; returns
+        the mutation's result."""
+        return call(
+            self.gw,
+            self.pharmacist,
+            "handToCourier",
+            id=rid,
+            expectedVersion=expected_version,
+            courier="c-7",
+            courierOrganization=self.courier_org,
+        )
+
     def advance(self, rid: str, to: str) -> int:
         """Take a freshly issued prescription to status `to` (CANCELLED, or a status along the
         courier path); returns its version there."""
@@ -433,15 +446,7 @@ def test_lifecycle_issue_dispense_courier_deliver_confirm_is_recorded_and_anchor
 
     dispensed = call(p.gw, p.pharmacist, "dispensePrescription", id=rid, expectedVersion=1)
     assert (dispensed["status"], dispensed["version"]) == ("DISPENSED", 2)
-    handed = call(
-        p.gw,
-        p.pharmacist,
-        "handToCourier",
-        id=rid,
-        expectedVersion=2,
-        courier="c-7",
-        courierOrganization=p.courier_org,
-    )
+    handed = p.hand_over(rid, 2)
     assert (handed["status"], handed["version"], handed["courier"]) == ("IN_TRANSIT", 3, "c-7")
     assert handed["courierOrganization"] == p.courier_org
     delivered = call(p.gw, p.courier, "deliverPrescription", id=rid, expectedVersion=3)
@@ -774,15 +779,7 @@ async def test_the_step_after_a_concurrent_race_is_sequenced_promptly(parties):
     p = parties
     rid = p.issued()
     await race(p.gw, p.pharmacist, "dispensePrescription", 8, id=rid, expectedVersion=1)
-    handed = call(
-        p.gw,
-        p.pharmacist,
-        "handToCourier",
-        id=rid,
-        expectedVersion=2,
-        courier="c-7",
-        courierOrganization=p.courier_org,
-    )
+    handed = p.hand_over(rid, 2)
     assert handed["__typename"] == "Prescription", handed
 
     def handed_over_sequenced() -> bool:

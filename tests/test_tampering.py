@@ -151,15 +151,7 @@ def test_a_fabricated_handoff_cannot_be_extended_by_the_courier_it_names(
     rx_ = wait_anchored(p, rid)
     assert (rx_["status"], rx_["version"], rx_["courier"]) == ("DISPENSED", 2, None)
     # The real hand-over goes on from the ledger's version.
-    handed = call(
-        p.gw,
-        p.pharmacist,
-        "handToCourier",
-        id=rid,
-        expectedVersion=2,
-        courier="c-7",
-        courierOrganization=p.courier_org,
-    )
+    handed = p.hand_over(rid, 2)
     assert (handed["__typename"], handed.get("version")) == ("Prescription", 3), handed
     wait_anchored(p, rid)
     checked = audit(p.gw, mongo_uri, tmp_path)
@@ -168,15 +160,7 @@ def test_a_fabricated_handoff_cannot_be_extended_by_the_courier_it_names(
 
 def test_a_document_copy_missing_an_event_from_the_middle_is_tampered(p, mongo):
     rid = dispensed_and_anchored(p)
-    handed = call(
-        p.gw,
-        p.pharmacist,
-        "handToCourier",
-        id=rid,
-        expectedVersion=2,
-        courier="c-7",
-        courierOrganization=p.courier_org,
-    )
+    handed = p.hand_over(rid, 2)
     assert handed["__typename"] == "Prescription", handed
     wait_anchored(p, rid)
     prescriptions = mongo[p.gw.db]["prescriptions"]
