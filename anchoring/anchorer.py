@@ -17,7 +17,7 @@ from pymongo.errors import DuplicateKeyError
 
 from anchoring.cosignature import Cosignature
 from anchoring.errors import AnchorRefused
-from anchoring.note import Checkpoint, Signer, open_checkpoint
+from anchoring.note import Checkpoint, Signer, Verifier, open_checkpoint
 from anchoring.proofs import consistency_proof
 from anchoring.store import Doc, LogStore
 from anchoring.tiles import TileReader
@@ -62,6 +62,25 @@ class SignedCheckpoint:
         return self.note + "".join(c.line for c in self.cosignatures)
 
 
+def checked_checkpoint(doc: Doc, verifier: Verifier, origin: str) -> SignedCheckpoint:
+    """A stored checkpoint, once its note carries the log's valid signature and its stored
+    size, root and key agree with that note: the database's copy of a checkpoint is trusted
+    for nothing the signature does not cover. Raises AnchorRefused."""
+    try:
+        cp = open_checkpoint(doc["note"], [verifier], origin)
+    except (VerificationError, KeyError, TypeError) as exc:
+        raise AnchorRefused(f"stored checkpoint {doc.get('_id')} does not verify: {exc}") from exc
+    try:
+        signed = SignedCheckpoint.from_doc(doc)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AnchorRefused(f"stored checkpoint {doc.get('_id')} is malformed: {exc}") from exc
+    if not cp.size == signed.size == doc.get("_id") or cp.root_hash != signed.root_hash:
+        raise AnchorRefused(
+            f"stored checkpoint {doc.get('_id')} fields disagree with its signed note"
+        )
+    return signed
+
+
 class Anchorer:
     def __init__(
         self,
@@ -93,16 +112,7 @@ class Anchorer:
         return self.latest
 
     def _checked(self, doc: Doc) -> SignedCheckpoint:
-        """A stored checkpoint must carry our valid signature and agree with its fields."""
-        try:
-            cp = open_checkpoint(doc["note"], [self.signer.verifier()], self.store.origin)
-        except VerificationError as exc:
-            raise AnchorRefused(f"stored checkpoint {doc['_id']} does not verify: {exc}") from exc
-        if cp.size != doc["size"] or cp.root_hash != bytes(doc["rootHash"]):
-            raise AnchorRefused(
-                f"stored checkpoint {doc['_id']} fields disagree with its signed note"
-            )
-        return SignedCheckpoint.from_doc(doc)
+        return checked_checkpoint(doc, self.signer.verifier(), self.store.origin)
 
     def due(self, size: int) -> bool:
         anchored = self.latest.size if self.latest else 0

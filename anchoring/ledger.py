@@ -80,6 +80,11 @@ def _check_keys(value: Any, path: str, depth: int = 0) -> None:
         )
 
 
+# The two kinds of `pending` document: a group's intent, and its commit marker.
+INTENTS: Doc = {"committed": {"$exists": False}}
+MARKERS: Doc = {"committed": {"$exists": True}}
+
+
 def commit_marker(group_id: ObjectId, event_ids: list[ObjectId]) -> Doc:
     """The `pending` document that says the ledger copies of these events of a group exist."""
     return {"_id": marker_id(group_id), "committed": group_id, "events": event_ids}
@@ -258,6 +263,22 @@ class Ledger:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_forever(), name="ledger-flusher")
         return await future
+
+    async def queued(self, event_ids: list[ObjectId]) -> set[ObjectId]:
+        """Which of these events are queued for the log: named by a commit marker, or in an
+        intent whose marker is not written yet. Reads `pending`, which holds only what is not
+        sequenced yet; an event written straight into `ledger` is in neither."""
+        wanted = set(event_ids)
+        found = {
+            e
+            async for m in self.store.pending.find(MARKERS, {"events": 1})
+            for e in m.get("events", [])
+            if e in wanted
+        }
+        if found != wanted:
+            async for doc in self.store.pending.find(INTENTS, {"events": 1}):
+                found.update(e["_id"] for e in group_events(doc) if e["_id"] in wanted)
+        return found
 
     async def close(self) -> None:
         """Stop taking appends, let the batch being written finish (bounded), fail the rest."""

@@ -13,7 +13,7 @@ from typing import Any
 from bson import ObjectId
 from pymongo.errors import PyMongoError
 
-from anchoring.anchorer import Anchorer, AnchorSettings, SignedCheckpoint
+from anchoring.anchorer import Anchorer, AnchorSettings, SignedCheckpoint, checked_checkpoint
 from anchoring.cosignature import Cosignature, cosignatures
 from anchoring.encoding import b64
 from anchoring.errors import AnchorRefused, CosignatureRejected, ProofUnavailable
@@ -34,7 +34,7 @@ from anchoring.tiles import (
     tile_path,
 )
 from anchoring.treemath import TILE_WIDTH, Node
-from anchoring.verify import VerificationError
+from anchoring.verify import VerificationError, verify_inclusion
 
 log = logging.getLogger("rxledger.log")
 
@@ -80,6 +80,21 @@ class InclusionProof:
         """The proof of `leaf` at `leaf_index` with audit `path` in the tree of checkpoint `cp`."""
         return cls(leaf_index, cp.size, leaf, leaf_hash(leaf), path, cp)
 
+    def holds(self) -> bool:
+        """Whether the audit path rebuilds the checkpoint's root from this leaf: the signed
+        tree holds these bytes at this index."""
+        try:
+            verify_inclusion(
+                self.leaf_index,
+                self.tree_size,
+                self.leaf_hash,
+                self.path,
+                self.checkpoint.root_hash,
+            )
+        except VerificationError:
+            return False
+        return True
+
     def bundle(self) -> dict[str, Any]:
         """The proof bundle `rxledger verify` reads."""
         return {
@@ -119,6 +134,8 @@ class TransparencyLog:
         self._newest: tuple[float, SignedCheckpoint | None] = (0.0, None)
         self._cosigning = asyncio.Lock()  # one cosignature write at a time per process
         self._cosigned_checked = 0.0
+        self._checked_notes: dict[tuple[Any, Any, Any], SignedCheckpoint] = {}
+        self._known_size = 0  # the largest published size this process has read
 
     @property
     def running(self) -> bool:
@@ -338,7 +355,9 @@ class TransparencyLog:
     # --- reads ----------------------------------------------------------------------------
 
     async def published_size(self) -> int:
-        return int((await self.store.head()).get("size", 0))
+        size = int((await self.store.head()).get("size", 0))
+        self._known_size = max(self._known_size, size)
+        return size
 
     async def published_checkpoint_size(self) -> int | None:
         """The size of the published checkpoint the head names (None before the first)."""
@@ -350,8 +369,27 @@ class TransparencyLog:
         return None if size is None else await self.checkpoint(size)
 
     async def checkpoint(self, size: int) -> SignedCheckpoint | None:
+        """The checkpoint of `size`, as its signed note says: None when there is none, or when
+        the stored one does not carry this log's valid signature (logged as an error)."""
         doc = await self.store.notarizations.find_one({"_id": size})
-        return None if doc is None else SignedCheckpoint.from_doc(doc)
+        return None if doc is None else self._signed(doc)
+
+    def _signed(self, doc: Doc) -> SignedCheckpoint | None:
+        """A stored checkpoint checked against its signature (once per note: notes are
+        immutable, so a cached check stays true for the same text)."""
+        key = (doc.get("_id"), doc.get("note"), doc.get("rootHash"))
+        checked = self._checked_notes.get(key)
+        if checked is None:
+            try:
+                checked = checked_checkpoint(doc, self.signer.verifier(), self.origin)
+            except AnchorRefused as exc:
+                log.error("checkpoint: not used: %s", exc)
+                return None
+            self._checked_notes[key] = checked
+            while len(self._checked_notes) > 1024:
+                self._checked_notes.pop(next(iter(self._checked_notes)))
+        # The cosignatures may have grown since: they are checked when added, and by clients.
+        return SignedCheckpoint.from_doc(doc) if doc.get("cosignatures") else checked
 
     async def checkpoints(self, after_size: int = -1, limit: int = 100) -> list[SignedCheckpoint]:
         """Published checkpoints (those witnesses still have to cosign are left out), by size."""
@@ -363,7 +401,7 @@ class TransparencyLog:
             .sort("_id", 1)
             .limit(limit)
         )
-        return [SignedCheckpoint.from_doc(d) async for d in cursor]
+        return [cp async for d in cursor if (cp := self._signed(d)) is not None]
 
     async def entry_leaves(self, index: int, width: int, published_size: int) -> list[bytes]:
         """The `width` leaves of tlog-tiles entry bundle `index`; raises TileNotFound when the
@@ -422,10 +460,17 @@ class TransparencyLog:
         return cp
 
     async def prove(self, leaf_index: int, leaf: bytes, cp: SignedCheckpoint) -> InclusionProof:
-        """Inclusion proof of a leaf the caller holds, against checkpoint `cp`.
-        Requires 0 <= leaf_index < cp.size."""
+        """Inclusion proof of a leaf the caller holds, against checkpoint `cp`; raises
+        ProofUnavailable when the signed tree does not hold those bytes at that index (the
+        stored entry or tiles were edited). Requires 0 <= leaf_index < cp.size."""
         path = await inclusion_proof(self.reader, leaf_index, cp.size, cp.size)
-        return InclusionProof.against(leaf_index, leaf, path, cp)
+        proof = InclusionProof.against(leaf_index, leaf, path, cp)
+        if not proof.holds():
+            raise ProofUnavailable(
+                f"entry {leaf_index} is not the leaf the signed tree of size {cp.size} holds: "
+                "the log's storage was edited (run rxledger audit)"
+            )
+        return proof
 
     async def inclusion_paths(self, indices: list[int], size: int) -> list[list[bytes]]:
         """Audit paths of several leaves in the tree of `size` (a published size), from one
@@ -437,14 +482,26 @@ class TransparencyLog:
         read of tiles: what a receipt may sign, since no checkpoint covers them yet."""
         if not indices:
             return {}
-        size = await self.published_size()
+        # Any size once published still reads the same tiles (they are immutable): the head is
+        # read again only for an index beyond the largest size seen.
+        size = self._known_size
+        if max(indices) >= size:
+            size = await self.published_size()
         nodes = await self.reader.nodes([Node(0, i) for i in indices if i < size], size)
         return {node.index: digest for node, digest in nodes.items()}
 
-    def receipt(self, leaf_index: int, leaf: bytes, at: dt.datetime | None = None) -> Receipt:
-        """A signed receipt for a sequenced leaf not yet covered by a checkpoint."""
+    async def receipt(self, leaf_index: int, leaf: bytes, at: dt.datetime | None = None) -> Receipt:
+        """A signed receipt for a sequenced leaf not yet covered by a checkpoint. The log signs
+        only the leaf its own tree holds at that index (level 0 of its tiles); raises
+        ProofUnavailable for any other bytes."""
+        digest = leaf_hash(leaf)
+        if (await self.leaf_hashes([leaf_index])).get(leaf_index) != digest:
+            raise ProofUnavailable(
+                f"entry {leaf_index} is not the leaf the tree holds at that index: no receipt "
+                "(run rxledger audit)"
+            )
         return sign_receipt(
-            self.signer, self.origin, leaf_index, leaf_hash(leaf), at or dt.datetime.now(dt.UTC)
+            self.signer, self.origin, leaf_index, digest, at or dt.datetime.now(dt.UTC)
         )
 
     async def _checkpoint_for(self, tree_size: int | None) -> SignedCheckpoint:

@@ -29,15 +29,12 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from anchoring.errors import database_error, frames
 from anchoring.hashing import leaf_hash
-from anchoring.ledger import commit_marker, group_events, marker_id
+from anchoring.ledger import INTENTS, MARKERS, commit_marker, group_events, marker_id
 from anchoring.store import Doc, LogStore
 from anchoring.tiles import TileReader, tile_document, write_tiles
 from anchoring.treemath import TILE_HEIGHT, TILE_WIDTH, CompactRange, Node, root_nodes, tile_width
 
 log = logging.getLogger("rxledger.sequencer")
-
-INTENTS: Doc = {"committed": {"$exists": False}}
-MARKERS: Doc = {"committed": {"$exists": True}}
 
 
 class LostLease(Exception):

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pymongo.errors import PyMongoError
+from pymongo.errors import ConnectionFailure, PyMongoError
 
+from anchoring.errors import database_error
 from anchoring.log import InclusionProof
 from anchoring.note import Verifier, check_key_name, open_checkpoint, parse_verifier_key
 from anchoring.verify import (
@@ -24,7 +25,6 @@ from anchoring.verify import (
     VerificationError,
     parse_consistency_proof,
     parse_inclusion_bundle,
-    root_from_inclusion_proof,
     verify_bundle_inclusion,
     verify_consistency,
 )
@@ -32,6 +32,14 @@ from app.limits import LimitSettings
 from app.settings import ConfigError, Settings, announce_mode, write_new_key
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _database_failure(exc: PyMongoError) -> str:
+    """What to print of a database error: where a connection failed (addresses, no data), or
+    only the class and code of any other (its text may quote documents)."""
+    if isinstance(exc, ConnectionFailure):
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
+    return database_error(exc)
 
 
 class UsageError(Exception):
@@ -264,7 +272,7 @@ def cmd_export_proof(args: argparse.Namespace) -> int:
                 leaf = bytes(event["leaf"])
                 index = indices[event["_id"]]
                 proof = InclusionProof.against(index, leaf, path, cp)
-                if root_from_inclusion_proof(index, cp.size, proof.leaf_hash, path) != cp.root_hash:
+                if not proof.holds():
                     # The ledger's copy of the leaf is not what the signed tree holds.
                     tampered.append(event)
                     continue
@@ -695,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except PyMongoError as exc:
         print(
-            f"rxledger {args.command}: database unavailable: {type(exc).__name__}: {str(exc)[:300]}",
+            f"rxledger {args.command}: database unavailable: {_database_failure(exc)}",
             file=sys.stderr,
         )
         print(

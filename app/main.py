@@ -28,7 +28,7 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
 )
 from strawberry.subscriptions.protocols.graphql_transport_ws.types import SubscribeMessage
 
-from anchoring.sequencer import INTENTS
+from anchoring.ledger import INTENTS
 from app.auth import Authenticator, AuthError, AuthSettings, Viewer
 from app.db import make_client, make_log
 from app.events import EventStream

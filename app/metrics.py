@@ -14,6 +14,8 @@ from prometheus_client.exposition import generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.extensions import SchemaExtension
 
+from anchoring.errors import database_error, frames
+
 log = logging.getLogger("rxledger.metrics")
 
 # Labels come from clients; anything else is counted as "other" to bound the series.
@@ -49,9 +51,13 @@ class LedgerCollector:
             return []
         try:
             values = self.probe()
-        except Exception:
+        except Exception as exc:
             # A failing probe must not break the scrape of everything else.
-            log.exception("ledger probe failed; ledger gauges omitted from this scrape")
+            log.error(
+                "ledger probe failed (%s); ledger gauges omitted from this scrape\n%s",
+                database_error(exc),
+                frames(exc),
+            )
             return []
         return [
             GaugeMetricFamily(f"rxledger_{key}", doc, value=float(values[key]))

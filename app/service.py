@@ -38,12 +38,18 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from anchoring.anchorer import SignedCheckpoint
 from anchoring.encoding import b64, canonical_json
-from anchoring.errors import InvalidEvent, LedgerUnavailable, VersionConflict, database_error
+from anchoring.errors import (
+    InvalidEvent,
+    LedgerUnavailable,
+    ProofUnavailable,
+    VersionConflict,
+    database_error,
+)
 from anchoring.hashing import leaf_hash
 from anchoring.log import InclusionProof, TransparencyLog
 from anchoring.receipt import Receipt
 from anchoring.store import Doc, one_of
-from anchoring.verify import root_from_inclusion_proof
+from anchoring.tiles import TileCorrupt
 from app import policy
 from app import prescriptions as rx
 from app.auth import Role, Viewer
@@ -62,6 +68,9 @@ EVENT_FIELDS = {"subject": 1, "version": 1, "header": 1, "leaf": 1, "data.actor"
 PathSource = Callable[[list[int], int], Awaitable[list[list[bytes]]]]
 # The tree's leaf hashes at sequenced indices: indices -> {index: hash}.
 LeafHashSource = Callable[[list[int]], Awaitable[dict[int, bytes]]]
+
+# Restores of a document a mutation tries while concurrent mutations move its ledger on.
+RESTORE_ATTEMPTS = 3
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -293,28 +302,53 @@ class PrescriptionService:
     # --- internals ----------------------------------------------------------------------
 
     async def _current(self, viewer: Viewer, rid: str) -> Doc:
-        """The prescription as its ledger says it is, which a mutation then extends: its
-        newest event (sequenced or pending), never a version only the document claims."""
+        """The prescription as its ledger says it is, which a mutation then extends: the state
+        its newest event's leaf commits to (a logged or queued event), never a version or a
+        field only the document claims. Raises Refused (NotFound, Tampered)."""
         # The document first, then the ledger: a mutation appends before it stores, so a
         # document ahead of the ledger read after it was not written by this gateway.
         doc = await self.prescriptions.find_one({"_id": rid})
-        newest = await self.ledger.find_one(
-            {"subject": rid}, {"version": 1, "leaf": 1}, sort=[("version", DESCENDING)]
-        )
-        if newest is None:
-            doc = None  # a document the ledger knows nothing of is nothing to extend
-        elif doc is None or not _backed_by(doc, newest):
+        for _ in range(RESTORE_ATTEMPTS):
+            newest = await self.ledger.find_one(
+                {"subject": rid}, {"version": 1, "leaf": 1}, sort=[("version", DESCENDING)]
+            )
+            if newest is None:
+                doc = None  # a document the ledger knows nothing of is nothing to extend
+                break
+            await self._check_logged(rid, newest)
+            if doc is not None and _unproven_state(rid, newest, doc) is None:
+                break
+            # Edited, rolled back, or behind a change still being stored: restore it. A
+            # concurrent mutation may move the ledger on meanwhile: look again.
             doc = await self.repair(rid, stale=doc)
-            if doc is None or not _backed_by(doc, newest):
-                log.error("%s disagrees with its ledger and could not be restored", rid)
-                raise Refused(
-                    "Tampered",
-                    f"prescription {rid} disagrees with its ledger events and cannot be "
-                    "restored from them; nothing was appended",
-                )
+        else:
+            log.error("%s disagrees with its ledger and could not be restored", rid)
+            raise Refused(
+                "Tampered",
+                f"prescription {rid} disagrees with its ledger events and cannot be "
+                "restored from them; nothing was appended",
+            )
         if doc is None or not policy.can_see(viewer, doc):
             raise Refused("NotFound", f"no prescription {rid} that you may see")
         return doc
+
+    async def _check_logged(self, rid: str, newest: Doc) -> None:
+        """A mutation extends only an event the log holds (its leaf the tree's at its index)
+        or has queued (named by a commit marker): never one written straight into `ledger`,
+        which the log would never sequence. Raises Refused (Tampered, Unavailable)."""
+        event_id, version = newest["_id"], newest["version"]
+        if not await self._never_queued([event_id]):
+            index = (await self.log.leaf_indices([event_id])).get(event_id)
+            if index is None:
+                return  # queued
+            held = (await self.log.leaf_hashes([index])).get(index)
+            if held == leaf_hash(bytes(newest["leaf"])):
+                return
+            problem = f"its version {version} is not the leaf the log holds at {index}"
+        else:
+            problem = f"its version {version} is in the ledger but was never queued for the log"
+        log.error("%s: %s", rid, problem)
+        raise Refused("Tampered", f"prescription {rid}: {problem}; nothing was appended")
 
     async def _retried(
         self,
@@ -469,6 +503,15 @@ class PrescriptionService:
             ["data.state", "data.payload", "data.actor", "data.idem", "tags.patient"],
         )
 
+    async def _never_queued(self, event_ids: list[ObjectId]) -> list[ObjectId]:
+        """The events neither sequenced nor queued for the log: written straight into
+        `ledger`, the log will never sequence them."""
+        # `pending` before `entries`: a group leaves `pending` only after it is published.
+        missing = set(event_ids) - await self.log.ledger.queued(event_ids)
+        if missing:
+            missing -= set(await self.log.leaf_indices(list(missing)))
+        return [e for e in event_ids if e in missing]
+
     # --- integrity and proofs -------------------------------------------------------------
 
     async def ledger_events(self, subjects: list[str]) -> dict[str, list[Doc]]:
@@ -497,23 +540,30 @@ class PrescriptionService:
         (anchored) or a signed receipt (sequenced, its leaf hash the tree's own) only when its
         bytes are the log's. `paths` and `leaf_hashes` read tiles, batched by the caller."""
         placed = [indices.get(e["_id"]) for e in events]
-        anchored = [i for i in placed if i is not None and cp is not None and i < cp.size]
-        found = dict(zip(anchored, await paths(anchored, cp.size), strict=True)) if cp else {}
-        tree = await leaf_hashes([i for i in placed if i is not None and i not in found])
         proofs: list[EventProof] = []
         problem = _ledger_problem(doc, events)
+        unplaced = [e["_id"] for e, i in zip(events, placed, strict=True) if i is None]
+        if problem is None and unplaced:
+            never = await self._never_queued(unplaced)
+            if never:
+                version = next(e["version"] for e in events if e["_id"] == never[0])
+                problem = f"event {version} is in the ledger but was never queued for the log"
+        try:
+            anchored = [i for i in placed if i is not None and cp is not None and i < cp.size]
+            found = dict(zip(anchored, await paths(anchored, cp.size), strict=True)) if cp else {}
+            tree = await leaf_hashes([i for i in placed if i is not None and i not in found])
+        except (TileCorrupt, ProofUnavailable) as exc:
+            # Tiles missing or cut short: nothing can be proved, and that is itself a finding.
+            problem = problem or f"the signed tree cannot be read: {exc}"
+            found, tree = {}, {}
         for event, index in zip(events, placed, strict=True):
             leaf = bytes(event["leaf"])
             if index is None:
                 proofs.append(EventProof(None, None, None))
             elif cp is not None and index in found:
-                root = root_from_inclusion_proof(index, cp.size, leaf_hash(leaf), found[index])
-                if root == cp.root_hash:
-                    proofs.append(
-                        EventProof(
-                            index, InclusionProof.against(index, leaf, found[index], cp), None
-                        )
-                    )
+                proof = InclusionProof.against(index, leaf, found[index], cp)
+                if proof.holds():
+                    proofs.append(EventProof(index, proof, None))
                     continue
                 proofs.append(EventProof(index, None, None))
                 problem = problem or (
@@ -521,7 +571,7 @@ class PrescriptionService:
                     f"tree of checkpoint {cp.size}"
                 )
             elif tree.get(index) == leaf_hash(leaf):
-                proofs.append(EventProof(index, None, self.log.receipt(index, leaf)))
+                proofs.append(EventProof(index, None, await self.log.receipt(index, leaf)))
             else:
                 proofs.append(EventProof(index, None, None))
                 problem = problem or (
@@ -548,8 +598,12 @@ def _integrity(
     newest = placed[-1] if placed else None
     if problem is None:
         problem = _sequencing_problem(events, placed)
-    if problem is None and doc.get("version", 0) < len(events):
-        if all(i is None for i in placed[doc.get("version", 0) :]):
+    at = doc.get("version")
+    if problem is None and isinstance(at, int) and 0 < at < len(events):
+        # Behind events still queued (its update follows their append): the document must be
+        # what its own version's leaf says.
+        problem = _document_problem(doc, events[:at])
+        if problem is None and all(i is None for i in placed[at:]):
             return Integrity(
                 "PENDING",
                 newest,
@@ -562,7 +616,7 @@ def _integrity(
     problem = _document_problem(doc, events)
     if problem is not None:
         # Only the document disagrees: the ledger proves what it should be.
-        behind = doc.get("version", 0) < len(events)
+        behind = isinstance(at, int) and at < len(events)
         return Integrity("TAMPERED", newest, None, problem, behind)
     erased = "erased" in doc
     latest = proofs[-1]
@@ -586,29 +640,45 @@ def _integrity(
     )
 
 
-def _backed_by(doc: Doc, newest: Doc) -> bool:
-    """Whether a document is at the ledger's newest event (same version and leaf)."""
-    return doc.get("version") == newest["version"] and bytes(
-        doc.get("lastLeafHash") or b""
-    ) == leaf_hash(bytes(newest["leaf"]))
-
-
 def _unproven_state(subject: str, event: Doc, state: Doc | None) -> str | None:
-    """Why an event's recorded state is not what its leaf commits to (None when it is)."""
-    if state is None:
+    """Why a state (an event's recorded state, or a document) is not what the event's leaf
+    commits to (None when it is): same prescription and version, the state digest over its
+    salt, and the leaf's hash as its last."""
+    if not isinstance(state, dict):
         return "the event holds no state"
-    try:
-        header = json.loads(bytes(event["leaf"]))
-    except ValueError:
-        return "its leaf is not JSON"
+    header = _header_of(bytes(event["leaf"]))
+    if header is None:
+        return "its leaf is not a JSON object"
     if state.get("_id") != subject or state.get("version") != header.get("version"):
         return "its state is of another prescription or version"
     salt = b"" if "erased" in state else state.get("salt")
-    if salt is None or rx.digest(bytes(salt), rx.state_of(state)) != header.get("stateDigest"):
+    try:
+        proven = salt is not None and rx.digest(bytes(salt), rx.state_of(state)) == header.get(
+            "stateDigest"
+        )
+        last = bytes(state.get("lastLeafHash") or b"")
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return "its state is malformed"
+    if not proven:
         return "its state differs from the state digest of its leaf"
-    if bytes(state.get("lastLeafHash") or b"") != leaf_hash(bytes(event["leaf"])):
+    if last != leaf_hash(bytes(event["leaf"])):
         return "its state names another leaf"
     return None
+
+
+def _header_of(leaf: bytes) -> Doc | None:
+    """The JSON object a leaf holds (None when it holds none)."""
+    try:
+        header = json.loads(leaf)
+    except ValueError:
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def leaf_header(leaf: bytes) -> Doc:
+    """The JSON object a leaf holds, empty when it holds none (for display: integrity
+    reports a malformed leaf)."""
+    return _header_of(leaf) or {}
 
 
 def _may_act(viewer: Viewer, doc: Doc, mutation: str) -> None:
@@ -679,7 +749,7 @@ def _document_problem(doc: Doc, events: list[Doc]) -> str | None:
     newest = events[-1]
     n = newest["version"]
     copy = {e.get("version"): e for e in doc.get("events", [])}
-    extra = sorted(v for v in copy if not isinstance(v, int) or v > n)
+    extra = sorted((v for v in copy if not isinstance(v, int) or v > n), key=str)
     if extra:
         fake = copy[extra[0]]
         return (
@@ -715,7 +785,7 @@ def shown_actor(doc: Doc, event: Doc, header: Doc, hidden: bool) -> str:
     leaf, else (withheld from auditors, erased, or disagreeing) as the leaf says."""
     actor = (event.get("data") or {}).get("actor") or {}
     if hidden or not actor.get("sub") or _actor_disagreement(doc, actor, header):
-        return str(header["actor"])
+        return str(header.get("actor", ""))
     return f"{actor['role']}:{actor['sub']}"
 
 

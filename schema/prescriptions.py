@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import json
 from typing import Annotated, Any
 
 import strawberry
@@ -23,7 +22,13 @@ from app import prescriptions as rx
 from app.auth import Viewer
 from app.limits import ClientError
 from app.prescriptions import Refused
-from app.service import PrescriptionService, decode_cursor, encode_cursor, shown_actor
+from app.service import (
+    PrescriptionService,
+    decode_cursor,
+    encode_cursor,
+    leaf_header,
+    shown_actor,
+)
 from schema.ledger import InclusionProof, PageInfo, Receipt, page_size
 from schema.loaders import Loaders
 
@@ -140,11 +145,6 @@ class Prescription:
     doc: strawberry.Private[Doc]
     hidden: strawberry.Private[bool]  # personal fields redacted for this viewer
 
-    @property
-    def events(self) -> list[Doc]:
-        events: list[Doc] = self.doc.get("events", [])
-        return events
-
     @strawberry.field
     def id(self) -> strawberry.ID:
         return strawberry.ID(self.doc["_id"])
@@ -250,13 +250,14 @@ class Prescription:
         events = await loaders(info).events.load(self.doc["_id"])
         out = []
         for event, proof in zip(events, examined.proofs, strict=True):
-            header = json.loads(bytes(event["leaf"]))
+            # What the leaf says; a malformed one (integrity says TAMPERED) is shown as such.
+            header = leaf_header(bytes(event["leaf"]))
             out.append(
                 PrescriptionEvent(
-                    type=header["type"],
-                    version=header["version"],
+                    type=str(header.get("type", "MALFORMED")),
+                    version=int(event["version"]),
                     actor=shown_actor(self.doc, event, header, self.hidden),
-                    at=header["at"],
+                    at=str(header.get("at", "")),
                     leaf_index=proof.leaf_index,
                     leaf=b64(bytes(event["leaf"])),
                     proof=None if proof.proof is None else InclusionProof.of(proof.proof),

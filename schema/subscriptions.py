@@ -17,6 +17,7 @@ import strawberry
 from strawberry.types import Info
 
 from anchoring.encoding import b64
+from anchoring.receipt import Receipt as SignedReceipt
 from app import prescriptions as rx
 from app.feed import FeedEvent, PrescriptionFeed, StreamEnded, event_filter
 from app.limits import ClientError
@@ -42,6 +43,8 @@ class PrescriptionChange:
         description="the resume point: pass it back as afterLeafIndex"
     )
     leaf: str = strawberry.field(description="base64 leaf bytes (RFC 8785 JSON header)")
+    # One signature per leaf, shared by every subscriber that selects the receipt.
+    _receipt: strawberry.Private[asyncio.Future[SignedReceipt] | None] = None
 
     @classmethod
     def of(cls, event: FeedEvent) -> PrescriptionChange:
@@ -65,9 +68,16 @@ class PrescriptionChange:
             return None
         return InclusionProof.of(await log.prove(self.event.leaf_index, self.event.leaf, cp))
 
-    @strawberry.field(description="the log's signed receipt for the leaf (always available)")
-    def receipt(self, info: Info) -> Receipt:
-        return Receipt.of(info.context["log"].receipt(self.event.leaf_index, self.event.leaf))
+    @strawberry.field(
+        description="the log's signed receipt for the leaf: signed once per leaf, and only "
+        "over the leaf the log's tree holds at that index"
+    )
+    async def receipt(self, info: Info) -> Receipt:
+        if self._receipt is None:
+            self._receipt = asyncio.ensure_future(
+                info.context["log"].receipt(self.event.leaf_index, self.event.leaf)
+            )
+        return Receipt.of(await self._receipt)
 
 
 class _Changes:

@@ -12,10 +12,10 @@ from anchoring.anchorer import AnchorSettings
 from anchoring.encoding import b64
 from anchoring.errors import InvalidEvent, ProofUnavailable, VersionConflict
 from anchoring.hashing import EMPTY_ROOT
-from anchoring.ledger import Ledger, commit_marker, group_events, intent, make_event
+from anchoring.ledger import INTENTS, Ledger, commit_marker, group_events, intent, make_event
 from anchoring.log import LogSettings, TransparencyLog
 from anchoring.note import open_checkpoint
-from anchoring.sequencer import INTENTS, Sequencer, SequencerSettings
+from anchoring.sequencer import Sequencer, SequencerSettings
 from anchoring.verify import verify_consistency, verify_inclusion
 
 FAST = LogSettings(
@@ -288,3 +288,21 @@ async def test_the_empty_tree_is_anchored_at_start_however_long_the_interval(sto
         assert cp.size == 0 and cp.root_hash == EMPTY_ROOT
     finally:
         await tlog.stop()
+
+
+async def test_a_receipt_is_signed_only_over_the_leaf_the_tree_holds(tlog):
+    appended = await tlog.append("rx-receipt", 1, header("rx-receipt", 1))
+    index = await tlog.wait_sequenced(appended.event_id)
+    receipt = await tlog.receipt(index, appended.leaf)
+    assert (receipt.leaf_index, receipt.leaf_hash) == (index, appended.leaf_hash)
+    with pytest.raises(ProofUnavailable, match=f"entry {index} is not the leaf"):
+        await tlog.receipt(index, appended.leaf + b" ")
+
+
+async def test_a_proof_is_built_only_over_the_leaf_the_signed_tree_holds(tlog):
+    appended = await tlog.append("rx-proof", 1, header("rx-proof", 1))
+    index = await tlog.wait_sequenced(appended.event_id)
+    cp = await tlog.wait_anchored(index + 1)
+    assert (await tlog.prove(index, appended.leaf, cp)).holds()
+    with pytest.raises(ProofUnavailable, match=f"entry {index} is not the leaf"):
+        await tlog.prove(index, appended.leaf + b" ", cp)

@@ -9,6 +9,7 @@ should be; `rxledger audit` and `integrity` never disagree about the log.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 from bson import Binary, ObjectId
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pymongo import MongoClient
 from test_gateway import env_for
 from test_prescriptions import (
@@ -34,6 +36,7 @@ from test_prescriptions import (
 
 from anchoring.encoding import canonical_json
 from anchoring.hashing import leaf_hash
+from anchoring.note import Signer
 from app import prescriptions as rx
 from app.auth import Role, Viewer
 
@@ -273,3 +276,100 @@ def test_a_document_rolled_back_on_a_gateway_that_never_saw_it_change_is_caught(
             "the document restored from the ledger",
         )
         assert restored["status"] == "DISPENSED"
+
+
+def test_an_edited_field_is_never_carried_into_the_next_event(p, mongo):
+    # Version and last leaf hash left as they are; only who carries it changed: the mutation
+    # must not build its event on the edited state.
+    rid = dispensed_and_anchored(p)
+    assert p.hand_over(rid, 2)["__typename"] == "Prescription"
+    wait_anchored(p, rid)
+    rogue_org = f"rogue-{p.uid}"
+    mongo[p.gw.db]["prescriptions"].update_one(
+        {"_id": rid}, {"$set": {"courier": "c-rogue", "courierOrganization": rogue_org}}
+    )
+    rogue = p.gw.token("COURIER", "c-rogue", rogue_org)
+    result = call(p.gw, rogue, "deliverPrescription", id=rid, expectedVersion=3)
+    assert result["__typename"] != "Prescription", result
+    assert ledger_count(p.gw, mongo, rid) == 3
+    rx_ = wait_anchored(p, rid)
+    assert (rx_["version"], rx_["courier"], rx_["courierOrganization"]) == (
+        3,
+        "c-7",
+        p.courier_org,
+    )
+
+
+def test_a_ledger_event_that_was_never_queued_is_never_extended(p, mongo):
+    # Written straight into `ledger` (no intent in `pending`), chained and digested as the
+    # gateway would: the log will never sequence it, so no mutation may build on it.
+    rid = dispensed_and_anchored(p)
+    db = mongo[p.gw.db]
+    rogue_org = f"rogue-{p.uid}"
+    pharmacist = Viewer(f"ph-{p.uid}", Role.PHARMACIST, p.pharmacy)
+    forged = fabricate(
+        mongo,
+        p.gw.db,
+        rid,
+        "handToCourier",
+        pharmacist,
+        {"courier": "c-rogue", "courierOrganization": rogue_org},
+    )
+    newest = forged["events"][-1]
+    db["ledger"].insert_one(
+        {
+            "_id": newest["id"],
+            "subject": rid,
+            "version": 3,
+            "header": json.loads(bytes(newest["leaf"])),
+            "leaf": newest["leaf"],
+            "data": {"state": forged, "actor": newest["actor"], "mutation": "handToCourier"},
+        }
+    )
+    rogue = p.gw.token("COURIER", "c-rogue", rogue_org)
+    result = call(p.gw, rogue, "deliverPrescription", id=rid, expectedVersion=3)
+    assert result["__typename"] != "Prescription", result
+    assert ledger_count(p.gw, mongo, rid) == 3  # two real events and the forged one; no 4th
+    tampered(p, rid, "event 3")
+
+
+def test_a_checkpoint_not_signed_by_the_log_is_never_used(mongo_uri, databases, mongo, tmp_path):
+    launched = launch(mongo_uri, databases.new(), tmp_path / "gw", **LIMITS)
+    with running(launched) as (gw,):
+        q = Parties(gw)
+        rid = q.issued()
+        wait_anchored(q, rid)
+        notarizations = mongo[gw.db]["notarizations"]
+        latest = notarizations.find_one(sort=[("_id", -1)])
+        text = latest["note"].split("\n\n")[0] + "\n"
+        forger = Signer(gw.verifier_key().split("+")[0], Ed25519PrivateKey.generate())
+        notarizations.update_one({"_id": latest["_id"]}, {"$set": {"note": forger.sign_note(text)}})
+        # (the gateway may answer from the checkpoint it read before, for half a second)
+        rx_ = wait_for(
+            lambda: (r := q.read(rid))["integrity"]["status"] != "VERIFIED" and r,
+            "the forged checkpoint to be read",
+            timeout=10,
+        )
+        assert rx_["integrity"]["proof"] is None
+        assert all(e["proof"] is None for e in rx_["history"]), rx_["history"]
+        out = gw.gql(
+            "query($i: Int!) { ledger { inclusionProof(leafIndex: $i) { treeSize } } }",
+            None,
+            i=rx_["history"][0]["leafIndex"],
+        )
+        assert out["errors"][0]["extensions"]["code"] == "PROOF_UNAVAILABLE", out
+
+
+def test_an_entry_whose_leaf_was_edited_gets_no_proof(p, mongo):
+    rid = dispensed_and_anchored(p)
+    index = p.read(rid)["history"][0]["leafIndex"]
+    entries = mongo[p.gw.db]["entries"]
+    entry = entries.find_one({"_id": index})
+    edited = bytes(entry["leaf"]).replace(b'"ISSUED"', b'"CANCELLED"')
+    entries.update_one({"_id": index}, {"$set": {"leaf": Binary(edited)}})
+    out = p.gw.gql(
+        "query($i: Int!) { ledger { inclusionProof(leafIndex: $i) { bundle } } }", None, i=index
+    )
+    assert out["data"] is None or out["data"]["ledger"] is None, out
+    assert out["errors"][0]["extensions"]["code"] == "PROOF_UNAVAILABLE", out
+    assert f"entry {index}" in out["errors"][0]["message"], out
