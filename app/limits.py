@@ -348,7 +348,8 @@ FIELD_WEIGHTS: dict[str, int] = {
     "PrescriptionEvent.bundle": 5,
     # an audit path (tile reads) and a proof or receipt for each event, whatever is selected
     "Prescription.history": 50,
-    # the newest event's audit path and the root recomputed from it
+    # the ledger events, every event's audit path and the root rebuilt from each (the same
+    # examination history uses: shared when both are selected)
     "Prescription.integrity": 60,
     # a proof object over paths history and integrity already read
     "PrescriptionEvent.proof": 2,
