@@ -276,7 +276,7 @@ class PrescriptionService:
         )
         if retried is not None:
             return retried
-        _may_act(viewer, doc, mutation)
+        policy.check_may_act(viewer, doc, mutation)
         if mutation == "erasePersonalData":
             if "erased" in doc:
                 raise Refused("IllegalTransition", "the personal data is already erased")
@@ -679,11 +679,6 @@ def leaf_header(leaf: bytes) -> Doc:
     """The JSON object a leaf holds, empty when it holds none (for display: integrity
     reports a malformed leaf)."""
     return _header_of(leaf) or {}
-
-
-def _may_act(viewer: Viewer, doc: Doc, mutation: str) -> None:
-    """Beyond seeing it: whether the viewer may take this step (app/policy.py decides)."""
-    policy.check_may_act(viewer, doc, mutation)
 
 
 def _same_request(event: Doc, viewer: Viewer, mutation: str, key: str, payload: Doc) -> bool:
