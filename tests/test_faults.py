@@ -31,6 +31,7 @@ import pytest
 from conftest import run_go
 from pymongo import MongoClient
 from test_gateway import ORIGIN, env_for, free_port, running_gateway
+from test_prescriptions import wait_for
 
 from anchoring.note import open_checkpoint, parse_verifier_key
 from anchoring.verify import parse_inclusion_bundle, verify_bundle_inclusion
@@ -265,17 +266,6 @@ def ready(base: str) -> dict[str, Any] | None:
     return None
 
 
-def wait(condition: Any, what: str, seconds: float) -> Any:
-    deadline = time.monotonic() + seconds
-    while True:
-        found = condition()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {seconds} s: {what}")
-        time.sleep(0.2)
-
-
 # --- the test ----------------------------------------------------------------------------------
 
 
@@ -300,7 +290,7 @@ async def test_faults_between_gateway_and_database_get_typed_answers_and_lose_no
             subject="dr-fault",
             organization="hosp-fault",
         )
-        wait(lambda: (ready(base) or {}).get("sequencerLeader"), "the gateway leads", 15)
+        wait_for(lambda: (ready(base) or {}).get("sequencerLeader"), "the gateway leads", 15)
         async with under_load(base, token, load):
             await asyncio.sleep(2)  # a baseline
             load.phase = "latency"
@@ -334,7 +324,7 @@ async def test_faults_between_gateway_and_database_get_typed_answers_and_lose_no
         assert set(load.keys) == set(load.acknowledged), "keys never acknowledged after recovery"
 
         # /readyz recovers in the same process: database reachable, leading, queue drained.
-        recovered = wait(
+        recovered = wait_for(
             lambda: (r := ready(base)) and r["sequencerLeader"] and r["queuedGroups"] == 0 and r,
             "/readyz ok with an empty queue",
             30,
@@ -358,7 +348,7 @@ async def test_faults_between_gateway_and_database_get_typed_answers_and_lose_no
             return found
 
         for rid in load.acknowledged.values():
-            rx = wait(
+            rx = wait_for(
                 lambda rid=rid: (p := read(rid)) and p["integrity"]["status"] == "VERIFIED" and p,
                 f"{rid} VERIFIED",
                 20,

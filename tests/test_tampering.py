@@ -72,6 +72,13 @@ def fabricate(
     return new
 
 
+def forge_handoff(p: Parties, mongo: Mongo, rid: str, courier: str, org: str) -> dict[str, Any]:
+    """Fabricate, in the document only, this test's pharmacist handing `rid` to `courier`."""
+    pharmacist = Viewer(f"ph-{p.uid}", Role.PHARMACIST, p.pharmacy)
+    args = {"courier": courier, "courierOrganization": org}
+    return fabricate(mongo, p.gw.db, rid, "handToCourier", pharmacist, args)
+
+
 def audit(gateway: Gateway, mongo_uri: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "app.cli", "audit", "--quiet", "--key", gateway.verifier_key()],
@@ -115,15 +122,7 @@ def tampered(p: Parties, rid: str, *fragments: str) -> dict[str, Any]:
 
 def test_a_fabricated_event_appended_to_a_document_is_tampered(p, mongo):
     rid = dispensed_and_anchored(p)
-    pharmacist = Viewer(f"ph-{p.uid}", Role.PHARMACIST, p.pharmacy)
-    fabricate(
-        mongo,
-        p.gw.db,
-        rid,
-        "handToCourier",
-        pharmacist,
-        {"courier": "c-7", "courierOrganization": f"rogue-{p.uid}"},
-    )
+    forge_handoff(p, mongo, rid, "c-7", f"rogue-{p.uid}")
     rx_ = tampered(p, rid, "event 3", "not in the ledger")
     # History is the ledger's: the fabricated step is not shown as one of its events.
     assert [e["type"] for e in rx_["history"]] == ["ISSUED", "DISPENSED"]
@@ -137,15 +136,7 @@ def test_a_fabricated_handoff_cannot_be_extended_by_the_courier_it_names(
     # then delivers. The mutation extends the ledger's newest event, not the document's.
     rid = dispensed_and_anchored(p)
     rogue_org = f"rogue-{p.uid}"
-    pharmacist = Viewer(f"ph-{p.uid}", Role.PHARMACIST, p.pharmacy)
-    fabricate(
-        mongo,
-        p.gw.db,
-        rid,
-        "handToCourier",
-        pharmacist,
-        {"courier": "c-rogue", "courierOrganization": rogue_org},
-    )
+    forge_handoff(p, mongo, rid, "c-rogue", rogue_org)
     rogue = p.gw.token("COURIER", "c-rogue", rogue_org)
     result = call(p.gw, rogue, "deliverPrescription", id=rid, expectedVersion=3)
     assert result["__typename"] != "Prescription", result
@@ -306,15 +297,7 @@ def test_a_ledger_event_that_was_never_queued_is_never_extended(p, mongo):
     rid = dispensed_and_anchored(p)
     db = mongo[p.gw.db]
     rogue_org = f"rogue-{p.uid}"
-    pharmacist = Viewer(f"ph-{p.uid}", Role.PHARMACIST, p.pharmacy)
-    forged = fabricate(
-        mongo,
-        p.gw.db,
-        rid,
-        "handToCourier",
-        pharmacist,
-        {"courier": "c-rogue", "courierOrganization": rogue_org},
-    )
+    forged = forge_handoff(p, mongo, rid, "c-rogue", rogue_org)
     newest = forged["events"][-1]
     db["ledger"].insert_one(
         {
