@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml
 	@$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
-ferretdb: ## build FerretDB into var/bin (first time only; skipped if MONGODB_URI is set)
+ferretdb: ## build patched FerretDB into var/bin (again if the patch changed; skipped if MONGODB_URI is set)
 	@if [ -n "$$MONGODB_URI" ]; then \
 	  echo "MONGODB_URI is set; not installing FerretDB"; \
 	else \
@@ -84,11 +84,12 @@ test: venv ferretdb browser ## lint, typecheck, then the test suite
 	@$(MAKE) --no-print-directory typecheck
 	$(VENV)/bin/python -m pytest
 
-bench: venv ferretdb ## run the benchmarks (bench/ledger.py, graphql.py, subscriptions.py, tiles.py)
+bench: venv ferretdb ## run the benchmarks (bench/ledger.py, graphql.py, subscriptions.py, tiles.py, ferretdb_index.py)
 	$(VENV)/bin/python bench/ledger.py
 	$(VENV)/bin/python bench/graphql.py
 	$(VENV)/bin/python bench/subscriptions.py
 	$(VENV)/bin/python bench/tiles.py
+	$(VENV)/bin/python bench/ferretdb_index.py
 
 clean: ## stop the dev server, remove .venv, var/ (FerretDB binary, data) and caches
 	-@$(DEVDB) stop

@@ -947,8 +947,8 @@ def main() -> int:
                 server = f"MONGODB_URI {redacted_uri(uri)}"
             else:
                 server = (
-                    f"FerretDB v1.24.2, SQLite handler (every lookup scans), started for this "
-                    f"run at {uri}"
+                    "FerretDB v1.24.2 (patched: _id equalities use its index, other queries "
+                    f"scan), SQLite handler, started for this run at {uri}"
                 )
             progress(f"server: {server}")
             apps = start_apps(uri, tmp, gateway_db, baseline_db)

@@ -20,7 +20,8 @@ Used three ways:
 
 * not at all: when ``MONGODB_URI`` is set, ``start`` does nothing and everything uses that server.
 
-The FerretDB binary is built on first use by ``scripts/install-ferretdb.sh`` (needs Go).
+The FerretDB binary is built on first use by ``scripts/install-ferretdb.sh`` (needs Go), with our
+``_id``-index patch, and rebuilt when that patch changes; ``RXLEDGER_FERRETDB`` names another binary.
 Standard library only (Python >= 3.11): it runs with the system python3 before the venv exists.
 """
 

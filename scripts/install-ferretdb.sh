@@ -77,20 +77,20 @@ fi
 
 echo "install-ferretdb: building FerretDB $VERSION with $(basename "$patchfile") (takes a few minutes)..." >&2
 moddir="$(go mod download -json "github.com/FerretDB/FerretDB@$VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')"
-src="$root/var/build/ferretdb-$VERSION"
-rm -rf "$src"
-mkdir -p "$(dirname "$src")" "$root/var/bin"
-cp -r "$moddir" "$src"
+# Own directories and file names, so that two sessions rebuilding at once do not collide.
+mkdir -p "$root/var/build" "$root/var/bin"
+src="$(mktemp -d "$root/var/build/ferretdb-$VERSION.XXXXXX")"
+trap 'rm -rf "$src" "$bin.tmp.$$"' EXIT
+cp -r "$moddir/." "$src"
 chmod -R u+w "$src"
 echo "$VERSION" > "$src/build/version/version.txt"
 if ! (cd "$src" && "${apply[@]}" < "$patchfile" >&2); then
   echo "install-ferretdb: $(basename "$patchfile") does not apply to FerretDB $VERSION's module source" >&2
   exit 1
 fi
-(cd "$src" && CGO_ENABLED=0 go build -trimpath -o "$bin.tmp" ./cmd/ferretdb)
+(cd "$src" && CGO_ENABLED=0 go build -trimpath -o "$bin.tmp.$$" ./cmd/ferretdb)
 rm -f "$stampfile"
-mv "$bin.tmp" "$bin"
+mv "$bin.tmp.$$" "$bin"
 echo "$stamp" > "$stampfile"
-rm -rf "$src"
 echo "install-ferretdb: installed $("$bin" --version 2>&1 | head -1), patched ($stamp)" >&2
 echo "$bin"
