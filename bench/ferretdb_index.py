@@ -4,8 +4,8 @@ Runs against MONGODB_URI, or starts its own FerretDB in a temporary directory (t
 scripts/install-ferretdb.sh, patched; RXLEDGER_FERRETDB=/path/to/ferretdb runs another one,
 e.g. an unpatched build, for a before/after comparison). For each size it fills one collection
 with that many small documents (insert_many in batches; every even document has an int _id,
-every odd one a string _id) and times, one at a time, LOOKUPS operations on random existing
-_ids, after one untimed warm-up each:
+every odd one a string _id; --pad adds a string of that many bytes to each) and times, one at a
+time, LOOKUPS operations on random existing _ids, after one untimed warm-up each:
 
   find_one str   find_one({"_id": "p0000007"})
   find_one int   find_one({"_id": 6})
@@ -13,10 +13,11 @@ _ids, after one untimed warm-up each:
 
 Prints the median and maximum latency of each at each size, and the ratio of each median to
 that at the smallest size, measured in the same run. With an index behind _id the ratios stay
-near 1; a collection scan makes them grow with the size. Not a test: slow figures never fail
+near 1; a collection scan makes them grow with the size (FerretDB's scan stops at the first
+match, in insertion order, so its cost also varies with where the key lies). Not a test: slow figures never fail
 the run (tests/test_ferretdb_index.py asserts the bound). Exit 2 when the server does not start.
 
-    .venv/bin/python bench/ferretdb_index.py [--sizes 1000,10000,100000] [--lookups 15]
+    .venv/bin/python bench/ferretdb_index.py [--sizes 1000,10000,100000] [--lookups 15] [--pad 0]
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ def doc_id(i: int) -> int | str:
     return i if i % 2 == 0 else f"p{i:07d}"
 
 
-def fill(coll: Collection[dict[str, Any]], size: int) -> None:
+def fill(coll: Collection[dict[str, Any]], size: int, pad: int) -> None:
+    extra = {"pad": "x" * pad} if pad else {}
     for start in range(0, size, BATCH):
         coll.insert_many(
-            [{"_id": doc_id(i), "n": 0} for i in range(start, min(size, start + BATCH))],
+            [{"_id": doc_id(i), "n": 0, **extra} for i in range(start, min(size, start + BATCH))],
             ordered=False,
         )
 
@@ -98,6 +100,9 @@ def main() -> int:
     parser.add_argument(
         "--lookups", type=int, default=15, help="timed operations per kind and size (default 15)"
     )
+    parser.add_argument(
+        "--pad", type=int, default=0, help="bytes of padding per document (default 0)"
+    )
     parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -119,7 +124,7 @@ def main() -> int:
                 coll = client[db_name][f"docs_{size}"]
                 progress(f"inserting {size} documents ...")
                 start = time.perf_counter()
-                fill(coll, size)
+                fill(coll, size, args.pad)
                 progress(
                     f"  {time.perf_counter() - start:.1f} s; timing {args.lookups} lookups of each kind"
                 )
@@ -143,7 +148,10 @@ def main() -> int:
         else f"FerretDB {binary}"
     )
     base = sizes[0]
-    print(f"server: {server}; median of {args.lookups} operations; ratio against {base} documents")
+    print(
+        f"server: {server}; documents of {args.pad} bytes' padding; median of {args.lookups} "
+        f"operations; ratio against {base} documents"
+    )
     print(f"{'operation':16}" + "".join(f"{size:>22}" for size in sizes))
     for name in medians[base]:
         cells = "".join(
