@@ -297,12 +297,17 @@ class SubscriptionGroup:
         """A `next` message's payload, as strawberry's transport builds it."""
         payload: dict[str, Any] = {"data": result.data}
         if result.errors:
-            self._schema.process_errors(result.errors)
-            payload["errors"] = [
-                (_SAFE_ERRORS.anonymise_error(e) if is_unexpected_error(e) else e).formatted
-                for e in result.errors
-            ]
+            payload["errors"] = [self.masked(e).formatted for e in result.errors]
         return json.dumps(payload)
+
+    def located(self, error: Exception) -> GraphQLError:
+        """An error at the root field, as graphql-core locates one its resolver raised."""
+        return located_error(error, self.field_nodes, self.path)
+
+    def masked(self, error: GraphQLError) -> GraphQLError:
+        """The error logged (when unexpected) and masked as the schema's extensions do."""
+        self._schema.process_errors([error])
+        return _SAFE_ERRORS.anonymise_error(error) if is_unexpected_error(error) else error
 
     def leave(self) -> None:
         self.members -= 1
@@ -334,21 +339,27 @@ class Member:
 
     async def deliver(self, send: Callable[[str], Awaitable[None]]) -> GraphQLError | None:
         """Send the payload of each event this subscriber receives, in leaf order, until its
-        stream ends; returns the error that ended it, as its resolver would have raised it.
-        `send` waits for the subscriber's socket: a slow one holds up only itself."""
+        stream ends; returns the error that ended it, as its resolver would have raised it
+        (StreamEnded's reason, or anything else logged and masked as strawberry does).
+        `send` waits for the subscriber's socket: a slow one holds up only itself; what
+        `send` raises (the socket is gone) is the transport's, as before."""
+        events = self.feed.stream(self.start, self.expires_at, self.cut, self.match)
         try:
-            async for event in self.feed.stream(self.start, self.expires_at, self.cut, self.match):
-                payload = self.group.payload(event)
-                if not isinstance(payload, str):
-                    # Shielded: a member that leaves must not cancel its group mates' payload.
-                    payload = await asyncio.shield(payload)
+            while True:
+                try:
+                    payload = self.group.payload(await anext(events))
+                    if not isinstance(payload, str):
+                        # Shielded: a member that leaves must not cancel its mates' payload.
+                        payload = await asyncio.shield(payload)
+                except StreamEnded as exc:
+                    error = ClientError(exc.message, exc.code)
+                    return self.group.located(error)
+                except Exception as exc:
+                    return self.group.masked(self.group.located(exc))
                 await send(payload)
-        except StreamEnded as exc:
-            error = ClientError(exc.message, exc.code)
-            return located_error(error, self.group.field_nodes, self.group.path)
         finally:
+            await events.aclose()
             self.group.leave()
-        return None
 
 
 class FanOut:
