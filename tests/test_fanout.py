@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import uvicorn
 from starlette.applications import Starlette
+from test_faults import toxiproxy, toxiproxy_binary  # noqa: F401 (fixtures)
 from test_gateway import ORIGIN, env_for
 from test_subscriptions import EVENT_TIMEOUT, EVENTS, STALLING, changes, indices, until_expired
 from ws_client import GraphQLSocket, StalledSubscriber
@@ -377,3 +378,41 @@ async def test_a_member_that_resumes_rejoins_its_group_and_loses_and_repeats_not
         await stayed.close()
     # The one that stayed had executed what the resumed one read back: one execution each.
     assert gw.fanout.executions == 10 + len(expected) + 1
+
+
+# --- a member's stream failing ---------------------------------------------------------------
+
+
+async def test_a_member_whose_backlog_read_fails_gets_a_typed_error_and_its_group_goes_on(
+    start_gateway,
+    toxiproxy,  # noqa: F811 (the fixture imported above)
+):
+    # The gateway reaches the database through toxiproxy; the test appends directly. With the
+    # proxy disabled, a member resuming from before the window cannot read its backlog: it is
+    # answered as a resolver's database error is (UNAVAILABLE, then complete), and the member
+    # already live in its group keeps receiving from the window.
+    gw = await start_gateway(
+        MONGODB_URI=f"mongodb://{toxiproxy.listen}/",
+        RXLEDGER_DB_TIMEOUT_MS="1500",
+        RXLEDGER_SUBSCRIPTION_WINDOW="16",
+    )
+    first = await gw.size()
+    async with await GraphQLSocket.open(gw.base, gw.token("ADMIN", "adm-1")) as live:
+        await live.subscribe("events", EVENTS, {"after": first - 1})
+        await until(lambda: gw.members() == [1], "a group")
+        await gw.append([(f"rx_f_{i:02d}", {"pharmacy": "ph-1"}) for i in range(30)])
+        assert indices(await changes(live, "events", 30)) == list(range(first, first + 30))
+
+        toxiproxy.enable(False)
+        try:
+            async with await GraphQLSocket.open(gw.base, gw.token("ADMIN", "adm-2")) as late:
+                await late.subscribe("events", EVENTS, {"after": first - 1})
+                message = await late.receive(EVENT_TIMEOUT)
+                assert message["type"] == "next" and message["payload"]["data"] is None, message
+                (error,) = message["payload"]["errors"]
+                assert error["extensions"]["code"] == "UNAVAILABLE", error
+                assert error["path"] == ["prescriptionEvents"], error
+                assert await late.receive(EVENT_TIMEOUT) == {"id": "events", "type": "complete"}
+        finally:
+            toxiproxy.enable(True)
+        assert gw.members() == [1]
