@@ -11,6 +11,10 @@ events costs one poll loop, however many readers and subscribers it serves:
   thousand positions. One that falls further behind than the window (it stopped reading, or
   reads slower than events arrive) is cut off with a reason that says where to resume; a
   subscriber resuming from an older position reads its backlog from the database first.
+
+Subscribers whose payloads are the same for every event share their visibility class
+(`visibility_class`): the GraphQL layer executes a selection once per class, not once per
+subscriber (schema/subscriptions.py).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 from anchoring.log import TransparencyLog
 from anchoring.tail import Sequenced
 from app.auth import Viewer
-from app.policy import Tags, check_patient_filter, check_sees_any
+from app.policy import Tags, check_patient_filter, check_sees_any, visibility_filter
 
 log = logging.getLogger("rxledger.feed")
 
@@ -234,6 +238,16 @@ class PrescriptionFeed:
             if expires_at is not None and time.time() >= expires_at:
                 raise StreamEnded("token expired; reconnect with a fresh token", "TOKEN_EXPIRED")
             await self._wait(expires_at)
+
+
+def visibility_class(viewer: Viewer) -> str:
+    """The viewers that are sent the same payload for every event share a class: the same role
+    (which fields of a prescription it reads) and the same prescriptions seen (its visibility
+    filter, from the policy table). Two pharmacists of one pharmacy share a class; a courier of
+    company A and one of company B, or a pharmacist and an auditor, do not."""
+    return json.dumps(
+        [viewer.role.value, visibility_filter(viewer)], sort_keys=True, separators=(",", ":")
+    )
 
 
 def event_filter(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -25,8 +26,10 @@ from strawberry.asgi import GraphQL
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
+    Operation,
 )
 from strawberry.subscriptions.protocols.graphql_transport_ws.types import SubscribeMessage
+from strawberry.types import ExecutionResult
 
 from anchoring.ledger import INTENTS
 from app.auth import Authenticator, AuthError, AuthSettings, Viewer
@@ -46,6 +49,7 @@ from app.service import PrescriptionService
 from app.settings import Settings, announce_mode
 from schema.loaders import LoadersPerOperation
 from schema.root import make_schema
+from schema.subscriptions import HANDOFF, FanOut, Handoff
 
 log = logging.getLogger("rxledger.app")
 
@@ -116,7 +120,45 @@ class StrictTransportWS(BaseGraphQLTransportWSHandler[dict[str, Any], None]):
                     {"id": message["id"], "type": "error", "payload": [refused]}
                 )
                 return
-        await super().handle_subscribe(message)
+        # The operation's task inherits the handoff: a grouped subscription leaves its member
+        # there (schema/subscriptions.py), for _send_result_stream to deliver.
+        payload = message.get("payload")
+        handoff = None
+        if isinstance(payload, dict) and isinstance(payload.get("query"), str):
+            handoff = Handoff(
+                payload["query"], payload.get("variables"), payload.get("operationName")
+            )
+        token = HANDOFF.set(handoff)
+        try:
+            await super().handle_subscribe(message)
+        finally:
+            HANDOFF.reset(token)
+
+    async def _send_result_stream(
+        self, operation: Operation[dict[str, Any], None], result_source: Any
+    ) -> None:
+        await super()._send_result_stream(operation, result_source)
+        handoff = HANDOFF.get()
+        if handoff is None or handoff.member is None:
+            return
+        # The group's payload, serialized once, in this operation's own `next` message; the
+        # error that ends the member's stream as strawberry sends a resolver's.
+        head = f'{{"id":{json.dumps(operation.id)},"type":"next","payload":'
+
+        async def send(payload: str) -> None:
+            await self.websocket.send_json(SerializedMessage(head + payload + "}"))
+
+        error = await handoff.member.deliver(send)
+        if error is not None:
+            await operation.send_next(ExecutionResult(data=None, errors=[error]))
+
+
+class SerializedMessage(dict[str, Any]):
+    """A message already serialized (GraphQLApp.encode_json sends its text as it is)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
 
 
 class GraphQLApp(GraphQL[dict[str, Any], None]):
@@ -138,6 +180,11 @@ class GraphQLApp(GraphQL[dict[str, Any], None]):
         self.auth = auth
         self.limiter = limiter
         self.max_body_bytes = max_body_bytes
+
+    def encode_json(self, response_data: object) -> str | bytes:
+        if isinstance(response_data, SerializedMessage):
+            return response_data.text
+        return super().encode_json(response_data)
 
     def decode_json(self, data: str | bytes) -> object:
         decoded = super().decode_json(data)
@@ -183,6 +230,7 @@ class GraphQLApp(GraphQL[dict[str, Any], None]):
             "log": state.log,
             "service": state.service,
             "feed": state.feed,
+            "fanout": state.fanout,
             "metrics": state.metrics,
             "viewer": request.scope.get("state", {}).get("viewer"),
             "max_page": self.max_page,
@@ -249,6 +297,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.log = tlog
         app.state.service = service
         app.state.feed = PrescriptionFeed(tlog, window=limits.subscription_window)
+        app.state.fanout = FanOut()
         app.state.metrics = metrics
         metrics.set_ledger_probe(lambda: _probe(tlog))
         await tlog.start()
