@@ -30,7 +30,7 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.types import Subscr
 
 from anchoring.ledger import INTENTS
 from app.auth import Authenticator, AuthError, AuthSettings, Viewer
-from app.db import make_client, make_log
+from app.db import PRESCRIPTIONS, make_client, make_log
 from app.events import EventStream
 from app.feed import PrescriptionFeed
 from app.limits import (
@@ -245,7 +245,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         client = make_client(settings)
         tlog = make_log(settings, client)
-        service = PrescriptionService(tlog, client[settings.database]["prescriptions"])
+        service = PrescriptionService(tlog, client[settings.database][PRESCRIPTIONS])
         app.state.log = tlog
         app.state.service = service
         app.state.feed = PrescriptionFeed(tlog, window=limits.subscription_window)
