@@ -59,6 +59,13 @@ LOG_INDEXES: dict[str, tuple[Index, ...]] = {
             unique=True,
         ),
     ),
+    "pending": (
+        Index(
+            (("committed", ASCENDING), ("_id", ASCENDING)),
+            "committed_id",
+            "queued groups in queue order (no `committed`), and the commit markers",
+        ),
+    ),
     "entries": (
         Index(
             (("event", ASCENDING),),

@@ -276,9 +276,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             await tlog.store.db.command("ping")
             queued = await tlog.store.pending.count_documents(INTENTS)
-            oldest = await tlog.store.pending.find_one(
-                INTENTS, {"queuedAt": 1}, sort=[("queuedAt", 1)]
-            )
+            # The head of the queue, in the order the sequencer takes groups (an index serves
+            # it: LOG_INDEXES, pending).
+            oldest = await tlog.store.pending.find_one(INTENTS, {"queuedAt": 1}, sort=[("_id", 1)])
             tree_size = await tlog.published_size()
         except PyMongoError as exc:
             return JSONResponse(

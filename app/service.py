@@ -69,12 +69,30 @@ PathSource = Callable[[list[int], int], Awaitable[list[list[bytes]]]]
 # The tree's leaf hashes at sequenced indices: indices -> {index: hash}.
 LeafHashSource = Callable[[list[int]], Awaitable[dict[int, bytes]]]
 
-# Every index the prescriptions collection needs (`_id` is always indexed), created at start-up.
+# Every index the prescriptions collection needs (`_id` is always indexed), created at
+# start-up. Listings are in issue order (`page`), so each field a viewer's visibility or a
+# listing filter fixes leads an index that then yields that order (equality, then sort).
 PRESCRIPTION_INDEXES: tuple[Index, ...] = (
-    Index((("issuedAt", ASCENDING), ("_id", ASCENDING)), "issued", "listing in issue order"),
+    Index((("issuedAt", ASCENDING), ("_id", ASCENDING)), "issued", "listing everything"),
     *(
-        Index(((field, ASCENDING),), field, f"a filter by {field}")
-        for field in ("patient.id", "prescriber", "pharmacy", "courier", "status")
+        Index(((field, ASCENDING), ("issuedAt", ASCENDING), ("_id", ASCENDING)), name, serves)
+        for field, name, serves in (
+            ("prescriber", "prescriber_issued", "a prescriber's listing, a filter by prescriber"),
+            ("patient.id", "patient_issued", "a patient's listing, a filter by patient"),
+            ("pharmacy", "pharmacy_issued", "a pharmacy's listing, a filter by pharmacy"),
+            ("courierOrganization", "courier_company_issued", "a courier company's listing"),
+            ("status", "status_issued", "a filter by status (one sorted scan per status)"),
+        )
+    ),
+    Index(
+        (
+            ("courier", ASCENDING),
+            ("courierOrganization", ASCENDING),
+            ("issuedAt", ASCENDING),
+            ("_id", ASCENDING),
+        ),
+        "courier_issued",
+        "a courier's listing",
     ),
 )
 
