@@ -4,6 +4,7 @@ and the listener that checks the product's reads against its declared indexes
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from dataclasses import asdict
 from pathlib import Path
@@ -309,3 +310,23 @@ async def test_the_listener_records_a_product_read_no_index_serves_and_ignores_t
     assert found[0].reason == "no index serves {event: eq}"
     assert found[0].origin.startswith("anchoring/log.py:")
     assert found[0].origin.endswith(" TransparencyLog.leaf_indices")
+
+
+async def test_a_read_with_no_caller_on_its_stack_is_checked_as_the_products(
+    mongo_uri: str, tmp_path: Path
+) -> None:
+    # A coroutine handed to asyncio.gather runs as a task of its own: its stack holds no
+    # caller. Only the product gathers reads, so such a read is checked.
+    listener = notablescan.NotablescanListener(tmp_path, indexes={"entries": []}, full_reads=())
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        mongo_uri, event_listeners=[listener], tz_aware=True
+    )
+    try:
+        entries = client["t_notablescan_task"]["entries"]
+        await asyncio.gather(entries.find_one({"event": ObjectId()}))
+    finally:
+        await client.close()
+    found = notablescan.collected(tmp_path)
+    assert [(v.shape, v.origin) for v in found] == [
+        ("find entries {event: $eq} limit", notablescan.UNKNOWN)
+    ]
