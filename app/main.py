@@ -379,6 +379,7 @@ async def _prepare(service: PrescriptionService) -> None:
     delay = 0.5
     while True:
         try:
+            await service.log.store.ensure_indexes()
             await service.ensure_indexes()
             repaired = await service.sweep()
             if repaired:

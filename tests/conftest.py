@@ -7,7 +7,8 @@ gateway or CLI the tests start) is checked against the indexes the product decla
 (`app.db.declared_indexes`, the table start-up creates them from), by MongoDB's rules
 (equality prefix, then sort, then range; tests/index_rules.py). The run fails at its end,
 listing each read no index serves: its shape (collection, filter fields with operators, sort),
-the product line that sent it and the test. Commands the tests send themselves (seeding,
+the product line that sent it and the test. A full read the product intends is declared,
+with its reason, in `app.db.FULL_READS`. Commands the tests send themselves (seeding,
 tampering, inspecting) are not checked: the innermost frame of this repository on the
 sending stack says whose command it is (tests/notablescan.py).
 """

@@ -20,7 +20,8 @@ from anchoring.log import TransparencyLog
 from anchoring.note import Signer
 from anchoring.store import LOG_INDEXES, CollectionNames, Index, LogStore
 from app.db import FULL_READS, PRESCRIPTIONS, declared_indexes
-from app.service import PRESCRIPTION_INDEXES
+from app.main import _prepare as prepare
+from app.service import PRESCRIPTION_INDEXES, PrescriptionService
 
 
 def index(*keys: tuple[str, int], unique: bool = False) -> Index:
@@ -278,13 +279,18 @@ def test_each_declared_full_read_names_a_collection_and_a_function_that_exist() 
         assert callable(target), read
 
 
-async def test_created_indexes_match_the_declared_ones(store: LogStore) -> None:
-    await store.ensure_indexes()
-    for role, indexes in LOG_INDEXES.items():
-        info = await getattr(store, role).index_information()
+async def test_start_up_creates_every_declared_index_as_declared(
+    store: LogStore, signer: Signer
+) -> None:
+    service = PrescriptionService(TransparencyLog(store, signer), store.db[PRESCRIPTIONS])
+    await prepare(service)
+    for collection, indexes in declared_indexes().items():
+        info = await store.db[collection].index_information()
         for index in indexes:
-            assert [tuple(k) for k in info[index.name]["key"]] == list(index.keys), index.name
-            assert bool(info[index.name].get("unique")) == index.unique, index.name
+            assert index.name in info, f"{collection}: no index {index.name}"
+            created = info[index.name]
+            assert [tuple(k) for k in created["key"]] == list(index.keys), index.name
+            assert bool(created.get("unique")) == index.unique, index.name
 
 
 async def test_the_listener_records_a_product_read_no_index_serves_and_ignores_the_tests(
