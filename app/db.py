@@ -17,7 +17,8 @@ PRESCRIPTIONS = "prescriptions"
 @dataclass(frozen=True)
 class FullRead:
     """A read of a whole collection the product intends: the collection, the function that
-    sends it (`anchoring/audit.py replay`) and why it must read everything."""
+    sends it (`anchoring/audit.py _check_tiles`, comprehensions inside it included) and why
+    it must read everything."""
 
     collection: str
     origin: str
