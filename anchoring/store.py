@@ -30,6 +30,55 @@ def one_of(field: str, values: list[Any]) -> Doc:
 
 
 @dataclass(frozen=True)
+class Index:
+    """An index a collection needs: its keys in order (1 ascending, -1 descending), its name,
+    and the reads or the rule it serves."""
+
+    keys: tuple[tuple[str, int], ...]
+    name: str
+    serves: str
+    unique: bool = False
+
+
+async def create_indexes(collection: AsyncCollection[Doc], indexes: tuple[Index, ...]) -> None:
+    """Create `indexes` on `collection` (idempotent: an existing identical index is kept)."""
+    for index in indexes:
+        await collection.create_index(list(index.keys), name=index.name, unique=index.unique)
+
+
+# Every index the log's collections need, by collection (a CollectionNames field); `_id` is
+# always indexed. Created by LogStore.ensure_indexes; the test run checks every read the
+# product sends against this table (tests/notablescan.py), as MongoDB's `notablescan` would.
+LOG_INDEXES: dict[str, tuple[Index, ...]] = {
+    "ledger": (
+        Index(
+            (("subject", ASCENDING), ("version", ASCENDING)),
+            "subject_version",
+            # Optimistic concurrency: a second event for the same (subject, version) is refused.
+            "a subject's events in version order, its newest event; unique: one event per version",
+            unique=True,
+        ),
+    ),
+    "pending": (
+        Index(
+            (("committed", ASCENDING), ("_id", ASCENDING)),
+            "committed_id",
+            "queued groups in queue order (no `committed`), and the commit markers",
+        ),
+    ),
+    "entries": (
+        Index(
+            (("event", ASCENDING),),
+            "event",
+            # No event is ever sequenced twice, even by two processes that both think they lead.
+            "an event's leaf index; unique: no event is sequenced twice",
+            unique=True,
+        ),
+    ),
+}
+
+
+@dataclass(frozen=True)
 class CollectionNames:
     ledger: str = "ledger"
     pending: str = "pending"
@@ -37,6 +86,11 @@ class CollectionNames:
     tiles: str = "tiles"
     leases: str = "leases"
     notarizations: str = "notarizations"
+
+
+def log_indexes(names: CollectionNames) -> dict[str, tuple[Index, ...]]:
+    """LOG_INDEXES by collection name."""
+    return {getattr(names, role): indexes for role, indexes in LOG_INDEXES.items()}
 
 
 @dataclass
@@ -73,12 +127,8 @@ class LogStore:
         return (self.notary_db if self.notary_db is not None else self.db)[self.names.notarizations]
 
     async def ensure_indexes(self) -> None:
-        # Optimistic concurrency: a second event for the same (subject, version) is refused.
-        await self.ledger.create_index(
-            [("subject", ASCENDING), ("version", ASCENDING)], unique=True, name="subject_version"
-        )
-        # No event is ever sequenced twice, even by two processes that both think they lead.
-        await self.entries.create_index([("event", ASCENDING)], unique=True, name="event")
+        for role, indexes in LOG_INDEXES.items():
+            await create_indexes(getattr(self, role), indexes)
 
     async def head(self) -> Doc:
         """The lease/head document: {size, rootHash, checkpointSize, holder, expiresAt}."""

@@ -2,11 +2,62 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pymongo import AsyncMongoClient
 
 from anchoring.log import TransparencyLog
-from anchoring.store import Doc, LogStore
+from anchoring.store import CollectionNames, Doc, Index, LogStore, log_indexes
+from app.service import PRESCRIPTION_INDEXES
 from app.settings import Settings
+
+PRESCRIPTIONS = "prescriptions"
+
+
+@dataclass(frozen=True)
+class FullRead:
+    """A read of a whole collection the product intends: the collection, the function that
+    sends it (`anchoring/audit.py _check_tiles`, comprehensions inside it included) and why
+    it must read everything."""
+
+    collection: str
+    origin: str
+    reason: str
+
+
+# The only reads of whole collections, each with its reason. Every other read the product
+# sends is served by an index of declared_indexes() (or `_id`): the test run checks that
+# (tests/notablescan.py), as MongoDB's `notablescan` would.
+FULL_READS: tuple[FullRead, ...] = (
+    FullRead(
+        "notarizations",
+        "anchoring/audit.py _load_checkpoints",
+        "the audit checks every checkpoint ever signed, oldest first",
+    ),
+    FullRead(
+        "tiles",
+        "anchoring/audit.py _check_tiles",
+        "the audit recomputes every stored tile from the entries",
+    ),
+    # A debt, not a design: a start-up that reads every event grows with the ledger. Bound it
+    # to the events a crash can have left unapplied (issue 11, "Fast at hospital scale").
+    FullRead(
+        "ledger",
+        "app/service.py PrescriptionService.sweep",
+        "the start-up repair sweep finds each prescription's newest version",
+    ),
+    FullRead(
+        "prescriptions",
+        "app/service.py PrescriptionService.sweep",
+        "the start-up repair sweep compares every document's version with its ledger",
+    ),
+)
+
+
+def declared_indexes() -> dict[str, tuple[Index, ...]]:
+    """Every index the product needs, by collection name (`_id` is always indexed): the
+    table start-up creates them from and the test run checks every read against."""
+    return {**log_indexes(CollectionNames()), PRESCRIPTIONS: PRESCRIPTION_INDEXES}
 
 
 def make_client(settings: Settings) -> AsyncMongoClient[Doc]:

@@ -33,7 +33,7 @@ from strawberry.types import ExecutionResult
 
 from anchoring.ledger import INTENTS
 from app.auth import Authenticator, AuthError, AuthSettings, Viewer
-from app.db import make_client, make_log
+from app.db import PRESCRIPTIONS, make_client, make_log
 from app.events import EventStream
 from app.feed import PrescriptionFeed
 from app.limits import (
@@ -293,7 +293,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         client = make_client(settings)
         tlog = make_log(settings, client)
-        service = PrescriptionService(tlog, client[settings.database]["prescriptions"])
+        service = PrescriptionService(tlog, client[settings.database][PRESCRIPTIONS])
         app.state.log = tlog
         app.state.service = service
         app.state.feed = PrescriptionFeed(tlog, window=limits.subscription_window)
@@ -325,9 +325,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             await tlog.store.db.command("ping")
             queued = await tlog.store.pending.count_documents(INTENTS)
-            oldest = await tlog.store.pending.find_one(
-                INTENTS, {"queuedAt": 1}, sort=[("queuedAt", 1)]
-            )
+            # The head of the queue, in the order the sequencer takes groups (an index serves
+            # it: LOG_INDEXES, pending).
+            oldest = await tlog.store.pending.find_one(INTENTS, {"queuedAt": 1}, sort=[("_id", 1)])
             tree_size = await tlog.published_size()
         except PyMongoError as exc:
             return JSONResponse(
@@ -428,6 +428,7 @@ async def _prepare(service: PrescriptionService) -> None:
     delay = 0.5
     while True:
         try:
+            await service.log.store.ensure_indexes()
             await service.ensure_indexes()
             repaired = await service.sweep()
             if repaired:

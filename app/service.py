@@ -48,7 +48,7 @@ from anchoring.errors import (
 from anchoring.hashing import leaf_hash
 from anchoring.log import InclusionProof, TransparencyLog
 from anchoring.receipt import Receipt
-from anchoring.store import Doc, one_of
+from anchoring.store import Doc, Index, create_indexes, one_of
 from anchoring.tiles import TileCorrupt
 from app import policy
 from app import prescriptions as rx
@@ -68,6 +68,33 @@ EVENT_FIELDS = {"subject": 1, "version": 1, "header": 1, "leaf": 1, "data.actor"
 PathSource = Callable[[list[int], int], Awaitable[list[list[bytes]]]]
 # The tree's leaf hashes at sequenced indices: indices -> {index: hash}.
 LeafHashSource = Callable[[list[int]], Awaitable[dict[int, bytes]]]
+
+# Every index the prescriptions collection needs (`_id` is always indexed), created at
+# start-up. Listings are in issue order (`page`), so each field a viewer's visibility or a
+# listing filter fixes leads an index that then yields that order (equality, then sort).
+PRESCRIPTION_INDEXES: tuple[Index, ...] = (
+    Index((("issuedAt", ASCENDING), ("_id", ASCENDING)), "issued", "listing everything"),
+    *(
+        Index(((field, ASCENDING), ("issuedAt", ASCENDING), ("_id", ASCENDING)), name, serves)
+        for field, name, serves in (
+            ("prescriber", "prescriber_issued", "a prescriber's listing, a filter by prescriber"),
+            ("patient.id", "patient_issued", "a patient's listing, a filter by patient"),
+            ("pharmacy", "pharmacy_issued", "a pharmacy's listing, a filter by pharmacy"),
+            ("courierOrganization", "courier_company_issued", "a courier company's listing"),
+            ("status", "status_issued", "a filter by status (one sorted scan per status)"),
+        )
+    ),
+    Index(
+        (
+            ("courier", ASCENDING),
+            ("courierOrganization", ASCENDING),
+            ("issuedAt", ASCENDING),
+            ("_id", ASCENDING),
+        ),
+        "courier_issued",
+        "a courier's listing",
+    ),
+)
 
 # Restores of a document a mutation tries while concurrent mutations move its ledger on.
 RESTORE_ATTEMPTS = 3
@@ -128,11 +155,7 @@ class PrescriptionService:
         self.tags = policy.Tags(log_.signer.private_key.private_bytes_raw())
 
     async def ensure_indexes(self) -> None:
-        await self.prescriptions.create_index(
-            [("issuedAt", ASCENDING), ("_id", ASCENDING)], name="issued"
-        )
-        for field in ("patient.id", "prescriber", "pharmacy", "courier", "status"):
-            await self.prescriptions.create_index([(field, ASCENDING)], name=field)
+        await create_indexes(self.prescriptions, PRESCRIPTION_INDEXES)
 
     # --- reads ------------------------------------------------------------------------
 

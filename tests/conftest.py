@@ -1,5 +1,17 @@
 """Shared fixtures: a real MongoDB-protocol server for the whole session, a fresh database
-per test. With MONGODB_URI set, that server is used and nothing is started."""
+per test. With MONGODB_URI set, that server is used and nothing is started.
+
+MongoDB's `notablescan`, emulated for the whole run: every find, update, delete,
+findAndModify, count, distinct and aggregate the product sends (in this process and in every
+gateway or CLI the tests start) is checked against the indexes the product declares
+(`app.db.declared_indexes`, the table start-up creates them from), by MongoDB's rules
+(equality prefix, then sort, then range; tests/index_rules.py). The run fails at its end,
+listing each read no index serves: its shape (collection, filter fields with operators, sort),
+the product line that sent it and the test. A full read the product intends is declared,
+with its reason, in `app.db.FULL_READS`. Commands the tests send themselves (seeding,
+tampering, inspecting) are not checked: the innermost frame of this repository on the
+sending stack says whose command it is (tests/notablescan.py).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -22,8 +35,45 @@ from anchoring.store import LogStore
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
+NOTABLESCAN_DIR = pytest.StashKey[Path]()
+NOTABLESCAN_FOUND = pytest.StashKey[list["notablescan.Violation"]]()
 
 import devdb  # noqa: E402
+import notablescan  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    report_dir = Path(tempfile.mkdtemp(prefix="notablescan-"))
+    config.stash[NOTABLESCAN_DIR] = report_dir
+    os.environ[notablescan.REPORT_DIR_ENV] = str(report_dir)
+    site = str(ROOT / "tests" / "notablescan_site")
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [site, *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
+    notablescan.install()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    os.environ[notablescan.TEST_ENV] = item.nodeid
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    report_dir = session.config.stash.get(NOTABLESCAN_DIR, None)
+    if report_dir is None:
+        return
+    found = notablescan.collected(report_dir)
+    shutil.rmtree(report_dir, ignore_errors=True)
+    session.config.stash[NOTABLESCAN_FOUND] = found
+    if found and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    found = config.stash.get(NOTABLESCAN_FOUND, [])
+    if found:
+        terminalreporter.section("notablescan", red=True)
+        terminalreporter.line(notablescan.report(found))
 
 
 @pytest.fixture(scope="session")
