@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -243,6 +244,11 @@ class Ledger:
         self._closed = False
         self._writing = False
         self._indexed = False
+        # (subject, version) -> leaf hash of events this process wrote to the ledger: stored
+        # events never change, so a later version's predecessor check needs no query (which
+        # FerretDB answers by decoding the whole ledger). Bounded, oldest forgotten first.
+        self._written: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._written_max = 100_000
 
     async def append(
         self,
@@ -413,8 +419,11 @@ class Ledger:
             self._fail_all(written, exc)
             return
         for _, appended, future in written:
+            self._written[(appended.subject, appended.version)] = appended.leaf_hash
             if not future.done():
                 future.set_result(appended)
+        while len(self._written) > self._written_max:
+            self._written.popitem(last=False)
 
     async def _extending_their_predecessors(self, batch: list[Pending]) -> list[Pending]:
         """The events of `batch` that extend their subject's previous version; the others are
@@ -423,12 +432,14 @@ class Ledger:
         of version n (null for version 1): a subject's events form a hash chain without gaps,
         whatever a caller (or a document it read) believes the newest version to be."""
         ours = {(a.subject, a.version): a.leaf_hash for _, a, _ in batch}
-        wanted = [
-            {"subject": s, "version": v - 1}
-            for s, v in sorted(ours)
-            if v > 1 and (s, v - 1) not in ours
-        ]
         stored: dict[tuple[str, int], bytes] = {}
+        wanted = []
+        for s, v in sorted(ours):
+            if v > 1 and (s, v - 1) not in ours:
+                if (s, v - 1) in self._written:
+                    stored[(s, v - 1)] = self._written[(s, v - 1)]
+                else:
+                    wanted.append({"subject": s, "version": v - 1})
         if wanted:
             query = wanted[0] if len(wanted) == 1 else {"$or": wanted}
             async for d in self.store.ledger.find(query, {"subject": 1, "version": 1, "leaf": 1}):
