@@ -17,14 +17,16 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from bson import Binary
-from pymongo import ReturnDocument
+from pymongo import DeleteOne, ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from anchoring.errors import database_error, frames
@@ -35,6 +37,9 @@ from anchoring.tiles import TileReader, tile_document, write_tiles
 from anchoring.treemath import TILE_HEIGHT, TILE_WIDTH, CompactRange, Node, root_nodes, tile_width
 
 log = logging.getLogger("rxledger.sequencer")
+
+# The fields of an event the sequencer uses: a handed-over group keeps only these in memory.
+_SEQUENCED = ("_id", "subject", "version", "leaf", "tags", "clearsTags")
 
 
 class LostLease(Exception):
@@ -47,10 +52,13 @@ class Resync(LostLease):
 
 @dataclass(frozen=True)
 class SequencerSettings:
-    batch_size: int = 1000
-    groups_per_batch: int = 64  # intent documents read per batch (each holds one group commit)
+    batch_size: int = 4096
+    groups_per_batch: int = 64  # unused: every queued group known is considered each batch
     batch_delay: float = 0.005  # group commit: wait this long for a batch to fill
     poll_interval: float = 0.05  # how often to look for events from other processes
+    # While groups handed over in this process keep it busy, how often it still reads
+    # `pending` for groups from other processes (and their markers); idle, every poll_interval.
+    scan_interval: float = 0.25
     lease_ttl: float = 5.0
     orphan_grace: float = 10.0  # a pending event with no ledger copy this old is completed
 
@@ -94,8 +102,37 @@ class Sequencer:
         self.step_seconds: dict[str, float] = {}  # cumulative time per step, for metrics
         self.epoch = 0  # counts recoveries, so others know to reload what they cached
         self._done: set[Any] = set()  # sequenced events whose group is still queued
+        # The queue as this leader knows it: intents {_id, events, queuedAt} by group id, the
+        # event ids each marker names, and when (time.monotonic) each group handed over by
+        # this process's appender waits for a read of `pending` that began after it (a
+        # predecessor it extends may be queued by another process, unseen yet).
+        self._queue: dict[Any, Doc] = {}
+        self._markers: dict[Any, set[Any]] = {}
+        self._unscanned: dict[Any, float] = {}
+        self._dequeued: OrderedDict[Any, None] = OrderedDict()  # recent, for late handoffs
+        self._scanned_at = -math.inf  # time.monotonic() the last read of `pending` began
+        self._scan_seconds = 0.0  # how long it took
+        self._scan_interval = self.settings.scan_interval  # doubles while scans find nothing
+        self._dequeuing: asyncio.Task[None] | None = None  # the one dequeue in flight
 
     def wake(self) -> None:
+        self._wakeup.set()
+
+    def offer(self, group_id: Any, events: list[Doc], committed: list[Any], local: bool) -> None:
+        """A group this process's appender committed (intent, ledger copies and marker are
+        durable): queued here without reading `pending` back. `local` says every predecessor
+        its events extend was in the group or handed over before; otherwise the group waits
+        for the next read of `pending`, which shows any earlier version queued elsewhere."""
+        if not self.is_leader or group_id in self._queue or group_id in self._dequeued:
+            return
+        self._queue[group_id] = {
+            "_id": group_id,
+            "queuedAt": _now(),
+            "events": [{k: e[k] for k in _SEQUENCED if k in e} for e in events],
+        }
+        self._markers[group_id] = set(committed)
+        if not local:
+            self._unscanned[group_id] = time.monotonic()
         self._wakeup.set()
 
     # --- lease ------------------------------------------------------------------------
@@ -165,6 +202,7 @@ class Sequencer:
 
     async def recover(self) -> None:
         """Load the published head and right edge, then integrate entries written after it."""
+        await self._settle_dequeue(raise_errors=False)
         await self.store.ensure_indexes()
         head = await self.store.head()
         size = int(head.get("size", 0))
@@ -197,7 +235,9 @@ class Sequencer:
         # without an index, so only recovery does it; batches keep the answer in memory.
         # Markers before intents: a marker is written after its intent, so one whose intent
         # is gone when read afterwards has outlived its group (a crash mid-dequeue).
-        markers = [m async for m in self.store.pending.find(MARKERS, {"committed": 1})]
+        self._queue, self._markers, self._unscanned = {}, {}, {}
+        scanned_at = time.monotonic()
+        markers = [m async for m in self.store.pending.find(MARKERS, {"committed": 1, "events": 1})]
         groups = await self._groups({})
         queued = [e["_id"] for g in groups for e in g["events"]]
         self._done = set()
@@ -212,6 +252,12 @@ class Sequencer:
         strays = [m["_id"] for m in markers if m["committed"] not in alive]
         if strays:
             await self.store.pending.delete_many({"_id": {"$in": strays}})
+        for g in groups:
+            self._queue.setdefault(g["_id"], g)
+        for m in markers:
+            if m["committed"] in alive:
+                self._markers.setdefault(m["committed"], set(m.get("events", [])))
+        self._scanned_at = scanned_at
         self.epoch += 1
         log.info("recover: %s leads %s at size %d", self.holder, self.store.origin, self.size)
 
@@ -220,22 +266,28 @@ class Sequencer:
     async def sequence_batch(self) -> int:
         """Sequence up to about batch_size queued events; returns how many were published."""
         t0 = time.perf_counter()
-        groups = await self._groups({}, limit=self.settings.groups_per_batch)
+        if self._dequeuing is not None and self._dequeuing.done():
+            await self._settle_dequeue()
+        if self._scan_due():
+            await self._scan()
+        groups = sorted(self._queue.values(), key=lambda g: g["_id"])
         if not groups:
+            await self._settle_dequeue()
             return 0
-        if len(groups) >= self.settings.groups_per_batch:
-            # More is queued than this batch holds: bring in every group holding an earlier
-            # version of a subject here, so versions enter the log in order and never stall.
-            groups = await self._with_earlier_versions(groups)
-        committed: dict[Any, set[Any]] = {
-            m["committed"]: set(m.get("events", []))
-            async for m in self.store.pending.find(MARKERS, {"committed": 1, "events": 1})
-        }
+        committed = self._markers
         orphans = [g for g in groups if g["_id"] not in committed]
         if orphans:
             committed.update(await self._complete_orphans(orphans))
         ok = {e_id for ids in committed.values() for e_id in ids}
-        unresolved = {e["_id"] for g in groups if g["_id"] not in committed for e in g["events"]}
+        # Events of a group without a marker, or waiting for a read of `pending`, hold their
+        # subjects back: an earlier version may be among them, or queued unseen elsewhere.
+        unresolved = {
+            e["_id"]
+            for g in groups
+            if g["_id"] not in committed or g["_id"] in self._unscanned
+            for e in g["events"]
+        }
+        ok -= unresolved
         candidates = [e for g in groups for e in g["events"] if e["_id"] not in self._done]
         ready = self._in_version_order(candidates, ok, unresolved)[: self.settings.batch_size]
         t1 = self._timed("queue", t0)
@@ -274,12 +326,15 @@ class Sequencer:
             )
         ]
         if finished:
-            ids = [g["_id"] for g in finished]
-            await self.store.pending.delete_many(
-                {"_id": {"$in": ids + [marker_id(i) for i in ids]}}
-            )
+            # Off the critical path: the entries are the commit point, so the next batch need
+            # not wait for their groups to leave `pending` (one dequeue in flight at a time).
+            await self._settle_dequeue()
             for g in finished:
                 self._done.difference_update(e["_id"] for e in g["events"])
+                self._forget(g["_id"])
+            self._dequeuing = asyncio.create_task(self._dequeue([g["_id"] for g in finished]))
+        if not ready:
+            await self._settle_dequeue()
         self._timed("dequeue", t1)
         if ready:
             self.batches += 1
@@ -309,6 +364,67 @@ class Sequencer:
                 )
         return cleared
 
+    def _scan_due(self) -> bool:
+        """Whether to read `pending` before this batch: when nothing known is ready (so an
+        idle leader polls as before), some handed-over group waits for it, or another
+        process's groups may have waited scan_interval."""
+        if self._unscanned:
+            return True
+        # A read of `pending` decodes all of it on FerretDB: at most a fifth of the time, and
+        # less often while reads find nothing this process did not hand over itself.
+        interval = max(self._scan_interval, 4 * self._scan_seconds)
+        if time.monotonic() - self._scanned_at >= interval:
+            return True
+        return not any(g in self._markers for g in self._queue)
+
+    async def _scan(self) -> None:
+        """Read all of `pending` (intents and markers in one query) into the known queue."""
+        started = time.monotonic()
+        docs = await self.store.pending.find({}).to_list()
+        found = False
+        for doc in docs:
+            # A group in _dequeued may still be read while its dequeue is in flight.
+            gone = doc.get("committed", doc["_id"]) in self._dequeued
+            if "committed" not in doc and doc["_id"] not in self._queue and not gone:
+                doc["events"] = group_events(doc)
+                self._queue[doc["_id"]] = doc
+                found = True
+        least = self.settings.scan_interval
+        self._scan_interval = least if found else min(2 * self._scan_interval, 8 * least)
+        for doc in docs:
+            if "committed" in doc and doc["committed"] in self._queue:
+                self._markers.setdefault(doc["committed"], set(doc.get("events", [])))
+        self._unscanned = {g: t for g, t in self._unscanned.items() if t >= started}
+        self._scanned_at = started
+        self._scan_seconds = time.monotonic() - started
+
+    async def _dequeue(self, ids: list[Any]) -> None:
+        # One request of `_id` equalities: a server without a usable index for `$in`
+        # (FerretDB) would decode the whole of `pending` for it.
+        await self.store.pending.bulk_write(
+            [DeleteOne({"_id": i}) for i in ids + [marker_id(i) for i in ids]], ordered=False
+        )
+
+    async def _settle_dequeue(self, raise_errors: bool = True) -> None:
+        """Wait for the dequeue in flight; its database error is raised (recovery then
+        finds those groups sequenced and dequeues them again) unless `raise_errors` is False."""
+        task, self._dequeuing = self._dequeuing, None
+        if task is None:
+            return
+        try:
+            await task
+        except PyMongoError:
+            if raise_errors:
+                raise
+
+    def _forget(self, group_id: Any) -> None:
+        self._queue.pop(group_id, None)
+        self._markers.pop(group_id, None)
+        self._unscanned.pop(group_id, None)
+        self._dequeued[group_id] = None
+        while len(self._dequeued) > 10_000:
+            self._dequeued.popitem(last=False)
+
     def _timed(self, step: str, since: float) -> float:
         now = time.perf_counter()
         self.step_seconds[step] = self.step_seconds.get(step, 0.0) + now - since
@@ -321,18 +437,6 @@ class Sequencer:
         for g in groups:
             g["events"] = group_events(g)
         return groups
-
-    async def _with_earlier_versions(self, groups: list[Doc]) -> list[Doc]:
-        latest: dict[str, int] = {}
-        for e in (e for g in groups for e in g["events"]):
-            latest[e["subject"]] = max(latest.get(e["subject"], 0), e["version"])
-        have = {g["_id"] for g in groups}
-        extra = [
-            g
-            for g in await self._groups({"_id": {"$nin": list(have)}})
-            if any(e["version"] < latest.get(e["subject"], 0) for e in g["events"])
-        ]
-        return groups + extra
 
     @staticmethod
     def _in_version_order(
@@ -473,6 +577,7 @@ class Sequencer:
                 self.is_leader = False
                 await _wait(stopping, backoff)
                 backoff = min(backoff * 2, 5.0)
+        await self._settle_dequeue(raise_errors=False)
         if self.is_leader:
             try:
                 await self.release_lease()
