@@ -112,7 +112,7 @@ class Sequencer:
         self._dequeued: OrderedDict[Any, None] = OrderedDict()  # recent, for late handoffs
         self._scanned_at = -math.inf  # time.monotonic() the last read of `pending` began
         self._scan_seconds = 0.0  # how long it took
-        self._scan_interval = self.settings.scan_interval  # doubles while scans find nothing
+        self._quiet = 0  # reads of `pending` in a row that found no group it did not know
         self._dequeuing: asyncio.Task[None] | None = None  # the one dequeue in flight
 
     def wake(self) -> None:
@@ -263,12 +263,14 @@ class Sequencer:
 
     # --- one batch ----------------------------------------------------------------------
 
-    async def sequence_batch(self) -> int:
-        """Sequence up to about batch_size queued events; returns how many were published."""
+    async def sequence_batch(self, paced: bool = False) -> int:
+        """Sequence up to about batch_size queued events; returns how many were published.
+        With nothing known to sequence it reads `pending` first, so 0 means none was queued
+        then; `paced` (the leader's own loop, which polls again) spaces those reads out."""
         t0 = time.perf_counter()
         if self._dequeuing is not None and self._dequeuing.done():
             await self._settle_dequeue()
-        if self._scan_due():
+        if self._scan_due(paced):
             await self._scan()
         groups = sorted(self._queue.values(), key=lambda g: g["_id"])
         if not groups:
@@ -364,18 +366,23 @@ class Sequencer:
                 )
         return cleared
 
-    def _scan_due(self) -> bool:
-        """Whether to read `pending` before this batch: when nothing known is ready (so an
-        idle leader polls as before), some handed-over group waits for it, or another
-        process's groups may have waited scan_interval."""
+    def _scan_due(self, paced: bool) -> bool:
+        """Whether to read `pending` before this batch. A read decodes all of it on FerretDB,
+        so reads are spaced out, the more so while they find nothing this process did not
+        hand over itself: busy with handed-over groups, scan_interval (up to 8 times it);
+        idle, poll_interval (up to scan_interval) when `paced`, else always. A group that
+        waits for a read gets one at once."""
         if self._unscanned:
             return True
-        # A read of `pending` decodes all of it on FerretDB: at most a fifth of the time, and
-        # less often while reads find nothing this process did not hand over itself.
-        interval = max(self._scan_interval, 4 * self._scan_seconds)
-        if time.monotonic() - self._scanned_at >= interval:
+        backoff: float = 2 ** min(self._quiet, 3)
+        if any(g in self._markers for g in self._queue):
+            interval = self.settings.scan_interval * backoff
+        elif paced:
+            interval = min(self.settings.poll_interval * backoff, self.settings.scan_interval)
+        else:
             return True
-        return not any(g in self._markers for g in self._queue)
+        interval = max(interval, 4 * self._scan_seconds)  # at most a fifth of the time
+        return time.monotonic() - self._scanned_at >= interval
 
     async def _scan(self) -> None:
         """Read all of `pending` (intents and markers in one query) into the known queue."""
@@ -389,8 +396,7 @@ class Sequencer:
                 doc["events"] = group_events(doc)
                 self._queue[doc["_id"]] = doc
                 found = True
-        least = self.settings.scan_interval
-        self._scan_interval = least if found else min(2 * self._scan_interval, 8 * least)
+        self._quiet = 0 if found else self._quiet + 1
         for doc in docs:
             if "committed" in doc and doc["committed"] in self._queue:
                 self._markers.setdefault(doc["committed"], set(doc.get("events", [])))
@@ -590,7 +596,7 @@ class Sequencer:
         renew_every = self.settings.lease_ttl / 3
         last_renewal = time.monotonic()
         while not stopping.is_set():
-            n = await self.sequence_batch()
+            n = await self.sequence_batch(paced=True)
             self.last_error = None
             if after_batch is not None:
                 result = after_batch()
@@ -607,10 +613,15 @@ class Sequencer:
                 # Entries beyond the head with nothing queued: a deposed leader's late write.
                 if await self.store.entries.find_one({"_id": self.size}, {"_id": 1}):
                     raise Resync(f"sequence: found entries beyond the published size {self.size}")
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), self.settings.poll_interval)
-            except TimeoutError:
-                pass
+            waits = [
+                asyncio.ensure_future(self._wakeup.wait()),
+                asyncio.ensure_future(stopping.wait()),
+            ]
+            await asyncio.wait(
+                waits, timeout=self.settings.poll_interval, return_when=asyncio.FIRST_COMPLETED
+            )
+            for w in waits:
+                w.cancel()
             self._wakeup.clear()
             await asyncio.sleep(self.settings.batch_delay)
 
