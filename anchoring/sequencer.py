@@ -1,13 +1,19 @@
 """The sequencer: one leader per log assigns contiguous leaf indices and publishes the tree.
 
 Its steps carry these names in code and logs:
-  queue      - appenders insert events into `pending` (see ledger.py)
-  sequence   - the leader takes a batch from `pending` and inserts `entries` {_id: index}
+  queue      - appenders insert events into `pending` (see ledger.py); the leader knows the
+               queue in memory: groups committed by its own process's appender are handed
+               over (`offer`), others are found by reading `pending`, which FerretDB answers
+               by decoding all of it, so the leader does that rarely (at once for a handed-over
+               group extending a version another process appended; busy, every scan_interval
+               and less often while reads find nothing new; idle, every poll_interval)
+  sequence   - the leader takes a batch from that queue and inserts `entries` {_id: index}
                from the current size up, in one ordered insert (a race loses on _id); an
                event that clears tags first takes them off its subject's earlier entries
   integrate  - it extends the right edge of the tree and inserts the new tiles
   publish    - it sets the new size and root on the lease document, only while it holds
-               the lease (the write is fenced by holder), then drops the batch from `pending`
+               the lease (the write is fenced by holder); the groups sequenced leave `pending`
+               meanwhile, by `_id` (the entries, written first, are the commit point)
 Recovery reads the published head, reloads the right edge from tiles, and integrates any
 entries written after it: a crash at any point leaves no gap and no duplicate.
 """
@@ -387,7 +393,8 @@ class Sequencer:
     async def _scan(self) -> None:
         """Read all of `pending` (intents and markers in one query) into the known queue."""
         started = time.monotonic()
-        docs = await self.store.pending.find({}).to_list()
+        # Sorted by `_id`: on MongoDB a walk of the `_id` index rather than a collection scan.
+        docs = await self.store.pending.find({}).sort("_id", 1).to_list()
         found = False
         for doc in docs:
             # A group in _dequeued may still be read while its dequeue is in flight.
