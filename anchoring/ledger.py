@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,9 +241,18 @@ class Ledger:
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self.listeners: list[Any] = []  # callables notified (no args) after each durable batch
+        # Callables handed each committed group as (group id, its events, the ids its marker
+        # names, whether every predecessor they extend was written by this process): an
+        # in-process sequencer takes them from here instead of reading `pending` back.
+        self.handoffs: list[Any] = []
         self._closed = False
         self._writing = False
         self._indexed = False
+        # (subject, version) -> leaf hash of events this process wrote to the ledger: stored
+        # events never change, so a later version's predecessor check needs no query (which
+        # FerretDB answers by decoding the whole ledger). Bounded, oldest forgotten first.
+        self._written: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._written_max = 100_000
 
     async def append(
         self,
@@ -376,7 +386,7 @@ class Ledger:
                 # The unique (subject, version) index must exist before the first event does.
                 await self.store.ensure_indexes()
                 self._indexed = True
-            batch = await self._extending_their_predecessors(batch)
+            batch, local = await self._extending_their_predecessors(batch)
             if not batch:
                 return
             # The intent first: whatever is written after it is completed or discarded by the
@@ -412,23 +422,33 @@ class Ledger:
         except PyMongoError as exc:
             self._fail_all(written, exc)
             return
+        for handoff in self.handoffs:
+            handoff(group_id, [d for d, _, _ in batch], [d["_id"] for d, _, _ in written], local)
         for _, appended, future in written:
+            self._written[(appended.subject, appended.version)] = appended.leaf_hash
             if not future.done():
                 future.set_result(appended)
+        while len(self._written) > self._written_max:
+            self._written.popitem(last=False)
 
-    async def _extending_their_predecessors(self, batch: list[Pending]) -> list[Pending]:
-        """The events of `batch` that extend their subject's previous version; the others are
+    async def _extending_their_predecessors(
+        self, batch: list[Pending]
+    ) -> tuple[list[Pending], bool]:
+        """The events of `batch` that extend their subject's previous version, and whether
+        each predecessor was in the batch or written by this process; the others are
         refused. Version n+1 needs version n, in the ledger or earlier in this group (one
         query for the group), and a header's `prev`, where it has one, must be the leaf hash
         of version n (null for version 1): a subject's events form a hash chain without gaps,
         whatever a caller (or a document it read) believes the newest version to be."""
         ours = {(a.subject, a.version): a.leaf_hash for _, a, _ in batch}
-        wanted = [
-            {"subject": s, "version": v - 1}
-            for s, v in sorted(ours)
-            if v > 1 and (s, v - 1) not in ours
-        ]
         stored: dict[tuple[str, int], bytes] = {}
+        wanted = []
+        for s, v in sorted(ours):
+            if v > 1 and (s, v - 1) not in ours:
+                if (s, v - 1) in self._written:
+                    stored[(s, v - 1)] = self._written[(s, v - 1)]
+                else:
+                    wanted.append({"subject": s, "version": v - 1})
         if wanted:
             query = wanted[0] if len(wanted) == 1 else {"$or": wanted}
             async for d in self.store.ledger.find(query, {"subject": 1, "version": 1, "leaf": 1}):
@@ -444,7 +464,7 @@ class Ledger:
             known.pop((appended.subject, appended.version), None)
             if not future.done():
                 future.set_exception(InvalidEvent(problem))
-        return [item for item in batch if id(item[2]) in accepted]
+        return [item for item in batch if id(item[2]) in accepted], not wanted
 
     @staticmethod
     def _reject(item: Pending, err: Doc) -> None:

@@ -118,6 +118,7 @@ class TransparencyLog:
         self.sequencer = Sequencer(store, self.settings.sequencer, reader=self.reader)
         self.anchorer = Anchorer(store, signer, self.reader, self.settings.anchor)
         self.ledger.listeners.append(self.sequencer.wake)
+        self.ledger.handoffs.append(self.sequencer.offer)
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.anchor_error: str | None = None

@@ -1,13 +1,19 @@
 """The sequencer: one leader per log assigns contiguous leaf indices and publishes the tree.
 
 Its steps carry these names in code and logs:
-  queue      - appenders insert events into `pending` (see ledger.py)
-  sequence   - the leader takes a batch from `pending` and inserts `entries` {_id: index}
+  queue      - appenders insert events into `pending` (see ledger.py); the leader knows the
+               queue in memory: groups committed by its own process's appender are handed
+               over (`offer`), others are found by reading `pending`, which FerretDB answers
+               by decoding all of it, so the leader does that rarely (at once for a handed-over
+               group extending a version another process appended; busy, every scan_interval
+               and less often while reads find nothing new; idle, every poll_interval)
+  sequence   - the leader takes a batch from that queue and inserts `entries` {_id: index}
                from the current size up, in one ordered insert (a race loses on _id); an
                event that clears tags first takes them off its subject's earlier entries
   integrate  - it extends the right edge of the tree and inserts the new tiles
   publish    - it sets the new size and root on the lease document, only while it holds
-               the lease (the write is fenced by holder), then drops the batch from `pending`
+               the lease (the write is fenced by holder); the groups sequenced leave `pending`
+               meanwhile, by `_id` (the entries, written first, are the commit point)
 Recovery reads the published head, reloads the right edge from tiles, and integrates any
 entries written after it: a crash at any point leaves no gap and no duplicate.
 """
@@ -17,14 +23,16 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from bson import Binary
-from pymongo import ReturnDocument
+from pymongo import DeleteOne, ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from anchoring.errors import database_error, frames
@@ -35,6 +43,9 @@ from anchoring.tiles import TileReader, tile_document, write_tiles
 from anchoring.treemath import TILE_HEIGHT, TILE_WIDTH, CompactRange, Node, root_nodes, tile_width
 
 log = logging.getLogger("rxledger.sequencer")
+
+# The fields of an event the sequencer uses: a handed-over group keeps only these in memory.
+_SEQUENCED = ("_id", "subject", "version", "leaf", "tags", "clearsTags")
 
 
 class LostLease(Exception):
@@ -47,10 +58,13 @@ class Resync(LostLease):
 
 @dataclass(frozen=True)
 class SequencerSettings:
-    batch_size: int = 1000
-    groups_per_batch: int = 64  # intent documents read per batch (each holds one group commit)
+    batch_size: int = 4096
+    groups_per_batch: int = 64  # unused: every queued group known is considered each batch
     batch_delay: float = 0.005  # group commit: wait this long for a batch to fill
     poll_interval: float = 0.05  # how often to look for events from other processes
+    # While groups handed over in this process keep it busy, how often it still reads
+    # `pending` for groups from other processes (and their markers); idle, every poll_interval.
+    scan_interval: float = 0.25
     lease_ttl: float = 5.0
     orphan_grace: float = 10.0  # a pending event with no ledger copy this old is completed
 
@@ -94,8 +108,37 @@ class Sequencer:
         self.step_seconds: dict[str, float] = {}  # cumulative time per step, for metrics
         self.epoch = 0  # counts recoveries, so others know to reload what they cached
         self._done: set[Any] = set()  # sequenced events whose group is still queued
+        # The queue as this leader knows it: intents {_id, events, queuedAt} by group id, the
+        # event ids each marker names, and when (time.monotonic) each group handed over by
+        # this process's appender waits for a read of `pending` that began after it (a
+        # predecessor it extends may be queued by another process, unseen yet).
+        self._queue: dict[Any, Doc] = {}
+        self._markers: dict[Any, set[Any]] = {}
+        self._unscanned: dict[Any, float] = {}
+        self._dequeued: OrderedDict[Any, None] = OrderedDict()  # recent, for late handoffs
+        self._scanned_at = -math.inf  # time.monotonic() the last read of `pending` began
+        self._scan_seconds = 0.0  # how long it took
+        self._quiet = 0  # reads of `pending` in a row that found no group it did not know
+        self._dequeuing: asyncio.Task[None] | None = None  # the one dequeue in flight
 
     def wake(self) -> None:
+        self._wakeup.set()
+
+    def offer(self, group_id: Any, events: list[Doc], committed: list[Any], local: bool) -> None:
+        """A group this process's appender committed (intent, ledger copies and marker are
+        durable): queued here without reading `pending` back. `local` says every predecessor
+        its events extend was in the group or handed over before; otherwise the group waits
+        for the next read of `pending`, which shows any earlier version queued elsewhere."""
+        if not self.is_leader or group_id in self._queue or group_id in self._dequeued:
+            return
+        self._queue[group_id] = {
+            "_id": group_id,
+            "queuedAt": _now(),
+            "events": [{k: e[k] for k in _SEQUENCED if k in e} for e in events],
+        }
+        self._markers[group_id] = set(committed)
+        if not local:
+            self._unscanned[group_id] = time.monotonic()
         self._wakeup.set()
 
     # --- lease ------------------------------------------------------------------------
@@ -165,6 +208,7 @@ class Sequencer:
 
     async def recover(self) -> None:
         """Load the published head and right edge, then integrate entries written after it."""
+        await self._settle_dequeue(raise_errors=False)
         await self.store.ensure_indexes()
         head = await self.store.head()
         size = int(head.get("size", 0))
@@ -197,7 +241,9 @@ class Sequencer:
         # without an index, so only recovery does it; batches keep the answer in memory.
         # Markers before intents: a marker is written after its intent, so one whose intent
         # is gone when read afterwards has outlived its group (a crash mid-dequeue).
-        markers = [m async for m in self.store.pending.find(MARKERS, {"committed": 1})]
+        self._queue, self._markers, self._unscanned = {}, {}, {}
+        scanned_at = time.monotonic()
+        markers = [m async for m in self.store.pending.find(MARKERS, {"committed": 1, "events": 1})]
         groups = await self._groups({})
         queued = [e["_id"] for g in groups for e in g["events"]]
         self._done = set()
@@ -212,30 +258,44 @@ class Sequencer:
         strays = [m["_id"] for m in markers if m["committed"] not in alive]
         if strays:
             await self.store.pending.delete_many({"_id": {"$in": strays}})
+        for g in groups:
+            self._queue.setdefault(g["_id"], g)
+        for m in markers:
+            if m["committed"] in alive:
+                self._markers.setdefault(m["committed"], set(m.get("events", [])))
+        self._scanned_at = scanned_at
         self.epoch += 1
         log.info("recover: %s leads %s at size %d", self.holder, self.store.origin, self.size)
 
     # --- one batch ----------------------------------------------------------------------
 
-    async def sequence_batch(self) -> int:
-        """Sequence up to about batch_size queued events; returns how many were published."""
+    async def sequence_batch(self, paced: bool = False) -> int:
+        """Sequence up to about batch_size queued events; returns how many were published.
+        With nothing known to sequence it reads `pending` first, so 0 means none was queued
+        then; `paced` (the leader's own loop, which polls again) spaces those reads out."""
         t0 = time.perf_counter()
-        groups = await self._groups({}, limit=self.settings.groups_per_batch)
+        if self._dequeuing is not None and self._dequeuing.done():
+            await self._settle_dequeue()
+        if self._scan_due(paced):
+            await self._scan()
+        groups = sorted(self._queue.values(), key=lambda g: g["_id"])
         if not groups:
+            await self._settle_dequeue()
             return 0
-        if len(groups) >= self.settings.groups_per_batch:
-            # More is queued than this batch holds: bring in every group holding an earlier
-            # version of a subject here, so versions enter the log in order and never stall.
-            groups = await self._with_earlier_versions(groups)
-        committed: dict[Any, set[Any]] = {
-            m["committed"]: set(m.get("events", []))
-            async for m in self.store.pending.find(MARKERS, {"committed": 1, "events": 1})
-        }
+        committed = self._markers
         orphans = [g for g in groups if g["_id"] not in committed]
         if orphans:
             committed.update(await self._complete_orphans(orphans))
         ok = {e_id for ids in committed.values() for e_id in ids}
-        unresolved = {e["_id"] for g in groups if g["_id"] not in committed for e in g["events"]}
+        # Events of a group without a marker, or waiting for a read of `pending`, hold their
+        # subjects back: an earlier version may be among them, or queued unseen elsewhere.
+        unresolved = {
+            e["_id"]
+            for g in groups
+            if g["_id"] not in committed or g["_id"] in self._unscanned
+            for e in g["events"]
+        }
+        ok -= unresolved
         candidates = [e for g in groups for e in g["events"] if e["_id"] not in self._done]
         ready = self._in_version_order(candidates, ok, unresolved)[: self.settings.batch_size]
         t1 = self._timed("queue", t0)
@@ -274,12 +334,15 @@ class Sequencer:
             )
         ]
         if finished:
-            ids = [g["_id"] for g in finished]
-            await self.store.pending.delete_many(
-                {"_id": {"$in": ids + [marker_id(i) for i in ids]}}
-            )
+            # Off the critical path: the entries are the commit point, so the next batch need
+            # not wait for their groups to leave `pending` (one dequeue in flight at a time).
+            await self._settle_dequeue()
             for g in finished:
                 self._done.difference_update(e["_id"] for e in g["events"])
+                self._forget(g["_id"])
+            self._dequeuing = asyncio.create_task(self._dequeue([g["_id"] for g in finished]))
+        if not ready:
+            await self._settle_dequeue()
         self._timed("dequeue", t1)
         if ready:
             self.batches += 1
@@ -309,6 +372,72 @@ class Sequencer:
                 )
         return cleared
 
+    def _scan_due(self, paced: bool) -> bool:
+        """Whether to read `pending` before this batch. A read decodes all of it on FerretDB,
+        so reads are spaced out, the more so while they find nothing this process did not
+        hand over itself: busy with handed-over groups, scan_interval (up to 8 times it);
+        idle, poll_interval (up to scan_interval) when `paced`, else always. A group that
+        waits for a read gets one at once."""
+        if self._unscanned:
+            return True
+        backoff: float = 2 ** min(self._quiet, 3)
+        if any(g in self._markers for g in self._queue):
+            interval = self.settings.scan_interval * backoff
+        elif paced:
+            interval = min(self.settings.poll_interval * backoff, self.settings.scan_interval)
+        else:
+            return True
+        interval = max(interval, 4 * self._scan_seconds)  # at most a fifth of the time
+        return time.monotonic() - self._scanned_at >= interval
+
+    async def _scan(self) -> None:
+        """Read all of `pending` (intents and markers in one query) into the known queue."""
+        started = time.monotonic()
+        # Sorted by `_id`: on MongoDB a walk of the `_id` index rather than a collection scan.
+        docs = await self.store.pending.find({}).sort("_id", 1).to_list()
+        found = False
+        for doc in docs:
+            # A group in _dequeued may still be read while its dequeue is in flight.
+            gone = doc.get("committed", doc["_id"]) in self._dequeued
+            if "committed" not in doc and doc["_id"] not in self._queue and not gone:
+                doc["events"] = group_events(doc)
+                self._queue[doc["_id"]] = doc
+                found = True
+        self._quiet = 0 if found else self._quiet + 1
+        for doc in docs:
+            if "committed" in doc and doc["committed"] in self._queue:
+                self._markers.setdefault(doc["committed"], set(doc.get("events", [])))
+        self._unscanned = {g: t for g, t in self._unscanned.items() if t >= started}
+        self._scanned_at = started
+        self._scan_seconds = time.monotonic() - started
+
+    async def _dequeue(self, ids: list[Any]) -> None:
+        # One request of `_id` equalities: a server without a usable index for `$in`
+        # (FerretDB) would decode the whole of `pending` for it.
+        await self.store.pending.bulk_write(
+            [DeleteOne({"_id": i}) for i in ids + [marker_id(i) for i in ids]], ordered=False
+        )
+
+    async def _settle_dequeue(self, raise_errors: bool = True) -> None:
+        """Wait for the dequeue in flight; its database error is raised (recovery then
+        finds those groups sequenced and dequeues them again) unless `raise_errors` is False."""
+        task, self._dequeuing = self._dequeuing, None
+        if task is None:
+            return
+        try:
+            await task
+        except PyMongoError:
+            if raise_errors:
+                raise
+
+    def _forget(self, group_id: Any) -> None:
+        self._queue.pop(group_id, None)
+        self._markers.pop(group_id, None)
+        self._unscanned.pop(group_id, None)
+        self._dequeued[group_id] = None
+        while len(self._dequeued) > 10_000:
+            self._dequeued.popitem(last=False)
+
     def _timed(self, step: str, since: float) -> float:
         now = time.perf_counter()
         self.step_seconds[step] = self.step_seconds.get(step, 0.0) + now - since
@@ -321,18 +450,6 @@ class Sequencer:
         for g in groups:
             g["events"] = group_events(g)
         return groups
-
-    async def _with_earlier_versions(self, groups: list[Doc]) -> list[Doc]:
-        latest: dict[str, int] = {}
-        for e in (e for g in groups for e in g["events"]):
-            latest[e["subject"]] = max(latest.get(e["subject"], 0), e["version"])
-        have = {g["_id"] for g in groups}
-        extra = [
-            g
-            for g in await self._groups({"_id": {"$nin": list(have)}})
-            if any(e["version"] < latest.get(e["subject"], 0) for e in g["events"])
-        ]
-        return groups + extra
 
     @staticmethod
     def _in_version_order(
@@ -473,6 +590,7 @@ class Sequencer:
                 self.is_leader = False
                 await _wait(stopping, backoff)
                 backoff = min(backoff * 2, 5.0)
+        await self._settle_dequeue(raise_errors=False)
         if self.is_leader:
             try:
                 await self.release_lease()
@@ -485,7 +603,7 @@ class Sequencer:
         renew_every = self.settings.lease_ttl / 3
         last_renewal = time.monotonic()
         while not stopping.is_set():
-            n = await self.sequence_batch()
+            n = await self.sequence_batch(paced=True)
             self.last_error = None
             if after_batch is not None:
                 result = after_batch()
@@ -502,10 +620,15 @@ class Sequencer:
                 # Entries beyond the head with nothing queued: a deposed leader's late write.
                 if await self.store.entries.find_one({"_id": self.size}, {"_id": 1}):
                     raise Resync(f"sequence: found entries beyond the published size {self.size}")
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), self.settings.poll_interval)
-            except TimeoutError:
-                pass
+            waits = [
+                asyncio.ensure_future(self._wakeup.wait()),
+                asyncio.ensure_future(stopping.wait()),
+            ]
+            await asyncio.wait(
+                waits, timeout=self.settings.poll_interval, return_when=asyncio.FIRST_COMPLETED
+            )
+            for w in waits:
+                w.cancel()
             self._wakeup.clear()
             await asyncio.sleep(self.settings.batch_delay)
 

@@ -102,7 +102,7 @@ class Settings:
             db_timeout_ms=int(env_number("RXLEDGER_DB_TIMEOUT_MS", 5000, 100)),
             log=LogSettings(
                 sequencer=SequencerSettings(
-                    batch_size=int(env_number("RXLEDGER_BATCH_SIZE", 1000, 1)),
+                    batch_size=int(env_number("RXLEDGER_BATCH_SIZE", 4096, 1)),
                     lease_ttl=env_number("RXLEDGER_LEASE_TTL", 5.0, 0.5),
                 ),
                 anchor=AnchorSettings(

@@ -1,25 +1,45 @@
-"""Ledger benchmark: append+sequence throughput, merge delay, proof rate, sequencer memory.
+"""Ledger benchmark: append+sequence throughput and merge delay against Tessera's POSIX log on
+the same machine, proof rate, sequencer memory.
 
-Runs against MONGODB_URI, or starts its own FerretDB in a temporary directory. Prints figures
-and ratios against the raw SHA-256 leaf-hash rate measured in the same run. Not a test: it
-never fails on a figure.
+For each number of concurrent appenders it runs our log (appends through TransparencyLog, the
+in-process sequencer publishing them) and then Tessera v1.0.4's POSIX log (bench/tessera, the
+reference tlog-tiles implementation: every batch fsynced, batches of at most 1,000 entries or
+5 ms, a checkpoint every second) on the same number of entries and appenders, and prints both
+and the ratio of our sequencing rate to Tessera's integration rate. Not a test: it never fails
+on a figure. It does fail, rather than hang: past --deadline it stops with exit status 2, and
+a publish callback or the sequencer failing unexpectedly ends the run with exit status 1 and
+the traceback. Tessera that cannot be built (no Go, the module proxy unreachable) is exit
+status 3, saying what failed; --no-tessera skips it.
 
-    .venv/bin/python bench/ledger.py [--events 20000] [--appenders 64] [--sizes 10000,1000000]
+Runs against MONGODB_URI, or starts its own FerretDB in a temporary directory the way the tests
+do (scripts/devdb.py). Builds bench/tessera into var/bin/tessera-bench with `go build` (through
+the Go module proxy the first time) and rebuilds it when its sources change.
+
+    .venv/bin/python bench/ledger.py [--events 20000] [--appenders 64,512]
+        [--sizes 10000,1000000] [--proof-seconds 3] [--deadline 3600] [--no-tessera]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import hashlib
+import json
+import logging
 import os
 import random
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from bson import Binary
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -37,10 +57,22 @@ from anchoring.sequencer import Sequencer  # noqa: E402
 from anchoring.store import LogStore  # noqa: E402
 from anchoring.tiles import TileReader  # noqa: E402
 
+TESSERA_SOURCE = ROOT / "bench" / "tessera"
+TESSERA_BINARY = ROOT / "var" / "bin" / "tessera-bench"
+PublishCallback = Callable[[int, bytes, list[dict[str, Any]]], object]
+
+
+class CallbackFailed(RuntimeError):
+    """A publish callback raised, or the sequencer failed unexpectedly: the run is void."""
+
+
+class TesseraUnavailable(RuntimeError):
+    """The Tessera baseline could not be built or run; the message says what failed."""
+
 
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
 def rss_mib() -> float:
@@ -49,6 +81,22 @@ def rss_mib() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system) of this process, or of process `pid` (nan if unreadable)."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> str:
+    return "load average: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
 def leaf_hash_rate(seconds: float = 1.0) -> float:
@@ -61,33 +109,72 @@ def leaf_hash_rate(seconds: float = 1.0) -> float:
     return n / (time.perf_counter() - start)
 
 
+class _FailOnError(logging.Handler):
+    """Turns an error the sequencer logs (it then retries, possibly forever) into a failure."""
+
+    def __init__(self, failed: asyncio.Future[None]) -> None:
+        super().__init__(logging.ERROR)
+        self.failed = failed
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed.done():
+            self.failed.set_exception(
+                CallbackFailed(f"the sequencer failed: {record.getMessage()}")
+            )
+
+
+def _guarded(callback: PublishCallback, failed: asyncio.Future[None]) -> PublishCallback:
+    def call(size: int, root: bytes, entries: list[dict[str, Any]]) -> object:
+        try:
+            return callback(size, root, entries)
+        except BaseException:
+            if not failed.done():
+                failed.set_exception(
+                    CallbackFailed(f"a publish callback raised:\n{traceback.format_exc()}")
+                )
+            raise
+
+    return call
+
+
 async def bench_append(
-    client: AsyncMongoClient, signer: Signer, events: int, appenders: int
+    client: AsyncMongoClient[dict[str, Any]],
+    signer: Signer,
+    events: int,
+    appenders: int,
+    server_pid: int | None = None,
+    extra_callbacks: Iterable[PublishCallback] = (),
 ) -> dict[str, float]:
+    """`events` appends from `appenders` concurrent appenders (each appending its own subject's
+    versions in order), until the sequencer has published them all. Raises CallbackFailed as
+    soon as a publish callback raises or the sequencer logs an error."""
     store = LogStore(client[f"bench_{uuid.uuid4().hex[:8]}"], origin="bench.rxledger/log")
     log = TransparencyLog(
         store, signer, LogSettings(anchor=AnchorSettings(interval=1.0, max_leaves=1000))
     )
     per = events // appenders
     total_events = per * appenders
+    started: dict[object, float] = {}
     acked: dict[object, float] = {}
-    delays: list[float] = []
+    published: dict[object, float] = {}
     done = asyncio.Event()
+    failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def on_publish(size: int, root: bytes, ids: list[object]) -> None:
+    def on_publish(size: int, root: bytes, entries: list[dict[str, Any]]) -> None:
         now = time.perf_counter()
-        for event_id in ids:
-            t = acked.pop(event_id, None)
-            if t is not None:
-                delays.append(now - t)
+        for entry in entries:
+            published[entry["event"]] = now
         if size >= total_events:
             done.set()
 
-    log.sequencer.on_publish.append(on_publish)
-    await log.start()
+    for callback in (on_publish, *extra_callbacks):
+        log.sequencer.on_publish.append(_guarded(callback, failed))
+    watcher = _FailOnError(failed)
+    logging.getLogger("rxledger.sequencer").addHandler(watcher)
 
     async def appender(k: int) -> None:
         for v in range(1, per + 1):
+            t = time.perf_counter()
             r = await log.append(
                 f"rx-{k}",
                 v,
@@ -100,30 +187,121 @@ async def bench_append(
                 },
             )
             acked[r.event_id] = time.perf_counter()
+            started[r.event_id] = t
 
-    start = time.perf_counter()
-    mem0 = rss_mib()
-    await asyncio.gather(*[appender(k) for k in range(appenders)])
-    appended = time.perf_counter() - start
-    await asyncio.wait_for(done.wait(), 600)
-    total = time.perf_counter() - start
-    mem1 = rss_mib()
-    await log.stop()
-    await client.drop_database(store.db.name)
-    n = total_events
+    try:
+        await log.start()
+        start = time.perf_counter()
+        cpu0, server_cpu0, mem0 = cpu_seconds(), cpu_seconds(server_pid), rss_mib()
+        appending = asyncio.ensure_future(asyncio.gather(*[appender(k) for k in range(appenders)]))
+        waiting = asyncio.ensure_future(done.wait())
+        for step in (appending, waiting):
+            await asyncio.wait({step, failed}, return_when=asyncio.FIRST_COMPLETED)
+            if failed.done():
+                appending.cancel()
+                waiting.cancel()
+                await asyncio.gather(appending, waiting, return_exceptions=True)
+                failed.result()  # raises CallbackFailed
+            if step is appending:
+                appended = time.perf_counter() - start
+                appending.result()  # an append that raised fails the run
+        total = time.perf_counter() - start
+        cpu, server_cpu, mem1 = (
+            cpu_seconds() - cpu0,
+            cpu_seconds(server_pid) - server_cpu0,
+            rss_mib(),
+        )
+    finally:
+        logging.getLogger("rxledger.sequencer").removeHandler(watcher)
+        await log.stop()
+        await client.drop_database(store.db.name)
+    merge = [max(0.0, published[e] - t) for e, t in acked.items() if e in published]
+    whole = [published[e] - t for e, t in started.items() if e in published]
     return {
-        "events": n,
-        "append_rate": n / appended,
-        "sequenced_rate": n / total,
-        "merge_p50_ms": pct(delays, 0.5) * 1000,
-        "merge_p99_ms": pct(delays, 0.99) * 1000,
+        "events": total_events,
+        "append_rate": total_events / appended,
+        "sequenced_rate": total_events / total,
+        "merge_p50_ms": pct(merge, 0.5) * 1000,
+        "merge_p99_ms": pct(merge, 0.99) * 1000,
+        "latency_p50_ms": pct(whole, 0.5) * 1000,
+        "latency_p99_ms": pct(whole, 0.99) * 1000,
+        "cores": cpu / total,
+        "server_cores": server_cpu / total,
         "rss_before": mem0,
         "rss_after": mem1,
     }
 
 
+def build_tessera() -> Path:
+    """var/bin/tessera-bench, built from bench/tessera unless built from these very sources
+    (a stamp beside it holds their digest). Raises TesseraUnavailable saying what failed."""
+    digest = hashlib.sha256()
+    for name in ("go.mod", "go.sum", "main.go"):
+        digest.update((TESSERA_SOURCE / name).read_bytes())
+    stamp = TESSERA_BINARY.with_name(TESSERA_BINARY.name + ".stamp")
+    if TESSERA_BINARY.exists() and stamp.exists() and stamp.read_text() == digest.hexdigest():
+        return TESSERA_BINARY
+    go = shutil.which("go")
+    if go is None:
+        raise TesseraUnavailable(
+            "the Go toolchain is not on PATH: the baseline is built with `go build` from "
+            "bench/tessera (Go >= 1.26; or run with --no-tessera)"
+        )
+    TESSERA_BINARY.parent.mkdir(parents=True, exist_ok=True)
+    print("building bench/tessera (Tessera v1.0.4 from the Go module proxy)...", file=sys.stderr)
+    try:
+        built = subprocess.run(
+            [go, "build", "-o", str(TESSERA_BINARY), "."],
+            cwd=TESSERA_SOURCE,
+            env={**os.environ, "GOFLAGS": "-mod=readonly -buildvcs=false"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    except subprocess.TimeoutExpired:
+        raise TesseraUnavailable(
+            "`go build` of bench/tessera took over 10 minutes (is the Go module proxy reachable?)"
+        ) from None
+    if built.returncode != 0:
+        raise TesseraUnavailable(
+            f"`go build` of bench/tessera failed (exit {built.returncode}):\n{built.stderr[-3000:]}"
+        )
+    stamp.write_text(digest.hexdigest())
+    return TESSERA_BINARY
+
+
+async def bench_tessera(binary: Path, events: int, appenders: int) -> dict[str, Any]:
+    """One run of Tessera's POSIX log in a fresh temporary directory; its JSON summary."""
+    with tempfile.TemporaryDirectory(prefix="rxbench-tessera-") as tmp:
+        proc = await asyncio.create_subprocess_exec(
+            str(binary),
+            "-dir",
+            str(Path(tmp) / "log"),
+            "-entries",
+            str(events),
+            "-appenders",
+            str(appenders),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    if proc.returncode != 0:
+        raise TesseraUnavailable(
+            f"{binary} exited {proc.returncode}:\n{err.decode(errors='replace')[-3000:]}"
+        )
+    result: dict[str, Any] = json.loads(out)
+    if result["size"] != result["entries"]:
+        raise TesseraUnavailable(f"Tessera integrated {result['size']} of {result['entries']}")
+    return result
+
+
 async def build_tree(
-    client: AsyncMongoClient, size: int
+    client: AsyncMongoClient[dict[str, Any]], size: int
 ) -> tuple[LogStore, TileReader, list[float]]:
     """Build a tree of `size` leaves through the sequencer's own integrate+publish step
     (tiles and head, without the ledger), recording RSS as it grows."""
@@ -164,7 +342,97 @@ async def bench_proofs(
     return n / elapsed, (reader.reads - reads_before) / n
 
 
-async def main() -> None:
+async def run(args: argparse.Namespace) -> None:
+    counts = [int(k) for k in args.appenders.split(",") if k]
+    tessera = None if args.no_tessera else build_tessera()
+    print(load_average() + " (start)")
+    server = None
+    uri = os.environ.get("MONGODB_URI")
+    with tempfile.TemporaryDirectory(prefix="rxbench-") as tmp:
+        if not uri:
+            import devdb
+
+            server = devdb.start_ferretdb(Path(tmp) / "db", log_path=Path(tmp) / "ferretdb.log")
+            uri = server.uri
+            print(f"server: FerretDB (SQLite, patched) started for this run at {uri}")
+        else:
+            print(f"server: {uri}")
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, tz_aware=True)
+        signer = Signer("bench.rxledger", Ed25519PrivateKey.generate())
+        try:
+            base = leaf_hash_rate()
+            print(f"baseline: raw SHA-256 leaf hashes: {base:,.0f}/s (one core)")
+            for k in counts:
+                await bench_pair(client, signer, args.events, k, tessera, server)
+            await bench_proof_sizes(client, args)
+        finally:
+            await client.close()
+            if server is not None:
+                server.stop()
+    print(load_average() + " (end)")
+
+
+async def bench_pair(
+    client: AsyncMongoClient[dict[str, Any]],
+    signer: Signer,
+    events: int,
+    appenders: int,
+    tessera: Path | None,
+    server: Any,
+) -> None:
+    a = await bench_append(client, signer, events, appenders, server and server.pid)
+    print(
+        f"rxledger: {a['events']} events by {appenders} appenders: "
+        f"acknowledged {a['append_rate']:,.0f}/s, sequenced {a['sequenced_rate']:,.0f}/s "
+        f"(sequenced/acknowledged {a['sequenced_rate'] / a['append_rate']:.2f}); "
+        f"append -> published p50 {a['latency_p50_ms']:.1f} ms, p99 {a['latency_p99_ms']:.1f} ms; "
+        f"cores: ours {a['cores']:.2f}, server {a['server_cores']:.2f}; "
+        f"RSS {a['rss_before']:.0f} -> {a['rss_after']:.0f} MiB"
+    )
+    print(
+        f"  merge delay (ack -> published): p50 {a['merge_p50_ms']:.1f} ms, "
+        f"p99 {a['merge_p99_ms']:.1f} ms"
+    )
+    if tessera is None:
+        return
+    t = await bench_tessera(tessera, events, appenders)
+    print(
+        f"tessera: {t['entries']} entries by {appenders} appenders: integrated {t['rate']:,.0f}/s, "
+        f"latency p50 {t['p50_ms']:.1f} ms, p99 {t['p99_ms']:.1f} ms; "
+        f"cores {t['cpu_seconds'] / t['seconds']:.2f}"
+    )
+    print(
+        f"  ratio sequenced/tessera: {a['sequenced_rate'] / t['rate']:.2f}x; "
+        f"append -> published p99 / tessera latency p99: "
+        f"{a['latency_p99_ms'] / t['p99_ms']:.1f}x; {load_average()}"
+    )
+
+
+async def bench_proof_sizes(
+    client: AsyncMongoClient[dict[str, Any]], args: argparse.Namespace
+) -> None:
+    rates: dict[int, tuple[float, float]] = {}
+    for size in [int(s) for s in args.sizes.split(",") if s]:
+        store, warm_reader, rss = await build_tree(client, size)
+        cold, reads = await bench_proofs(store, size, args.proof_seconds)
+        warm, warm_reads = await bench_proofs(store, size, args.proof_seconds, warm_reader)
+        rates[size] = (cold, warm)
+        print(
+            f"proofs at {size:,} leaves: {cold:,.1f}/s from storage ({reads:.1f} queries/proof), "
+            f"{warm:,.1f}/s from the sequencer's tile cache ({warm_reads:.2f} queries/proof); "
+            f"RSS while building: {rss[0]:.0f} -> {rss[-1]:.0f} MiB (tile cache <= 32 MiB)"
+        )
+        await client.drop_database(store.db.name)
+    if len(rates) >= 2:
+        small, large = min(rates), max(rates)
+        print(
+            f"proof cost ratio {large:,} vs {small:,} leaves: "
+            f"{rates[small][0] / rates[large][0]:.2f}x from storage, "
+            f"{rates[small][1] / rates[large][1]:.2f}x from the tile cache"
+        )
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -172,7 +440,9 @@ async def main() -> None:
         "--events", type=int, default=20000, help="events to append (default %(default)s)"
     )
     parser.add_argument(
-        "--appenders", type=int, default=64, help="concurrent appenders (default %(default)s)"
+        "--appenders",
+        default="64,512",
+        help="numbers of concurrent appenders, one run each (default %(default)s)",
     )
     parser.add_argument(
         "--sizes", default="10000,1000000", help="tree sizes for the proof benchmark"
@@ -180,57 +450,29 @@ async def main() -> None:
     parser.add_argument(
         "--proof-seconds", type=float, default=3.0, help="time per proof measurement"
     )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=3600.0,
+        help="stop (exit status 2) after this many seconds (default %(default)s)",
+    )
+    parser.add_argument("--no-tessera", action="store_true", help="skip the Tessera baseline")
     args = parser.parse_args()
-
-    server = None
-    uri = os.environ.get("MONGODB_URI")
-    if not uri:
-        import devdb
-
-        tmp = Path(tempfile.mkdtemp(prefix="rxbench-"))
-        server = devdb.start_ferretdb(tmp, log_path=tmp / "ferretdb.log")
-        uri = server.uri
-        print(f"server: FerretDB (SQLite) started for this run at {uri}")
-    else:
-        print(f"server: {uri}")
-    client: AsyncMongoClient = AsyncMongoClient(uri, tz_aware=True)
-    signer = Signer("bench.rxledger", Ed25519PrivateKey.generate())
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    # A last resort should the event loop itself stop turning: dump every stack and exit.
+    faulthandler.dump_traceback_later(args.deadline + 60, exit=True)
     try:
-        base = leaf_hash_rate()
-        print(f"baseline: raw SHA-256 leaf hashes: {base:,.0f}/s (one core)")
-        a = await bench_append(client, signer, args.events, args.appenders)
+        asyncio.run(asyncio.wait_for(run(args), args.deadline))
+    except TimeoutError:
         print(
-            f"append+sequence: {a['events']} events by {args.appenders} concurrent appenders: "
-            f"acknowledged {a['append_rate']:,.0f}/s, sequenced {a['sequenced_rate']:,.0f}/s "
-            f"(ratio to hashing: {a['sequenced_rate'] / base:.5f})"
+            f"bench/ledger.py: the deadline of {args.deadline:g} s passed; stopped", file=sys.stderr
         )
-        print(
-            f"merge delay (ack -> published): p50 {a['merge_p50_ms']:.1f} ms, p99 {a['merge_p99_ms']:.1f} ms"
-        )
-        rates: dict[int, tuple[float, float]] = {}
-        for size in [int(s) for s in args.sizes.split(",") if s]:
-            store, warm_reader, rss = await build_tree(client, size)
-            cold, reads = await bench_proofs(store, size, args.proof_seconds)
-            warm, warm_reads = await bench_proofs(store, size, args.proof_seconds, warm_reader)
-            rates[size] = (cold, warm)
-            print(
-                f"proofs at {size:,} leaves: {cold:,.1f}/s from storage ({reads:.1f} queries/proof), "
-                f"{warm:,.1f}/s from the sequencer's tile cache ({warm_reads:.2f} queries/proof); "
-                f"RSS while building: {rss[0]:.0f} -> {rss[-1]:.0f} MiB (tile cache <= 32 MiB)"
-            )
-            await client.drop_database(store.db.name)
-        if len(rates) >= 2:
-            small, large = min(rates), max(rates)
-            print(
-                f"proof cost ratio {large:,} vs {small:,} leaves: "
-                f"{rates[small][0] / rates[large][0]:.2f}x from storage, "
-                f"{rates[small][1] / rates[large][1]:.2f}x from the tile cache"
-            )
-    finally:
-        await client.close()
-        if server is not None:
-            server.stop()
+        return 2
+    except TesseraUnavailable as exc:
+        print(f"bench/ledger.py: the Tessera baseline is unavailable: {exc}", file=sys.stderr)
+        return 3
+    return 0
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""What the write path asks the database, counted with a command listener on a real server:
+the steady state of appending and sequencing must not lean on queries that a server without a
+usable index (FerretDB: any filter but an `_id` equality) answers by decoding a whole
+collection that grows with the log."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient, monitoring
+
+from anchoring.anchorer import AnchorSettings
+from anchoring.encoding import b64
+from anchoring.errors import InvalidEvent
+from anchoring.ledger import Ledger
+from anchoring.log import LogSettings, TransparencyLog
+from anchoring.note import Signer
+from anchoring.sequencer import SequencerSettings
+from anchoring.store import LogStore
+
+
+@dataclass
+class Commands(monitoring.CommandListener):
+    seen: list[tuple[str, str, Any]] = field(default_factory=list)
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        name = event.command_name
+        if name in ("find", "delete", "update", "insert", "findAndModify", "count", "aggregate"):
+            self.seen.append((name, str(event.command.get(name)), event.command))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+    def finds(self, collection: str) -> list[Any]:
+        return [c.get("filter") for n, coll, c in self.seen if n == "find" and coll == collection]
+
+
+@pytest.fixture
+async def watched(mongo_uri: str) -> AsyncIterator[tuple[LogStore, Commands]]:
+    commands = Commands()
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        mongo_uri, tz_aware=True, event_listeners=[commands]
+    )
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield LogStore(client[name], origin="test.rxledger.example/log"), commands
+    await client.drop_database(name)
+    await client.close()
+
+
+async def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        await asyncio.sleep(0.01)
+
+
+def header(subject: str, version: int, **extra: object) -> dict[str, object]:
+    return {"v": 1, "subject": subject, "version": version, "type": "TEST", **extra}
+
+
+async def test_an_appender_checks_the_version_it_wrote_itself_without_a_query(
+    watched: tuple[LogStore, Commands],
+) -> None:
+    store, commands = watched
+    ledger = Ledger(store)
+    first = await ledger.append("rx-own", 1, header("rx-own", 1))
+    commands.seen.clear()
+    await ledger.append("rx-own", 2, header("rx-own", 2, prev=b64(first.leaf_hash)))
+    assert commands.finds("ledger") == []
+    with pytest.raises(InvalidEvent, match="is not the leaf hash of version 2"):
+        await ledger.append("rx-own", 3, header("rx-own", 3, prev=b64(first.leaf_hash)))
+    assert commands.finds("ledger") == []
+    await ledger.close()
+
+
+async def test_another_appender_checks_the_stored_version(
+    watched: tuple[LogStore, Commands],
+) -> None:
+    store, commands = watched
+    writer = Ledger(store)
+    first = await writer.append("rx-other", 1, header("rx-other", 1))
+    await writer.close()
+    other = Ledger(store)
+    commands.seen.clear()
+    with pytest.raises(InvalidEvent, match="is not the leaf hash of version 1"):
+        await other.append("rx-other", 2, header("rx-other", 2, prev=b64(b"\x00" * 32)))
+    assert commands.finds("ledger") == [{"subject": "rx-other", "version": 1}]
+    await other.append("rx-other", 2, header("rx-other", 2, prev=b64(first.leaf_hash)))
+    await other.close()
+
+
+# Reads of `pending` spaced far apart, so that only what the sequencer must read is read.
+RARE = LogSettings(
+    sequencer=SequencerSettings(poll_interval=30.0, scan_interval=30.0, lease_ttl=30.0),
+    anchor=AnchorSettings(interval=0.1, max_leaves=50),
+)
+
+
+async def test_sequencing_what_this_process_appends_reads_no_queue_back(
+    watched: tuple[LogStore, Commands], signer: Signer
+) -> None:
+    store, commands = watched
+    tlog = TransparencyLog(store, signer, RARE)
+    await tlog.start()
+    try:
+        await wait_for(lambda: tlog.sequencer.epoch > 0, "the lease and recovery")
+        commands.seen.clear()
+        batches = tlog.sequencer.batches
+        for v in range(1, 21):
+            appended = await asyncio.gather(
+                *(tlog.append(f"rx-{k}", v, header(f"rx-{k}", v)) for k in range(4))
+            )
+            await tlog.wait_sequenced(appended[-1].event_id)
+        assert tlog.sequencer.batches - batches >= 20
+        assert commands.finds("pending") == []
+        await wait_for(
+            lambda: tlog.sequencer._dequeuing is None or tlog.sequencer._dequeuing.done(),
+            "the dequeue",
+        )
+        deletes = [
+            d["q"]
+            for n, coll, c in commands.seen
+            if n == "delete" and coll == "pending"
+            for d in c["deletes"]
+        ]
+        assert deletes and all(
+            set(q) == {"_id"} and not isinstance(q["_id"], dict) for q in deletes
+        )
+    finally:
+        await tlog.stop()
+
+
+async def test_a_version_queued_by_another_process_enters_the_log_before_the_next_one(
+    watched: tuple[LogStore, Commands], signer: Signer
+) -> None:
+    """The next version handed over in this process extends one another process queued,
+    which this leader has not read yet: it must wait for a read of the queue, not go first."""
+    store, _ = watched
+    tlog = TransparencyLog(store, signer, RARE)
+    other = Ledger(store)
+    await tlog.start()
+    try:
+        await wait_for(lambda: tlog.sequencer.epoch > 0, "the lease and recovery")
+        first = await other.append("rx-mixed", 1, header("rx-mixed", 1))
+        second = await tlog.append("rx-mixed", 2, header("rx-mixed", 2))
+        await tlog.wait_sequenced(second.event_id)
+        entries = await store.entries.find({}).sort("_id", 1).to_list()
+        assert [e["event"] for e in entries] == [first.event_id, second.event_id]
+    finally:
+        await other.close()
+        await tlog.stop()
