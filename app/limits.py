@@ -348,8 +348,8 @@ class QueryLimits(SchemaExtension):
 # the figures are gateway CPU time per field, measured on a page of 100 prescriptions of 5
 # events each (README, "Query cost").
 FIELD_WEIGHTS: dict[str, int] = {
-    # an Ed25519 signature over a receipt note (history signs the receipts of the events no
-    # checkpoint covers yet whatever is selected; its own weight covers that)
+    # an Ed25519 signature over a receipt note (once per leaf: later requests for the same
+    # leaf get the same receipt from memory)
     "PrescriptionEvent.receipt": 10,
     "PrescriptionChange.receipt": 10,
     # a proof bundle: the JSON of the leaf, its path and the signed checkpoint note
