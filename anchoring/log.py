@@ -21,7 +21,7 @@ from anchoring.hashing import leaf_hash
 from anchoring.ledger import Appended, Ledger
 from anchoring.note import Signer, Verifier, parse_checkpoint
 from anchoring.proofs import consistency_proof, inclusion_proof, inclusion_proofs
-from anchoring.receipt import Receipt, sign_receipt
+from anchoring.receipt import Receipt, ReceiptCache, sign_receipt
 from anchoring.sequencer import LostLease, Sequencer, SequencerSettings
 from anchoring.store import Doc, LogStore, one_of
 from anchoring.tail import LogTail, Sequenced
@@ -137,6 +137,7 @@ class TransparencyLog:
         self._cosigned_checked = 0.0
         self._checked_notes: dict[tuple[Any, Any, Any], SignedCheckpoint] = {}
         self._known_size = 0  # the largest published size this process has read
+        self.receipts = ReceiptCache()  # each leaf signed once
 
     @property
     def running(self) -> bool:
@@ -494,15 +495,24 @@ class TransparencyLog:
     async def receipt(self, leaf_index: int, leaf: bytes, at: dt.datetime | None = None) -> Receipt:
         """A signed receipt for a sequenced leaf not yet covered by a checkpoint. The log signs
         only the leaf its own tree holds at that index (level 0 of its tiles); raises
-        ProofUnavailable for any other bytes."""
+        ProofUnavailable for any other bytes. Signed once per leaf (`tree_receipt`), unless
+        a time `at` is asked for."""
         digest = leaf_hash(leaf)
         if (await self.leaf_hashes([leaf_index])).get(leaf_index) != digest:
             raise ProofUnavailable(
                 f"entry {leaf_index} is not the leaf the tree holds at that index: no receipt "
                 "(run rxledger audit)"
             )
-        return sign_receipt(
-            self.signer, self.origin, leaf_index, digest, at or dt.datetime.now(dt.UTC)
+        if at is not None:
+            return sign_receipt(self.signer, self.origin, leaf_index, digest, at)
+        return self.tree_receipt(leaf_index, digest)
+
+    def tree_receipt(self, leaf_index: int, tree_hash: bytes) -> Receipt:
+        """The receipt for `tree_hash`, which the caller read as the tree's own leaf hash at
+        `leaf_index` (`leaf_hashes`) and compared with the entry's leaf: signed now the first
+        time, the same receipt afterwards (kept by key, origin, index and hash)."""
+        return self.receipts.receipt(
+            self.signer, self.origin, leaf_index, tree_hash, dt.datetime.now(dt.UTC)
         )
 
     async def _checkpoint_for(self, tree_size: int | None) -> SignedCheckpoint:

@@ -10,11 +10,16 @@ A receipt is a C2SP signed note by the log key whose text is
 
 Its second line is not a number, so no receipt can be mistaken for a checkpoint signed by the
 same key. A receipt is superseded by an inclusion proof once a checkpoint covers the leaf.
+
+A leaf is signed once: `ReceiptCache` keeps each receipt by what it signs (the key, the
+origin, the leaf index and the leaf hash), so every later request for the same leaf gets the
+same note, with the time of that first signature.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from anchoring.encoding import b64, unb64
@@ -71,3 +76,38 @@ def open_receipt(note: str, verifiers: list[Verifier], origin: str | None = None
     if len(leaf_hash) != 32:
         raise VerificationError(MALFORMED, f"receipt leaf hash has {len(leaf_hash)} bytes, want 32")
     return Receipt(lines[0], int(lines[2]), leaf_hash, at, note)
+
+
+class ReceiptCache:
+    """Receipts already signed, by everything a receipt signs but its time: the signing key,
+    the origin, the leaf index and the leaf hash. Other bytes at that index (an edited
+    entry, other tiles) have another hash and so another receipt; the cache never vouches for
+    a hash the caller has not checked against the tree. At most `max_receipts`, the least
+    recently used forgotten first; `hits` and `misses` count the answers."""
+
+    def __init__(self, max_receipts: int = 65536) -> None:
+        self.max_receipts = max_receipts
+        self.hits = 0
+        self.misses = 0
+        self._receipts: OrderedDict[tuple[str, str, int, bytes], Receipt] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._receipts)
+
+    def receipt(
+        self, signer: Signer, origin: str, leaf_index: int, leaf_hash: bytes, at: dt.datetime
+    ) -> Receipt:
+        """The receipt `sign_receipt` makes, signed at `at` the first time and the same
+        receipt afterwards. Requires leaf_index >= 0 and a 32-byte leaf hash."""
+        key = (signer.verifier_key, origin, leaf_index, leaf_hash)
+        found = self._receipts.get(key)
+        if found is not None:
+            self._receipts.move_to_end(key)
+            self.hits += 1
+            return found
+        self.misses += 1
+        signed = sign_receipt(signer, origin, leaf_index, leaf_hash, at)
+        self._receipts[key] = signed
+        while len(self._receipts) > self.max_receipts:
+            self._receipts.popitem(last=False)
+        return signed

@@ -65,6 +65,13 @@ connection stays open):
   `extensions.retryAfter` the whole seconds to wait (HTTP's Retry-After).
 Query depth, tokens, aliases and cost are checked per operation on both transports alike.
 
+Parsing, validation and the cost are done once per document, not per request: a bounded LRU
+(`PreparedDocuments`) keeps each document's tree by its exact text (and the parse options,
+the token limit included), its validation errors by the rules in force, and its costs by
+operation name and the values of the variables that set a page size (`first`). A client that
+sends unique documents only evicts others; a document that fails to parse is never kept, so
+its error is found again each time; a kept error is the same error object, message and all.
+
 Query depth, token, alias and cost errors carry `extensions.code` QUERY_TOO_COMPLEX. In production,
 introspection is refused and errors carry no "Did you mean ...?" suggestions, so the schema
 cannot be explored by guessing. In every mode, errors caused by an unexpected exception are
@@ -80,7 +87,7 @@ from __future__ import annotations
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -100,6 +107,7 @@ from graphql import (
     SelectionSetNode,
     ValidationContext,
     ValidationRule,
+    VariableNode,
     get_named_type,
     get_operation_ast,
     validate,
@@ -113,8 +121,9 @@ from strawberry.extensions import (
     DisableIntrospection,
     MaskErrors,
     SchemaExtension,
-    ValidationCache,
 )
+from strawberry.schema.schema import validate_document
+from strawberry.types import ExecutionContext
 
 from anchoring.errors import LedgerUnavailable, database_error
 from app.policy import MUTATIONS
@@ -339,8 +348,8 @@ class QueryLimits(SchemaExtension):
 # the figures are gateway CPU time per field, measured on a page of 100 prescriptions of 5
 # events each (README, "Query cost").
 FIELD_WEIGHTS: dict[str, int] = {
-    # an Ed25519 signature over a receipt note (history signs the receipts of the events no
-    # checkpoint covers yet whatever is selected; its own weight covers that)
+    # an Ed25519 signature over a receipt note (once per leaf: later requests for the same
+    # leaf get the same receipt from memory)
     "PrescriptionEvent.receipt": 10,
     "PrescriptionChange.receipt": 10,
     # a proof bundle: the JSON of the leaf, its path and the signed checkpoint note
@@ -479,6 +488,234 @@ def query_cost(
     return _local_cost(schema, operation.selection_set, root, page_size).total(totals)
 
 
+# --- prepared documents: parse, validation and cost once per document -----------------------
+
+
+@dataclass
+class DocumentCacheStats:
+    """What PreparedDocuments answered from memory (hits) and had to work out (misses)."""
+
+    parse_hits: int = 0
+    parse_misses: int = 0
+    validation_hits: int = 0
+    validation_misses: int = 0
+    cost_hits: int = 0
+    cost_misses: int = 0
+    evictions: int = 0
+
+
+def _page_variables(document: DocumentNode) -> tuple[str, ...]:
+    """The variables a PAGE_ARGUMENT takes its value from anywhere in the document: the only
+    variables a cost depends on."""
+    names: set[str] = set()
+    stack = [d.selection_set for d in document.definitions if hasattr(d, "selection_set")]
+    while stack:
+        for selection in stack.pop().selections:
+            if isinstance(selection, FieldNode):
+                for argument in selection.arguments or ():
+                    if argument.name.value == PAGE_ARGUMENT and isinstance(
+                        argument.value, VariableNode
+                    ):
+                        names.add(argument.value.name.value)
+            nested = getattr(selection, "selection_set", None)
+            if nested is not None:
+                stack.append(nested)
+    return tuple(sorted(names))
+
+
+# A page variable left out by the client (distinct from an explicit null, and from any value).
+_ABSENT = ("absent",)
+
+
+class _Prepared:
+    """One document text: its tree, its validation errors by rule set, its costs."""
+
+    __slots__ = ("costs", "document", "errors", "page_variables", "size")
+
+    def __init__(self, document: DocumentNode, size: int) -> None:
+        self.document = document
+        self.size = size
+        self.errors: dict[tuple[Any, ...], tuple[GraphQLError, ...]] = {}
+        self.page_variables = _page_variables(document)
+        self.costs: OrderedDict[Hashable, int] = OrderedDict()
+
+
+class PreparedDocuments:
+    """Parsed documents, their validation errors and their costs, kept by the exact text of
+    the document, in a bounded LRU: at most `max_documents` documents of at most
+    `max_characters` characters together (a parsed tree takes some 110 bytes per character),
+    a document longer than `max_document_characters` is not kept, and each keeps at most
+    `max_costs` costs (one per operation name and page sizes). Shared by every request to a
+    schema; the statistics say what was answered from memory."""
+
+    def __init__(
+        self,
+        max_documents: int = 512,
+        max_characters: int = 256 * 1024,
+        max_document_characters: int = 16 * 1024,
+        max_costs: int = 32,
+    ) -> None:
+        self.max_documents = max_documents
+        self.max_characters = max_characters
+        self.max_document_characters = max_document_characters
+        self.max_costs = max_costs
+        self.stats = DocumentCacheStats()
+        self._documents: OrderedDict[Hashable, _Prepared] = OrderedDict()
+        self._characters = 0
+
+    def __len__(self) -> int:
+        return len(self._documents)
+
+    @staticmethod
+    def key(context: ExecutionContext) -> Hashable | None:
+        """What a document is kept by: the schema, the exact text and the parse options
+        (None without a text: nothing to key on)."""
+        if not context.query:
+            return None
+        return (context.schema, context.query, tuple(sorted(context.parse_options.items())))
+
+    def parsed(self, key: Hashable) -> _Prepared | None:
+        """The document kept under `key` (counted as a parse hit or miss)."""
+        prepared = self._documents.get(key)
+        if prepared is None:
+            self.stats.parse_misses += 1
+            return None
+        self._documents.move_to_end(key)
+        self.stats.parse_hits += 1
+        return prepared
+
+    def remember(self, key: Hashable, text: str, document: DocumentNode) -> _Prepared | None:
+        """Keep a document that parsed without error; None when it is too long to keep."""
+        if len(text) > self.max_document_characters:
+            return None
+        prepared = _Prepared(document, len(text))
+        self._documents[key] = prepared
+        self._characters += prepared.size
+        while len(self._documents) > self.max_documents or self._characters > self.max_characters:
+            _, evicted = self._documents.popitem(last=False)
+            self._characters -= evicted.size
+            self.stats.evictions += 1
+        return prepared
+
+    def find(self, context: ExecutionContext) -> _Prepared | None:
+        """The kept entry of the document this operation runs, if it is kept (no statistics)."""
+        key = self.key(context)
+        prepared = None if key is None else self._documents.get(key)
+        if prepared is None or prepared.document is not context.graphql_document:
+            return None
+        return prepared
+
+    def validation_errors(
+        self, prepared: _Prepared, schema: GraphQLSchema, rules: tuple[Any, ...]
+    ) -> list[GraphQLError]:
+        """The document's validation errors under `rules` (validated once per rule set)."""
+        errors = prepared.errors.get(rules)
+        if errors is None:
+            self.stats.validation_misses += 1
+            errors = tuple(validate_document(schema, prepared.document, rules))
+            prepared.errors[rules] = errors
+        else:
+            self.stats.validation_hits += 1
+        return list(errors)  # a list of its own: callers may replace or extend it
+
+    def cost(
+        self,
+        prepared: _Prepared,
+        schema: GraphQLSchema,
+        operation_name: str | None,
+        variables: dict[str, Any] | None,
+        max_page: int,
+    ) -> int:
+        """`query_cost` of a valid kept document, measured once per operation name and
+        values of its page variables."""
+        key = self._cost_key(prepared, schema, operation_name, variables, max_page)
+        cost = None if key is None else prepared.costs.get(key)
+        if cost is not None:
+            prepared.costs.move_to_end(key)
+            self.stats.cost_hits += 1
+            return cost
+        self.stats.cost_misses += 1
+        cost = query_cost(schema, prepared.document, operation_name, variables, max_page)
+        if key is not None:
+            prepared.costs[key] = cost
+            while len(prepared.costs) > self.max_costs:
+                prepared.costs.popitem(last=False)
+        return cost
+
+    @staticmethod
+    def _cost_key(
+        prepared: _Prepared,
+        schema: GraphQLSchema,
+        operation_name: str | None,
+        variables: dict[str, Any] | None,
+        max_page: int,
+    ) -> Hashable | None:
+        """What the cost depends on besides the document: the operation, the page limit and,
+        when a page size comes from a variable, the variables as query_cost coerces them
+        (all of them fail together, and each page variable then counts as max_page). None
+        when that is not hashable: the cost is then measured and not kept."""
+        if not prepared.page_variables:
+            return (operation_name, max_page)
+        operation = get_operation_ast(prepared.document, operation_name)
+        if operation is None:
+            return (operation_name, max_page)
+        coerced = get_variable_values(schema, operation.variable_definitions or (), variables or {})
+        if isinstance(coerced, list):  # coercion errors
+            return (operation_name, max_page, None)
+        values = coerced.coerced
+        key = (
+            operation_name,
+            max_page,
+            tuple((type(v), v) for v in (values.get(n, _ABSENT) for n in prepared.page_variables)),
+        )
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
+
+
+class CachedDocuments(SchemaExtension):
+    """Parses and validates each document once (PreparedDocuments): a kept document skips
+    the parser, and its kept errors skip validation. A document that fails to parse is
+    parsed again each time, so its error stays exact; a document seen for the first time is
+    parsed by strawberry as usual and kept afterwards."""
+
+    def __init__(self, documents: PreparedDocuments) -> None:
+        self.documents = documents
+        self.prepared: _Prepared | None = None
+
+    def on_parse(self) -> Iterator[None]:
+        context = self.execution_context
+        key = self.documents.key(context)
+        prepared = None if key is None else self.documents.parsed(key)
+        if prepared is not None:
+            context.graphql_document = prepared.document
+        yield
+        if (
+            prepared is None
+            and key is not None
+            and context.query
+            and context.graphql_document is not None
+            and not context.pre_execution_errors
+        ):
+            prepared = self.documents.remember(key, context.query, context.graphql_document)
+        self.prepared = prepared
+
+    def on_validate(self) -> Iterator[None]:
+        context = self.execution_context
+        prepared = self.prepared
+        if (
+            prepared is not None
+            and prepared.document is context.graphql_document
+            and context.pre_execution_errors is None
+        ):
+            context.pre_execution_errors = self.documents.validation_errors(
+                prepared, context.schema._schema, tuple(context.validation_rules)
+            )
+        yield
+
+
 class QueryCostLimit(SchemaExtension):
     """Refuses an operation whose `query_cost` exceeds max_cost, after validation (so the
     walk sees a valid document, already within the depth and alias limits) and before
@@ -486,9 +723,12 @@ class QueryCostLimit(SchemaExtension):
     validation results are cached by document alone. The error is a validation error, so every
     transport answers it as it answers the depth and alias limits."""
 
-    def __init__(self, max_cost: int, max_page: int) -> None:
+    def __init__(
+        self, max_cost: int, max_page: int, documents: PreparedDocuments | None = None
+    ) -> None:
         self.max_cost = max_cost
         self.max_page = max_page
+        self.documents = documents
 
     def on_validate(self) -> Iterator[None]:
         context = self.execution_context
@@ -499,9 +739,15 @@ class QueryCostLimit(SchemaExtension):
             # only ever measured on a valid document.
             context.pre_execution_errors = validate(schema, document, context.validation_rules)
         if not context.pre_execution_errors and document is not None:
-            cost = query_cost(
-                schema, document, context.operation_name, context.variables, self.max_page
-            )
+            prepared = None if self.documents is None else self.documents.find(context)
+            if prepared is not None and self.documents is not None:
+                cost = self.documents.cost(
+                    prepared, schema, context.operation_name, context.variables, self.max_page
+                )
+            else:
+                cost = query_cost(
+                    schema, document, context.operation_name, context.variables, self.max_page
+                )
             if cost > self.max_cost:
                 message = (
                     f"query cost {cost} exceeds the maximum of {self.max_cost} (RXLEDGER_MAX_COST)"
@@ -569,19 +815,22 @@ class SafeErrors(MaskErrors):
 
 
 def graphql_extensions(
-    limits: LimitSettings, production: bool
+    limits: LimitSettings, production: bool, documents: PreparedDocuments | None = None
 ) -> list[Callable[[], SchemaExtension]]:
     """Schema extension factories for strawberry.Schema(extensions=...): one fresh instance
-    per request, as strawberry requires for isolation between concurrent requests."""
+    per request, as strawberry requires for isolation between concurrent requests. They
+    share `documents` (a new PreparedDocuments by default): give each schema its own."""
+    documents = PreparedDocuments() if documents is None else documents
     shape_rule = query_shape_rule(limits.max_depth, limits.max_aliases)
     extensions: list[Callable[[], SchemaExtension]] = [
         partial(QueryLimits, limits.max_tokens, shape_rule),
         partial(SafeErrors, should_mask_error=is_unexpected_error),
-        # Clients send the same few documents again and again: validate each once (a bounded
-        # LRU cache keyed by the document and the rules in force, these limits included).
-        partial(ValidationCache, maxsize=1024),
-        # After ValidationCache: it measures only documents that passed validation.
-        partial(QueryCostLimit, limits.max_cost, limits.max_page),
+        # Clients send the same few documents again and again: parse and validate each once
+        # (kept by its text, the token limit and the rules in force, these limits included).
+        partial(CachedDocuments, documents),
+        # After CachedDocuments: it measures only documents that passed validation, and
+        # keeps their costs with them.
+        partial(QueryCostLimit, limits.max_cost, limits.max_page, documents),
     ]
     if production:
         extensions += [DisableIntrospection, HideSuggestions]

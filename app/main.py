@@ -1,5 +1,12 @@
 """The starlette application: GraphQL, health, readiness and metrics, with the log running
-inside."""
+inside.
+
+GraphQL answers, request bodies and WebSocket messages are JSON by orjson: compact, in UTF-8
+(characters outside ASCII are not escaped), the same values as the standard library's json.
+A body orjson would read differently (integers beyond 64 bits, which it turns into floats;
+NaN; lone surrogates; UTF-16) is read by the standard library instead, so every request means
+what it did before.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,13 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 from graphql import GraphQLFormattedError
 from pymongo.errors import PyMongoError
 from starlette.applications import Starlette
@@ -23,6 +32,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 from strawberry.asgi import GraphQL
+from strawberry.http import GraphQLHTTPResponse
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
@@ -90,6 +100,32 @@ def _over_rate(limiter: RateLimiter, key: str, scope: Scope) -> tuple[str, int] 
         return None
     scope["app"].state.metrics.count_rate_limited()
     return f"rate limit exceeded for {key}: retry in {retry:.1f} s", max(1, round(retry))
+
+
+# Nineteen digits or more: perhaps an integer beyond 64 bits, which orjson reads as a float.
+_LONG_NUMBER_TEXT = re.compile(r"[0-9]{19}")
+_LONG_NUMBER_BYTES = re.compile(rb"[0-9]{19}")
+
+
+def decode_json(data: str | bytes) -> object:
+    """JSON as json.loads reads it, by orjson whenever orjson reads it the same. Raises
+    json.JSONDecodeError (orjson's is a subclass) on malformed JSON."""
+    pattern = _LONG_NUMBER_BYTES if isinstance(data, bytes) else _LONG_NUMBER_TEXT
+    if pattern.search(data) is None:  # type: ignore[arg-type]
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass  # NaN, lone surrogates, UTF-16...: json decides, and words its error
+    return json.loads(data)
+
+
+def encode_json(data: object) -> bytes:
+    """Compact UTF-8 JSON; what orjson cannot encode (integers beyond 64 bits, keys that are
+    not strings) is encoded by json."""
+    try:
+        return orjson.dumps(data)
+    except TypeError:
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class _SubscribeMessage(dict[str, Any]):
@@ -181,13 +217,27 @@ class GraphQLApp(GraphQL[dict[str, Any], None]):
         self.limiter = limiter
         self.max_body_bytes = max_body_bytes
 
-    def encode_json(self, response_data: object) -> str | bytes:
-        if isinstance(response_data, SerializedMessage):
-            return response_data.text
-        return super().encode_json(response_data)
+    def encode_json(self, data: object) -> str:
+        # A str: strawberry sends bytes on a WebSocket as binary frames, which
+        # graphql-transport-ws does not allow. HTTP answers skip the str (create_response).
+        # A grouped subscription's message is serialized once already: sent as it is.
+        if isinstance(data, SerializedMessage):
+            return data.text
+        return encode_json(data).decode()
+
+    def create_response(
+        self, response_data: GraphQLHTTPResponse | list[GraphQLHTTPResponse], sub_response: Response
+    ) -> Response:
+        response = Response(encode_json(response_data), media_type="application/json")
+        response.headers.raw.extend(sub_response.headers.raw)
+        if sub_response.background:
+            response.background = sub_response.background
+        if sub_response.status_code:
+            response.status_code = sub_response.status_code
+        return response
 
     def decode_json(self, data: str | bytes) -> object:
-        decoded = super().decode_json(data)
+        decoded = decode_json(data)
         if isinstance(decoded, dict) and decoded.get("type") == "subscribe":
             size = len(data.encode() if isinstance(data, str) else data)
             return _SubscribeMessage(decoded, size)

@@ -144,7 +144,16 @@ class Integrity:
 class EventProof:
     leaf_index: int | None
     proof: InclusionProof | None
-    receipt: Receipt | None
+    # The tree's own leaf hash at leaf_index, when it is this event's and no checkpoint covers
+    # it: what a receipt signs (`receipt`, only for those who ask).
+    receivable: bytes | None = None
+
+    def receipt(self, log: TransparencyLog) -> Receipt | None:
+        """The log's signed receipt for this event, when it is sequenced, its bytes the
+        tree's, and not yet anchored; signed once per leaf."""
+        if self.leaf_index is None or self.receivable is None:
+            return None
+        return log.tree_receipt(self.leaf_index, self.receivable)
 
 
 class PrescriptionService:
@@ -560,8 +569,9 @@ class PrescriptionService:
         tree (its leaf hash equal to the authenticated level-0 hash at its index: the audit
         path from the tiles rebuilds the checkpoint's root), versions 1..n and the `prev`
         chain, and the document equal to the newest event's state. Each event gets a proof
-        (anchored) or a signed receipt (sequenced, its leaf hash the tree's own) only when its
-        bytes are the log's. `paths` and `leaf_hashes` read tiles, batched by the caller."""
+        (anchored) or a receipt (sequenced, its leaf hash the tree's own: signed when asked
+        for) only when its bytes are the log's. `paths` and `leaf_hashes` read tiles, batched
+        by the caller."""
         placed = [indices.get(e["_id"]) for e in events]
         proofs: list[EventProof] = []
         problem = _ledger_problem(doc, events)
@@ -582,21 +592,21 @@ class PrescriptionService:
         for event, index in zip(events, placed, strict=True):
             leaf = bytes(event["leaf"])
             if index is None:
-                proofs.append(EventProof(None, None, None))
+                proofs.append(EventProof(None, None))
             elif cp is not None and index in found:
                 proof = InclusionProof.against(index, leaf, found[index], cp)
                 if proof.holds():
-                    proofs.append(EventProof(index, proof, None))
+                    proofs.append(EventProof(index, proof))
                     continue
-                proofs.append(EventProof(index, None, None))
+                proofs.append(EventProof(index, None))
                 problem = problem or (
                     f"event {event['version']} (leaf {index}) is not the leaf of the signed "
                     f"tree of checkpoint {cp.size}"
                 )
             elif tree.get(index) == leaf_hash(leaf):
-                proofs.append(EventProof(index, None, await self.log.receipt(index, leaf)))
+                proofs.append(EventProof(index, None, tree[index]))
             else:
-                proofs.append(EventProof(index, None, None))
+                proofs.append(EventProof(index, None))
                 problem = problem or (
                     f"event {event['version']} is not the leaf the signed tree holds at {index}"
                 )

@@ -23,13 +23,14 @@ from app.auth import Viewer
 from app.limits import ClientError
 from app.prescriptions import Refused
 from app.service import (
+    EventProof,
     PrescriptionService,
     decode_cursor,
     encode_cursor,
     leaf_header,
     shown_actor,
 )
-from schema.ledger import InclusionProof, PageInfo, Receipt, page_size
+from schema.ledger import InclusionProof, PageInfo, Receipt, bundle_json, page_size
 from schema.loaders import Loaders
 
 Status = strawberry.enum(rx.Status, description="Where a prescription is in its lifecycle.")
@@ -116,18 +117,26 @@ class PrescriptionEvent:
     at: str = strawberry.field(description="RFC 3339 time recorded in the leaf")
     leaf_index: int | None = strawberry.field(description="null until sequenced")
     leaf: str = strawberry.field(description="base64 leaf bytes (RFC 8785 JSON header)")
-    proof: InclusionProof | None = strawberry.field(description="null until anchored")
+    # What the proof and the receipt are made of, made into them only when selected.
+    examined: strawberry.Private[EventProof]
+
+    @strawberry.field(description="null until anchored")
+    def proof(self) -> InclusionProof | None:
+        proof = self.examined.proof
+        return None if proof is None else InclusionProof.of(proof)
+
+    @strawberry.field(description="signed receipt while sequenced but not yet anchored")
+    def receipt(self, info: Info) -> Receipt | None:
+        receipt = self.examined.receipt(info.context["log"])  # signed once per leaf
+        return None if receipt is None else Receipt.of(receipt)
 
     @strawberry.field(
         description="the proof bundle JSON (as proof.bundle, and as `rxledger export-proof` "
         "writes it): null until anchored"
     )
     def bundle(self) -> str | None:
-        return None if self.proof is None else self.proof.bundle()
-
-    receipt: Receipt | None = strawberry.field(
-        description="signed receipt while sequenced but not yet anchored"
-    )
+        proof = self.examined.proof
+        return None if proof is None else bundle_json(proof)
 
 
 @strawberry.type(description="Whether the document matches the ledger, with the proof.")
@@ -260,8 +269,7 @@ class Prescription:
                     at=str(header.get("at", "")),
                     leaf_index=proof.leaf_index,
                     leaf=b64(bytes(event["leaf"])),
-                    proof=None if proof.proof is None else InclusionProof.of(proof.proof),
-                    receipt=None if proof.receipt is None else Receipt.of(proof.receipt),
+                    examined=proof,
                 )
             )
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from anchoring.proofs import root_hash
 from anchoring.store import LogStore
 from anchoring.tiles import TileReader
 from anchoring.verify import verify_consistency, verify_inclusion
+from app.main import decode_json, encode_json
 from app.settings import write_new_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -288,3 +290,49 @@ def test_the_docker_image_and_compose_file_run_in_production_mode_with_issuer_an
     # Compose refuses to start the service when either is unset (${VAR:?message}).
     for name in ("RXLEDGER_JWT_ISSUER", "RXLEDGER_JWT_AUDIENCE"):
         assert environment[name].startswith(f'"${{{name}:?'), environment[name]
+
+
+# --- JSON ------------------------------------------------------------------------------------
+
+READ_AS_JSON_READS = [
+    '{"query":"{ ledger { size } }","variables":{"n":5,"id":"rx-1"}}',
+    '{"n":123456789012345678901234567890,"m":-9223372036854775809,"k":18446744073709551616}',
+    '{"id":"1234567890123456789012345"}',
+    '{"x":1.5,"y":-0.0,"z":1e-7,"w":"Müller 漢字 \\u00e9"}',
+    '{"a":1,"a":2}',
+    "[NaN, Infinity, -Infinity]",
+    '{"s":"\\ud800"}',
+]
+
+
+@pytest.mark.parametrize("text", READ_AS_JSON_READS)
+def test_request_json_means_what_the_standard_library_reads(text: str) -> None:
+    for data in (text, text.encode(), text.encode("utf-16")):
+        decoded, expected = decode_json(data), json.loads(data)
+        assert repr(decoded) == repr(expected)  # types too: 10**29 stays an int
+        assert [type(v) for v in _leaves(decoded)] == [type(v) for v in _leaves(expected)]
+
+
+def _leaves(value: object) -> list[object]:
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
+@pytest.mark.parametrize("text", ['{"query": ', "{'query': 1}", "", "[1,]"])
+def test_malformed_request_json_raises_the_standard_librarys_error(text: str) -> None:
+    with pytest.raises(json.JSONDecodeError):
+        decode_json(text)
+
+
+def test_answers_are_compact_utf8_json_with_the_same_values() -> None:
+    answer = {"data": {"name": "Müller", "n": 2**40, "list": [None, True], "nested": {}}}
+
+    encoded = encode_json(answer)
+
+    assert encoded == json.dumps(answer, separators=(",", ":"), ensure_ascii=False).encode()
+    assert json.loads(encoded) == answer
+    # What orjson cannot encode still is, as json encodes it.
+    assert json.loads(encode_json({"big": 10**30, 1: "x"})) == {"big": 10**30, "1": "x"}

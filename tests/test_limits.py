@@ -20,6 +20,7 @@ from app.limits import (
     BodySizeLimit,
     ClientError,
     LimitSettings,
+    PreparedDocuments,
     RateLimiter,
     graphql_extensions,
 )
@@ -53,8 +54,12 @@ class Query:
         return Node()
 
 
-def make_schema(production: bool, limits: LimitSettings = LIMITS) -> strawberry.Schema:
-    return strawberry.Schema(Query, extensions=graphql_extensions(limits, production))
+def make_schema(
+    production: bool,
+    limits: LimitSettings = LIMITS,
+    documents: PreparedDocuments | None = None,
+) -> strawberry.Schema:
+    return strawberry.Schema(Query, extensions=graphql_extensions(limits, production, documents))
 
 
 def nested(depth: int) -> str:
@@ -146,6 +151,103 @@ async def test_aliases_within_the_limit_are_answered() -> None:
 
     assert result.errors is None
     assert result.data == {"a": {"name": "node"}, "b": {"n": "node"}}
+
+
+# --- parse and validation, once per document -------------------------------------------------
+
+
+async def test_a_document_is_parsed_and_validated_once_however_often_it_runs() -> None:
+    documents = PreparedDocuments()
+    schema = make_schema(True, documents=documents)
+
+    results = [await schema.execute("{ node { name } }") for _ in range(3)]
+
+    assert [r.data for r in results] == [{"node": {"name": "node"}}] * 3
+    stats = documents.stats
+    assert (stats.parse_misses, stats.parse_hits) == (1, 2)
+    assert (stats.validation_misses, stats.validation_hits) == (1, 2)
+    assert len(documents) == 1
+
+
+async def test_a_document_is_kept_by_its_exact_text() -> None:
+    documents = PreparedDocuments()
+    schema = make_schema(True, documents=documents)
+
+    await schema.execute("{ node { name } }")
+    await schema.execute("{ node {  name } }")  # the same operation, another text
+
+    assert (documents.stats.parse_misses, documents.stats.parse_hits) == (2, 0)
+    assert len(documents) == 2
+
+
+async def test_a_kept_validation_error_is_answered_as_precisely_each_time() -> None:
+    documents = PreparedDocuments()
+    schema = make_schema(False, documents=documents)
+
+    first = await schema.execute("{ node { nmae } }")
+    again = await schema.execute("{ node { nmae } }")
+
+    expected = ["Cannot query field 'nmae' on type 'Node'. Did you mean 'name'?"]
+    assert messages(first) == messages(again) == expected
+    assert again.errors is not None and again.errors[0].locations == first.errors[0].locations  # type: ignore[index]
+    assert (documents.stats.validation_misses, documents.stats.validation_hits) == (1, 1)
+
+
+async def test_limits_are_enforced_on_a_kept_document() -> None:
+    documents = PreparedDocuments()
+    schema = make_schema(True, documents=documents)
+
+    results = [await schema.execute(nested(6)) for _ in range(2)]
+
+    assert [messages(r) for r in results] == [["query depth 6 exceeds the maximum of 4"]] * 2
+    assert documents.stats.validation_hits == 1
+
+
+async def test_a_document_that_does_not_parse_is_never_kept() -> None:
+    documents = PreparedDocuments()
+    schema = make_schema(True, documents=documents)
+    too_many_tokens = "{ " + "node { name } " * 20 + "}"
+
+    for _ in range(2):
+        syntax = await schema.execute("{ node { name }")
+        tokens = await schema.execute(too_many_tokens)
+        assert messages(syntax) == ["Syntax Error: Expected Name, found <EOF>."]
+        assert messages(tokens) == [
+            "query token count exceeds the maximum of 60 (parsing stopped at the limit)"
+        ]
+
+    assert len(documents) == 0
+    assert (documents.stats.parse_misses, documents.stats.parse_hits) == (4, 0)
+
+
+async def test_unique_documents_only_evict_others_and_the_cache_stays_bounded() -> None:
+    documents = PreparedDocuments(max_documents=3)
+    schema = make_schema(True, documents=documents)
+    kept = "{ node { name } }"
+    await schema.execute(kept)
+
+    for i in range(10):
+        result = await schema.execute(f"{{ a{i}: node {{ name }} }}")
+        assert result.errors is None
+
+    assert len(documents) == 3
+    assert documents.stats.evictions == 8
+    await schema.execute(kept)  # evicted by the unique ones: parsed again
+    assert documents.stats.parse_hits == 0
+
+
+async def test_the_cache_holds_at_most_its_characters_and_skips_long_documents() -> None:
+    documents = PreparedDocuments(max_characters=60, max_document_characters=40)
+    schema = make_schema(False, LimitSettings(max_tokens=2000), documents)
+    short = [f"{{ a{i}: node {{ name }} }}" for i in range(4)]  # 22 characters each
+    long = "{ " + " ".join(f"b{i}: node {{ name }}" for i in range(3)) + " }"
+
+    for query in [*short, long, long]:
+        assert (await schema.execute(query)).errors is None
+
+    assert len(documents) == 2  # 44 of 60 characters; the long one is parsed each time
+    assert documents.stats.evictions == 2
+    assert documents.stats.parse_hits == 0
 
 
 # --- introspection and suggestions ----------------------------------------------------------

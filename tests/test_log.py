@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 
 import pytest
 from bson import ObjectId
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from anchoring.anchorer import AnchorSettings
 from anchoring.encoding import b64
@@ -14,7 +16,8 @@ from anchoring.errors import InvalidEvent, ProofUnavailable, VersionConflict
 from anchoring.hashing import EMPTY_ROOT
 from anchoring.ledger import INTENTS, Ledger, commit_marker, group_events, intent, make_event
 from anchoring.log import LogSettings, TransparencyLog
-from anchoring.note import open_checkpoint
+from anchoring.note import Signer, open_checkpoint
+from anchoring.receipt import ReceiptCache, open_receipt
 from anchoring.sequencer import Sequencer, SequencerSettings
 from anchoring.verify import verify_consistency, verify_inclusion
 
@@ -297,6 +300,56 @@ async def test_a_receipt_is_signed_only_over_the_leaf_the_tree_holds(tlog):
     assert (receipt.leaf_index, receipt.leaf_hash) == (index, appended.leaf_hash)
     with pytest.raises(ProofUnavailable, match=f"entry {index} is not the leaf"):
         await tlog.receipt(index, appended.leaf + b" ")
+
+
+async def test_a_leaf_is_signed_once_and_later_receipts_are_the_same_bytes(tlog):
+    appended = await tlog.append("rx-once", 1, header("rx-once", 1))
+    index = await tlog.wait_sequenced(appended.event_id)
+
+    first = await tlog.receipt(index, appended.leaf)
+    await asyncio.sleep(0.01)  # a receipt signed now would name a later time
+    again = await tlog.receipt(index, appended.leaf)
+
+    assert again.note == first.note and again.issued_at == first.issued_at
+    assert (tlog.receipts.misses, tlog.receipts.hits) == (1, 1)
+
+
+async def test_a_cached_receipt_is_refused_once_the_leaf_bytes_change(tlog):
+    appended = await tlog.append("rx-changed", 1, header("rx-changed", 1))
+    index = await tlog.wait_sequenced(appended.event_id)
+    await tlog.receipt(index, appended.leaf)
+
+    with pytest.raises(ProofUnavailable, match=f"entry {index} is not the leaf"):
+        await tlog.receipt(index, appended.leaf + b" ")
+
+    assert (tlog.receipts.misses, tlog.receipts.hits) == (1, 0)
+
+
+async def test_another_signing_key_signs_its_own_receipt(tlog, store):
+    appended = await tlog.append("rx-rekeyed", 1, header("rx-rekeyed", 1))
+    index = await tlog.wait_sequenced(appended.event_id)
+    first = await tlog.receipt(index, appended.leaf)
+
+    tlog.signer = Signer("other.rxledger.example", Ed25519PrivateKey.generate())
+    other = await tlog.receipt(index, appended.leaf)
+
+    assert other.note != first.note
+    assert open_receipt(other.note, [tlog.signer.verifier()]).leaf_hash == appended.leaf_hash
+    assert tlog.receipts.misses == 2
+
+
+def test_the_receipt_cache_keys_on_index_hash_key_and_origin_and_is_bounded(signer):
+    cache = ReceiptCache(max_receipts=3)
+    at = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    later = at + dt.timedelta(seconds=5)
+    kept = cache.receipt(signer, "o", 7, b"a" * 32, at)
+
+    assert cache.receipt(signer, "o", 7, b"a" * 32, later) is kept
+    assert cache.receipt(signer, "o", 7, b"b" * 32, later).leaf_hash == b"b" * 32
+    assert cache.receipt(signer, "o", 8, b"a" * 32, later).leaf_index == 8
+    assert cache.receipt(signer, "p", 7, b"a" * 32, later).origin == "p"
+    assert (cache.hits, cache.misses, len(cache)) == (1, 4, 3)
+    assert cache.receipt(signer, "o", 7, b"a" * 32, later).issued_at == later  # evicted
 
 
 async def test_a_proof_is_built_only_over_the_leaf_the_signed_tree_holds(tlog):

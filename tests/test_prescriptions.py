@@ -1504,6 +1504,23 @@ def test_a_sequenced_event_awaiting_its_checkpoint_has_a_signed_receipt(others):
     assert gateway.data("{ ledger { checkpoint { size } } }")["ledger"]["checkpoint"] == {"size": 0}
 
 
+def test_a_receipt_read_again_is_the_same_signature(others):
+    gateway = others.quiet
+    p = Parties(gateway)
+    rid = p.issued()
+
+    def receipt() -> dict[str, Any] | None:
+        found: dict[str, Any] | None = p.read(rid)["history"][0]["receipt"]
+        return found
+
+    first = wait_for(receipt, "the event sequenced, with its receipt")
+    again = receipt()
+
+    # Signed once: the same note, time and signature, however often it is read.
+    assert again == first
+    assert gateway.data("{ ledger { checkpoint { size } } }")["ledger"]["checkpoint"] == {"size": 0}
+
+
 def test_a_caller_over_the_rate_limit_gets_429_with_retry_after(others):
     gateway = others.limited
     token = gateway.token("AUDITOR", "hasty")

@@ -32,6 +32,7 @@ from app.limits import (
     FIELD_WEIGHTS,
     LIST_LENGTHS,
     LimitSettings,
+    PreparedDocuments,
     graphql_extensions,
     query_cost,
 )
@@ -225,6 +226,68 @@ async def test_an_invalid_operation_gets_its_validation_error_not_a_cost() -> No
     assert [e.message for e in unknown.errors or []] == [
         "Cannot query field 'bundel' on type 'PrescriptionEvent'."
     ]
+
+
+# --- the cost, once per document and page size ----------------------------------------------
+
+PAGED = """query($n: Int, $id: ID!) { ledger { checkpoints(first: $n) { edges { cursor } } }
+  prescription(id: $id) { id } }"""
+
+
+async def test_a_cost_is_measured_once_per_document_and_page_size() -> None:
+    documents = PreparedDocuments()
+    schema = make_schema(graphql_extensions(LimitSettings(max_cost=200), True, documents))
+
+    for n, rid in [(5, "a"), (5, "b"), (50, "c"), (5, "d")]:
+        await schema.execute(PAGED, {"n": n, "id": rid})  # the id costs nothing more
+    assert (documents.stats.cost_misses, documents.stats.cost_hits) == (2, 2)
+
+    over = [await schema.execute(PAGED, {"n": 100, "id": rid}) for rid in ("e", "f")]
+
+    total = 1 + 5 + 100 * 2 + 2 + 1
+    assert [[e.message for e in r.errors or []] for r in over] == [
+        [f"query cost {total} exceeds the maximum of 200 (RXLEDGER_MAX_COST)"]
+    ] * 2
+    assert (documents.stats.cost_misses, documents.stats.cost_hits) == (3, 3)
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [
+        {"n": 5, "id": "a"},
+        {"n": None, "id": "a"},
+        {"id": "a"},
+        {"n": 5},  # $id missing: coercion fails, and every page counts as the maximum
+        {"n": "many", "id": "a"},
+        {"n": 5.0, "id": "a"},
+        {"n": True, "id": "a"},
+        {"n": 10**9, "id": "a"},
+        {"n": [5], "id": "a"},
+        {"n": 5, "id": {"x": 1}},
+    ],
+)
+def test_a_kept_cost_is_the_cost_measured_afresh(variables: dict[str, Any]) -> None:
+    documents = PreparedDocuments()
+    prepared = documents.remember("paged", PAGED, parse(PAGED))
+    assert prepared is not None
+    documents.cost(prepared, SCHEMA, None, {"n": 7, "id": "warm"}, 100)
+
+    kept = [documents.cost(prepared, SCHEMA, None, variables, 100) for _ in range(2)]
+
+    assert kept == [query_cost(SCHEMA, prepared.document, None, variables, 100)] * 2
+    assert documents.stats.cost_hits >= 1
+
+
+def test_costs_kept_per_document_are_bounded() -> None:
+    documents = PreparedDocuments(max_costs=4)
+    prepared = documents.remember("paged", PAGED, parse(PAGED))
+    assert prepared is not None
+
+    for n in range(1, 21):
+        documents.cost(prepared, SCHEMA, None, {"n": n, "id": "a"}, 100)
+
+    assert len(prepared.costs) == 4
+    assert documents.stats.cost_misses == 20
 
 
 # --- the default lets every documented and tested query through -----------------------------

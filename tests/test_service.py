@@ -213,3 +213,53 @@ async def test_listing_a_hundred_prescriptions_with_history_and_proofs_costs_a_h
     assert len(many) <= 5, many
     assert len(many) == len(few), (few, many)
     assert len(few_data["prescriptions"]["edges"]) == 10
+
+
+HISTORY = """query($id: ID!) { prescription(id: $id) { history { version leafIndex %s } } }"""
+
+
+async def test_history_signs_a_receipt_only_when_selected_and_once_per_leaf(
+    store: LogStore, signer, client, db_name
+):
+    # No checkpoint after the empty tree's: sequenced events wait for one, with receipts.
+    unanchored = LogSettings(anchor=AnchorSettings(interval=3600, max_leaves=10**6))
+    log = TransparencyLog(store, signer, unanchored)
+    await log.start()
+    try:
+        await log.wait_anchored(0)  # the empty tree's checkpoint, before any event
+        service = PrescriptionService(log, client[db_name]["prescriptions"])
+        feed = PrescriptionFeed(log)
+        rid = (await service.issue(PRESCRIBER, fields(), None))["_id"]
+
+        async def history(selection: str) -> list[dict[str, Any]]:
+            context = {
+                "log": log,
+                "service": service,
+                "viewer": PRESCRIBER,
+                "loaders": Loaders(service, log, feed),
+                "max_page": 100,
+                "metrics": None,
+            }
+            result = await make_schema().execute(
+                HISTORY % selection, {"id": rid}, context_value=context
+            )
+            assert result.errors is None, result.errors
+            events: list[dict[str, Any]] = result.data["prescription"]["history"]  # type: ignore[index]
+            return events
+
+        for _ in range(500):
+            if (await history(""))[0]["leafIndex"] is not None:
+                break
+            await asyncio.sleep(0.02)
+        unselected = await history("")
+        assert unselected[0]["leafIndex"] is not None
+        assert (log.receipts.misses, log.receipts.hits) == (0, 0)
+
+        first = await history("receipt { note issuedAt }")
+        again = await history("receipt { note issuedAt }")
+
+        assert first[0]["receipt"] is not None
+        assert again[0]["receipt"] == first[0]["receipt"]
+        assert (log.receipts.misses, log.receipts.hits) == (1, 1)
+    finally:
+        await log.stop()
