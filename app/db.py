@@ -39,6 +39,12 @@ FULL_READS: tuple[FullRead, ...] = (
         "anchoring/audit.py _check_tiles",
         "the audit recomputes every stored tile from the entries",
     ),
+    FullRead(
+        "pending",
+        "anchoring/sequencer.py Sequencer._scan",
+        "the sequencer reads the whole queue in _id order (the _id index on MongoDB); it holds"
+        " only what is appended and not yet sequenced, spaced out while busy",
+    ),
     # A debt, not a design: a start-up that reads every event grows with the ledger. Bound it
     # to the events a crash can have left unapplied (issue 11, "Fast at hospital scale").
     FullRead(
