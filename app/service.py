@@ -37,6 +37,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from anchoring.anchorer import SignedCheckpoint
+from anchoring.dialect import by_ids, one_of
 from anchoring.encoding import b64, canonical_json
 from anchoring.errors import (
     InvalidEvent,
@@ -48,7 +49,7 @@ from anchoring.errors import (
 from anchoring.hashing import leaf_hash
 from anchoring.log import InclusionProof, TransparencyLog
 from anchoring.receipt import Receipt
-from anchoring.store import Doc, one_of
+from anchoring.store import Doc
 from anchoring.tiles import TileCorrupt
 from app import policy
 from app import prescriptions as rx
@@ -137,7 +138,8 @@ class PrescriptionService:
     # --- reads ------------------------------------------------------------------------
 
     async def documents(self, ids: list[str]) -> dict[str, Doc]:
-        return {d["_id"]: d async for d in self.prescriptions.find(one_of("_id", ids))}
+        found: dict[str, Doc] = await by_ids(self.prescriptions, ids)
+        return found
 
     async def page(
         self, query: Doc, first: int, after: tuple[dt.datetime, str] | None
