@@ -28,6 +28,7 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
 )
 from strawberry.subscriptions.protocols.graphql_transport_ws.types import SubscribeMessage
 
+from anchoring.dialect import detect as detect_dialect
 from anchoring.ledger import INTENTS
 from app.auth import Authenticator, AuthError, AuthSettings, Viewer
 from app.db import make_client, make_log
@@ -380,6 +381,7 @@ async def _prepare(service: PrescriptionService) -> None:
     while True:
         try:
             await service.ensure_indexes()
+            log.info("storage dialect: %s", (await detect_dialect(service.prescriptions)).value)
             repaired = await service.sweep()
             if repaired:
                 log.warning("start-up sweep: repaired %d prescriptions from the ledger", repaired)

@@ -3,8 +3,8 @@
 Runs against MONGODB_URI, or starts its own FerretDB (patched, scripts/install-ferretdb.sh) in
 a temporary directory. For each size it files two prescriptions through the service (one
 issued, one dispensed: two ledger events), then stores `size` copies of their documents
-straight into the collection (new ids, issue times, patients; half of each status), and times,
-one at a time, through `PrescriptionService`:
+straight into the collection (new ids, issue times, patients; half of each status), and times
+each of these once per round, one at a time, through `PrescriptionService`:
 
   plain find          find({}).limit(21): the server's cheapest read of a page (baseline)
   scan                find({"status": "NONE"}): a filter no document matches, which no
@@ -136,13 +136,14 @@ async def measure(
         raise SystemExit("the projected page differs from the page of whole documents")
     if len(await by_ids(coll, some)) != len(some):
         raise SystemExit("by_ids did not find every document")
-    result: dict[str, list[float]] = {}
-    for name, op in ops.items():
-        times = result[name] = []
-        for _ in range(repeats):
+    # Round robin: on a shared machine the load drifts, and each operation should meet the
+    # same drift.
+    result: dict[str, list[float]] = {name: [] for name in ops}
+    for _ in range(repeats):
+        for name, op in ops.items():
             start = time.perf_counter()
             await op()
-            times.append((time.perf_counter() - start) * 1000)
+            result[name].append((time.perf_counter() - start) * 1000)
     return result
 
 

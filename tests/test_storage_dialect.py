@@ -22,6 +22,7 @@ from anchoring.log import LogSettings, TransparencyLog
 from anchoring.store import Doc, LogStore
 from anchoring.tail import LogTail
 from anchoring.treemath import Node
+from app.settings import ConfigError, Settings
 
 READS = ("find", "aggregate", "count", "distinct")
 
@@ -191,3 +192,9 @@ async def test_the_dialect_is_read_from_build_info_or_forced_by_the_environment(
     monkeypatch.setenv(dialect.ENV_DIALECT, "sqlite")
     with pytest.raises(DialectError, match="want auto, mongodb or ferretdb"):
         await dialect.detect(client["any"]["collection"])
+
+
+def test_a_storage_dialect_that_names_no_server_is_refused_at_start_up(monkeypatch):
+    monkeypatch.setenv(dialect.ENV_DIALECT, "postgres")
+    with pytest.raises(ConfigError, match="RXLEDGER_STORAGE_DIALECT='postgres': want auto"):
+        Settings.from_env()
