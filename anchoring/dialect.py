@@ -96,7 +96,7 @@ async def by_ids(
     collection: AsyncCollection[Doc], ids: Iterable[Any], projection: Doc | None = None
 ) -> dict[Any, Doc]:
     """The documents of `collection` whose `_id` is one of `ids`, by `_id` (absent ones are
-    left out). Index-backed on every server."""
+    left out). Index-backed on every server. A `projection` must keep `_id`."""
     wanted = list(dict.fromkeys(ids))
     if not wanted:
         return {}
@@ -109,7 +109,8 @@ async def by_id_range(
     collection: AsyncCollection[Doc], start: int, end: int, projection: Doc | None = None
 ) -> list[Doc]:
     """The documents with integer `_id` in [start, end), in `_id` order; absent ones are left
-    out (the caller checks for gaps). Index-backed on every server."""
+    out (the caller checks for gaps). Index-backed on every server. A `projection` must keep
+    `_id`."""
     if end <= start:
         return []
     if await detect(collection) is Dialect.FERRETDB:
