@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from bson import Binary
@@ -88,11 +89,15 @@ class Anchorer:
         signer: Signer,
         reader: TileReader,
         settings: AnchorSettings | None = None,
+        name_newest: Callable[[Doc], Awaitable[object]] | None = None,
     ):
         self.store = store
         self.signer = signer
         self.reader = reader
         self.settings = settings or AnchorSettings()
+        # Writes fields to the head (the leader's fenced update): before each checkpoint is
+        # notarized, the head names it and the one before (LogStore.newest_notarization).
+        self.name_newest = name_newest
         self.latest: SignedCheckpoint | None = None
         # time.monotonic() of this process's last checkpoint; never yet, so the first is due at
         # once (0.0 would be the host's boot: nothing signed during its first interval of uptime)
@@ -103,12 +108,12 @@ class Anchorer:
         head does not name yet), checked against our key."""
         head = await self.store.head()
         named = head.get("checkpointSize")
-        newest = await self.store.notarizations.find({}).sort("_id", -1).limit(1).to_list()
-        if named is not None and (not newest or newest[0]["_id"] < named):
+        newest = await self.store.newest_notarization()
+        if named is not None and (newest is None or newest["_id"] < named):
             raise AnchorRefused(
                 f"the head names checkpoint {named}, which is missing from notarizations"
             )
-        self.latest = self._checked(newest[0]) if newest else None
+        self.latest = self._checked(newest) if newest is not None else None
         return self.latest
 
     def _checked(self, doc: Doc) -> SignedCheckpoint:
@@ -137,6 +142,10 @@ class Anchorer:
                 raise AnchorRefused(
                     f"tree {size} is not consistent with checkpoint {prev.size}: {exc}; refusing to sign"
                 ) from exc
+        if self.name_newest is not None:
+            await self.name_newest(
+                {"newestCheckpoint": size, "priorCheckpoint": None if prev is None else prev.size}
+            )
         note = self.signer.sign_note(Checkpoint(self.store.origin, size, root).text())
         doc = {
             "_id": size,

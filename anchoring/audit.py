@@ -12,6 +12,7 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from anchoring.dialect import by_id_range, by_ids
 from anchoring.encoding import EncodingError, b64, canonical_json
 from anchoring.hashing import EMPTY_ROOT, HASH_SIZE, leaf_hash
 from anchoring.note import Checkpoint, Verifier, open_checkpoint
@@ -125,16 +126,8 @@ async def _audit(
 
     index = 0
     while index < published:
-        page = [
-            d
-            async for d in store.entries.find(
-                {"_id": {"$gte": index, "$lt": min(index + PAGE, published)}}
-            ).sort("_id", 1)
-        ]
-        events = {}
-        ids = [d.get("event") for d in page]
-        async for ev in store.ledger.find({"_id": {"$in": ids}}):
-            events[ev["_id"]] = ev
+        page = await by_id_range(store.entries, index, min(index + PAGE, published))
+        events = await by_ids(store.ledger, [d.get("event") for d in page])
         for entry in page:
             if entry["_id"] != index:
                 problem(

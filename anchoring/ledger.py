@@ -25,6 +25,7 @@ import bson.errors
 from bson import Binary, ObjectId
 from pymongo.errors import BulkWriteError, PyMongoError
 
+from anchoring.dialect import by_ids
 from anchoring.encoding import EncodingError, b64, canonical_json
 from anchoring.errors import (
     InvalidEvent,
@@ -34,7 +35,7 @@ from anchoring.errors import (
     frames,
 )
 from anchoring.hashing import leaf_hash
-from anchoring.store import Doc, LogStore, one_of
+from anchoring.store import Doc, LogStore
 
 log = logging.getLogger("rxledger.ledger")
 
@@ -480,9 +481,7 @@ class Ledger:
         when the database could not say."""
         ids = [doc["_id"] for doc, _, _ in conflicts]
         try:
-            present = {
-                d["_id"] async for d in self.store.ledger.find(one_of("_id", ids), {"_id": 1})
-            }
+            present = set(await by_ids(self.store.ledger, ids, {"_id": 1}))
         except PyMongoError as exc:
             self._fail_all(conflicts, exc)
             return None

@@ -15,6 +15,7 @@ from pymongo.errors import PyMongoError
 
 from anchoring.anchorer import Anchorer, AnchorSettings, SignedCheckpoint, checked_checkpoint
 from anchoring.cosignature import Cosignature, cosignatures
+from anchoring.dialect import by_id_range
 from anchoring.encoding import b64
 from anchoring.errors import AnchorRefused, CosignatureRejected, ProofUnavailable
 from anchoring.hashing import leaf_hash
@@ -116,7 +117,9 @@ class TransparencyLog:
         self.reader = TileReader(store)
         self.ledger = Ledger(store, max_batch=self.settings.append_batch)
         self.sequencer = Sequencer(store, self.settings.sequencer, reader=self.reader)
-        self.anchorer = Anchorer(store, signer, self.reader, self.settings.anchor)
+        self.anchorer = Anchorer(
+            store, signer, self.reader, self.settings.anchor, self.sequencer.fenced_update
+        )
         self.ledger.listeners.append(self.sequencer.wake)
         self.ledger.handoffs.append(self.sequencer.offer)
         self._stopping = asyncio.Event()
@@ -303,8 +306,8 @@ class TransparencyLog:
         now = time.monotonic()
         fetched_at, cp = self._newest
         if now - fetched_at > max_age or max_age == 0:
-            newest = await self.store.notarizations.find({}).sort("_id", -1).limit(1).to_list()
-            cp = SignedCheckpoint.from_doc(newest[0]) if newest else None
+            newest = await self.store.newest_notarization()
+            cp = SignedCheckpoint.from_doc(newest) if newest is not None else None
             self._newest = (now, cp)
         return cp
 
@@ -413,10 +416,8 @@ class TransparencyLog:
                 f"the tree of size {published_size} has no {tile_path(ENTRIES, index, width)}"
             )
         first = index * TILE_WIDTH
-        cursor = self.store.entries.find(
-            {"_id": {"$gte": first, "$lt": first + width}}, {"leaf": 1}
-        ).sort("_id", 1)
-        leaves = [(int(doc["_id"]), bytes(doc["leaf"])) async for doc in cursor]
+        found = await by_id_range(self.store.entries, first, first + width, {"leaf": 1})
+        leaves = [(int(doc["_id"]), bytes(doc["leaf"])) for doc in found]
         if [i for i, _ in leaves] != list(range(first, first + width)):
             raise TileCorrupt(f"entries {first}..{first + width - 1} are not all stored")
         return [leaf for _, leaf in leaves]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from bson import ObjectId
 from pymongo.errors import PyMongoError
 
+from anchoring.dialect import by_id_range
 from anchoring.errors import database_error, frames
 from anchoring.store import Doc, LogStore
 
@@ -80,8 +81,7 @@ class LogTail:
 
     async def read(self, start: int, end: int) -> list[Sequenced]:
         """Entries [start, end) in index order. Requires end <= the published size."""
-        cursor = self.store.entries.find({"_id": {"$gte": start, "$lt": end}}).sort("_id", 1)
-        found = [_sequenced(d) async for d in cursor]
+        found = [_sequenced(d) for d in await by_id_range(self.store.entries, start, end)]
         if [e.index for e in found] != list(range(start, end)):
             raise PyMongoError(f"entries [{start}, {end}) are incomplete in storage")
         return found

@@ -15,9 +15,10 @@ from collections import OrderedDict
 from bson import Binary
 from pymongo.errors import BulkWriteError
 
+from anchoring.dialect import by_ids
 from anchoring.hashing import HASH_SIZE, node_hash
 from anchoring.ledger import DUPLICATE_KEY, MAX_LEAF_BYTES
-from anchoring.store import Doc, LogStore, one_of
+from anchoring.store import Doc, LogStore
 from anchoring.treemath import TILE_WIDTH, Node, tile_key, tile_slice, tile_width
 
 ENTRIES = -1  # the "level" of entry bundles in tile paths (tile/entries/N)
@@ -233,10 +234,8 @@ class TileReader(TileSource):
         self.store = store
 
     async def _fetch(self, keys: list[str]) -> dict[str, bytes]:
-        return {
-            doc["_id"]: bytes(doc["hashes"])
-            async for doc in self.store.tiles.find(one_of("_id", keys))
-        }
+        found = await by_ids(self.store.tiles, keys)
+        return {key: bytes(doc["hashes"]) for key, doc in found.items()}
 
 
 def tile_document(level: int, index: int, hashes: list[bytes]) -> Doc:

@@ -41,6 +41,7 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
 from strawberry.subscriptions.protocols.graphql_transport_ws.types import SubscribeMessage
 from strawberry.types import ExecutionResult
 
+from anchoring.dialect import detect as detect_dialect
 from anchoring.ledger import INTENTS
 from app.auth import Authenticator, AuthError, AuthSettings, Viewer
 from app.db import PRESCRIPTIONS, make_client, make_log
@@ -480,6 +481,7 @@ async def _prepare(service: PrescriptionService) -> None:
         try:
             await service.log.store.ensure_indexes()
             await service.ensure_indexes()
+            log.info("storage dialect: %s", (await detect_dialect(service.prescriptions)).value)
             repaired = await service.sweep()
             if repaired:
                 log.warning("start-up sweep: repaired %d prescriptions from the ledger", repaired)

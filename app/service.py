@@ -37,6 +37,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from anchoring.anchorer import SignedCheckpoint
+from anchoring.dialect import by_ids, one_of
 from anchoring.encoding import b64, canonical_json
 from anchoring.errors import (
     InvalidEvent,
@@ -48,7 +49,7 @@ from anchoring.errors import (
 from anchoring.hashing import leaf_hash
 from anchoring.log import InclusionProof, TransparencyLog
 from anchoring.receipt import Receipt
-from anchoring.store import Doc, Index, create_indexes, one_of
+from anchoring.store import Doc, Index, create_indexes
 from anchoring.tiles import TileCorrupt
 from app import policy
 from app import prescriptions as rx
@@ -60,6 +61,11 @@ log = logging.getLogger("rxledger.service")
 # What telling a retried request from a new one needs of a ledger event.
 REQUEST_FIELDS = {"data.actor": 1, "data.mutation": 1, "data.idem": 1, "data.payload": 1}
 
+
+# What a listing leaves out of a document when its page selects neither history nor
+# integrity: the document's copy of its events (every leaf), its salt and its last leaf hash,
+# which only the checks against the ledger read. Most of a document's bytes are its events.
+LISTED_WITHOUT_CHECKS: Doc = {"events": 0, "salt": 0, "lastLeafHash": 0}
 
 # What history, proofs and integrity read of a ledger event (its leaf, and who acted).
 EVENT_FIELDS = {"subject": 1, "version": 1, "header": 1, "leaf": 1, "data.actor": 1}
@@ -169,12 +175,20 @@ class PrescriptionService:
     # --- reads ------------------------------------------------------------------------
 
     async def documents(self, ids: list[str]) -> dict[str, Doc]:
-        return {d["_id"]: d async for d in self.prescriptions.find(one_of("_id", ids))}
+        found: dict[str, Doc] = await by_ids(self.prescriptions, ids)
+        return found
 
     async def page(
-        self, query: Doc, first: int, after: tuple[dt.datetime, str] | None
+        self,
+        query: Doc,
+        first: int,
+        after: tuple[dt.datetime, str] | None,
+        projection: Doc | None = None,
     ) -> tuple[list[Doc], bool]:
-        """Documents matching `query` in issue order, `first` of them after the cursor."""
+        """Documents matching `query` in issue order, `first` of them after the cursor, with
+        the fields of `projection` (whole documents by default). No index serves every filter
+        on every server: a server without one reads the collection, and the projection keeps
+        what it sends and what is decoded here to the page's fields."""
         if after is not None:
             at, last_id = after
             query = {
@@ -184,7 +198,7 @@ class PrescriptionService:
                 ]
             }
         cursor = (
-            self.prescriptions.find(query)
+            self.prescriptions.find(query, projection)
             .sort([("issuedAt", ASCENDING), ("_id", ASCENDING)])
             .limit(first + 1)
         )

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from anchoring.anchorer import AnchorSettings
 from anchoring.cosignature import parse_witness_keys
+from anchoring.dialect import DialectError
+from anchoring.dialect import forced as forced_dialect
 from anchoring.log import LogSettings
 from anchoring.note import Signer, Verifier, load_private_key, private_key_pem
 from anchoring.sequencer import SequencerSettings
@@ -85,6 +87,10 @@ class Settings:
         key = os.environ.get("RXLEDGER_SIGNING_KEY")
         witnesses = _witnesses(os.environ.get("RXLEDGER_WITNESSES", ""))
         quorum = int(env_number("RXLEDGER_WITNESS_QUORUM", 0, 0, integer=True))
+        try:
+            forced_dialect()  # RXLEDGER_STORAGE_DIALECT, read where the storage reads it
+        except DialectError as exc:
+            raise ConfigError(str(exc)) from None
         if quorum > len(witnesses):
             raise ConfigError(
                 f"RXLEDGER_WITNESS_QUORUM={quorum} needs at least {quorum} witness keys in "

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 import strawberry
 from strawberry.types import Info
+from strawberry.types.nodes import SelectedField, Selection
 
 from anchoring.encoding import b64
 from anchoring.store import Doc
@@ -23,6 +25,7 @@ from app.auth import Viewer
 from app.limits import ClientError
 from app.prescriptions import Refused
 from app.service import (
+    LISTED_WITHOUT_CHECKS,
     EventProof,
     PrescriptionService,
     decode_cursor,
@@ -347,6 +350,21 @@ def _query(viewer: Viewer, f: PrescriptionFilter | None) -> Doc:
     return conditions[0] if len(conditions) == 1 else {"$and": conditions}
 
 
+# The fields of a prescription that check its document against the ledger.
+CHECKED_FIELDS = frozenset({"history", "integrity"})
+
+
+def _selects_any(selections: Iterable[Selection], names: frozenset[str]) -> bool:
+    """Whether any of the fields `names` is selected anywhere below `selections` (through
+    fragments too)."""
+    for selection in selections:
+        if isinstance(selection, SelectedField) and selection.name in names:
+            return True
+        if _selects_any(selection.selections, names):
+            return True
+    return False
+
+
 @strawberry.type
 class PrescriptionQueries:
     @strawberry.field(description="a prescription by id; null when absent or not yours to see")
@@ -368,7 +386,11 @@ class PrescriptionQueries:
             cursor = None if after is None else decode_cursor(after)
         except Refused as exc:
             raise ClientError(exc.message, "BAD_USER_INPUT") from None
-        docs, more = await service(info).page(_query(viewer, filter), first, cursor)
+        # A page whose nodes are checked against the ledger needs whole documents; any
+        # other page reads no event, not even the document's copy of them.
+        checked = _selects_any(info.selected_fields, CHECKED_FIELDS)
+        projection = None if checked else LISTED_WITHOUT_CHECKS
+        docs, more = await service(info).page(_query(viewer, filter), first, cursor, projection)
         found: dict[str, Doc | None] = {d["_id"]: d for d in docs}
         await loaders(info).up_to_date(found, list(found))
         edges = []

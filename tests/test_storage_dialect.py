@@ -1,0 +1,200 @@
+"""The storage dialect (anchoring.dialect): against FerretDB the log's hot reads are `_id`
+equalities only, the one shape FerretDB answers from an index; against MongoDB they are one
+`$in` or range read; both give the same documents. The newest checkpoint is named in the head.
+
+Each test forces a dialect with RXLEDGER_STORAGE_DIALECT, so both paths run against whatever
+server the suite uses, and watches the commands a client sends with a CommandListener."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient, monitoring
+
+from anchoring import dialect
+from anchoring.anchorer import AnchorSettings
+from anchoring.dialect import Dialect, DialectError, by_id_range, by_ids
+from anchoring.log import LogSettings, TransparencyLog
+from anchoring.store import Doc, LogStore
+from anchoring.tail import LogTail
+from anchoring.treemath import Node
+from app.settings import ConfigError, Settings
+
+READS = ("find", "aggregate", "count", "distinct")
+
+
+class Reads(monitoring.CommandListener):
+    """The collection and filter of every read command a client sends."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[str, Any]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name in READS:
+            name = event.command_name
+            self.reads.append((str(event.command[name]), event.command.get("filter")))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+    def not_id_equalities(self) -> list[tuple[str, Any]]:
+        """The reads whose filter is anything but {"_id": <one value>}."""
+        return [
+            (coll, f)
+            for coll, f in self.reads
+            if not (isinstance(f, dict) and list(f) == ["_id"] and not isinstance(f["_id"], dict))
+        ]
+
+
+@pytest.fixture
+async def watched(mongo_uri: str) -> AsyncIterator[tuple[AsyncMongoClient[Doc], Reads]]:
+    reads = Reads()
+    c: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_uri, tz_aware=True, event_listeners=[reads])
+    yield c, reads
+    await c.close()
+
+
+def force(monkeypatch: pytest.MonkeyPatch, which: Dialect) -> None:
+    monkeypatch.setenv(dialect.ENV_DIALECT, which.value)
+
+
+async def test_ferretdb_reads_documents_and_index_ranges_by_id_equalities_only(
+    watched, db_name, monkeypatch
+):
+    c, reads = watched
+    coll = c[db_name]["docs"]
+    await coll.insert_many([{"_id": i, "n": i * i} for i in range(0, 60) if i != 15])
+    await coll.insert_many([{"_id": f"s{i}", "n": i} for i in range(5)])
+    wanted: list[Any] = [3, 7, 15, 59, "s2", 999, 3]
+
+    found: dict[Dialect, Any] = {}
+    shapes: dict[Dialect, list[tuple[str, Any]]] = {}
+    for which in (Dialect.MONGODB, Dialect.FERRETDB):
+        force(monkeypatch, which)
+        reads.reads.clear()
+        found[which] = (
+            await by_ids(coll, wanted),
+            await by_ids(coll, [7], {"n": 1}),
+            await by_id_range(coll, 10, 20),
+            await by_id_range(coll, 58, 62, {"_id": 1}),
+        )
+        shapes[which] = list(reads.reads)
+        if which is Dialect.FERRETDB:
+            assert reads.not_id_equalities() == []
+            assert len(reads.reads) == 6 + 1 + 10 + 4  # one per distinct id
+    assert found[Dialect.MONGODB] == found[Dialect.FERRETDB]
+    by_id, one, ten, edge = found[Dialect.FERRETDB]
+    assert sorted(map(str, by_id)) == ["3", "59", "7", "s2"]
+    assert by_id[59] == {"_id": 59, "n": 59 * 59}
+    assert one == {7: {"_id": 7, "n": 49}}
+    assert [d["_id"] for d in ten] == [10, 11, 12, 13, 14, 16, 17, 18, 19]  # 15 is absent
+    assert edge == [{"_id": 58}, {"_id": 59}]
+    # MongoDB: one $in and one range read, each served by the _id index.
+    assert shapes[Dialect.MONGODB][0] == ("docs", {"_id": {"$in": wanted[:-1]}})
+    assert shapes[Dialect.MONGODB][2] == ("docs", {"_id": {"$gte": 10, "$lt": 20}})
+    assert len(shapes[Dialect.MONGODB]) == 4
+
+
+@pytest.fixture
+async def anchored(store: LogStore, signer) -> AsyncIterator[TransparencyLog]:
+    """A log of 300 events (a full tile and a partial one) with several checkpoints."""
+    log = TransparencyLog(store, signer, LogSettings(anchor=AnchorSettings(interval=0.01)))
+    await log.start()
+    for batch in range(3):
+        await asyncio.gather(*(log.append(f"s-{batch}-{i}", 1, {"n": i}) for i in range(100)))
+        await log.wait_anchored(100 * (batch + 1), timeout=30)
+    yield log
+    await log.stop()
+
+
+async def test_ferretdb_serves_the_logs_hot_reads_by_id_equalities_only(
+    anchored, watched, db_name, monkeypatch
+):
+    c, reads = watched
+    force(monkeypatch, Dialect.FERRETDB)
+    log = TransparencyLog(LogStore(c[db_name], anchored.store.origin), anchored.signer)
+    size = await log.published_size()
+    assert size == 300
+    reads.reads.clear()
+
+    newest = await log.newest_checkpoint()
+    latest = await log.latest_checkpoint()
+    proof = await log.inclusion_proof(5)
+    leaves = await log.entry_leaves(0, 256, size)
+    tail = await LogTail(log.store).read(250, 300)
+    nodes = await log.reader.nodes([Node(0, 299), Node(8, 0)], size)
+
+    assert reads.not_id_equalities() == []
+    assert {coll for coll, _ in reads.reads} == {"leases", "notarizations", "entries", "tiles"}
+    assert newest is not None and latest is not None and newest.size == latest.size == 300
+    assert proof.holds()
+    assert len(leaves) == 256 and [e.index for e in tail] == list(range(250, 300))
+    assert len(nodes) == 2
+    # The same answers as the MongoDB path.
+    force(monkeypatch, Dialect.MONGODB)
+    other = TransparencyLog(LogStore(c[db_name], anchored.store.origin), anchored.signer)
+    assert await other.entry_leaves(0, 256, size) == leaves
+    assert await LogTail(other.store).read(250, 300) == tail
+    assert await other.reader.nodes([Node(0, 299), Node(8, 0)], size) == nodes
+
+
+async def test_the_newest_checkpoint_is_named_in_the_head_and_survives_a_crash_before_notarizing(
+    anchored,
+):
+    store = anchored.store
+    by_sort = await store.notarizations.find({}).sort("_id", -1).limit(1).to_list()
+    head = await store.head()
+    assert head["newestCheckpoint"] == by_sort[0]["_id"] == 300
+    assert head["priorCheckpoint"] < 300
+    assert (await store.newest_notarization()) == by_sort[0]
+    await anchored.stop()
+
+    # Named, then the process died before inserting it: the one before is the newest.
+    await store.leases.update_one(
+        {"_id": store.origin}, {"$set": {"newestCheckpoint": 400, "priorCheckpoint": 300}}
+    )
+    assert (await store.newest_notarization())["_id"] == 300
+    # A log signed before the head named checkpoints: read by size.
+    await store.leases.update_one(
+        {"_id": store.origin}, {"$unset": {"newestCheckpoint": "", "priorCheckpoint": ""}}
+    )
+    assert (await store.newest_notarization())["_id"] == 300
+    # The first checkpoint named and never notarized: there is none.
+    await store.notarizations.delete_many({})
+    await store.leases.update_one(
+        {"_id": store.origin}, {"$set": {"newestCheckpoint": 0, "priorCheckpoint": None}}
+    )
+    assert await store.newest_notarization() is None
+
+
+async def test_the_dialect_is_read_from_build_info_or_forced_by_the_environment(
+    client, monkeypatch
+):
+    assert dialect.dialect_of_build({"version": "7.0.42", "ferretdbVersion": "v1.24.2"}) is (
+        Dialect.FERRETDB
+    )
+    assert dialect.dialect_of_build({"version": "8.0.4"}) is Dialect.MONGODB
+    monkeypatch.delenv(dialect.ENV_DIALECT, raising=False)
+    detected = await dialect.detect(client["any"]["collection"])
+    build = await client.admin.command("buildInfo")
+    assert detected is dialect.dialect_of_build(build)
+    if not os.environ.get("MONGODB_URI"):
+        assert detected is Dialect.FERRETDB  # the suite's own server
+    monkeypatch.setenv(dialect.ENV_DIALECT, "MongoDB")
+    assert await dialect.detect(client["any"]["collection"]) is Dialect.MONGODB
+    monkeypatch.setenv(dialect.ENV_DIALECT, "sqlite")
+    with pytest.raises(DialectError, match="want auto, mongodb or ferretdb"):
+        await dialect.detect(client["any"]["collection"])
+
+
+def test_a_storage_dialect_that_names_no_server_is_refused_at_start_up(monkeypatch):
+    monkeypatch.setenv(dialect.ENV_DIALECT, "postgres")
+    with pytest.raises(ConfigError, match="RXLEDGER_STORAGE_DIALECT='postgres': want auto"):
+        Settings.from_env()
