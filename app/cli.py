@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import math
 import os
 import sys
@@ -398,6 +397,9 @@ def run_server(args: argparse.Namespace, limits: LimitSettings, workers: int, gr
         port=args.port,
         workers=workers,
         timeout_graceful_shutdown=math.ceil(grace),
+        # The supervisor pings each worker's pong thread; one that starts slowly (a fresh
+        # interpreter importing the app on a busy host) must not be taken for hung and killed.
+        timeout_worker_healthcheck=30,
         log_level=args.log_level,
         # Subscription messages are small and frequent: compressing each costs more CPU than it
         # saves, and a deflate context costs about 40 KiB of memory per WebSocket.
@@ -743,10 +745,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    from app.workers import configure_logging
+
+    configure_logging()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

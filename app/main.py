@@ -48,7 +48,7 @@ from app.logserver import LogServer
 from app.metrics import Metrics, MetricsMiddleware
 from app.service import PrescriptionService
 from app.settings import Settings, announce_mode
-from app.workers import METRICS_DIR_ENV, ServerState
+from app.workers import METRICS_DIR_ENV, ServerState, configure_logging
 from schema.loaders import LoadersPerOperation
 from schema.root import make_schema
 
@@ -245,6 +245,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     server = ServerState.from_env()
     if server is None:
         announce_mode(settings)
+    else:
+        configure_logging()
     auth = Authenticator(AuthSettings.from_env(settings.mode, settings.var_dir))
     limits = LimitSettings.from_env()
     metrics = Metrics(os.environ.get(METRICS_DIR_ENV) if server is not None else None)

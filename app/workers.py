@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import mmap
 import os
 import shutil
@@ -47,6 +48,15 @@ DEFAULT_BUCKETS = 1 << 17  # 131,072 buckets of 32 bytes: 4 MiB
 
 class ServerStateError(Exception):
     """The shared state file is missing or not one `rxledger serve` made."""
+
+
+def configure_logging() -> None:
+    """How every rxledger process logs (the CLI, and each worker of `rxledger serve`, which
+    uvicorn starts as a fresh interpreter that configures only uvicorn's own loggers)."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
 
 
 def _alive(pid: int) -> bool:
