@@ -671,17 +671,18 @@ class SharedRateLimiter(RateLimiter):
         self.state.lock(start, self.group_bytes)
         try:
             now = self.clock()
-            buckets = list(BUCKET.iter_unpack(memory[start : start + self.group_bytes]))
-            slot = next((i for i, b in enumerate(buckets) if b[0] == digest), None)
-            if slot is None:
+            at = memory.find(digest, start, start + self.group_bytes)
+            if at >= 0 and (at - start) % BUCKET.size == 0:  # the key's bucket
+                slot = (at - start) // BUCKET.size
+                _, tokens, updated = BUCKET.unpack_from(memory, at)
+            else:
+                buckets = list(BUCKET.iter_unpack(memory[start : start + self.group_bytes]))
                 tokens, updated = float(self.burst), now
                 slot = min(
                     range(len(buckets)),
                     # Never used (updated 0) or full again first, then the least recently used.
                     key=lambda i: (now - buckets[i][2] < self.idle_after, buckets[i][2]),
                 )
-            else:
-                _, tokens, updated = buckets[slot]
             tokens = min(float(self.burst), tokens + max(0.0, now - updated) * self.rate)
             retry_after = None if tokens >= 1 else (1 - tokens) / self.rate
             left = tokens - 1 if retry_after is None else tokens

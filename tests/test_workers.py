@@ -465,3 +465,52 @@ def test_processes_hammering_one_bucket_at_once_share_its_burst_exactly(tmp_path
     assert sum(granted) == 30000, granted
     assert all(g > 0 for g in granted), granted
     state.close()
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--workers", "0"], {}, "--workers 0: want at least 1 worker process"),
+        ([], {"RXLEDGER_WORKERS": "many"}, "RXLEDGER_WORKERS='many' is not an integer"),
+        ([], {"RXLEDGER_WORKERS": "0"}, "RXLEDGER_WORKERS=0 must be an integer of at least 1"),
+        ([], {"RXLEDGER_SHUTDOWN_GRACE": "-1"}, "RXLEDGER_SHUTDOWN_GRACE=-1 must be a number"),
+    ],
+)
+def test_a_bad_worker_count_or_grace_exits_2_naming_it(tmp_path, args, env, message):
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("RXLEDGER_")}
+    environment.update(RXLEDGER_MODE="development", RXLEDGER_VAR_DIR=str(tmp_path), **env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(free_port()), *args],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"rxledger serve: {message}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_default_worker_count_is_the_cores_this_process_may_use(monkeypatch):
+    from app.cli import default_workers, serve_workers
+
+    monkeypatch.delenv("RXLEDGER_WORKERS", raising=False)
+    assert serve_workers(None) == default_workers() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("RXLEDGER_WORKERS", "3")
+    assert serve_workers(None) == 3 and serve_workers(5) == 5
+
+
+def test_the_rate_limiter_benchmark_runs_at_a_tiny_size():
+    out = subprocess.run(
+        [sys.executable, "bench/ratelimit.py", "--checks", "200", "--rounds", "1", "--keys", "10"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    for label in ("in-process", "shared", "contended", "load average"):
+        assert label in out.stdout, out.stdout
