@@ -11,6 +11,19 @@ The workers find both through environment variables the parent sets for them
 (SERVER_STATE_ENV, and prometheus_client's PROMETHEUS_MULTIPROC_DIR); the parent removes the
 directory when it stops.
 
+Environment variables:
+
+RXLEDGER_WORKERS (integer >= 1; default: the cores this process may run on)
+    How many workers `rxledger serve` runs when --workers is not given. Invalid: "rxledger
+    serve: RXLEDGER_WORKERS='many' is not an integer" (exit 2).
+RXLEDGER_SHUTDOWN_GRACE (number >= 0, seconds; default 10)
+    On SIGTERM or SIGINT, how long each worker waits for requests still running before it
+    cancels them. Event streams are ended at once (with a resume hint) and WebSockets closed
+    (1012), so they do not hold the shutdown up.
+RXLEDGER_SERVER_STATE, PROMETHEUS_MULTIPROC_DIR
+    Set by `rxledger serve` for its workers (the state file and the metrics directory); not for
+    operators to set.
+
 Writers lock the byte range they change with a POSIX record lock (fcntl.lockf) on the file:
 two system calls per update, no database round trip, and a lock held by a worker that dies is
 released by the kernel. A worker holds a lock only across plain memory reads and writes, never
