@@ -429,7 +429,8 @@ def _notice_exit_signals(stopping: asyncio.Event) -> Callable[[], None]:
     previous: dict[int, Callable[[int, Any], Any]] = {}
 
     def handler(signum: int, frame: Any) -> None:
-        loop.call_soon_threadsafe(stopping.set)
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to tell
+            loop.call_soon_threadsafe(stopping.set)
         previous[signum](signum, frame)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
