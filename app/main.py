@@ -264,10 +264,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.stopping = asyncio.Event()
         restore_signals = _notice_exit_signals(app.state.stopping)
         metrics.set_ledger_probe(lambda: _probe(tlog, server))
+        if server is not None:
+            server.join(os.getpid())
         await tlog.start()
         upkeep = asyncio.create_task(_prepare(service), name="prescriptions-upkeep")
         if server is not None:
-            server.join(os.getpid())
             roll_call = asyncio.create_task(_roll_call(tlog, server), name="worker-roll-call")
         log.info(
             "rxledger %s mode; log %s; verifier key %s",
