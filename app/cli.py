@@ -374,25 +374,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workers = serve_workers(args.workers)
     grace = env_number("RXLEDGER_SHUTDOWN_GRACE", 10.0, 0.0)
     if workers == 1:
-        run_server(args, limits, workers, grace)
-        return EXIT_OK
+        return run_server(args, limits, workers, grace)
     # Workers are spawned (a fresh interpreter each, importing the app): what they share is
     # made here first, and named in the environment they inherit.
     announce_mode(settings)
     with shared_state(workers):
-        run_server(args, limits, workers, grace)
-    return EXIT_OK
+        return run_server(args, limits, workers, grace)
 
 
-def run_server(args: argparse.Namespace, limits: LimitSettings, workers: int, grace: float) -> None:
+def run_server(args: argparse.Namespace, limits: LimitSettings, workers: int, grace: float) -> int:
     """uvicorn, in this process (one worker) or as the supervisor of `workers` processes
     sharing its listening socket; it restarts a worker that dies, and on SIGTERM or SIGINT
-    stops them all, each within `grace` seconds of open requests and streams."""
+    stops them all, each within `grace` seconds of open requests and streams. Returns the exit
+    code: uvicorn's STARTUP_FAILURE (3) when a worker failed to start, else 0."""
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
 
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
+    options: dict[str, Any] = dict(
+        factory=True,  # app.main:serve_app
         host=args.host,
         port=args.port,
         workers=workers,
@@ -411,6 +411,17 @@ def run_server(args: argparse.Namespace, limits: LimitSettings, workers: int, gr
         # reuse of an idle connection (the client sees a reset).
         timeout_keep_alive=30,
     )
+    if workers == 1:
+        uvicorn.run("app.main:serve_app", **options)  # exits with STARTUP_FAILURE itself
+        return EXIT_OK
+    # uvicorn.run's own supervisor, run here to learn how its workers ended: uvicorn.run
+    # returns normally after stopping the server for a worker that could not start.
+    config = uvicorn.Config("app.main:serve_app", **options)
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
+        return STARTUP_FAILURE
+    return EXIT_OK
 
 
 def cmd_sequence(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import datetime as dt
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -30,6 +31,7 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
 )
 from strawberry.subscriptions.protocols.graphql_transport_ws.types import SubscribeMessage
+from uvicorn.config import STARTUP_FAILURE
 
 from anchoring.ledger import INTENTS
 from app.auth import Authenticator, AuthError, AuthSettings, Viewer
@@ -48,7 +50,7 @@ from app.logserver import LogServer
 from app.metrics import Metrics, MetricsMiddleware
 from app.service import PrescriptionService
 from app.settings import Settings, announce_mode
-from app.workers import METRICS_DIR_ENV, ServerState, configure_logging
+from app.workers import METRICS_DIR_ENV, SERVER_STATE_ENV, ServerState, configure_logging
 from schema.loaders import LoadersPerOperation
 from schema.root import make_schema
 
@@ -393,6 +395,19 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ],
         lifespan=lifespan,
     )
+
+
+def serve_app() -> Starlette:
+    """The app factory `rxledger serve` hands uvicorn. A failure to build the app ends the
+    process as uvicorn's startup failure (exit 3), so that its supervisor stops the server
+    instead of restarting a worker that can only fail again."""
+    if os.environ.get(SERVER_STATE_ENV):
+        configure_logging()  # a worker: before anything can fail
+    try:
+        return create_app()
+    except Exception:
+        log.exception("the gateway app could not be built; stopping")
+        sys.exit(STARTUP_FAILURE)
 
 
 def _probe(tlog: Any, server: ServerState | None) -> dict[str, float]:
