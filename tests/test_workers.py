@@ -32,7 +32,7 @@ from ws_client import GraphQLSocket
 
 from app.auth import load_dev_secret
 from app.limits import SharedRateLimiter
-from app.workers import SERVER_STATE_ENV, ServerState
+from app.workers import ServerState
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 60.0
@@ -306,9 +306,13 @@ async def test_a_clients_rate_limit_holds_across_workers_not_per_worker(start_se
 # --- (e) stopping -----------------------------------------------------------------------------------
 
 
-def _environ(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes()
-    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+def _state_file(pid: int) -> Path:
+    """The server state file a worker has mapped into its memory."""
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        path = line.split(maxsplit=5)[-1]
+        if "rxledger-serve-" in path and path.endswith("/state"):
+            return Path(path)
+    raise AssertionError(f"worker {pid} maps no server state file")
 
 
 def _gone(pid: int) -> bool:
@@ -327,7 +331,7 @@ async def test_sigterm_stops_every_worker_within_the_grace_with_streams_open(sta
     server = await start_server(RXLEDGER_SHUTDOWN_GRACE=str(SHUTDOWN_GRACE))
     partner = server.token("PARTNER", "partner-1", "ph-1")
     async with one_connection_per_worker(server.base) as (a, b):
-        state = Path(_environ(a.pid)[SERVER_STATE_ENV])
+        state = _state_file(a.pid)
         assert state.exists()
         headers = {"Authorization": f"Bearer {partner}"}
         # An open event stream on each worker (an HTTP response that never ends by itself) and
