@@ -257,6 +257,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         client = make_client(settings)
         tlog = make_log(settings, client)
+        # What one worker changes of the checkpoints, the others stop serving from cache.
+        tlog.peers = server
         service = PrescriptionService(tlog, client[settings.database]["prescriptions"])
         app.state.log = tlog
         app.state.service = service

@@ -50,6 +50,8 @@ METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 MAGIC = b"RXSRV001"
 _HEADER = struct.Struct("<8sIII")  # magic, worker slots, bucket groups, slots per group
+_COUNTER = struct.Struct("<q")  # at COUNTER_AT: bumped whenever a worker changes checkpoints
+COUNTER_AT = 32
 HEADER_BYTES = 64
 # pid (0: free); 1 if it holds the sequencer lease; as it knows them: tree size, checkpoint size
 _WORKER = struct.Struct("<qqqq")
@@ -159,6 +161,18 @@ class ServerState:
             yield
         finally:
             self.unlock(offset, length)
+
+    # --- what changed -----------------------------------------------------------------------
+
+    def value(self) -> int:
+        """The checkpoint change counter (anchoring.log.ChangeCounter). Read without a lock: a
+        read torn by a concurrent bump differs from the value seen before, and only costs the
+        reader a fresh read of the checkpoints."""
+        return int(_COUNTER.unpack_from(self.memory, COUNTER_AT)[0])
+
+    def bump(self) -> None:
+        with self.locked(COUNTER_AT, _COUNTER.size):
+            _COUNTER.pack_into(self.memory, COUNTER_AT, self.value() + 1)
 
     # --- the workers ----------------------------------------------------------------------
 

@@ -417,6 +417,16 @@ def test_shared_buckets_are_one_budget_for_every_limiter_attached(tmp_path):
     other.close()
 
 
+def test_a_checkpoint_change_one_worker_counts_is_seen_by_every_worker(tmp_path):
+    state = ServerState.create(tmp_path / "state", worker_slots=2, buckets=16)
+    other = ServerState.attach(tmp_path / "state")
+    before = other.value()
+    state.bump()
+    assert other.value() == before + 1 and state.value() == before + 1
+    state.close()
+    other.close()
+
+
 def test_a_full_group_of_buckets_gives_the_least_recently_used_away(tmp_path):
     state = ServerState.create(tmp_path / "state", worker_slots=1, buckets=16)  # one group
     now = [0.0]
