@@ -248,7 +248,7 @@ class TransparencyLog:
             doc = await self._store_cosignatures(cp.size, text, found)
         self._checkpoints_changed()
         signed = SignedCheckpoint.from_doc(doc)
-        if self.settings.quorum and len(self._accepted(signed)) >= self.settings.quorum:
+        if self.has_quorum(signed):
             await self._publish(signed.size)
         return signed
 
@@ -280,6 +280,11 @@ class TransparencyLog:
         ids = {w.key_id for w in self.settings.witnesses}
         return [c for c in cp.cosignatures if c.key_id in ids]
 
+    def has_quorum(self, cp: SignedCheckpoint) -> bool:
+        """Whether witnesses are required and `cp` carries the cosignatures of enough of them
+        to be published."""
+        return self.settings.quorum > 0 and len(self._accepted(cp)) >= self.settings.quorum
+
     async def _publish(self, size: int) -> None:
         """Name checkpoint `size` (signed, and cosigned by its quorum) in the head. Only the
         sequencer's leader writes the head, one write at a time: a server whose updates read the
@@ -307,7 +312,7 @@ class TransparencyLog:
         doc = await self.store.notarizations.find_one({"_id": latest.size})
         if doc is not None:
             cp = SignedCheckpoint.from_doc(doc)
-            if len(self._accepted(cp)) >= self.settings.quorum:
+            if self.has_quorum(cp):
                 await self._publish(cp.size)
 
     def _checkpoints_changed(self) -> None:

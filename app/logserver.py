@@ -170,7 +170,7 @@ class LogServer:
         try:
             cp = await tlog.add_cosignatures(note)
             published = await tlog.published_checkpoint_size()
-            if (published is None or published < cp.size) and _has_quorum(tlog, cp):
+            if (published is None or published < cp.size) and tlog.has_quorum(cp):
                 # Taken by a worker that does not sequence: the one that does publishes it
                 # at its next look (every COSIGNED_POLL seconds); answer once it has.
                 with contextlib.suppress(TimeoutError):
@@ -186,13 +186,6 @@ class LogServer:
                 "published": published is not None and published >= cp.size,
             }
         )
-
-
-def _has_quorum(tlog: TransparencyLog, cp: SignedCheckpoint) -> bool:
-    """Whether the checkpoint carries the cosignatures of its quorum of configured witnesses."""
-    quorum = tlog.settings.quorum
-    accepted = {w.key_id for w in tlog.settings.witnesses}
-    return quorum > 0 and sum(c.key_id in accepted for c in cp.cosignatures) >= quorum
 
 
 def accepts_gzip(accept_encoding: str) -> bool:
