@@ -22,4 +22,6 @@ USER 10001:10001
 WORKDIR /srv/rxledger
 
 EXPOSE 8000
+# One gateway process per core the container may use (RXLEDGER_WORKERS overrides it); the
+# rxledger process is PID 1 and stops them all on the SIGTERM of `docker stop`.
 CMD ["rxledger", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -8,7 +8,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from bson import ObjectId
 from pymongo.errors import PyMongoError
@@ -63,6 +63,16 @@ class LogSettings:
                 f"a quorum of {self.quorum} witnesses needs at least that many configured "
                 f"witnesses; {len(self.witnesses)} are"
             )
+
+
+class ChangeCounter(Protocol):
+    """A number the processes serving one log together bump whenever one of them changes its
+    checkpoints (signs one, publishes one, stores cosignatures), so that the others drop what
+    they cached of them (app.workers.ServerState is one)."""
+
+    def value(self) -> int: ...
+
+    def bump(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,9 @@ class TransparencyLog:
         self._tail_task: asyncio.Task[None] | None = None
         self._latest: tuple[float, SignedCheckpoint | None] = (0.0, None)
         self._newest: tuple[float, SignedCheckpoint | None] = (0.0, None)
+        # With other processes serving the same log: their changes to checkpoints.
+        self.peers: ChangeCounter | None = None
+        self._peers_seen = 0
         self._cosigning = asyncio.Lock()  # one cosignature write at a time per process
         self._cosigned_checked = 0.0
         self._checked_notes: dict[tuple[Any, Any, Any], SignedCheckpoint] = {}
@@ -195,6 +208,7 @@ class TransparencyLog:
             log.error("anchor: %s", exc)
             return
         self.anchor_error = None
+        self._checkpoints_changed()
         if self.settings.quorum == 0:
             await self._publish(cp.size)
         # Otherwise the checkpoint is published when its quorum of witnesses has cosigned it
@@ -237,8 +251,9 @@ class TransparencyLog:
                 )
         async with self._cosigning:
             doc = await self._store_cosignatures(cp.size, text, found)
+        self._checkpoints_changed()
         signed = SignedCheckpoint.from_doc(doc)
-        if self.settings.quorum and len(self._accepted(signed)) >= self.settings.quorum:
+        if self.has_quorum(signed):
             await self._publish(signed.size)
         return signed
 
@@ -270,6 +285,11 @@ class TransparencyLog:
         ids = {w.key_id for w in self.settings.witnesses}
         return [c for c in cp.cosignatures if c.key_id in ids]
 
+    def has_quorum(self, cp: SignedCheckpoint) -> bool:
+        """Whether witnesses are required and `cp` carries the cosignatures of enough of them
+        to be published."""
+        return self.settings.quorum > 0 and len(self._accepted(cp)) >= self.settings.quorum
+
     async def _publish(self, size: int) -> None:
         """Name checkpoint `size` (signed, and cosigned by its quorum) in the head. Only the
         sequencer's leader writes the head, one write at a time: a server whose updates read the
@@ -281,7 +301,7 @@ class TransparencyLog:
         except LostLease:
             return  # the next leader finds it
         if published:
-            self._latest = (0.0, None)
+            self._checkpoints_changed()
             self.tail.wake()
 
     async def _publish_cosigned(self) -> None:
@@ -297,12 +317,26 @@ class TransparencyLog:
         doc = await self.store.notarizations.find_one({"_id": latest.size})
         if doc is not None:
             cp = SignedCheckpoint.from_doc(doc)
-            if len(self._accepted(cp)) >= self.settings.quorum:
+            if self.has_quorum(cp):
                 await self._publish(cp.size)
+
+    def _checkpoints_changed(self) -> None:
+        """This process changed the checkpoints: drop what it cached of them, and tell its
+        peers to do the same."""
+        self._latest = self._newest = (0.0, None)
+        if self.peers is not None:
+            self.peers.bump()
+            self._peers_seen = self.peers.value()
+
+    def _forget_if_peers_changed(self) -> None:
+        if self.peers is not None and (seen := self.peers.value()) != self._peers_seen:
+            self._peers_seen = seen
+            self._latest = self._newest = (0.0, None)
 
     async def newest_checkpoint(self, max_age: float = 0.0) -> SignedCheckpoint | None:
         """The newest signed checkpoint, published or still waiting for its witnesses, at
-        most `max_age` seconds stale."""
+        most `max_age` seconds stale (and never older than a change a peer made)."""
+        self._forget_if_peers_changed()
         now = time.monotonic()
         fetched_at, cp = self._newest
         if now - fetched_at > max_age or max_age == 0:
@@ -454,7 +488,9 @@ class TransparencyLog:
 
     async def current_checkpoint(self, max_age: float = 0.5) -> SignedCheckpoint | None:
         """The latest checkpoint, at most `max_age` seconds stale: for request paths, where a
-        read of the head per request would cost more than the proof itself."""
+        read of the head per request would cost more than the proof itself. Never older than
+        a change a peer made."""
+        self._forget_if_peers_changed()
         now = time.monotonic()
         fetched_at, cp = self._latest
         if now - fetched_at > max_age:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from anchoring.verify import (
     verify_consistency,
 )
 from app.limits import LimitSettings
-from app.settings import ConfigError, Settings, announce_mode, write_new_key
+from app.settings import ConfigError, Settings, announce_mode, env_number, write_new_key
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -344,20 +345,80 @@ def cmd_witness(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+def default_workers() -> int:
+    """The number of cores this process may run on (os.cpu_count() where affinity is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
+
+def serve_workers(given: int | None) -> int:
+    """--workers, else RXLEDGER_WORKERS, else default_workers(). Raises UsageError or
+    ConfigError for a count below 1."""
+    if given is not None:
+        if given < 1:
+            raise UsageError(f"--workers {given}: want at least 1 worker process")
+        return given
+    return int(env_number("RXLEDGER_WORKERS", default_workers(), 1, integer=True))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
     from app.auth import AuthSettings
+    from app.workers import shared_state
 
     settings = Settings.from_env()
     settings.signer()  # fail fast on a missing production key
     AuthSettings.from_env(settings.mode, settings.var_dir)  # ... and token settings
     limits = LimitSettings.from_env()
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
+    workers = serve_workers(args.workers)
+    grace = env_number("RXLEDGER_SHUTDOWN_GRACE", 10.0, 0.0)
+    if workers == 1:
+        return run_server(args, limits, workers, grace)
+    # Workers are spawned (a fresh interpreter each, importing the app): what they share is
+    # made here first, and named in the environment they inherit.
+    announce_mode(settings)
+    with shared_state(workers):
+        return run_server(args, limits, workers, grace)
+
+
+def fork_workers() -> None:
+    """Have uvicorn's supervisor fork its workers from this process, with the app imported,
+    instead of spawning fresh interpreters that import it each (about a second of CPU per
+    worker, every worker at once at start-up): a worker starts in milliseconds, a replacement
+    too, and the workers share the imported code's memory. Safe here: this process has no
+    other thread, no event loop and no database connection yet, and it is called after the
+    metrics directory is named, so prometheus_client (imported here first) writes to it.
+    uvicorn keeps its start method in a private module; if that changes, workers are spawned
+    as uvicorn does by default, which works the same, only slower."""
+    import multiprocessing
+
+    import uvicorn._subprocess
+
+    import app.main  # noqa: F401  (what every worker runs, imported once)
+
+    if hasattr(uvicorn._subprocess, "spawn"):
+        uvicorn._subprocess.spawn = multiprocessing.get_context("fork")  # type: ignore[assignment]
+
+
+def run_server(args: argparse.Namespace, limits: LimitSettings, workers: int, grace: float) -> int:
+    """uvicorn, in this process (one worker) or as the supervisor of `workers` processes
+    sharing its listening socket; it restarts a worker that dies, and on SIGTERM or SIGINT
+    stops them all, each within `grace` seconds of open requests and streams. Returns the exit
+    code: uvicorn's STARTUP_FAILURE (3) when a worker failed to start, else 0."""
+    import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    options: dict[str, Any] = dict(
+        factory=True,  # app.main:serve_app
         host=args.host,
         port=args.port,
+        workers=workers,
+        timeout_graceful_shutdown=math.ceil(grace),
+        # The supervisor pings each worker's pong thread; one that starts slowly (a fresh
+        # interpreter importing the app on a busy host) must not be taken for hung and killed.
+        timeout_worker_healthcheck=30,
         log_level=args.log_level,
         # Subscription messages are small and frequent: compressing each costs more CPU than it
         # saves, and a deflate context costs about 40 KiB of memory per WebSocket.
@@ -369,6 +430,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # reuse of an idle connection (the client sees a reset).
         timeout_keep_alive=30,
     )
+    if workers == 1:
+        uvicorn.run("app.main:serve_app", **options)  # exits with STARTUP_FAILURE itself
+        return EXIT_OK
+    fork_workers()
+    # uvicorn.run's own supervisor, run here to learn how its workers ended: uvicorn.run
+    # returns normally after stopping the server for a worker that could not start.
+    config = uvicorn.Config("app.main:serve_app", **options)
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
+        return STARTUP_FAILURE
     return EXIT_OK
 
 
@@ -618,9 +690,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_witness)
 
-    p = sub.add_parser("serve", help="run the gateway (uvicorn) with its sequencer and anchorer")
+    p = sub.add_parser(
+        "serve",
+        help="run the gateway (uvicorn) with its sequencer and anchorer",
+        description="Run the gateway: GraphQL over HTTP and WebSocket, the event stream, the "
+        "tlog-tiles log and the audit page, in --workers processes on one port. Every worker "
+        "serves reads and writes and follows the log; one at a time holds the sequencer lease "
+        "and sequences and signs checkpoints. Rate limits and /metrics hold for the server as "
+        "a whole. SIGTERM or SIGINT stops all workers, each within RXLEDGER_SHUTDOWN_GRACE "
+        "seconds (default 10) of open requests and streams; a worker that dies is restarted.",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="gateway processes sharing the port (default: $RXLEDGER_WORKERS, else the number "
+        "of cores this process may use)",
+    )
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
@@ -688,10 +776,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    from app.workers import configure_logging
+
+    configure_logging()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

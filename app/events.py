@@ -9,7 +9,7 @@ hold a WebSocket.
 Each event is `id: <leaf index>`, `event: prescription`, and `data:` a JSON object
 {prescriptionId, type, status, version, at, leafIndex, leaf}. The stream ends with
 `event: end` and {message, code} when the subscriber falls too far behind or its token
-expires, or with code UNAVAILABLE when the database fails (a request that cannot start is a
+expires, or with code UNAVAILABLE when the database fails or the server shuts down (a request that cannot start is a
 503 with that code and Retry-After); reconnecting with the last id resumes exactly after it. A comment line is sent every
 15 s of silence so that proxies keep the connection open.
 """
@@ -34,6 +34,9 @@ from app.policy import NotAllowed
 from app.prescriptions import Status
 
 HEARTBEAT_SECONDS = 15.0
+SHUTTING_DOWN = (
+    "the server is shutting down: reconnect with Last-Event-ID to resume after the last event"
+)
 
 
 def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> Response:
@@ -114,8 +117,9 @@ class EventStream:
             start = await feed.start_position() if after is None else after + 1
         except PyMongoError as exc:
             return _error(503, _unavailable(exc), "UNAVAILABLE", {"Retry-After": "1"})
+        stopping: asyncio.Event = getattr(state, "stopping", None) or asyncio.Event()
         return StreamingResponse(
-            self._events(feed, start, viewer.expires_at, match),
+            self._events(feed, start, viewer.expires_at, match, stopping),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
@@ -126,6 +130,7 @@ class EventStream:
         start: int,
         expires_at: float | None,
         match: Callable[[FeedEvent], bool],
+        stopping: asyncio.Event,
     ) -> AsyncIterator[str]:
         task = asyncio.current_task()
 
@@ -136,11 +141,20 @@ class EventStream:
 
         stream = feed.stream(start, expires_at, cut, match)
         next_event: asyncio.Task[FeedEvent] | None = None
+        stopped = asyncio.ensure_future(stopping.wait())
         try:
             while True:
                 if next_event is None:
                     next_event = asyncio.ensure_future(anext(stream))
-                done, _ = await asyncio.wait({next_event}, timeout=HEARTBEAT_SECONDS)
+                done, _ = await asyncio.wait(
+                    {next_event, stopped},
+                    timeout=HEARTBEAT_SECONDS,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if next_event not in done and stopped in done:
+                    end = {"message": SHUTTING_DOWN, "code": "UNAVAILABLE"}
+                    yield f"event: end\ndata: {json.dumps(end)}\n\n"
+                    return
                 if not done:
                     yield ": keep-alive\n\n"
                     continue
@@ -155,6 +169,7 @@ class EventStream:
         except StopAsyncIteration:
             return
         finally:
+            stopped.cancel()
             if next_event is not None:
                 next_event.cancel()
                 with contextlib.suppress(BaseException):

@@ -38,10 +38,11 @@ RXLEDGER_MAX_BODY_BYTES (integer >= 1, default 65536)
     message larger than twice the limit, before buffering it.
 RXLEDGER_RATE_LIMIT (number >= 0, default 50)
     Sustained requests per second allowed for one subject (the key the app rate-limits by,
-    such as the authenticated subject); 0 disables rate limiting. It is the refill rate of an
-    in-process token bucket per subject, so each gateway process limits on its own. An
-    operation on a WebSocket counts as a request, against the same bucket as the subject's
-    HTTP requests.
+    such as the authenticated subject); 0 disables rate limiting. It is the refill rate of a
+    token bucket per subject, kept in the memory all workers of one `rxledger serve --workers
+    N` share (app.workers), so the limit holds for the server as a whole, not per worker;
+    separate servers (hosts, containers) each limit on their own. An operation on a WebSocket
+    counts as a request, against the same bucket as the subject's HTTP requests.
 RXLEDGER_RATE_BURST (integer >= 1, default 100)
     Requests a subject may make at once before the rate applies: the token bucket's size.
 
@@ -84,6 +85,7 @@ error's class and code ("the database is unavailable (AutoReconnect): retry in a
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections import OrderedDict
@@ -128,6 +130,7 @@ from strawberry.types import ExecutionContext
 from anchoring.errors import LedgerUnavailable, database_error
 from app.policy import MUTATIONS
 from app.settings import env_number
+from app.workers import BUCKET, ServerState
 
 QUERY_TOO_COMPLEX = "QUERY_TOO_COMPLEX"
 REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
@@ -885,6 +888,57 @@ class RateLimiter:
             # Past max_keys this forgets a bucket that is not yet full: that key gets a fresh
             # burst, a bounded leniency that is better than unbounded memory.
             buckets.popitem(last=False)
+
+
+class SharedRateLimiter(RateLimiter):
+    """RateLimiter's token buckets in the memory the workers of one server share
+    (app.workers.ServerState), so that a key's budget is the same however many workers its
+    requests reach. A key lives in one group of GROUP_SLOTS buckets, chosen by a hash of it,
+    under that group's lock. A bucket idle long enough to be full again is free; when every
+    bucket of the group is busy the least recently used one is taken over (its key gets a fresh
+    burst: the bounded leniency RateLimiter has past max_keys)."""
+
+    def __init__(
+        self,
+        state: ServerState,
+        rate_per_second: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        # time.monotonic() is the host's CLOCK_MONOTONIC: the same clock in every worker.
+        super().__init__(rate_per_second, burst, clock)
+        self.state = state
+        self.group_bytes = state.group_slots * BUCKET.size
+
+    def check(self, key: str) -> float | None:
+        if self.rate == 0:
+            return None
+        digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+        group = int.from_bytes(digest[:8], "little") % self.state.bucket_groups
+        start = self.state.buckets_at + group * self.group_bytes
+        memory = self.state.memory
+        self.state.lock(start, self.group_bytes)
+        try:
+            now = self.clock()
+            at = memory.find(digest, start, start + self.group_bytes)
+            if at >= 0 and (at - start) % BUCKET.size == 0:  # the key's bucket
+                slot = (at - start) // BUCKET.size
+                _, tokens, updated = BUCKET.unpack_from(memory, at)
+            else:
+                buckets = list(BUCKET.iter_unpack(memory[start : start + self.group_bytes]))
+                tokens, updated = float(self.burst), now
+                slot = min(
+                    range(len(buckets)),
+                    # Never used (updated 0) or full again first, then the least recently used.
+                    key=lambda i: (now - buckets[i][2] < self.idle_after, buckets[i][2]),
+                )
+            tokens = min(float(self.burst), tokens + max(0.0, now - updated) * self.rate)
+            retry_after = None if tokens >= 1 else (1 - tokens) / self.rate
+            left = tokens - 1 if retry_after is None else tokens
+            BUCKET.pack_into(memory, start + slot * BUCKET.size, digest, left, now)
+        finally:
+            self.state.unlock(start, self.group_bytes)
+        return retry_after
 
 
 # --- request body size ----------------------------------------------------------------------

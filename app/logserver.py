@@ -10,6 +10,7 @@ the log holds no personal data).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 from collections import OrderedDict
@@ -21,7 +22,7 @@ from starlette.routing import Route
 
 from anchoring.anchorer import SignedCheckpoint
 from anchoring.errors import CosignatureRejected
-from anchoring.log import TransparencyLog
+from anchoring.log import COSIGNED_POLL, TransparencyLog
 from anchoring.tiles import (
     ENTRIES,
     TileCorrupt,
@@ -38,6 +39,9 @@ log = logging.getLogger("rxledger.logserver")
 IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}
 # The checkpoint changes: caches may keep it a moment, never long.
 MUTABLE = {"Cache-Control": "public, max-age=2"}
+# How long a cosignature that completes its checkpoint's quorum waits, on a worker that does
+# not sequence, for the worker that does to publish the checkpoint.
+QUORUM_PUBLISH_WAIT = 4 * COSIGNED_POLL + 1.0
 NOT_YET = {"Cache-Control": "no-store"}
 MAX_COSIGNATURE_BODY = 64 * 1024
 OCTETS = "application/octet-stream"
@@ -166,6 +170,11 @@ class LogServer:
         try:
             cp = await tlog.add_cosignatures(note)
             published = await tlog.published_checkpoint_size()
+            if (published is None or published < cp.size) and tlog.has_quorum(cp):
+                # Taken by a worker that does not sequence: the one that does publishes it
+                # at its next look (every COSIGNED_POLL seconds); answer once it has.
+                with contextlib.suppress(TimeoutError):
+                    published = (await tlog.wait_anchored(cp.size, QUORUM_PUBLISH_WAIT)).size
         except CosignatureRejected as exc:
             return _rejected(422, "COSIGNATURE_REJECTED", str(exc))
         except PyMongoError as exc:

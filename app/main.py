@@ -15,9 +15,13 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import re
+import signal
+import sys
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,7 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
 )
 from strawberry.subscriptions.protocols.graphql_transport_ws.types import SubscribeMessage
 from strawberry.types import ExecutionResult
+from uvicorn.config import STARTUP_FAILURE
 
 from anchoring.dialect import detect as detect_dialect
 from anchoring.ledger import INTENTS
@@ -52,12 +57,14 @@ from app.limits import (
     BodySizeLimit,
     LimitSettings,
     RateLimiter,
+    SharedRateLimiter,
     graphql_extensions,
 )
 from app.logserver import LogServer
 from app.metrics import Metrics, MetricsMiddleware
 from app.service import PrescriptionService
 from app.settings import Settings, announce_mode
+from app.workers import METRICS_DIR_ENV, SERVER_STATE_ENV, ServerState, configure_logging
 from schema.loaders import LoadersPerOperation
 from schema.root import make_schema
 from schema.subscriptions import HANDOFF, FanOut, Handoff
@@ -335,24 +342,38 @@ class GraphQLEndpoint:
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
-    announce_mode(settings)
+    # A worker of `rxledger serve --workers N`: the parent announced the mode, once.
+    server = ServerState.from_env()
+    if server is None:
+        announce_mode(settings)
+    else:
+        configure_logging()
     auth = Authenticator(AuthSettings.from_env(settings.mode, settings.var_dir))
     limits = LimitSettings.from_env()
-    metrics = Metrics()
+    metrics = Metrics(os.environ.get(METRICS_DIR_ENV) if server is not None else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         client = make_client(settings)
         tlog = make_log(settings, client)
+        # What one worker changes of the checkpoints, the others stop serving from cache.
+        tlog.peers = server
         service = PrescriptionService(tlog, client[settings.database][PRESCRIPTIONS])
         app.state.log = tlog
         app.state.service = service
         app.state.feed = PrescriptionFeed(tlog, window=limits.subscription_window)
         app.state.fanout = FanOut()
         app.state.metrics = metrics
-        metrics.set_ledger_probe(lambda: _probe(tlog))
+        # Set when the server begins to stop, for responses that never end by themselves.
+        app.state.stopping = asyncio.Event()
+        restore_signals = _notice_exit_signals(app.state.stopping)
+        metrics.set_ledger_probe(lambda: _probe(tlog, server))
+        if server is not None:
+            server.join(os.getpid())
         await tlog.start()
         upkeep = asyncio.create_task(_prepare(service), name="prescriptions-upkeep")
+        if server is not None:
+            roll_call = asyncio.create_task(_roll_call(tlog, server), name="worker-roll-call")
         log.info(
             "rxledger %s mode; log %s; verifier key %s",
             settings.mode,
@@ -362,10 +383,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             yield
         finally:
+            restore_signals()
             upkeep.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await upkeep
             await tlog.stop()
+            if server is not None:
+                roll_call.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await roll_call
+                server.leave()
             await client.close()
 
     async def healthz(request: Request) -> Response:
@@ -388,7 +415,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         body = {
             "status": "ok",
             "database": "ok",
-            "sequencerLeader": tlog.sequencer.is_leader,
+            # This server: with several workers, whether one of them holds the lease.
+            "sequencerLeader": _server_leads(tlog, server),
+            # Which worker answered, and whether it is the one sequencing.
+            "worker": {"pid": os.getpid(), "leads": tlog.sequencer.is_leader},
+            "workers": 1 if server is None else len(server.workers()),
             "treeSize": tree_size,
             "queuedGroups": queued,
             # How long the oldest unsequenced append has waited: the sequencer's lag.
@@ -425,8 +456,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    # One limiter for HTTP requests and WebSocket operations: a caller has one budget.
-    limiter = RateLimiter(limits.rate_per_second, limits.rate_burst)
+    # One limiter for HTTP requests and WebSocket operations: a caller has one budget, shared
+    # by all the workers of the server.
+    limiter = (
+        RateLimiter(limits.rate_per_second, limits.rate_burst)
+        if server is None
+        else SharedRateLimiter(server, limits.rate_per_second, limits.rate_burst)
+    )
     graphql = GraphQLApp(
         make_schema(
             [
@@ -463,15 +499,89 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
 
 
-def _probe(tlog: Any) -> dict[str, float]:
-    """Gauges for /metrics, from what the process already knows (no database reads)."""
+def serve_app() -> Starlette:
+    """The app factory `rxledger serve` hands uvicorn. A failure to build the app ends the
+    process as uvicorn's startup failure (exit 3), so that its supervisor stops the server
+    instead of restarting a worker that can only fail again."""
+    if os.environ.get(SERVER_STATE_ENV):
+        configure_logging()  # a worker: before anything can fail
+    try:
+        return create_app()
+    except Exception:
+        log.exception("the gateway app could not be built; stopping")
+        sys.exit(STARTUP_FAILURE)
+
+
+def _probe(tlog: Any, server: ServerState | None) -> dict[str, float]:
+    """Gauges for /metrics, from what the process already knows (no database reads). With
+    several workers, the sequencer's and anchorer's sizes are those of the worker that leads,
+    as it last reported them (every ROLL_CALL_SECONDS)."""
     cp = tlog.anchorer.latest
-    return {
+    gauges = {
         "tree_size": float(tlog.sequencer.size),
         "checkpoint_size": float(cp.size if cp else 0),
         "checkpoint_published_size": float(tlog.tail.checkpoint_size),
         "sequencer_leader": 1.0 if tlog.sequencer.is_leader else 0.0,
     }
+    if server is not None:
+        workers = server.workers()
+        leader = next((w for w in workers if w.leads), None)
+        gauges["workers"] = float(len(workers))
+        gauges["sequencer_leader"] = 0.0 if leader is None else 1.0
+        if leader is not None and not tlog.sequencer.is_leader:
+            gauges["tree_size"] = float(leader.tree_size)
+            gauges["checkpoint_size"] = float(leader.checkpoint_size)
+    return gauges
+
+
+def _notice_exit_signals(stopping: asyncio.Event) -> Callable[[], None]:
+    """Set `stopping` on SIGTERM or SIGINT, then let the server's own handler (uvicorn's,
+    installed before the lifespan starts) stop the server as it would have. uvicorn waits for
+    open responses before it shuts the app down, and an event stream never ends by itself:
+    told, it ends with a resume point instead of being cancelled at the grace period's end.
+    Returns the function that puts the previous handlers back. Does nothing outside the main
+    thread, or where no handler is installed to chain to (an app run in a test)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Callable[[int, Any], Any]] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to tell
+            loop.call_soon_threadsafe(stopping.set)
+        previous[signum](signum, frame)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        installed = signal.getsignal(signum)
+        if callable(installed):
+            previous[signum] = installed
+            signal.signal(signum, handler)
+
+    def restore() -> None:
+        for signum, installed in previous.items():
+            if signal.getsignal(signum) is handler:
+                signal.signal(signum, installed)
+
+    return restore
+
+
+def _server_leads(tlog: Any, server: ServerState | None) -> bool:
+    """Whether this process, or with several workers any of them, holds the sequencer lease."""
+    if server is None:
+        return bool(tlog.sequencer.is_leader)
+    return server.leader() is not None
+
+
+ROLL_CALL_SECONDS = 0.2
+
+
+async def _roll_call(tlog: Any, server: ServerState) -> None:
+    """Keep this worker's entry in the server's worker table saying whether it sequences, and
+    the sizes its sequencer and anchorer know (for /metrics on the other workers)."""
+    while True:
+        cp = tlog.anchorer.latest
+        server.report(tlog.sequencer.is_leader, tlog.sequencer.size, cp.size if cp else 0)
+        await asyncio.sleep(ROLL_CALL_SECONDS)
 
 
 async def _prepare(service: PrescriptionService) -> None:

@@ -1,5 +1,12 @@
 """Prometheus metrics of one app, in a registry of its own so that several apps (tests) in one
-process do not clash. Served by the app at /metrics in the Prometheus text format."""
+process do not clash. Served by the app at /metrics in the Prometheus text format.
+
+Under `rxledger serve --workers N` (N > 1) every worker writes its counters and histograms to
+prometheus_client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, set by the parent), and
+/metrics, whichever worker answers it, reports them summed over all the server's workers,
+those that have exited included (counters never go down). The ledger gauges are read at the
+scrape: the tree and checkpoint sizes as the answering worker has followed the log (all
+workers follow the same log), `sequencer_leader` and `workers` for the server as a whole."""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ from functools import partial
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.extensions import SchemaExtension
 
@@ -29,7 +37,8 @@ LEDGER_GAUGES = {
     "checkpoint_published_size": "Tree size of the latest published checkpoint (with "
     "RXLEDGER_WITNESS_QUORUM, the latest its witnesses cosigned); -1 before the first.",
     "queued_groups": "Intent groups queued and not yet sequenced.",
-    "sequencer_leader": "1 if this process holds the sequencer lease, else 0.",
+    "sequencer_leader": "1 if this server (one of its workers) holds the sequencer lease, else 0.",
+    "workers": "Gateway worker processes of this server alive.",
 }
 
 LedgerProbe = Callable[[], Mapping[str, float]]
@@ -67,9 +76,12 @@ class LedgerCollector:
 
 
 class Metrics:
-    """The counters, histograms and ledger gauges of one app."""
+    """The counters, histograms and ledger gauges of one app. With `multiprocess_dir` (the
+    server's PROMETHEUS_MULTIPROC_DIR), render() reports the counters and histograms of every
+    process writing there."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         registry = self.registry
         self.http_requests = Counter(
@@ -134,7 +146,12 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The /metrics response: body and content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        registry.register(self.ledger)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
 class CountOperations(SchemaExtension):

@@ -188,13 +188,16 @@ class Gateway:
 
 def gateway_env(uri: str, database: str, var_dir: Path, **settings: str) -> dict[str, str]:
     """The gateway's environment: ours without any RXLEDGER_ setting, then database `database`
-    at `uri`, its files under `var_dir`, no rate limit, and `settings` last."""
+    at `uri`, its files under `var_dir`, no rate limit, one worker process (the figures, CPU
+    and memory read by its pid, are those of one process, as the baselines' are), and
+    `settings` last."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RXLEDGER_")}
     env.update(
         MONGODB_URI=uri,
         RXLEDGER_DB=database,
         RXLEDGER_VAR_DIR=str(var_dir),
         RXLEDGER_RATE_LIMIT="0",
+        RXLEDGER_WORKERS="1",
         **settings,
     )
     return env

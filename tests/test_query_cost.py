@@ -473,7 +473,11 @@ class Stocked:
 @pytest.fixture(scope="module")
 def stocked(mongo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stocked]:
     tmp = tmp_path_factory.mktemp("cost")
-    env = env_for(mongo_uri, f"t_cost_{tmp.name[-8:]}", tmp, RXLEDGER_RATE_LIMIT="0")
+    # One worker: the tests read the gateway's CPU time from its process (`rxledger serve`
+    # runs one per core by default, and its parent only supervises them).
+    env = env_for(
+        mongo_uri, f"t_cost_{tmp.name[-8:]}", tmp, RXLEDGER_RATE_LIMIT="0", RXLEDGER_WORKERS="1"
+    )
     secret = load_dev_secret(Path(env["RXLEDGER_VAR_DIR"]))
     base, proc = serve(env, tmp / "gateway.log")
     try:
