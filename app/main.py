@@ -64,7 +64,13 @@ from app.logserver import LogServer
 from app.metrics import Metrics, MetricsMiddleware
 from app.service import PrescriptionService
 from app.settings import Settings, announce_mode
-from app.workers import METRICS_DIR_ENV, SERVER_STATE_ENV, ServerState, configure_logging
+from app.workers import (
+    METRICS_DIR_ENV,
+    SERVER_STATE_ENV,
+    ServerState,
+    configure_logging,
+    exit_with_parent,
+)
 from schema.loaders import LoadersPerOperation
 from schema.root import make_schema
 from schema.subscriptions import HANDOFF, FanOut, Handoff
@@ -505,6 +511,7 @@ def serve_app() -> Starlette:
     instead of restarting a worker that can only fail again."""
     if os.environ.get(SERVER_STATE_ENV):
         configure_logging()  # a worker: before anything can fail
+        exit_with_parent()
     try:
         return create_app()
     except Exception:

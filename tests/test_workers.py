@@ -528,3 +528,20 @@ def test_the_rate_limiter_benchmark_runs_at_a_tiny_size():
     assert out.returncode == 0, out.stderr
     for label in ("in-process", "shared", "contended", "load average"):
         assert label in out.stdout, out.stdout
+
+
+# --- a supervisor that is killed takes its workers with it -------------------------------------------
+
+
+async def test_workers_of_a_supervisor_killed_with_sigkill_exit_instead_of_serving_on(start_server):
+    # SIGKILL (the OOM killer, a `kill -9`) gives the supervisor no chance to stop its workers;
+    # orphans would keep the port, the lease and the log's tail, unsupervised.
+    server = await start_server()
+    pids = list(await _worker_pids(server))
+    assert len(pids) == WORKERS
+    server.proc.kill()
+    server.proc.wait()
+    deadline = time.monotonic() + SHUTDOWN_BOUND
+    while not all(_gone(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"workers {pids} outlived their supervisor"
+        await asyncio.sleep(0.1)
