@@ -49,6 +49,9 @@ def env_for(mongo_uri: str, db_name: str, tmp_path: Path, **extra: str) -> dict[
         # No rate limit unless the test sets one: tests sharing a gateway would share its
         # buckets (and its rxledger_rate_limited_total), and a test polling it could drain them.
         RXLEDGER_RATE_LIMIT="0",
+        # One process per gateway: the suite starts many on two cores. test_workers.py runs
+        # `serve --workers 2` (the default there) and checks what differs with several.
+        RXLEDGER_WORKERS="1",
     )
     env.update(extra)
     return env
