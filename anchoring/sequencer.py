@@ -375,12 +375,14 @@ class Sequencer:
     def _scan_due(self, paced: bool) -> bool:
         """Whether to read `pending` before this batch. A read decodes all of it on FerretDB,
         so reads are spaced out, the more so while they find nothing this process did not
-        hand over itself: busy with handed-over groups, scan_interval (up to 8 times it);
+        hand over itself: busy with handed-over groups, scan_interval (up to twice it);
         idle, poll_interval (up to scan_interval) when `paced`, else always. A group that
         waits for a read gets one at once."""
         if self._unscanned:
             return True
-        backoff: float = 2 ** min(self._quiet, 3)
+        # At most doubled: with `serve --workers N` the other workers' groups reach this
+        # process only through these reads, and wait for them.
+        backoff: float = 2 ** min(self._quiet, 1)
         if any(g in self._markers for g in self._queue):
             interval = self.settings.scan_interval * backoff
         elif paced:
