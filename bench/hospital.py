@@ -3,7 +3,7 @@
 Runs against MONGODB_URI, or starts its own FerretDB in a temporary directory. For each size
 in --sizes (ascending; the same two databases grow from one size to the next):
 
-  preload    issue prescriptions until the gateway's database holds SIZE, directly through
+  preload    issue prescriptions until SIZE were preloaded in all, directly through
              app.service.PrescriptionService (not the HTTP API) with the log running in this
              process (its sequencer and anchorer, as in the gateway), PRELOAD_CONCURRENCY issues
              in flight (the ledger's appends and the sequencer batch them); then wait until a
@@ -22,7 +22,8 @@ in --sizes (ascending; the same two databases grow from one size to the next):
                schedule whatever the answers, and latency runs from the scheduled time
     mutations  dispensePrescription on preloaded prescriptions, then issuePrescription, closed
                loop for DURATION s each, both sides (the gateway as the pharmacy's pharmacist and
-               the prescriber, with real JWTs)
+               the prescriber, with real JWTs; the prescriptions these issue stay in both
+             databases, beside the preloaded ones)
              then stop both (the next size's preload needs the sequencer lease).
 
 Targets, each printed met or NOT MET, with the load average (os.getloadavg) of the run:
@@ -199,12 +200,13 @@ async def preload(
     gateway_db: str,
     baseline_db: str,
     var_dir: Path,
+    have: int,
     target: int,
     concurrency: int,
     timeout: float,
 ) -> tuple[Preloaded, list[str]]:
-    """Issue prescriptions through the service until the gateway's database holds `target`,
-    with the log (sequencer, anchorer) running here, and copy them into the baseline's
+    """Issue prescriptions through the service until `target` were preloaded (`have` were
+    already), with the log (sequencer, anchorer) running here, and copy them into the baseline's
     database; returns the figures and the ids issued."""
     with environment(gateway_env(uri, gateway_db, var_dir)):
         settings = Settings.from_env()
@@ -217,7 +219,6 @@ async def preload(
     ids: list[str] = []
     try:
         await service.ensure_indexes()
-        have = await service.prescriptions.estimated_document_count()
         numbers = iter(range(have, target))
         copies: list[dict[str, Any]] = []
         await tlog.start()
@@ -282,6 +283,15 @@ async def preload(
 # --- measuring -------------------------------------------------------------------------------
 
 
+@dataclass
+class Run(Measurement):
+    """A measurement whose requests may time out: a request unanswered within --timeout is
+    not an error (the answer is not wrong, only late) but a figure; its latency counts as
+    what it was when given up, a lower bound, and it does not count towards the rate."""
+
+    timeouts: int = 0
+
+
 async def closed_loop(
     connections: list[httpx.AsyncClient],
     workload: str,
@@ -289,13 +299,13 @@ async def closed_loop(
     next_operation: Callable[[], Operation | None],
     warmup: float,
     duration: float,
-) -> Measurement:
+) -> Run:
     """One client per connection, each sending its next request when it has the answer to the
     last. The window opens once every client has had an answer and `warmup` seconds passed;
     requests sent in the window count (their latencies, and the rate: requests counted / from
     the window's start to the last of their answers), so a server slower than the window still
     yields figures, and the run lasts about warm-up + duration + two latencies."""
-    m = Measurement(workload, app.name)
+    m = Run(workload, app.name)
     warm_until = time.perf_counter() + warmup
     answered_once = 0
     window_start = window_end = float("inf")
@@ -310,8 +320,11 @@ async def closed_loop(
                 return
             counted = time.perf_counter() >= window_start
             t0 = time.perf_counter()
+            late = False
             try:
                 problem = await operation(http)
+            except httpx.TimeoutException:
+                problem, late = None, True
             except httpx.HTTPError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             t1 = time.perf_counter()
@@ -321,9 +334,12 @@ async def closed_loop(
                 if len(m.samples) < 5:
                     m.samples.append(problem)
             if counted:
-                m.ops += 1
                 m.latencies.append(t1 - t0)
                 last_answer = max(last_answer, t1)
+                if late:
+                    m.timeouts += 1
+                else:
+                    m.ops += 1
             if first:
                 first = False
                 answered_once += 1
@@ -332,7 +348,7 @@ async def closed_loop(
                 window_end = window_start + duration
 
     await asyncio.gather(*(client(http) for http in connections))
-    if m.ops:
+    if m.latencies:
         m.seconds = max(last_answer, window_end) - window_start
     return m
 
@@ -346,13 +362,13 @@ async def open_loop(
     connections: list[httpx.AsyncClient],
     seed: int,
     patience: float,
-) -> tuple[Measurement, int]:
+) -> Run:
     """prescription(id) with proofs sent at `rate`/s for `seconds`, on a schedule that does not
     wait for answers; each latency runs from the request's scheduled time (so time waiting for
     a free connection counts). Each answer is checked. Requests still unanswered `patience`
-    seconds after the last was scheduled are abandoned: their latency counts as what it was
-    then (a lower bound) and their number is returned."""
-    m = Measurement("open", app.name)
+    seconds after the last was scheduled are abandoned: like those that time out, they count
+    as timeouts, with their latency as it was then (a lower bound)."""
+    m = Run("open", app.name)
     rng = random.Random(seed)
     free: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
     for c in connections:
@@ -371,6 +387,9 @@ async def open_loop(
                     if p is None or p["id"] != rid
                     else check_proofs(p)
                 )
+        except httpx.TimeoutException:
+            problem = None
+            m.timeouts += 1
         except httpx.HTTPError as exc:
             problem = f"{type(exc).__name__}: {exc}"
         finally:
@@ -396,9 +415,10 @@ async def open_loop(
         task.cancel()
         m.latencies.append(abandoned_at - scheduled_at[task])
     await asyncio.gather(*pending, return_exceptions=True)
+    m.timeouts += len(pending)
     m.ops = count
     m.seconds = time.perf_counter() - start
-    return m, len(pending)
+    return m
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -408,9 +428,8 @@ async def open_loop(
 class Stage:
     size: int
     preloaded: Preloaded
-    runs: dict[tuple[str, str], Measurement] = field(default_factory=dict)
+    runs: dict[tuple[str, str], Run] = field(default_factory=dict)
     open_rate: float = 0.0
-    abandoned: int = 0  # open-loop requests still unanswered at the end
     verified: int = 0
     problems: list[str] = field(default_factory=list)
     log: str = ""
@@ -463,7 +482,7 @@ async def serve_and_measure(
         }
         http = connections["gateway"][0]
 
-        async def run(workload: str, app: App, next_operation: Any) -> Measurement:
+        async def run(workload: str, app: App, next_operation: Any) -> Run:
             progress(
                 f"  {workload} on the {app.name}: {plan.warmup:g} s warm-up (and until every "
                 f"client had an answer), then {plan.duration:g} s ..."
@@ -475,6 +494,7 @@ async def serve_and_measure(
             progress(
                 f"    {shown(m.rate, ',.1f')}/s, p50 {shown(m.latency_ms(0.5), ',.1f')} ms, "
                 f"p99 {shown(m.latency_ms(0.99), ',.1f')} ms"
+                + (f"; {m.timeouts} timed out" if m.timeouts else "")
                 + (f"; {m.errors} ERRORS, e.g. {m.samples[0][:200]}" if m.errors else "")
             )
             return m
@@ -487,7 +507,7 @@ async def serve_and_measure(
             f"  open loop on the gateway: {stage.open_rate:,.1f} requests/s for "
             f"{plan.duration:g} s ..."
         )
-        m, stage.abandoned = await open_loop(
+        m = await open_loop(
             gateway,
             ids,
             reader,
@@ -502,12 +522,15 @@ async def serve_and_measure(
             f"    p50 {shown(m.latency_ms(0.5), ',.1f')} ms, p99 "
             f"{shown(m.latency_ms(0.99), ',.1f')} ms"
             + (f"; {m.errors} ERRORS" if m.errors else "")
-            + (f"; {stage.abandoned} abandoned unanswered" if stage.abandoned else "")
+            + (f"; {m.timeouts} unanswered within {plan.timeout:g} s" if m.timeouts else "")
         )
 
         sample = random.Random(seed).sample(ids, min(5, len(ids)))
-        stage.verified, found = await verify_offline(http, gateway, sample, reader)
-        stage.problems.extend(found)
+        try:
+            stage.verified, found = await verify_offline(http, gateway, sample, reader)
+            stage.problems.extend(found)
+        except httpx.TimeoutException:
+            progress(f"  offline verification skipped: no answer within {plan.timeout:g} s")
 
         # Mutations: dispense preloaded prescriptions never dispensed before (the same ones, in
         # the same order, on both sides), then issue new ones.
@@ -573,9 +596,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--timeout",
         type=float,
-        default=120.0,
-        help="seconds a request may take before it counts as an error, and to wait for a "
-        "checkpoint after a preload (default %(default)s)",
+        default=30.0,
+        help="seconds a request may take: one unanswered by then counts as timed out (a "
+        "figure, not an error), its latency as this lower bound (default %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=1, help="random seed (default %(default)s)")
     parser.add_argument(
@@ -658,9 +681,17 @@ def report(stages: list[Stage], plan: Plan, server: str, loads: list[tuple[float
         print(f"figure: baseline_read_rate_{n} = {s.rate('read', 'baseline'):.2f}")
         print(f"figure: open_rate_{n} = {s.open_rate:.2f}")
         print(f"figure: open_p99_ms_{n} = {s.latency('open', 'gateway', 0.99):.2f}")
-        print(f"figure: open_abandoned_{n} = {s.abandoned}")
+        for workload, app in s.runs:
+            print(f"figure: timeouts_{workload}_{app}_{n} = {s.runs[(workload, app)].timeouts}")
         print(f"ratio: read_vs_baseline_{n} = {s.ratio('read'):.3f}")
         print(f"ratio: mutations_vs_baseline_{n} = {s.mutation_ratio():.3f}")
+        late = {w: m.timeouts for (w, a), m in s.runs.items() if a == "gateway" and m.timeouts}
+        if late:
+            print(
+                f"timed out on the gateway (unanswered within {plan.timeout:g} s; their latency "
+                f"counts as {plan.timeout:g} s, a lower bound): "
+                + ", ".join(f"{w} {n:,}" for w, n in late.items())
+            )
         print(f"(gateway log: {s.log}; {s.verified} proofs verified offline)")
         print()
 
@@ -751,9 +782,10 @@ def main() -> int:
                             gateway_db,
                             baseline_db,
                             tmp / "var",
+                            len(ids),
                             size,
                             args.preload_concurrency,
-                            args.timeout,
+                            max(300.0, args.timeout),
                         )
                     )
                     progress(
@@ -769,7 +801,7 @@ def main() -> int:
                         gateway,
                         "/readyz",
                         lambda r: r.status_code == 200 and r.json()["sequencerLeader"],
-                        timeout=max(60.0, args.timeout),
+                        timeout=600.0,  # its start-up sweep reads every event
                     )
                     wait_until_up(baseline, "/healthz", lambda r: r.status_code == 200)
                     progress(f"  gateway on {gateway.base}, baseline on {baseline.base}")

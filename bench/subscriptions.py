@@ -77,6 +77,7 @@ from bench.processes import (  # noqa: E402
     Broken,
     Gateway,
     cpu_seconds,
+    drop_databases,
     gateway_env,
     pct,
     progress,
@@ -901,6 +902,9 @@ async def run(
         return 1 if broken else 0
     finally:
         gateway.stop()
+        if server_pid is None:  # MONGODB_URI's server: ours to clean, not to stop
+            with contextlib.suppress(Exception):
+                await drop_databases(uri, [database])
 
 
 def main() -> int:
