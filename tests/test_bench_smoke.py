@@ -107,18 +107,21 @@ def test_graphql_bench_prints_rates_and_ratios_at_tiny_size(mongo_uri, server):
 def test_subscriptions_bench_prints_memory_latency_and_targets_at_tiny_size(mongo_uri, server):
     out = run_bench(
         "subscriptions.py",
-        [
-            "--subscribers", "3", "--clients", "1", "--writers", "2", "--events", "3",
-            "--paced-seconds", "1", "--rate", "2", "--settle", "0.2", "--timeout", "60",
-        ],  # fmt: skip
+        (
+            "--subscribers 3 --clients 1 --writers 2 --events 3 --paced-seconds 1 --rate 2 "
+            "--settle 0.2 --timeout 60"
+        ).split(),
         mongo_uri,
         server,
     )
     parsed(rf"^\s+3 idle subscribers, the same sockets\s+{NUMBER}\s+{NUMBER}", out)
     ratios = parsed(rf"^\s+3:1\s+({NUMBER})x\s+({NUMBER})x", out)
     assert len(ratios) == 2  # closed loop and paced
-    p99 = parsed(rf"delivery p99 at 3 subscribers, (closed loop|paced).*?: ({NUMBER}) ms; "
-                 r"target <= 500 ms: (met|NOT MET)", out)  # fmt: skip
+    p99 = parsed(
+        rf"delivery p99 at 3 subscribers, (closed loop|paced).*?: ({NUMBER}) ms; "
+        r"target <= 500 ms: (met|NOT MET)",
+        out,
+    )
     assert {kind for kind, _, _ in p99} == {"closed loop", "paced"}
     assert out.count("exactly once, in leafIndex order") == 4
     assert "load average" in out
@@ -127,34 +130,43 @@ def test_subscriptions_bench_prints_memory_latency_and_targets_at_tiny_size(mong
 def test_tiles_bench_prints_serving_audit_and_proof_ratios_at_tiny_size(mongo_uri, server):
     out = run_bench(
         "tiles.py",
-        [
-            "--entries", "256", "--clients", "2", "--duration", "0.5", "--warmup", "0",
-            "--repeat", "1", "--proofs", "3", "--appenders", "4",
-        ],  # fmt: skip
+        (
+            "--entries 256 --clients 2 --duration 0.5 --warmup 0 --repeat 1 --proofs 3 "
+            "--appenders 4"
+        ).split(),
         mongo_uri,
         server,
     )
     assert "rxledger auditor paths, N = 256 entries" in out
-    assert parsed(rf"({NUMBER})x", out)
-    assert "load average" in out
+    summary = out[out.index("\nSummary\n") :]
+    serving = parsed(rf"^\s+GET /log/\S+.*?\s({NUMBER}) req/s\s+({NUMBER})x hz$", summary)
+    assert len(serving) >= 3 and all(number(rate) > 0 for rate, _ in serving)
+    assert parsed(rf"^\s+audit .*?({NUMBER}) s, ({NUMBER})/s\s+({NUMBER})x db$", summary)
+    assert parsed(rf"^\s+proof: .*?({NUMBER}) ms\s+({NUMBER})x gql$", summary)
+    assert "load average" in out and "errors: none" in out
 
 
 def test_ferretdb_index_bench_prints_lookup_ratios_at_tiny_size(mongo_uri, server):
-    out = run_bench(
-        "ferretdb_index.py", ["--sizes", "50,100", "--lookups", "3"], mongo_uri, server
+    out = run_bench("ferretdb_index.py", ["--sizes", "50,100", "--lookups", "3"], mongo_uri, server)
+    rows = parsed(
+        rf"^(find_one str|find_one int|update_one int)\s+({NUMBER}) ms \(\s*({NUMBER})x\)"
+        rf"\s+({NUMBER}) ms \(\s*({NUMBER})x\)$",
+        out,
     )
-    for operation in ("find_one str", "find_one int", "update_one int"):
-        assert operation in out
-    assert parsed(rf"({NUMBER})x", out)
+    assert {r[0] for r in rows} == {"find_one str", "find_one int", "update_one int"}
+    for _, small, one, large, ratio in rows:
+        assert number(one) == 1.0
+        assert number(ratio) == pytest.approx(number(large) / number(small), rel=0.1, abs=0.06)
+    assert "load average" in out
 
 
 def test_hospital_bench_prints_figures_ratios_and_targets_at_tiny_sizes(mongo_uri, server):
     out = run_bench(
         "hospital.py",
-        [
-            "--sizes", "12,24", "--duration", "0.5", "--warmup", "0", "--clients", "2",
-            "--preload-concurrency", "4", "--timeout", "60",
-        ],  # fmt: skip
+        (
+            "--sizes 12,24 --duration 0.5 --warmup 0 --clients 2 --preload-concurrency 4 "
+            "--timeout 60"
+        ).split(),
         mongo_uri,
         server,
     )
