@@ -24,7 +24,10 @@ in --sizes (ascending; the same two databases grow from one size to the next):
                loop for DURATION s each, both sides (the gateway as the pharmacy's pharmacist and
                the prescriber, with real JWTs; the prescriptions these issue stay in both
              databases, beside the preloaded ones)
-             then stop both (the next size's preload needs the sequencer lease).
+             then stop both (the next size's preload needs the sequencer lease). Each
+             measurement, the baseline's first, starts once the gateway and the server (when
+             started here) use less than 0.3 of a core (at most --timeout seconds), so what a
+             timed-out client left running does not load the next one.
 
 Targets, each printed met or NOT MET, with the load average (os.getloadavg) of the run:
 prescription(id) p50 and p99 at the largest size within 1.5x of the smallest; reads >= 0.8x
@@ -96,6 +99,7 @@ from bench.graphql import (  # noqa: E402
 from bench.processes import (  # noqa: E402
     Broken,
     copy_logs,
+    cpu_seconds,
     drop_databases,
     gateway_env,
     progress,
@@ -108,6 +112,7 @@ READ_TARGET = 0.8  # gateway / baseline prescription(id) per second
 MUTATION_TARGET = 0.6  # gateway / baseline mutations per second
 GROWTH_TARGET = 1.5  # prescription(id) latency at the largest size / at the smallest
 OPEN_P99_TARGET_MS = 50.0  # open-loop p99 at half the baseline's saturated rate
+QUIET = 0.3  # share of a core the gateway and the server may use for a measurement to start
 BASELINE_FIELDS = (
     "status",
     "version",
@@ -421,6 +426,19 @@ async def open_loop(
     return m
 
 
+async def quiesce(pids: list[int], patience: float) -> float:
+    """Wait until the processes `pids` (the gateway and the database server) together use less
+    than QUIET of a core over a second, so the requests a timed-out client left running on one
+    side do not load the next measurement; at most `patience` seconds. Returns the wait."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < patience:
+        before = sum(cpu_seconds(pid) for pid in pids)
+        await asyncio.sleep(1.0)
+        if sum(cpu_seconds(pid) for pid in pids) - before < QUIET:
+            break
+    return time.perf_counter() - started
+
+
 # --- the run ---------------------------------------------------------------------------------
 
 
@@ -464,10 +482,20 @@ async def serve_and_measure(
     reader: dict[str, str],
     seed: int,
     dispensed: set[str],
+    server_pid: int | None,
 ) -> None:
-    """Reads, the open loop, then mutations, on the running gateway and baseline; `ids` are
-    the preloaded prescriptions, `dispensed` those an earlier stage dispensed (updated)."""
+    """Reads, the open loop, then mutations, on the running gateway and baseline, the baseline
+    first each time; `ids` are the preloaded prescriptions, `dispensed` those an earlier stage
+    dispensed (updated). Each measurement starts once the gateway and the server (when
+    started here) are quiet."""
     gateway, baseline = apps
+    busy = [gateway.process.pid] + ([] if server_pid is None else [server_pid])
+
+    async def quiet() -> None:
+        waited = await quiesce(busy, plan.timeout)
+        if waited > 1.5:
+            progress(f"  (waited {waited:.0f} s for the gateway and the server to go quiet)")
+
     async with contextlib.AsyncExitStack() as stack:
         one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
         tls = httpx.create_ssl_context()
@@ -483,6 +511,7 @@ async def serve_and_measure(
         http = connections["gateway"][0]
 
         async def run(workload: str, app: App, next_operation: Any) -> Run:
+            await quiet()
             progress(
                 f"  {workload} on the {app.name}: {plan.warmup:g} s warm-up (and until every "
                 f"client had an answer), then {plan.duration:g} s ..."
@@ -503,6 +532,7 @@ async def serve_and_measure(
         await run("read", baseline, querying(baseline, PLAIN_QUERY, ids, {}, seed))
         await run("read", gateway, querying(gateway, PROOF_QUERY, ids, reader, seed))
         stage.open_rate = open_rate or 0.5 * stage.rate("read", "baseline")
+        await quiet()
         progress(
             f"  open loop on the gateway: {stage.open_rate:,.1f} requests/s for "
             f"{plan.duration:g} s ..."
@@ -536,11 +566,11 @@ async def serve_and_measure(
         # the same order, on both sides), then issue new ones.
         fresh = [rid for rid in ids if rid not in dispensed]
         picked = random.Random(seed).sample(fresh, min(len(fresh), 20_000))
-        for app in apps:
+        for app in (baseline, gateway):
             queue = deque(picked)
             await run("dispense", app, dispensing(app, queue))
             dispensed.update(picked[: len(picked) - len(queue)])
-        for app in apps:
+        for app in (baseline, gateway):
             await run("issue", app, issuing(app, deque()))
 
 
@@ -815,6 +845,7 @@ def main() -> int:
                             reader,
                             args.seed + size,
                             dispensed,
+                            None if ferret is None else ferret.pid,
                         )
                     )
                     stage.log = log_summary(gateway)
