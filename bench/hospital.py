@@ -26,8 +26,8 @@ in --sizes (ascending; the same two databases grow from one size to the next):
              databases, beside the preloaded ones)
              then stop both (the next size's preload needs the sequencer lease). Each
              measurement, the baseline's first, starts once the gateway and the server (when
-             started here) use less than 0.3 of a core (at most --timeout seconds), so what a
-             timed-out client left running does not load the next one.
+             started here) are idle (less than 0.3 of a core, rarely runnable; at most --timeout
+             seconds), so what a timed-out client left running does not load the next one.
 
 Targets, each printed met or NOT MET, with the load average (os.getloadavg) of the run:
 prescription(id) p50 and p99 at the largest size within 1.5x of the smallest; reads >= 0.8x
@@ -426,15 +426,30 @@ async def open_loop(
     return m
 
 
+def runnable_threads(pid: int) -> int:
+    """How many threads of process `pid` are running or waiting for a core (state R)."""
+    count = 0
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/stat") as f:
+                count += f.read().rsplit(")", 1)[1].split()[0] == "R"
+    return count
+
+
 async def quiesce(pids: list[int], patience: float) -> float:
-    """Wait until the processes `pids` (the gateway and the database server) together use less
-    than QUIET of a core over a second, so the requests a timed-out client left running on one
-    side do not load the next measurement; at most `patience` seconds. Returns the wait."""
+    """Wait until the processes `pids` (the gateway and the database server) are idle: over a
+    second, they used less than QUIET of a core and had a thread running or waiting for a core
+    in at most a fifth of 20 samples (on a machine short of cores a busy process gets little
+    CPU time, but stays runnable). So the requests a timed-out client left running on one side
+    do not load the next measurement. At most `patience` seconds; returns the wait."""
     started = time.perf_counter()
     while time.perf_counter() - started < patience:
         before = sum(cpu_seconds(pid) for pid in pids)
-        await asyncio.sleep(1.0)
-        if sum(cpu_seconds(pid) for pid in pids) - before < QUIET:
+        runnable = 0
+        for _ in range(20):
+            runnable += any(runnable_threads(pid) for pid in pids)
+            await asyncio.sleep(0.05)
+        if sum(cpu_seconds(pid) for pid in pids) - before < QUIET and runnable <= 4:
             break
     return time.perf_counter() - started
 
