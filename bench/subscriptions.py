@@ -1,8 +1,8 @@
 """Subscription benchmark: a thousand graphql-transport-ws subscribers on one gateway process.
 
-Runs against MONGODB_URI, or starts its own FerretDB in a temporary directory; the gateway is a
-real uvicorn process (`python -m app.cli serve`). The client sockets live in several client
-processes (multiprocessing), so one Python client process is not the bottleneck; the writers
+Runs against MONGODB_URI (its database there is dropped at the end), or starts its own FerretDB
+in a temporary directory; the gateway is a real uvicorn process (`python -m app.cli serve`).
+The client sockets live in several client processes (multiprocessing), so one Python client process is not the bottleneck; the writers
 post issuePrescription mutations over HTTP from this process. Everything shares the machine's
 cores (and whatever else runs on it): the report says how much CPU each side used.
 
