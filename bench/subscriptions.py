@@ -4,8 +4,8 @@ Runs against MONGODB_URI (its database there is dropped at the end), or starts i
 in a temporary directory; the gateway is a real uvicorn process (`python -m app.cli serve`).
 The client sockets live in several client processes (multiprocessing), so one Python client
 process is not the bottleneck; the writers post issuePrescription mutations over HTTP from this
-process. Everything shares the machine's
-cores (and whatever else runs on it): the report says how much CPU each side used.
+process. Everything shares the machine's cores (and whatever else runs on it): the report says
+how much CPU each side used.
 
 Phases, in one run, each with its baseline measured in the same run:
 
