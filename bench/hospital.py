@@ -19,7 +19,8 @@ in --sizes (ascending; the same two databases grow from one size to the next):
                proof per event), the baseline with the plain fields: rate, p50/p99
     open loop  prescription(id) with proofs at a fixed rate, half the baseline's saturated
                read rate just measured (or --open-rate), for DURATION s: requests go out on a
-               schedule whatever the answers, and latency runs from the scheduled time
+               schedule whatever the answers, over the gateway's CLIENTS connections (a request
+               waits for a free one), and latency runs from the scheduled time
     mutations  dispensePrescription on preloaded prescriptions, then issuePrescription, closed
                loop for DURATION s each, both sides (the gateway as the pharmacy's pharmacist and
                the prescriber, with real JWTs; the prescriptions these issue stay in both
