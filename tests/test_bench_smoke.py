@@ -183,10 +183,12 @@ def test_hospital_bench_prints_figures_ratios_and_targets_at_tiny_sizes(mongo_ur
             figures[f"read_rate_{size}"] / figures[f"baseline_read_rate_{size}"], rel=0.01
         )
         assert ratios[f"mutations_vs_baseline_{size}"] > 0
+        assert ratios[f"dispense_vs_baseline_{size}"] > 0
+        assert ratios[f"issue_vs_baseline_{size}"] > 0
     assert ratios["read_p50_24_vs_12"] == pytest.approx(
         figures["read_p50_ms_24"] / figures["read_p50_ms_12"], rel=0.01
     )
-    assert len(targets(out)) == 2 + 3 * 2
+    assert len(targets(out)) == 2 + 5 * 2
     assert figures["load_average"] >= 0
     assert "errors: none" in out
 
