@@ -84,10 +84,12 @@ test: venv ferretdb browser ## lint, typecheck, then the test suite
 	@$(MAKE) --no-print-directory typecheck
 	$(VENV)/bin/python -m pytest
 
-bench: venv ferretdb ## run the benchmarks (bench/ledger.py, graphql.py, subscriptions.py, tiles.py, ferretdb_index.py)
+bench: venv ferretdb ## run the benchmarks (bench/*.py; each has --help); minutes, 10^5 rows
 	$(VENV)/bin/python bench/ledger.py
 	$(VENV)/bin/python bench/graphql.py
-	$(VENV)/bin/python bench/subscriptions.py
+	$(VENV)/bin/python bench/hospital.py --sizes 1000,100000
+	$(VENV)/bin/python bench/proofs.py --sizes 10000,1000000
+	$(VENV)/bin/python bench/subscriptions.py --rate 1
 	$(VENV)/bin/python bench/tiles.py
 	$(VENV)/bin/python bench/ferretdb_index.py
 

@@ -1,10 +1,11 @@
 """Subscription benchmark: a thousand graphql-transport-ws subscribers on one gateway process.
 
-Runs against MONGODB_URI, or starts its own FerretDB in a temporary directory; the gateway is a
-real uvicorn process (`python -m app.cli serve`). The client sockets live in several client
-processes (multiprocessing), so one Python client process is not the bottleneck; the writers
-post issuePrescription mutations over HTTP from this process. Everything shares the machine's
-cores (and whatever else runs on it): the report says how much CPU each side used.
+Runs against MONGODB_URI (its database there is dropped at the end), or starts its own FerretDB
+in a temporary directory; the gateway is a real uvicorn process (`python -m app.cli serve`).
+The client sockets live in several client processes (multiprocessing), so one Python client
+process is not the bottleneck; the writers post issuePrescription mutations over HTTP from this
+process. Everything shares the machine's cores (and whatever else runs on it): the report says
+how much CPU each side used.
 
 Phases, in one run, each with its baseline measured in the same run:
 
@@ -77,6 +78,7 @@ from bench.processes import (  # noqa: E402
     Broken,
     Gateway,
     cpu_seconds,
+    drop_databases,
     gateway_env,
     pct,
     progress,
@@ -901,6 +903,9 @@ async def run(
         return 1 if broken else 0
     finally:
         gateway.stop()
+        if server_pid is None:  # MONGODB_URI's server: ours to clean, not to stop
+            with contextlib.suppress(Exception):
+                await drop_databases(uri, [database])
 
 
 def main() -> int:
