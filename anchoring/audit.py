@@ -4,7 +4,8 @@ Reads every entry in index order with its ledger event, recomputes each leaf fro
 header, rebuilds the tree, compares every stored tile and every checkpoint's root, verifies each
 checkpoint's signature and the consistency between consecutive checkpoints, and that each
 entry's position (from the head's `positionsFrom` on, or wherever one is stored) names it.
-Reports the first divergence with the index, tile or checkpoint where it shows.
+Reports the first divergence with the index, tile or checkpoint where it shows; positions that
+disagree with the entries come after the replay's findings.
 """
 
 from __future__ import annotations
@@ -111,6 +112,9 @@ async def _audit(
     head = await store.head()
     published = int(head.get("size", 0))
     positioned = head.get("positionsFrom")
+    # Positions are an index of the entries: what disagrees there is reported after the
+    # replay's own findings, whose first one is the first divergence.
+    misplaced: list[str] = []
     checkpoints = await _load_checkpoints(store, verifiers, problem)
     report.checkpoints = len(checkpoints)
     if checkpoints and checkpoints[-1]["size"] > published:
@@ -146,7 +150,10 @@ async def _audit(
                 problem(f"entry {index}: its ledger event {entry.get('event')} was deleted")
             else:
                 _check_event(index, leaf, event, last_version, problem)
-            _check_position(index, positions.get(entry.get("event")), positioned, problem)
+            if len(misplaced) < PAGE:
+                _check_position(
+                    index, positions.get(entry.get("event")), positioned, misplaced.append
+                )
             rng.append(leaf_hash(leaf), on_node)
             index += 1
             while next_cp < len(checkpoints) and checkpoints[next_cp]["size"] == rng.size:
@@ -173,6 +180,8 @@ async def _audit(
             verify_consistency(old["size"], new["size"], old["root"], new["root"], path)
         except (VerificationError, TileCorrupt, ValueError) as exc:
             problem(f"checkpoints {old['size']} -> {new['size']}: not consistent ({exc})")
+    for message in misplaced:
+        problem(message)
 
 
 async def audit_remote(
