@@ -2,12 +2,15 @@
 
 Reads every entry in index order with its ledger event, recomputes each leaf from the event's
 header, rebuilds the tree, compares every stored tile and every checkpoint's root, verifies each
-checkpoint's signature and the consistency between consecutive checkpoints. Reports the first
-divergence with the index, tile or checkpoint where it shows.
+checkpoint's signature and the consistency between consecutive checkpoints, and that each
+entry's position (from the head's `positionsFrom` on, or wherever one is stored) names it.
+Reports the first divergence with the index, tile or checkpoint where it shows; positions that
+disagree with the entries come after the replay's findings.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -108,6 +111,10 @@ async def _audit(
 ) -> None:
     head = await store.head()
     published = int(head.get("size", 0))
+    positioned = head.get("positionsFrom")
+    # Positions are an index of the entries: what disagrees there is reported after the
+    # replay's own findings, whose first one is the first divergence.
+    misplaced: list[str] = []
     checkpoints = await _load_checkpoints(store, verifiers, problem)
     report.checkpoints = len(checkpoints)
     if checkpoints and checkpoints[-1]["size"] > published:
@@ -127,7 +134,10 @@ async def _audit(
     index = 0
     while index < published:
         page = await by_id_range(store.entries, index, min(index + PAGE, published))
-        events = await by_ids(store.ledger, [d.get("event") for d in page])
+        ids = [d.get("event") for d in page]
+        events, positions = await asyncio.gather(
+            by_ids(store.ledger, ids), by_ids(store.positions, ids, {"index": 1})
+        )
         for entry in page:
             if entry["_id"] != index:
                 problem(
@@ -140,6 +150,10 @@ async def _audit(
                 problem(f"entry {index}: its ledger event {entry.get('event')} was deleted")
             else:
                 _check_event(index, leaf, event, last_version, problem)
+            if len(misplaced) < PAGE:
+                _check_position(
+                    index, positions.get(entry.get("event")), positioned, misplaced.append
+                )
             rng.append(leaf_hash(leaf), on_node)
             index += 1
             while next_cp < len(checkpoints) and checkpoints[next_cp]["size"] == rng.size:
@@ -166,6 +180,8 @@ async def _audit(
             verify_consistency(old["size"], new["size"], old["root"], new["root"], path)
         except (VerificationError, TileCorrupt, ValueError) as exc:
             problem(f"checkpoints {old['size']} -> {new['size']}: not consistent ({exc})")
+    for message in misplaced:
+        problem(message)
 
 
 async def audit_remote(
@@ -338,6 +354,19 @@ async def _check_tiles(
     found.extend((leaf, f"tile {key}: missing") for key, leaf in needed.items())
     for _, message in sorted(found):
         problem(message)
+
+
+def _check_position(index: int, position: Doc | None, positioned: object, problem: Problem) -> None:
+    """Entry `index`'s position, if stored, names it; from `positioned` (the head's
+    positionsFrom) on, one is stored."""
+    if position is not None:
+        if position.get("index") != index:
+            problem(
+                f"entry {index}: its event's position says {position.get('index')}; "
+                "the positions were edited"
+            )
+    elif isinstance(positioned, int) and index >= positioned:
+        problem(f"entry {index}: its event has no position (positions begin at {positioned})")
 
 
 def _check_event(

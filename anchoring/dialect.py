@@ -10,6 +10,8 @@ is made here, and nowhere else names FerretDB:
   equalities (at most CONCURRENT_LOOKUPS in flight);
 - entries from a to b by their integer `_id` (`by_id_range`): one range read in `_id` order on
   MongoDB; on FerretDB, the same concurrent equalities, one per index;
+- an update of documents by `_id` (`update_by_ids`): one `update_many` with `$in` on MongoDB;
+  on FerretDB, one bulk write of `_id` equalities;
 - documents by a field that is not `_id` (`one_of`): one query on every server. MongoDB
   serves it from the field's index; FerretDB decodes the collection once per query whatever
   the filter, so one query for all the values beats one equality per value.
@@ -32,6 +34,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
+from pymongo import UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 
 Doc = dict[str, Any]
@@ -118,6 +121,18 @@ async def by_id_range(
         return [found[i] for i in range(start, end) if i in found]
     cursor = collection.find({"_id": {"$gte": start, "$lt": end}}, projection).sort("_id", 1)
     return [d async for d in cursor]
+
+
+async def update_by_ids(collection: AsyncCollection[Doc], ids: Iterable[Any], update: Doc) -> None:
+    """Apply `update` to the documents of `collection` whose `_id` is one of `ids` (absent ones
+    are skipped). Index-backed on every server; not atomic across documents."""
+    wanted = list(dict.fromkeys(ids))
+    if not wanted:
+        return
+    if len(wanted) == 1 or await detect(collection) is Dialect.FERRETDB:
+        await collection.bulk_write([UpdateOne({"_id": i}, update) for i in wanted], ordered=False)
+        return
+    await collection.update_many({"_id": {"$in": wanted}}, update)
 
 
 async def _equalities(

@@ -24,7 +24,7 @@ from anchoring.note import Signer, Verifier, parse_checkpoint
 from anchoring.proofs import consistency_proof, inclusion_proof, inclusion_proofs
 from anchoring.receipt import Receipt, ReceiptCache, sign_receipt
 from anchoring.sequencer import LostLease, Sequencer, SequencerSettings
-from anchoring.store import Doc, LogStore, one_of
+from anchoring.store import Doc, LogStore
 from anchoring.tail import LogTail, Sequenced
 from anchoring.tiles import (
     ENTRIES,
@@ -473,17 +473,20 @@ class TransparencyLog:
             self._indices.popitem(last=False)
 
     async def leaf_indices(self, event_ids: list[ObjectId]) -> dict[ObjectId, int]:
-        """The leaf index of each event that is sequenced and published (one query at most;
-        indices never change, so they are cached)."""
+        """The leaf index of each event that is sequenced and published, from its position
+        (lookups by `_id`; `entries` only for an older log's events: LogStore.entry_indices).
+        Indices never change, so they are cached. Not evidence: a caller compares the leaf
+        the tree holds at the index with the event's own."""
         found = {e: self._indices[e] for e in event_ids if e in self._indices}
         missing = [e for e in event_ids if e not in found]
         if missing:
-            size = await self.published_size()
-            cursor = self.store.entries.find(one_of("event", missing), {"event": 1})
-            async for doc in cursor:
-                if doc["_id"] < size:  # beyond the head: written by a leader that may not publish
-                    found[doc["event"]] = int(doc["_id"])
-                    self._remember_index(doc["event"], int(doc["_id"]))
+            head = await self.store.head()
+            size = int(head.get("size", 0))
+            self._known_size = max(self._known_size, size)
+            for event, index in (await self.store.entry_indices(missing, head)).items():
+                if index < size:  # beyond the head: written by a leader that may not publish
+                    found[event] = index
+                    self._remember_index(event, index)
         return found
 
     async def current_checkpoint(self, max_age: float = 0.5) -> SignedCheckpoint | None:

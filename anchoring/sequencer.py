@@ -10,7 +10,8 @@ Its steps carry these names in code and logs:
   sequence   - the leader takes a batch from that queue and inserts `entries` {_id: index}
                from the current size up, in one ordered insert (a race loses on _id); an
                event that clears tags first takes them off its subject's earlier entries
-  integrate  - it extends the right edge of the tree and inserts the new tiles
+  integrate  - it extends the right edge of the tree and inserts the new tiles, and meanwhile
+               the entries' positions (event id -> index, see store.py)
   publish    - it sets the new size and root on the lease document, only while it holds
                the lease (the write is fenced by holder); the groups sequenced leave `pending`
                meanwhile, by `_id` (the entries, written first, are the commit point)
@@ -229,6 +230,10 @@ class Sequencer:
             level += 1
         self.size = size
         self.root = self._range.root()
+        if "positionsFrom" not in head:
+            # Entries from here on get positions (those after the head as they are integrated
+            # below); an older log's earlier entries have none.
+            await self.fenced_update({"positionsFrom": size})
         tail = [
             doc async for doc in self.store.entries.find({"_id": {"$gte": size}}).sort("_id", 1)
         ]
@@ -366,10 +371,7 @@ class Sequencer:
                     {"subject": subject, "version": {"$lt": version}}, {"_id": 1}
                 )
             ]
-            if earlier:
-                await self.store.entries.update_many(
-                    {"event": {"$in": earlier}}, {"$unset": {f"tags.{n}": "" for n in names}}
-                )
+            await self.store.untag_entries(earlier, names)
         return cleared
 
     def _scan_due(self, paced: bool) -> bool:
@@ -544,7 +546,15 @@ class Sequencer:
         for entry in entries:
             rng.append(leaf_hash(bytes(entry["leaf"])), on_node)
         partial = [tile_document(level, *edge[level]) for level in sorted(touched)]
-        await write_tiles(self.store, full + partial)
+        # Positions alongside the tiles: both are written before the head covers the entries.
+        written = await asyncio.gather(
+            write_tiles(self.store, full + partial),
+            self.store.write_positions(entries),
+            return_exceptions=True,
+        )
+        for outcome in written:
+            if isinstance(outcome, BaseException):
+                raise outcome
         self.reader.remember(full + partial)
         root = rng.root()
         await self.fenced_update({"size": rng.size, "rootHash": Binary(root)})

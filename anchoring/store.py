@@ -1,6 +1,6 @@
 """The log's MongoDB collections and indexes.
 
-Growing collections are insert-only (ledger, entries, tiles, notarizations): appends and
+Growing collections are insert-only (ledger, entries, positions, tiles, notarizations): appends and
 sequencing never update or delete a document there. An application may remove its own `data`
 and `tags` from events and entries, as a legal erasure does; leaves are never touched. Witnesses'
 cosignatures are added to a checkpoint's notarization document; its signed note never changes. Only two
@@ -12,19 +12,36 @@ The head also names the newest signed checkpoint (`newestCheckpoint`, written be
 notarization is inserted) and the one before it (`priorCheckpoint`), so the newest checkpoint
 is two lookups by `_id` rather than a sort of `notarizations`. Reads whose shape depends on
 the server go through `anchoring.dialect`.
+
+`positions` maps each sequenced event to its entry, `{_id: event id, index: leaf index}`, so
+"the leaf index of event e" is one lookup by `_id` rather than a query on `entries.event` (which
+FerretDB answers by decoding every entry). The sequencer writes an entry's position after the
+entry (the commit point) and before it publishes the size that covers it. The head's
+`positionsFrom` says from which index on every published entry has one (0 for a log sequenced
+by this code from its start; the size at its first recovery for an older log): an event without
+a position is looked up in `entries` only below it. A position is an index, not evidence:
+whoever uses one compares the leaf at that index with the event's own.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pymongo import ASCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
 
-from anchoring.dialect import Doc, by_ids, one_of
+from anchoring.dialect import Doc, by_ids, one_of, update_by_ids
 
 __all__ = ["CollectionNames", "Doc", "LogStore", "one_of"]
+
+log = logging.getLogger("rxledger.store")
+
+DUPLICATE_KEY = 11000
 
 
 @dataclass(frozen=True)
@@ -81,6 +98,7 @@ class CollectionNames:
     ledger: str = "ledger"
     pending: str = "pending"
     entries: str = "entries"
+    positions: str = "positions"
     tiles: str = "tiles"
     leases: str = "leases"
     notarizations: str = "notarizations"
@@ -111,6 +129,10 @@ class LogStore:
     @property
     def entries(self) -> AsyncCollection[Doc]:
         return self.db[self.names.entries]
+
+    @property
+    def positions(self) -> AsyncCollection[Doc]:
+        return self.db[self.names.positions]
 
     @property
     def tiles(self) -> AsyncCollection[Doc]:
@@ -150,3 +172,61 @@ class LogStore:
             return None  # the first checkpoint was about to be signed
         newest = await self.notarizations.find({}).sort("_id", -1).limit(1).to_list()
         return newest[0] if newest else None
+
+    async def write_positions(self, entries: list[Doc]) -> None:
+        """Insert the position of each of `entries` (stored already). A position stored before
+        (a batch integrated again after a crash) is fine when it names the same index; one
+        naming another index was edited: logged as an error, left for the audit."""
+        if not entries:
+            return
+        docs = [{"_id": e["event"], "index": int(e["_id"])} for e in entries]
+        try:
+            await self.positions.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors") or []
+            if exc.details.get("writeConcernErrors") or any(
+                e.get("code") != DUPLICATE_KEY for e in errors
+            ):
+                raise
+            wanted = {docs[e["index"]]["_id"]: docs[e["index"]]["index"] for e in errors}
+            stored = await by_ids(self.positions, wanted)
+            for event, index in wanted.items():
+                found = stored.get(event, {}).get("index")
+                if found != index:
+                    log.error(
+                        "positions: event %s is entry %d, its stored position says %s: "
+                        "the positions were edited (run rxledger audit)",
+                        event,
+                        index,
+                        found,
+                    )
+
+    async def entry_indices(self, event_ids: Iterable[Any], head: Doc) -> dict[Any, int]:
+        """The index of the entry of each of `event_ids` that is sequenced, published or not
+        (unsequenced ones are left out), from their positions; events without one are looked
+        up in `entries` (one query) when the log has entries without positions below `head`'s
+        `positionsFrom`. Not evidence: compare the leaf at the index with the event's."""
+        wanted = list(dict.fromkeys(event_ids))
+        found = {
+            event: int(doc["index"])
+            for event, doc in (await by_ids(self.positions, wanted, {"index": 1})).items()
+        }
+        missing = [e for e in wanted if e not in found]
+        complete_from = head.get("positionsFrom")
+        if missing and complete_from != 0:
+            query = one_of("event", missing)
+            if complete_from is not None:
+                query["_id"] = {"$lt": int(complete_from)}
+            async for doc in self.entries.find(query, {"event": 1}):
+                found[doc["event"]] = int(doc["_id"])
+        return found
+
+    async def untag_entries(self, event_ids: list[Any], names: Iterable[str]) -> None:
+        """Take tags `names` off the entries of `event_ids` found by `entry_indices`: every
+        published one. An entry still being integrated may be missed; an erasure reaches it
+        when its own event is sequenced (the sequencer's clear-tags step runs then)."""
+        if not event_ids:
+            return
+        indices = await self.entry_indices(event_ids, await self.head())
+        unset = {"$unset": {f"tags.{n}": "" for n in names}}
+        await update_by_ids(self.entries, sorted(indices.values()), unset)

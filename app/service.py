@@ -540,9 +540,7 @@ class PrescriptionService:
                 }
             },
         )
-        await self.log.store.entries.update_many(
-            {"event": {"$in": ids}}, {"$unset": {"tags.patient": ""}}
-        )
+        await self.log.store.untag_entries(ids, ["patient"])
         await self.log.ledger.redact_queued(
             subject,
             erased_version,

@@ -40,7 +40,7 @@ ORIGIN = "test.rxledger.example/log"  # the origin of the conftest `store` fixtu
 SUBJECTS = ["rx-a", "rx-b", "rx-c", "rx-d"]
 VERSIONS = 75  # 4 x 75 = 300 events: one full level-0 tile, a partial one and a level-1 tile
 SIZE = len(SUBJECTS) * VERSIONS
-COLLECTIONS = ["ledger", "pending", "entries", "tiles", "leases", "notarizations"]
+COLLECTIONS = ["ledger", "pending", "entries", "positions", "tiles", "leases", "notarizations"]
 
 
 # The conftest signer's key is random; a fixed one whose verifier key has no '+' in its base64

@@ -215,3 +215,16 @@ def test_proofs_bench_prints_rates_ratios_and_targets_at_tiny_sizes(mongo_uri, s
         "proof rate at 600 within 1.5x of 300",
     }
     assert "errors: none" in out
+
+
+def test_leaf_index_bench_prints_both_reads_and_their_ratio_at_tiny_size(mongo_uri, server):
+    out = run_bench(
+        "leaf_index.py", ["--size", "300", "--events", "5", "--rounds", "2"], mongo_uri, server
+    )
+    figures, ratios = named("figure", out), named("ratio", out)
+    assert figures["baseline_ms"] > 0 and figures["positions_ms"] > 0
+    assert ratios["baseline_vs_positions"] == pytest.approx(
+        figures["baseline_ms"] / figures["positions_ms"], rel=0.01
+    )
+    assert figures["load_average"] >= 0
+    assert "errors: none" in out
