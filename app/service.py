@@ -489,12 +489,29 @@ class PrescriptionService:
                 clears_tags=rx.cleared_tags(event),
             )
         except VersionConflict:
-            current = await self.repair(doc["_id"])
-            if current is not None and await self._first_attempt_stored(
-                doc["_id"], doc["version"], viewer, mutation, idempotency_key, payload
+            current = await self.repair(doc["_id"], known=doc["version"])
+            taken = await event_at(self.ledger, doc["_id"], doc["version"], REQUEST_FIELDS)
+            if (
+                current is not None
+                and taken is not None
+                and idempotency_key is not None
+                and _same_request(taken, viewer, mutation, idempotency_key, payload)
             ):
                 return current
             now_at = "unknown" if current is None else current["version"]
+            behind = current is None or current["version"] < doc["version"]
+            if taken is not None and taken["_id"] != appended_id and behind:
+                # The version is held by an event stored around the gateway, under another
+                # `_id` than the ledger gives it: the subject's events, read by those ids,
+                # never reach it, and no mutation can ever take that version.
+                problem = (
+                    f"its version {doc['version']} is held in the ledger by an event not stored "
+                    "under that version's id"
+                )
+                log.error("%s: %s", doc["_id"], problem)
+                raise Refused(
+                    "Tampered", f"prescription {doc['_id']}: {problem}; nothing was appended"
+                ) from None
             raise Refused(
                 "VersionConflict",
                 f"another change took version {doc['version']} first; the prescription is at "
