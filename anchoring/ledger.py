@@ -9,23 +9,33 @@ matters on servers where every query scans; the marker lets the sequencer work f
 alone. An intent without a marker (an appender that died or is slow) is checked against the
 ledger after a grace period and completed from its copy. Concurrent appends in one process are group-committed:
 one insert_many per collection for everything queued while the previous batch was written.
+
+A ledger event's `_id` is derived from its (subject, version) (`event_id`), so a subject's
+events are read by `_id` equalities, the one lookup every server answers from an index
+(`events_of`, `newest_event`, `events_at`: the one place these reads are written). Two appends
+racing for one version then share an `_id` as well as the unique (subject, version) key: each
+event also carries its own `attempt` id, which tells whose append took the version.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import logging
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import bson
 import bson.errors
 from bson import Binary, ObjectId
+from pymongo import DESCENDING
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, PyMongoError
 
-from anchoring.dialect import by_ids
+from anchoring.dialect import Dialect, by_ids, detect, one_of
 from anchoring.encoding import EncodingError, b64, canonical_json
 from anchoring.errors import (
     InvalidEvent,
@@ -44,6 +54,14 @@ MAX_SUBJECT_LENGTH = 256
 MAX_LEAF_BYTES = 0xFFFF  # tlog-tiles entry bundles prefix each leaf with a uint16 length
 MAX_DEPTH = 32
 MAX_GROUP_BYTES = 4 * 1024 * 1024
+EVENT_ID_DOMAIN = b"rxledger event\0"
+# Versions of a subject read at once past the one its document names: the first read looks
+# one version beyond the newest it expects (a document behind its ledger), then one more (a
+# deleted event followed by a later one is a gap, which the subject's full read then shows).
+PROBE_AHEAD = 2
+# At most this many versions are read at once on a document's word (which an attacker with
+# database access writes); further versions are probed PROBE_AHEAD at a time.
+MAX_FIRST_READ = 64
 
 
 @dataclass(frozen=True)
@@ -118,12 +136,30 @@ def group_events(doc: Doc) -> list[Doc]:
     return events
 
 
+def event_id(subject: str, version: int) -> ObjectId:
+    """The `_id` of the ledger event of `subject` at `version`: the first 12 bytes of a
+    SHA-256 over a domain tag, the subject and the decimal version (NUL-separated; a subject
+    holds no NUL), so a reader finds a subject's events by `_id` alone."""
+    digest = hashlib.sha256(
+        EVENT_ID_DOMAIN + subject.encode() + b"\0" + str(version).encode()
+    ).digest()
+    return ObjectId(digest[:12])
+
+
+def same_append(stored: Doc, ours: Doc) -> bool:
+    """Whether the ledger's `stored` event is `ours` (a retried insert), not a rival's for the
+    same version (which has the same derived `_id`): same attempt id and leaf."""
+    return stored.get("attempt") == ours.get("attempt") and bytes(stored.get("leaf", b"")) == bytes(
+        ours["leaf"]
+    )
+
+
 def make_event(
     subject: Any,
     version: Any,
     header: Any,
     data: Any = None,
-    event_id: ObjectId | None = None,
+    chosen_id: ObjectId | None = None,
     tags: Any = None,
     clears_tags: Any = (),
 ) -> tuple[Doc, Appended]:
@@ -135,7 +171,10 @@ def make_event(
     followers of the log to route events without reading the ledger. `clears_tags` names tags
     withdrawn from the subject's earlier entries when this event is sequenced (the sequencer
     sequences a subject's versions in order, so all of them are in the log by then, and it
-    leaves the named tags off those it sequences together with this one)."""
+    leaves the named tags off those it sequences together with this one).
+
+    The event's `_id` is `event_id(subject, version)`; a caller that names one (to record it
+    before the append) must name that one, since reads find events by it."""
     if not isinstance(subject, str) or not subject or len(subject) > MAX_SUBJECT_LENGTH:
         raise InvalidEvent(
             f"subject must be a non-empty string of at most {MAX_SUBJECT_LENGTH} characters"
@@ -174,14 +213,19 @@ def make_event(
         bson.encode({"subject": subject, "header": header, "data": data})
     except (bson.errors.InvalidDocument, UnicodeEncodeError, OverflowError) as exc:
         raise InvalidEvent(f"the event cannot be stored as BSON: {exc}") from exc
-    event_id = event_id or ObjectId()
+    derived = event_id(subject, version)
+    if chosen_id is not None and chosen_id != derived:
+        raise InvalidEvent(
+            f"event id {chosen_id} is not the id of {subject!r:.40} version {version} ({derived})"
+        )
     doc = {
-        "_id": event_id,
+        "_id": derived,
         "subject": subject,
         "version": version,
         "header": header,
         "leaf": Binary(leaf),
         "appendedAt": dt.datetime.now(dt.UTC),
+        "attempt": ObjectId(),
     }
     if data is not None:
         doc["data"] = data
@@ -189,7 +233,7 @@ def make_event(
         doc["tags"] = tags
     if clears_tags:
         doc["clearsTags"] = list(clears_tags)
-    return doc, Appended(event_id, subject, version, leaf, leaf_hash(leaf))
+    return doc, Appended(derived, subject, version, leaf, leaf_hash(leaf))
 
 
 def _remove(doc: Doc, path: str) -> bool:
@@ -423,8 +467,12 @@ class Ledger:
         except PyMongoError as exc:
             self._fail_all(written, exc)
             return
+        # Without the events that lost their version to a rival: the rival's has the same
+        # `_id`, and a sequencer must never take the loser's copy for it.
+        lost = {id(item[2]) for item in conflicts} - {id(item[2]) for item in written}
+        offered = [d for d, _, future in batch if id(future) not in lost]
         for handoff in self.handoffs:
-            handoff(group_id, [d for d, _, _ in batch], [d["_id"] for d, _, _ in written], local)
+            handoff(group_id, offered, [d["_id"] for d, _, _ in written], local)
         for _, appended, future in written:
             self._written[(appended.subject, appended.version)] = appended.leaf_hash
             if not future.done():
@@ -449,11 +497,10 @@ class Ledger:
                 if (s, v - 1) in self._written:
                     stored[(s, v - 1)] = self._written[(s, v - 1)]
                 else:
-                    wanted.append({"subject": s, "version": v - 1})
+                    wanted.append((s, v - 1))
         if wanted:
-            query = wanted[0] if len(wanted) == 1 else {"$or": wanted}
-            async for d in self.store.ledger.find(query, {"subject": 1, "version": 1, "leaf": 1}):
-                stored[(d["subject"], d["version"])] = leaf_hash(bytes(d["leaf"]))
+            found = await events_at(self.store.ledger, wanted, {"leaf": 1})
+            stored.update({key: leaf_hash(bytes(d["leaf"])) for key, d in found.items()})
         known = {**ours, **stored}  # a stored version wins over a rival in this group
         accepted: set[int] = set()
         for item in sorted(batch, key=lambda item: (item[1].subject, item[1].version)):
@@ -478,17 +525,23 @@ class Ledger:
     async def _settle_conflicts(self, conflicts: list[Pending]) -> list[Pending] | None:
         """A duplicate key is either (subject, version) taken by another event, or our own
         event already written (a retried insert). Fails the former, returns the latter; None
-        when the database could not say."""
+        when the database could not say. A rival's event has our derived `_id` too, so what
+        tells them apart is the stored event's content (`same_append`), not its presence."""
         ids = [doc["_id"] for doc, _, _ in conflicts]
         try:
-            present = set(await by_ids(self.store.ledger, ids, {"_id": 1}))
+            stored = await by_ids(self.store.ledger, ids, {"leaf": 1, "attempt": 1})
         except PyMongoError as exc:
             self._fail_all(conflicts, exc)
             return None
-        for doc, appended, future in conflicts:
-            if doc["_id"] not in present and not future.done():
+        ours = []
+        for item in conflicts:
+            doc, appended, future = item
+            there = stored.get(doc["_id"])
+            if there is not None and same_append(there, doc):
+                ours.append(item)
+            elif not future.done():
                 future.set_exception(VersionConflict(appended.subject, appended.version))
-        return [item for item in conflicts if item[0]["_id"] in present]
+        return ours
 
     @staticmethod
     def _fail_all(batch: list[Pending], exc: BaseException) -> None:
@@ -502,3 +555,116 @@ class Ledger:
         for _, _, future in batch:
             if not future.done():
                 future.set_exception(error)
+
+
+# --- reading a subject's events --------------------------------------------------------------
+
+
+def _keyed(projection: Doc | None) -> Doc | None:
+    """`projection` keeping what places an event in its subject's history."""
+    return None if projection is None else {**projection, "subject": 1, "version": 1}
+
+
+async def events_at(
+    ledger: AsyncCollection[Doc], keys: list[tuple[str, int]], projection: Doc | None = None
+) -> dict[tuple[str, int], Doc]:
+    """The ledger events at these (subject, version)s, by key (absent ones left out). On a
+    server that serves only `_id` equalities from an index, by their derived `_id`s, with one
+    (subject, version) query for those not found (events written before ids were derived)."""
+    found: dict[tuple[str, int], Doc] = {}
+    missing = list(dict.fromkeys(keys))
+    if not missing:
+        return found
+    if await detect(ledger) is Dialect.FERRETDB:
+        ids = {event_id(s, v): (s, v) for s, v in missing}
+        found = {ids[i]: d for i, d in (await by_ids(ledger, ids, projection)).items()}
+        missing = [key for key in missing if key not in found]
+    if missing:
+        wanted = [{"subject": s, "version": v} for s, v in missing]
+        query = wanted[0] if len(wanted) == 1 else {"$or": wanted}
+        async for d in ledger.find(query, _keyed(projection)):
+            found[(d["subject"], d["version"])] = d
+    return found
+
+
+async def events_of(
+    ledger: AsyncCollection[Doc],
+    subjects: list[str],
+    projection: Doc | None = None,
+    known: Mapping[str, int] | None = None,
+) -> dict[str, list[Doc]]:
+    """Each subject's ledger events, oldest first. `known` is the newest version a caller
+    expects of a subject (its document's), a hint that only saves round trips.
+
+    On MongoDB one query by subject, which the (subject, version) index serves. On a server
+    that serves only `_id` equalities from an index, versions 1 to the expected one and
+    PROBE_AHEAD beyond it by their derived `_id`s, all subjects together, then PROBE_AHEAD more
+    while the last ones are found: a subject's events are versions 1..n without a gap. A
+    subject whose version 1 is not found under its derived `_id` (written before ids were
+    derived, or not at all), or with a gap in what was read (an event deleted), is read by
+    subject instead, so the checks see what the ledger holds. An event stored under any other
+    `_id` than its derived one is never read on this path: no append writes one."""
+    if await detect(ledger) is not Dialect.FERRETDB:
+        return await _events_by_subject(ledger, subjects, projection)
+    known = known or {}
+    chains: dict[str, dict[int, Doc]] = {s: {} for s in subjects}
+    read: dict[str, int] = {s: 0 for s in chains}  # versions 1..read[s] were looked up
+    wanted = {s: min(max(known.get(s, 0), 0), MAX_FIRST_READ) + PROBE_AHEAD for s in chains}
+    by_subject: list[str] = []
+    while wanted:
+        ids = {
+            event_id(s, v): (s, v)
+            for s, last in wanted.items()
+            for v in range(read[s] + 1, last + 1)
+        }
+        for i, d in (await by_ids(ledger, ids, projection)).items():
+            s, v = ids[i]
+            chains[s][v] = d
+        read.update(wanted)
+        looked, wanted = wanted, {}
+        for s, last in looked.items():
+            chain = chains[s]
+            if len(chain) == last:  # every version looked up is there: look further
+                wanted[s] = last + PROBE_AHEAD
+                continue
+            first_miss = next(v for v in range(1, last + 1) if v not in chain)
+            if first_miss == 1 or max(chain) > first_miss:
+                by_subject.append(s)
+            elif first_miss == last:  # nothing looked up past the first miss yet
+                wanted[s] = last + PROBE_AHEAD
+    found = {s: [chain[v] for v in sorted(chain)] for s, chain in chains.items()}
+    if by_subject:
+        found.update(await _events_by_subject(ledger, by_subject, projection))
+    return found
+
+
+async def newest_event(
+    ledger: AsyncCollection[Doc], subject: str, projection: Doc | None = None, known: int = 0
+) -> Doc | None:
+    """The newest ledger event of `subject` (None when it has none), read as `events_of`
+    reads (`known`: the version expected, a hint)."""
+    if await detect(ledger) is not Dialect.FERRETDB:
+        return await ledger.find_one(
+            {"subject": subject}, projection, sort=[("version", DESCENDING)]
+        )
+    events = (await events_of(ledger, [subject], projection, {subject: known}))[subject]
+    return events[-1] if events else None
+
+
+async def event_at(
+    ledger: AsyncCollection[Doc], subject: str, version: int, projection: Doc | None = None
+) -> Doc | None:
+    """The ledger event of `subject` at `version` (None when there is none)."""
+    return (await events_at(ledger, [(subject, version)], projection)).get((subject, version))
+
+
+async def _events_by_subject(
+    ledger: AsyncCollection[Doc], subjects: list[str], projection: Doc | None
+) -> dict[str, list[Doc]]:
+    """Each subject's events, oldest first, in one query by subject."""
+    found: dict[str, list[Doc]] = {s: [] for s in subjects}
+    async for event in ledger.find(one_of("subject", subjects), _keyed(projection)):
+        found.setdefault(event["subject"], []).append(event)
+    for events in found.values():
+        events.sort(key=lambda e: e["version"])
+    return found

@@ -386,8 +386,9 @@ class TransparencyLog:
         tags: dict[str, str | None] | None = None,
         clears_tags: tuple[str, ...] = (),
     ) -> Appended:
-        """Append an event; `event_id` may be chosen by the caller (default: a new ObjectId);
-        `tags` go with the sequenced entry, for followers of the log; `clears_tags` are
+        """Append an event. Its id is derived from (subject, version)
+        (anchoring.ledger.event_id), so that a subject's events are found by `_id`; an
+        `event_id` given must be that one (any other is refused as InvalidEvent). `tags` go with the sequenced entry, for followers of the log; `clears_tags` are
         withdrawn from the subject's earlier entries once this event is sequenced."""
         return await self.ledger.append(subject, version, header, data, event_id, tags, clears_tags)
 

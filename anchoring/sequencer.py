@@ -36,9 +36,10 @@ from bson import Binary
 from pymongo import DeleteOne, ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
+from anchoring.dialect import by_ids
 from anchoring.errors import database_error, frames
 from anchoring.hashing import leaf_hash
-from anchoring.ledger import INTENTS, MARKERS, commit_marker, group_events, marker_id
+from anchoring.ledger import INTENTS, MARKERS, commit_marker, group_events, marker_id, same_append
 from anchoring.store import Doc, LogStore
 from anchoring.tiles import TileReader, tile_document, write_tiles
 from anchoring.treemath import TILE_HEIGHT, TILE_WIDTH, CompactRange, Node, root_nodes, tile_width
@@ -301,7 +302,15 @@ class Sequencer:
             for e in g["events"]
         }
         ok -= unresolved
-        candidates = [e for g in groups for e in g["events"] if e["_id"] not in self._done]
+        # Only what its own group's marker names: a group that lost a version to a rival
+        # holds a copy with the rival's (derived) id and its own leaf.
+        candidates = [
+            e
+            for g in groups
+            for e in g["events"]
+            if e["_id"] not in self._done
+            and (g["_id"] not in committed or e["_id"] in committed[g["_id"]])
+        ]
         ready = self._in_version_order(candidates, ok, unresolved)[: self.settings.batch_size]
         t1 = self._timed("queue", t0)
         if ready:
@@ -505,8 +514,10 @@ class Sequencer:
         except BulkWriteError as exc:
             if exc.details.get("writeConcernErrors"):
                 raise
+        # The ledger's event under an orphan's id may be a rival's for the same version.
+        stored = await by_ids(self.store.ledger, ids, {"leaf": 1, "attempt": 1})
         present = {
-            d["_id"] async for d in self.store.ledger.find({"_id": {"$in": ids}}, {"_id": 1})
+            e["_id"] for e in events if e["_id"] in stored and same_append(stored[e["_id"]], e)
         }
         log.warning("sequence: completed %d orphaned appends from their intents", len(present))
         result = {}

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from bson import Binary, ObjectId
-from pymongo import ASCENDING, DESCENDING
+from pymongo import ASCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from anchoring.anchorer import SignedCheckpoint
-from anchoring.dialect import by_ids, one_of
+from anchoring.dialect import by_ids
 from anchoring.encoding import b64, canonical_json
 from anchoring.errors import (
     InvalidEvent,
@@ -47,6 +47,7 @@ from anchoring.errors import (
     database_error,
 )
 from anchoring.hashing import leaf_hash
+from anchoring.ledger import event_at, event_id, events_of, newest_event
 from anchoring.log import InclusionProof, TransparencyLog
 from anchoring.receipt import Receipt
 from anchoring.store import Doc, Index, create_indexes
@@ -210,14 +211,17 @@ class PrescriptionService:
         for subject, version in newest.items():
             doc = docs.get(subject)
             if doc is None or doc["version"] < version:
-                docs[subject] = await self.repair(subject)
+                docs[subject] = await self.repair(subject, known=version)
 
-    async def repair(self, subject: str, stale: Doc | None = None) -> Doc | None:
+    async def repair(self, subject: str, stale: Doc | None = None, known: int = 0) -> Doc | None:
         """Copy the newest event's state into the document, once its leaf proves that state
         (the state digest); returns the document. Brings a document forward; with `stale`
         (the document as last read), replaces that one whatever its version: a document the
-        ledger does not back (rolled back, edited, or claiming events the ledger lacks)."""
-        newest = await self.ledger.find_one({"subject": subject}, sort=[("version", DESCENDING)])
+        ledger does not back (rolled back, edited, or claiming events the ledger lacks).
+        `known`: the version the ledger is expected to be at (a hint)."""
+        if stale is not None and isinstance(stale.get("version"), int):
+            known = max(known, stale["version"])
+        newest = await newest_event(self.ledger, subject, known=known)
         if newest is None:
             return await self.prescriptions.find_one({"_id": subject})
         state = (newest.get("data") or {}).get("state")
@@ -355,8 +359,12 @@ class PrescriptionService:
         # document ahead of the ledger read after it was not written by this gateway.
         doc = await self.prescriptions.find_one({"_id": rid})
         for _ in range(RESTORE_ATTEMPTS):
-            newest = await self.ledger.find_one(
-                {"subject": rid}, {"version": 1, "leaf": 1}, sort=[("version", DESCENDING)]
+            known = doc.get("version") if doc is not None else 0
+            newest = await newest_event(
+                self.ledger,
+                rid,
+                {"version": 1, "leaf": 1},
+                known if isinstance(known, int) else 0,
             )
             if newest is None:
                 doc = None  # a document the ledger knows nothing of is nothing to extend
@@ -432,7 +440,7 @@ class PrescriptionService:
         caller and idempotency key); raises Refused when the key was used for another request."""
         if idempotency_key is None:
             return False
-        first = await self.ledger.find_one({"subject": subject, "version": version}, REQUEST_FIELDS)
+        first = await event_at(self.ledger, subject, version, REQUEST_FIELDS)
         return first is not None and _same_request(
             first, viewer, mutation, idempotency_key, payload
         )
@@ -453,13 +461,13 @@ class PrescriptionService:
         raises Refused otherwise."""
         header = rx.header(doc, event, viewer, at, prev, payload)
         leaf = canonical_json(header)
-        event_id = ObjectId()
+        appended_id = event_id(doc["_id"], doc["version"])
         actor = rx.actor_record(viewer)
         doc["lastLeafHash"] = Binary(leaf_hash(leaf))
         doc["events"] = [
             *doc.get("events", []),
             {
-                "id": event_id,
+                "id": appended_id,
                 "version": doc["version"],
                 "type": event.value,
                 "at": at,
@@ -476,17 +484,34 @@ class PrescriptionService:
                 doc["version"],
                 header,
                 data,
-                event_id,
+                appended_id,
                 self.tags.of(doc),
                 clears_tags=rx.cleared_tags(event),
             )
         except VersionConflict:
-            current = await self.repair(doc["_id"])
-            if current is not None and await self._first_attempt_stored(
-                doc["_id"], doc["version"], viewer, mutation, idempotency_key, payload
+            current = await self.repair(doc["_id"], known=doc["version"])
+            taken = await event_at(self.ledger, doc["_id"], doc["version"], REQUEST_FIELDS)
+            if (
+                current is not None
+                and taken is not None
+                and idempotency_key is not None
+                and _same_request(taken, viewer, mutation, idempotency_key, payload)
             ):
                 return current
             now_at = "unknown" if current is None else current["version"]
+            behind = current is None or current["version"] < doc["version"]
+            if taken is not None and taken["_id"] != appended_id and behind:
+                # The version is held by an event stored around the gateway, under another
+                # `_id` than the ledger gives it: the subject's events, read by those ids,
+                # never reach it, and no mutation can ever take that version.
+                problem = (
+                    f"its version {doc['version']} is held in the ledger by an event not stored "
+                    "under that version's id"
+                )
+                log.error("%s: %s", doc["_id"], problem)
+                raise Refused(
+                    "Tampered", f"prescription {doc['_id']}: {problem}; nothing was appended"
+                ) from None
             raise Refused(
                 "VersionConflict",
                 f"another change took version {doc['version']} first; the prescription is at "
@@ -558,15 +583,13 @@ class PrescriptionService:
 
     # --- integrity and proofs -------------------------------------------------------------
 
-    async def ledger_events(self, subjects: list[str]) -> dict[str, list[Doc]]:
-        """Each subject's ledger events, oldest first (one query): what history, proofs and
-        integrity are built from, never the document's copy."""
-        found: dict[str, list[Doc]] = {s: [] for s in subjects}
-        async for event in self.ledger.find(one_of("subject", subjects), EVENT_FIELDS):
-            found.setdefault(event["subject"], []).append(event)
-        for events in found.values():
-            events.sort(key=lambda e: e["version"])
-        return found
+    async def ledger_events(
+        self, subjects: list[str], known: dict[str, int] | None = None
+    ) -> dict[str, list[Doc]]:
+        """Each subject's ledger events, oldest first: what history, proofs and integrity are
+        built from, never the document's copy. `known`: the version each subject's document
+        is at, a hint that saves round trips (see anchoring.ledger.events_of)."""
+        return await events_of(self.ledger, subjects, EVENT_FIELDS, known)
 
     async def examine(
         self,

@@ -38,6 +38,8 @@ class Loaders:
         self._leaf_hashes: DataLoader[int, bytes | None] = DataLoader(load_fn=self._load_hashes)
         self._checkpoint: asyncio.Task[SignedCheckpoint | None] | None = None
         self._examined: dict[str, asyncio.Future[Examined]] = {}
+        # The version of each document examined: how many events to read at once.
+        self._versions: dict[str, int] = {}
 
     async def _documents(self, ids: list[str]) -> list[Doc | None]:
         found: dict[str, Doc | None] = dict(await self.service.documents(ids))
@@ -65,7 +67,9 @@ class Loaders:
         self._examined.pop(rid, None)
 
     async def _events(self, subjects: list[str]) -> list[list[Doc]]:
-        found = await self.service.ledger_events(subjects)
+        found = await self.service.ledger_events(
+            subjects, {s: self._versions[s] for s in subjects if s in self._versions}
+        )
         return [found.get(s, []) for s in subjects]
 
     async def examined(self, doc: Doc) -> Examined:
@@ -77,6 +81,8 @@ class Loaders:
         return await self._examined[rid]
 
     async def _examine(self, doc: Doc) -> Examined:
+        if isinstance(doc.get("version"), int):
+            self._versions[doc["_id"]] = doc["version"]
         events = await self.events.load(doc["_id"])
         ids = [e["_id"] for e in events]
         found = await self.indices.load_many(ids)

@@ -228,3 +228,15 @@ def test_leaf_index_bench_prints_both_reads_and_their_ratio_at_tiny_size(mongo_u
     )
     assert figures["load_average"] >= 0
     assert "errors: none" in out
+
+
+def test_subject_events_bench_prints_both_reads_and_their_ratio_at_tiny_sizes(mongo_uri, server):
+    out = run_bench("subject_events.py", ["--sizes", "10,20", "--reads", "2"], mongo_uri, server)
+    rows = parsed(
+        rf"^\s+(\d+)\s+(\d+)\s+({NUMBER}) ms\s+({NUMBER}) ms\s+({NUMBER})x$",
+        out,
+    )
+    assert [(r[0], r[1]) for r in rows] == [("10", "20"), ("20", "40")]
+    for _, _, by_id, by_subject, ratio in rows:
+        assert number(ratio) == pytest.approx(number(by_subject) / number(by_id), rel=0.1, abs=0.06)
+    assert "load average" in out

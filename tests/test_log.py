@@ -14,7 +14,15 @@ from anchoring.anchorer import AnchorSettings
 from anchoring.encoding import b64
 from anchoring.errors import InvalidEvent, ProofUnavailable, VersionConflict
 from anchoring.hashing import EMPTY_ROOT
-from anchoring.ledger import INTENTS, Ledger, commit_marker, group_events, intent, make_event
+from anchoring.ledger import (
+    INTENTS,
+    Ledger,
+    commit_marker,
+    event_id,
+    group_events,
+    intent,
+    make_event,
+)
 from anchoring.log import LogSettings, TransparencyLog
 from anchoring.note import Signer, open_checkpoint
 from anchoring.receipt import ReceiptCache, open_receipt
@@ -359,3 +367,105 @@ async def test_a_proof_is_built_only_over_the_leaf_the_signed_tree_holds(tlog):
     assert (await tlog.prove(index, appended.leaf, cp)).holds()
     with pytest.raises(ProofUnavailable, match=f"entry {index} is not the leaf"):
         await tlog.prove(index, appended.leaf + b" ", cp)
+
+
+async def test_two_writers_racing_for_a_version_one_wins_and_its_event_stands(tlog):
+    # Two appenders (as in two processes) race for version 2 of several subjects. The
+    # versions' `_id`s are derived from (subject, version), so the rivals collide on `_id`
+    # too: each loser gets its VersionConflict, never the winner's success, and the event the
+    # ledger holds and the log sequences is the winner's.
+    subjects = [f"rx-race-{i}" for i in range(8)]
+    for s in subjects:
+        await tlog.append(s, 1, header(s, 1))
+    writers = [Ledger(tlog.store), Ledger(tlog.store)]
+    try:
+        races = await asyncio.gather(
+            *(
+                asyncio.gather(
+                    *(w.append(s, 2, header(s, 2, who=n)) for n, w in enumerate(writers)),
+                    return_exceptions=True,
+                )
+                for s in subjects
+            )
+        )
+    finally:
+        for w in writers:
+            await w.close()
+    for s, results in zip(subjects, races, strict=True):
+        won = [r for r in results if not isinstance(r, BaseException)]
+        lost = [r for r in results if isinstance(r, BaseException)]
+        assert len(won) == 1 and len(lost) == 1, (s, results)
+        assert isinstance(lost[0], VersionConflict), lost[0]
+        stored = await tlog.store.ledger.find_one({"_id": won[0].event_id})
+        assert bytes(stored["leaf"]) == won[0].leaf
+        index = await tlog.wait_sequenced(won[0].event_id)
+        assert bytes((await tlog.entry(index))["leaf"]) == won[0].leaf, s
+
+
+async def test_a_duplicate_key_is_our_event_only_when_the_stored_one_is_ours(store):
+    # What the appender decides after a duplicate key: its own event already stored (a
+    # retried insert) was appended; a rival's, under the same derived `_id`, is a conflict.
+    ledger = Ledger(store)
+    loop = asyncio.get_running_loop()
+    ours, ours_appended = make_event("rx-retry", 1, header("rx-retry", 1))
+    rival, rival_appended = make_event("rx-retry", 1, header("rx-retry", 1))
+    assert ours["_id"] == rival["_id"]
+    await store.ledger.insert_one(dict(ours))
+    mine, theirs = loop.create_future(), loop.create_future()
+    settled = await ledger._settle_conflicts(
+        [(ours, ours_appended, mine), (rival, rival_appended, theirs)]
+    )
+    assert settled is not None and [item[0] for item in settled] == [ours]
+    assert not mine.done()
+    assert isinstance(theirs.exception(), VersionConflict)
+
+
+def test_an_events_id_is_derived_from_its_subject_and_version():
+    doc, appended = make_event("rx-id", 3, header("rx-id", 3))
+    assert doc["_id"] == appended.event_id == event_id("rx-id", 3)
+    assert event_id("rx-id", 3) != event_id("rx-id", 4) != event_id("rx-ie", 3)
+    with pytest.raises(InvalidEvent, match="is not the id of 'rx-id' version 3"):
+        make_event("rx-id", 3, header("rx-id", 3), chosen_id=ObjectId())
+
+
+# The sequencer takes an event id named by any group's commit marker as committed for every
+# group that holds an event with that id. With ids derived from (subject, version), a group
+# that lost its version to a rival holds a copy of the rival's id with its own leaf; the
+# sequencer must take an event only from the group whose marker names it, and complete an
+# orphaned group's event only when the ledger holds that very event (`same_append`), not
+# merely its id. Both are changes to anchoring/sequencer.py, owned elsewhere for issue 11.
+async def test_the_log_sequences_the_winners_event_not_a_losers_queued_copy(tlog):
+    # The documents a losing appender writes, in the order that loses: its intent (queued
+    # before the winner's), then, after the winner's event took the version, its marker
+    # naming none of its events.
+    await tlog.append("rx-lost", 1, header("rx-lost", 1))
+    loser, _ = make_event("rx-lost", 2, header("rx-lost", 2, who="loser"))
+    group = ObjectId()
+    await tlog.store.pending.insert_one(intent(group, [loser]))
+    await _known_to_the_sequencer(tlog, group)
+    winner = await tlog.append("rx-lost", 2, header("rx-lost", 2, who="winner"))
+    await tlog.store.pending.insert_one(commit_marker(group, []))
+    index = await tlog.wait_sequenced(winner.event_id)
+    assert bytes((await tlog.entry(index))["leaf"]) == winner.leaf
+
+
+async def test_an_orphaned_copy_of_a_version_a_rival_took_is_not_sequenced(tlog):
+    # An appender queued version 2 and died before writing it to the ledger; another took
+    # version 2 meanwhile. Completing the orphan finds the rival's event under the same id:
+    # the orphan's own event was never stored, and the log holds the rival's.
+    await tlog.append("rx-orphan", 1, header("rx-orphan", 1))
+    orphan, _ = make_event("rx-orphan", 2, header("rx-orphan", 2, who="orphan"))
+    group = ObjectId()
+    await tlog.store.pending.insert_one(intent(group, [orphan]))
+    await _known_to_the_sequencer(tlog, group)
+    winner = await tlog.append("rx-orphan", 2, header("rx-orphan", 2, who="winner"))
+    index = await tlog.wait_sequenced(winner.event_id)
+    assert bytes((await tlog.entry(index))["leaf"]) == winner.leaf
+
+
+async def _known_to_the_sequencer(tlog: TransparencyLog, group: ObjectId) -> None:
+    """Wait until the sequencer has read `group` from `pending` (its next scan)."""
+    deadline = time.monotonic() + 5
+    while group not in tlog.sequencer._queue:
+        assert time.monotonic() < deadline, "the sequencer never read the group"
+        await asyncio.sleep(0.01)

@@ -13,11 +13,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from bson import ObjectId
 from pymongo import AsyncMongoClient, monitoring
 
 from anchoring import dialect
 from anchoring.anchorer import AnchorSettings
 from anchoring.dialect import Dialect, DialectError, by_id_range, by_ids
+from anchoring.ledger import event_at, event_id, events_of, make_event, newest_event
 from anchoring.log import LogSettings, TransparencyLog
 from anchoring.store import Doc, LogStore
 from anchoring.tail import LogTail
@@ -198,3 +200,58 @@ def test_a_storage_dialect_that_names_no_server_is_refused_at_start_up(monkeypat
     monkeypatch.setenv(dialect.ENV_DIALECT, "postgres")
     with pytest.raises(ConfigError, match="RXLEDGER_STORAGE_DIALECT='postgres': want auto"):
         Settings.from_env()
+
+
+def _event(subject: str, version: int, **fields: Any) -> Doc:
+    doc, _ = make_event(subject, version, {"subject": subject, "version": version, **fields})
+    return doc
+
+
+async def test_a_subjects_events_are_read_by_their_derived_ids_on_ferretdb(
+    watched, db_name, monkeypatch
+):
+    # Derived `_id`s on FerretDB (no other read), one query by subject on MongoDB; the same
+    # events either way, oldest first, however wrong the caller's guess of the newest version.
+    c, reads = watched
+    ledger = c[db_name]["ledger"]
+    await ledger.insert_many([_event("rx-a", v) for v in (1, 2, 3)] + [_event("rx-b", 1)])
+    ids = {s: [event_id(s, v) for v in range(1, n + 1)] for s, n in (("rx-a", 3), ("rx-b", 1))}
+    for which in (Dialect.MONGODB, Dialect.FERRETDB):
+        force(monkeypatch, which)
+        for known in ({}, {"rx-a": 3, "rx-b": 1}, {"rx-a": 1}, {"rx-a": 10**9, "rx-b": -5}):
+            reads.reads.clear()
+            found = await events_of(ledger, ["rx-a", "rx-b", "rx-none"], {"leaf": 1}, known)
+            assert {s: [e["_id"] for e in found[s]] for s in ids} == ids, (which, known)
+            if which is Dialect.FERRETDB:
+                # rx-none has no version 1 under its id: read by subject (nothing there).
+                assert reads.not_id_equalities() == [("ledger", {"subject": "rx-none"})]
+            assert found["rx-none"] == []
+        newest = await newest_event(ledger, "rx-a", {"version": 1})
+        assert newest is not None and newest["version"] == 3
+        at = await event_at(ledger, "rx-a", 2)
+        assert at is not None and at["_id"] == event_id("rx-a", 2)
+
+
+async def test_a_ledger_without_derived_ids_or_with_a_gap_is_read_by_subject(
+    watched, db_name, monkeypatch
+):
+    # Written before ids were derived (random `_id`s), or with an event deleted: on FerretDB
+    # the subject is then read by subject, so the checks see exactly what the ledger holds.
+    c, reads = watched
+    ledger = c[db_name]["ledger"]
+    legacy = [{**_event("rx-old", v), "_id": ObjectId()} for v in (1, 2)]
+    gap = [_event("rx-gap", v) for v in (1, 3, 4)]  # version 2 deleted
+    # Planted under a foreign `_id`: read by subject on MongoDB, never by derived ids.
+    planted = [_event("rx-planted", 1), {**_event("rx-planted", 2), "_id": ObjectId()}]
+    await ledger.insert_many(legacy + gap + planted)
+    for which in (Dialect.MONGODB, Dialect.FERRETDB):
+        force(monkeypatch, which)
+        found = await events_of(ledger, ["rx-old", "rx-gap", "rx-planted"], {"version": 1})
+        assert [e["_id"] for e in found["rx-old"]] == [d["_id"] for d in legacy]
+        assert [e["version"] for e in found["rx-gap"]] == [1, 3, 4]
+        planted_read = [e["version"] for e in found["rx-planted"]]
+        assert planted_read == ([1, 2] if which is Dialect.MONGODB else [1]), which
+        legacy_at = await event_at(ledger, "rx-old", 2)
+        assert legacy_at is not None and legacy_at["_id"] == legacy[1]["_id"]
+        gap_newest = await newest_event(ledger, "rx-gap", {"version": 1}, known=1)
+        assert gap_newest is not None and gap_newest["version"] == 4

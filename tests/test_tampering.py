@@ -36,6 +36,7 @@ from test_prescriptions import (
 
 from anchoring.encoding import canonical_json
 from anchoring.hashing import leaf_hash
+from anchoring.ledger import event_id
 from anchoring.note import Signer
 from app import prescriptions as rx
 from app.auth import Role, Viewer
@@ -291,17 +292,16 @@ def test_an_edited_field_is_never_carried_into_the_next_event(p, mongo):
     )
 
 
-def test_a_ledger_event_that_was_never_queued_is_never_extended(p, mongo):
-    # Written straight into `ledger` (no intent in `pending`), chained and digested as the
-    # gateway would: the log will never sequence it, so no mutation may build on it.
-    rid = dispensed_and_anchored(p)
-    db = mongo[p.gw.db]
-    rogue_org = f"rogue-{p.uid}"
-    forged = forge_handoff(p, mongo, rid, "c-rogue", rogue_org)
+def plant_never_queued_event(p: Parties, mongo: Mongo, rid: str, under_id: Any) -> None:
+    """Write straight into `ledger` (no intent in `pending`) the forged version 3 of `rid`,
+    chained and digested as the gateway would, under `_id` `under_id`; the document claims it."""
+    forged = forge_handoff(p, mongo, rid, "c-rogue", f"rogue-{p.uid}")
     newest = forged["events"][-1]
-    db["ledger"].insert_one(
+    newest["id"] = under_id
+    mongo[p.gw.db]["prescriptions"].replace_one({"_id": rid}, forged)
+    mongo[p.gw.db]["ledger"].insert_one(
         {
-            "_id": newest["id"],
+            "_id": under_id,
             "subject": rid,
             "version": 3,
             "header": json.loads(bytes(newest["leaf"])),
@@ -309,11 +309,36 @@ def test_a_ledger_event_that_was_never_queued_is_never_extended(p, mongo):
             "data": {"state": forged, "actor": newest["actor"], "mutation": "handToCourier"},
         }
     )
-    rogue = p.gw.token("COURIER", "c-rogue", rogue_org)
+
+
+def test_a_ledger_event_that_was_never_queued_is_never_extended(p, mongo):
+    # Planted under the `_id` the ledger derives from (subject, version 3): where the gateway
+    # reads version 3, so what an attacker who wants the event read must do. The log will
+    # never sequence it, so it reads as tampered and no mutation may build on it.
+    rid = dispensed_and_anchored(p)
+    plant_never_queued_event(p, mongo, rid, event_id(rid, 3))
+    rogue = p.gw.token("COURIER", "c-rogue", f"rogue-{p.uid}")
     result = call(p.gw, rogue, "deliverPrescription", id=rid, expectedVersion=3)
     assert result["__typename"] != "Prescription", result
     assert ledger_count(p.gw, mongo, rid) == 3  # two real events and the forged one; no 4th
     tampered(p, rid, "event 3")
+
+
+def test_a_ledger_event_planted_under_another_id_is_never_read_nor_extended(p, mongo):
+    # Under any other `_id`, the gateway never reads it: a prescription's events are read by
+    # their derived `_id`s, and history is what the signed tree proves of those. The document
+    # claiming it is restored from the ledger (version 2), which verifies; the planted event
+    # is never extended.
+    rid = dispensed_and_anchored(p)
+    plant_never_queued_event(p, mongo, rid, ObjectId())
+    rogue = p.gw.token("COURIER", "c-rogue", f"rogue-{p.uid}")
+    result = call(p.gw, rogue, "deliverPrescription", id=rid, expectedVersion=3)
+    assert result["__typename"] != "Prescription", result
+    assert ledger_count(p.gw, mongo, rid) == 3  # two real events and the planted one; no 4th
+    read = p.read(rid)
+    assert read["version"] == 2, read
+    assert [e["version"] for e in read["history"]] == [1, 2], read["history"]
+    assert read["integrity"]["status"] == "VERIFIED", read["integrity"]
 
 
 def test_a_checkpoint_not_signed_by_the_log_is_never_used(mongo_uri, databases, mongo, tmp_path):
