@@ -1,6 +1,7 @@
 """The suite's FerretDB carries scripts/ferretdb-v1.24.2-id-index.patch: a lookup by _id uses the
-_id index (its cost does not grow with the collection) for int, string and ObjectId _ids, and
-answers exactly as MongoDB does for every _id type, numbers of mixed types included.
+_id index (its cost does not grow with the collection) for int, string and ObjectId _ids, also
+when the filter has other conditions besides, and answers exactly as MongoDB does for every _id
+type, numbers of mixed types included.
 
 These check the FerretDB that scripts/install-ferretdb.sh builds; with MONGODB_URI set they are
 skipped, since that server is another one."""
@@ -72,6 +73,11 @@ def test_lookup_by_int_id_at_100k_documents_costs_what_it_costs_at_1k(
     ops: dict[str, Op] = {
         "find_one": lambda coll, key: coll.find_one({"_id": key}),
         "update_one": lambda coll, key: coll.update_one({"_id": key}, {"$inc": {"n": 1}}),
+        # An optimistic update: _id and another condition (pushed down only with _id alone
+        # upstream).
+        "update_one on _id and version": lambda coll, key: coll.update_one(
+            {"_id": key, "n": {"$gte": 0}}, {"$inc": {"n": 1}}
+        ),
     }
     for name, op in ops.items():
         med: dict[int, list[float]] = {SMALL: [], LARGE: []}
@@ -105,6 +111,11 @@ def test_lookups_by_int_string_and_object_id_use_the_id_index(
     indexed: tuple[object, ...] = (5, Int64(5), -5, 0, 2**53, "five", oid)
     for value in indexed:
         assert "USING INDEX" in plan(coll, {"_id": value}), (value, plan(coll, {"_id": value}))
+    # The _id condition of a filter that says more is pushed down too; the rest still applies.
+    assert "USING INDEX" in plan(coll, {"_id": 5, "k": {"$exists": False}})
+    assert coll.find_one({"_id": "five", "k": {"$exists": False}}) == {"_id": "five"}
+    assert coll.find_one({"_id": "five", "k": 1}) is None
+    assert "SCAN" in plan(coll, {"k": 1, "_id": {"$in": [5, "five"]}})
     # Not pushed down (a scan, and still a right answer: see the next test): ints beyond 2^53,
     # whose double may be written with other digits, and doubles.
     scanned: tuple[object, ...] = (2**60, 5.0)
