@@ -514,15 +514,20 @@ class Sequencer:
         except BulkWriteError as exc:
             if exc.details.get("writeConcernErrors"):
                 raise
-        # The ledger's event under an orphan's id may be a rival's for the same version.
+        # The ledger's event under an orphan's id may be a rival's for the same version, and
+        # the rival's group an orphan too: each copy is credited to its own group only.
         stored = await by_ids(self.store.ledger, ids, {"leaf": 1, "attempt": 1})
-        present = {
-            e["_id"] for e in events if e["_id"] in stored and same_append(stored[e["_id"]], e)
-        }
-        log.warning("sequence: completed %d orphaned appends from their intents", len(present))
+
+        def landed(e: Doc) -> bool:
+            return e["_id"] in stored and same_append(stored[e["_id"]], e)
+
+        log.warning(
+            "sequence: completed %d orphaned appends from their intents",
+            sum(landed(e) for e in events),
+        )
         result = {}
         for g in old:
-            committed = [e["_id"] for e in g["events"] if e["_id"] in present]
+            committed = [e["_id"] for e in g["events"] if landed(e)]
             try:
                 await self.store.pending.insert_one(commit_marker(g["_id"], committed))
             except DuplicateKeyError:

@@ -463,6 +463,23 @@ async def test_an_orphaned_copy_of_a_version_a_rival_took_is_not_sequenced(tlog)
     assert bytes((await tlog.entry(index))["leaf"]) == winner.leaf
 
 
+async def test_two_orphaned_rival_copies_of_a_version_log_the_one_the_ledger_holds(tlog):
+    # Two appenders raced for version 2 and both lost their commit markers (a database
+    # outage): completing both orphans finds the winner's event under their shared derived
+    # id. Only the winner's group may name it; the loser's group sorts first, so crediting
+    # ids rather than copies would log the loser's leaf.
+    await tlog.append("rx-rivals", 1, header("rx-rivals", 1))
+    loser, _ = make_event("rx-rivals", 2, header("rx-rivals", 2, who="loser"))
+    winner, appended = make_event("rx-rivals", 2, header("rx-rivals", 2, who="winner"))
+    loser_group, winner_group = ObjectId(), ObjectId()
+    await tlog.store.pending.insert_many(
+        [intent(loser_group, [loser]), intent(winner_group, [winner])]
+    )
+    await tlog.store.ledger.insert_one(winner)
+    index = await tlog.wait_sequenced(appended.event_id)
+    assert bytes((await tlog.entry(index))["leaf"]) == appended.leaf
+
+
 async def _known_to_the_sequencer(tlog: TransparencyLog, group: ObjectId) -> None:
     """Wait until the sequencer has read `group` from `pending` (its next scan)."""
     deadline = time.monotonic() + 5
