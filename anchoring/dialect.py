@@ -145,11 +145,13 @@ async def _equalities(
         async with gate:
             return await collection.find_one({"_id": i}, projection)
 
-    tasks = [asyncio.ensure_future(lookup(i)) for i in ids]
-    try:
-        found = await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:  # one failed: the read failed, stop the others
-            task.cancel()
-        raise
-    return {d["_id"]: d for d in found if d is not None}
+    # Every lookup runs to its end, even once one has failed: cancelling pymongo operations
+    # in flight (checking out a connection, mid-reply) while the database fails left the
+    # connection pool waiting for connections that never came back, so that every later
+    # call of the process hung (tests/test_faults.py). Each lookup is bounded by the
+    # client's timeouts; the first error is raised once all have ended.
+    found = await asyncio.gather(*(lookup(i) for i in ids), return_exceptions=True)
+    for result in found:
+        if isinstance(result, BaseException):
+            raise result
+    return {d["_id"]: d for d in found if isinstance(d, dict)}

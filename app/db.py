@@ -71,6 +71,7 @@ def make_client(settings: Settings) -> AsyncMongoClient[Doc]:
         settings.mongodb_uri,
         serverSelectionTimeoutMS=settings.db_timeout_ms,
         connectTimeoutMS=settings.db_timeout_ms,
+        socketTimeoutMS=settings.db_reply_timeout_ms,
         tz_aware=True,
         appname="rxledger",
     )

@@ -71,6 +71,10 @@ class Settings:
     db_timeout_ms: int
     log: LogSettings
     mode_is_default: bool = False  # RXLEDGER_MODE was not set
+    # How long a database call waits for the server's reply (pymongo's socketTimeoutMS): a
+    # connection that stops answering (a network black hole) fails its call instead of
+    # holding the sequencer, an append or a request forever.
+    db_reply_timeout_ms: int = 60_000
 
     @property
     def production(self) -> bool:
@@ -106,6 +110,7 @@ class Settings:
             signing_key=Path(key) if key else None,
             var_dir=Path(os.environ.get("RXLEDGER_VAR_DIR", "var")),
             db_timeout_ms=int(env_number("RXLEDGER_DB_TIMEOUT_MS", 5000, 100)),
+            db_reply_timeout_ms=int(env_number("RXLEDGER_DB_REPLY_TIMEOUT_MS", 60_000, 100)),
             log=LogSettings(
                 sequencer=SequencerSettings(
                     batch_size=int(env_number("RXLEDGER_BATCH_SIZE", 4096, 1)),

@@ -280,6 +280,9 @@ async def test_faults_between_gateway_and_database_get_typed_answers_and_lose_no
         tmp_path,
         RXLEDGER_RATE_LIMIT="0",
         RXLEDGER_DB_TIMEOUT_MS="1500",
+        # A call in flight when the black hole starts waits this long for its reply, then fails:
+        # the writers' retries after recovery must not meet a connection still waiting.
+        RXLEDGER_DB_REPLY_TIMEOUT_MS="3000",
     )
     log_path = tmp_path / "gateway.log"
     load = Load()
@@ -321,7 +324,9 @@ async def test_faults_between_gateway_and_database_get_typed_answers_and_lose_no
 
         assert not load.untyped, f"untyped answers: {load.untyped[:5]}"
         assert load.answers["Unavailable"] > 0, f"the faults were never felt: {load.answers}"
-        assert set(load.keys) == set(load.acknowledged), "keys never acknowledged after recovery"
+        assert set(load.keys) == set(load.acknowledged), (
+            f"keys never acknowledged after recovery; answers by phase: {dict(load.by_phase)}"
+        )
 
         # /readyz recovers in the same process: database reachable, leading, queue drained.
         recovered = wait_for(
