@@ -1,17 +1,17 @@
 """The storage dialect: which read shapes each MongoDB-protocol server answers from an index.
 
 MongoDB serves `$in`, ranges and sorts on `_id` (and on any declared index) from its indexes.
-FerretDB v1 (SQLite), even with our patch for its `_id` index, serves only an `_id` equality
-from an index: `$in`, a range, a sort or a filter on any other field decodes every document of
-the collection, a cost that grows with the collection. Every choice that depends on the server
-is made here, and nowhere else names FerretDB:
+FerretDB v1 (SQLite), with our patch (scripts/ferretdb-v1.24.2-id-index.patch), serves from its
+`_id` index only an `_id` equality and an `_id` `$in` of at most 1,000 strings, ObjectIds or
+ints: a range, a sort or a filter on any other field decodes every document of the collection,
+a cost that grows with the collection. Every choice that depends on the server is made here,
+and nowhere else names FerretDB:
 
-- documents by `_id` (`by_ids`): one `$in` on MongoDB; on FerretDB, concurrent `_id`
-  equalities (at most CONCURRENT_LOOKUPS in flight);
+- documents by `_id` (`by_ids`): one `$in` on MongoDB; on FerretDB, one `$in` per IN_BATCH ids;
 - entries from a to b by their integer `_id` (`by_id_range`): one range read in `_id` order on
-  MongoDB; on FerretDB, the same concurrent equalities, one per index;
+  MongoDB; on FerretDB, `by_ids` of the indices a..b-1;
 - an update of documents by `_id` (`update_by_ids`): one `update_many` with `$in` on MongoDB;
-  on FerretDB, one bulk write of `_id` equalities;
+  on FerretDB, one per IN_BATCH ids;
 - documents by a field that is not `_id` (`one_of`): one query on every server. MongoDB
   serves it from the field's index; FerretDB decodes the collection once per query whatever
   the filter, so one query for all the values beats one equality per value.
@@ -27,22 +27,20 @@ Environment:
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import os
 import weakref
 from collections.abc import Iterable
 from typing import Any
 
-from pymongo import UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 
 Doc = dict[str, Any]
 
 ENV_DIALECT = "RXLEDGER_STORAGE_DIALECT"
-# `_id` lookups one read sends to FerretDB at once: enough to overlap round trips, few enough
-# to leave the connection pool to other requests.
-CONCURRENT_LOOKUPS = 32
+# `_id`s in one `$in` sent to FerretDB: the patch pushes down an `$in` of at most 1,000 values
+# (an int 0 counts twice); more would scan the collection.
+IN_BATCH = 500
 
 
 class Dialect(enum.Enum):
@@ -103,9 +101,15 @@ async def by_ids(
     wanted = list(dict.fromkeys(ids))
     if not wanted:
         return {}
-    if len(wanted) == 1 or await detect(collection) is Dialect.FERRETDB:
-        return await _equalities(collection, wanted, projection)
-    return {d["_id"]: d async for d in collection.find({"_id": {"$in": wanted}}, projection)}
+    if len(wanted) == 1:
+        doc = await collection.find_one({"_id": wanted[0]}, projection)
+        return {} if doc is None else {doc["_id"]: doc}
+    found: dict[Any, Doc] = {}
+    for part in await _batches(collection, wanted):
+        cursor = collection.find({"_id": {"$in": part}}, projection, batch_size=len(part))
+        async for d in cursor:
+            found[d["_id"]] = d
+    return found
 
 
 async def by_id_range(
@@ -117,7 +121,7 @@ async def by_id_range(
     if end <= start:
         return []
     if await detect(collection) is Dialect.FERRETDB:
-        found = await _equalities(collection, list(range(start, end)), projection)
+        found = await by_ids(collection, range(start, end), projection)
         return [found[i] for i in range(start, end) if i in found]
     cursor = collection.find({"_id": {"$gte": start, "$lt": end}}, projection).sort("_id", 1)
     return [d async for d in cursor]
@@ -127,31 +131,18 @@ async def update_by_ids(collection: AsyncCollection[Doc], ids: Iterable[Any], up
     """Apply `update` to the documents of `collection` whose `_id` is one of `ids` (absent ones
     are skipped). Index-backed on every server; not atomic across documents."""
     wanted = list(dict.fromkeys(ids))
-    if not wanted:
+    if len(wanted) == 1:
+        await collection.update_one({"_id": wanted[0]}, update)
         return
-    if len(wanted) == 1 or await detect(collection) is Dialect.FERRETDB:
-        await collection.bulk_write([UpdateOne({"_id": i}, update) for i in wanted], ordered=False)
-        return
-    await collection.update_many({"_id": {"$in": wanted}}, update)
+    for part in await _batches(collection, wanted):
+        await collection.update_many({"_id": {"$in": part}}, update)
 
 
-async def _equalities(
-    collection: AsyncCollection[Doc], ids: list[Any], projection: Doc | None
-) -> dict[Any, Doc]:
-    """One `_id` equality per id, CONCURRENT_LOOKUPS at a time."""
-    gate = asyncio.Semaphore(CONCURRENT_LOOKUPS)
-
-    async def lookup(i: Any) -> Doc | None:
-        async with gate:
-            return await collection.find_one({"_id": i}, projection)
-
-    # Every lookup runs to its end, even once one has failed: cancelling pymongo operations
-    # in flight (checking out a connection, mid-reply) while the database fails left the
-    # connection pool waiting for connections that never came back, so that every later
-    # call of the process hung (tests/test_faults.py). Each lookup is bounded by the
-    # client's timeouts; the first error is raised once all have ended.
-    found = await asyncio.gather(*(lookup(i) for i in ids), return_exceptions=True)
-    for result in found:
-        if isinstance(result, BaseException):
-            raise result
-    return {d["_id"]: d for d in found if isinstance(d, dict)}
+async def _batches(collection: AsyncCollection[Doc], ids: list[Any]) -> list[list[Any]]:
+    """`ids` cut into the `$in`s the server answers from its `_id` index: all of them on
+    MongoDB, IN_BATCH at a time on FerretDB (sent one after another, so that a failing
+    database never leaves operations in flight behind a raised error)."""
+    if not ids:
+        return []
+    size = IN_BATCH if await detect(collection) is Dialect.FERRETDB else len(ids)
+    return [ids[i : i + size] for i in range(0, len(ids), size)]

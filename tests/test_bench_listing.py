@@ -29,7 +29,7 @@ def test_bench_listing_prints_every_operation_and_its_ratio(mongo_uri: str) -> N
         "page, whole docs",
         "page, projected",
         "filtered, projected",
-        "20 by id: $in",
+        "20 by id: equalities",
         "20 by id: dialect",
     ):
         row = next((line for line in lines if line.startswith(operation)), None)

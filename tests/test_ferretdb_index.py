@@ -1,7 +1,7 @@
-"""The suite's FerretDB carries scripts/ferretdb-v1.24.2-id-index.patch: a lookup by _id uses the
-_id index (its cost does not grow with the collection) for int, string and ObjectId _ids, also
-when the filter has other conditions besides, and answers exactly as MongoDB does for every _id
-type, numbers of mixed types included.
+"""The suite's FerretDB carries scripts/ferretdb-v1.24.2-id-index.patch: a lookup by _id, or by an
+_id `$in`, uses the _id index (its cost does not grow with the collection) for int, string and
+ObjectId _ids, also when the filter has other conditions besides, and answers exactly as MongoDB
+does for every _id type, numbers of mixed types included.
 
 These check the FerretDB that scripts/install-ferretdb.sh builds; with MONGODB_URI set they are
 skipped, since that server is another one."""
@@ -78,6 +78,10 @@ def test_lookup_by_int_id_at_100k_documents_costs_what_it_costs_at_1k(
         "update_one on _id and version": lambda coll, key: coll.update_one(
             {"_id": key, "n": {"$gte": 0}}, {"$inc": {"n": 1}}
         ),
+        # Several documents by _id in one query (the storage dialect's read on FerretDB).
+        "find with _id $in": lambda coll, key: list(
+            coll.find({"_id": {"$in": [key, key - 1, key - 2, 0]}})
+        ),
     }
     for name, op in ops.items():
         med: dict[int, list[float]] = {SMALL: [], LARGE: []}
@@ -115,7 +119,20 @@ def test_lookups_by_int_string_and_object_id_use_the_id_index(
     assert "USING INDEX" in plan(coll, {"_id": 5, "k": {"$exists": False}})
     assert coll.find_one({"_id": "five", "k": {"$exists": False}}) == {"_id": "five"}
     assert coll.find_one({"_id": "five", "k": 1}) is None
-    assert "SCAN" in plan(coll, {"k": 1, "_id": {"$in": [5, "five"]}})
+    # An _id $in of values of those types, alone or beside other conditions.
+    for filter in (
+        {"_id": {"$in": [5, "five", oid, 0]}},
+        {"k": 1, "_id": {"$in": [5, "five"]}},
+    ):
+        assert "USING INDEX" in plan(coll, filter), (filter, plan(coll, filter))
+    # An $in holding a value that is not pushed down, or another operator beside it, scans.
+    for filter in (
+        {"_id": {"$in": [5, 5.0]}},
+        {"_id": {"$in": [5, 2**60]}},
+        {"_id": {"$in": [5], "$ne": 6}},
+        {"_id": {"$nin": [5]}},
+    ):
+        assert "SCAN" in plan(coll, filter), (filter, plan(coll, filter))
     # Not pushed down (a scan, and still a right answer: see the next test): ints beyond 2^53,
     # whose double may be written with other digits, and doubles.
     scanned: tuple[object, ...] = (2**60, 5.0)
@@ -158,6 +175,21 @@ def test_lookups_by_id_answer_as_mongodb_does_for_every_id_type(
     assert found("7") == []
     assert found(oid) == ["object id"]
     assert found(str(oid)) == []
+
+    def found_in(values: list[object]) -> list[str]:
+        return sorted(d["k"] for d in coll.find({"_id": {"$in": values}}))
+
+    # An $in matches what its values match one by one, duplicates and all.
+    assert found_in([5, Int64(8), 7, 0]) == ["double", "int", "long", "negative zero"]
+    assert found_in([5, 5, Int64(5)]) == ["int"]
+    assert found_in(["5", oid, str(oid), 9]) == ["object id", "string"]
+    assert found_in([2**60, 2**53, 9.5]) == ["2^53", "fraction", "long beyond 2^53"]
+    assert found_in([]) == []
+    assert found_in(list(range(10, 1100))) == []  # more values than are pushed down: a scan
+    assert sorted(d["k"] for d in coll.find({"_id": {"$in": [5, 7]}, "k": "int"})) == ["int"]
+    assert coll.update_many({"_id": {"$in": [7, 9]}}, {"$set": {"many": 1}}).modified_count == 1
+    assert coll.find_one({"_id": 7.0}) == {"_id": 7.0, "k": "double", "many": 1}
+    assert coll.update_one({"_id": 7}, {"$unset": {"many": ""}}).modified_count == 1
 
     assert coll.update_one({"_id": 7}, {"$set": {"seen": True}}).modified_count == 1
     assert coll.find_one({"_id": 7.0}) == {"_id": 7.0, "k": "double", "seen": True}

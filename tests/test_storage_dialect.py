@@ -1,6 +1,6 @@
 """The storage dialect (anchoring.dialect): against FerretDB the log's hot reads are `_id`
-equalities only, the one shape FerretDB answers from an index; against MongoDB they are one
-`$in` or range read; both give the same documents. The newest checkpoint is named in the head.
+equalities and `_id` `$in`s of at most IN_BATCH ids, the only shapes our patched FerretDB answers
+from an index; against MongoDB they are one `$in` or range read; both give the same documents. The newest checkpoint is named in the head.
 
 Each test forces a dialect with RXLEDGER_STORAGE_DIALECT, so both paths run against whatever
 server the suite uses, and watches the commands a client sends with a CommandListener."""
@@ -46,13 +46,19 @@ class Reads(monitoring.CommandListener):
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
         pass
 
-    def not_id_equalities(self) -> list[tuple[str, Any]]:
-        """The reads whose filter is anything but {"_id": <one value>}."""
-        return [
-            (coll, f)
-            for coll, f in self.reads
-            if not (isinstance(f, dict) and list(f) == ["_id"] and not isinstance(f["_id"], dict))
-        ]
+    def not_id_lookups(self) -> list[tuple[str, Any]]:
+        """The reads whose filter is anything but {"_id": <one value>} or {"_id": {"$in":
+        [at most IN_BATCH values]}}: the shapes the patched FerretDB serves from its index."""
+        return [(coll, f) for coll, f in self.reads if not _id_lookup(f)]
+
+
+def _id_lookup(f: Any) -> bool:
+    if not (isinstance(f, dict) and list(f) == ["_id"]):
+        return False
+    value = f["_id"]
+    if not isinstance(value, dict):
+        return True
+    return list(value) == ["$in"] and len(value["$in"]) <= dialect.IN_BATCH
 
 
 @pytest.fixture
@@ -67,7 +73,7 @@ def force(monkeypatch: pytest.MonkeyPatch, which: Dialect) -> None:
     monkeypatch.setenv(dialect.ENV_DIALECT, which.value)
 
 
-async def test_ferretdb_reads_documents_and_index_ranges_by_id_equalities_only(
+async def test_ferretdb_reads_documents_and_index_ranges_by_id_lookups_only(
     watched, db_name, monkeypatch
 ):
     c, reads = watched
@@ -89,8 +95,8 @@ async def test_ferretdb_reads_documents_and_index_ranges_by_id_equalities_only(
         )
         shapes[which] = list(reads.reads)
         if which is Dialect.FERRETDB:
-            assert reads.not_id_equalities() == []
-            assert len(reads.reads) == 6 + 1 + 10 + 4  # one per distinct id
+            assert reads.not_id_lookups() == []
+            assert len(reads.reads) == 4  # one per call
     assert found[Dialect.MONGODB] == found[Dialect.FERRETDB]
     by_id, one, ten, edge = found[Dialect.FERRETDB]
     assert sorted(map(str, by_id)) == ["3", "59", "7", "s2"]
@@ -102,6 +108,27 @@ async def test_ferretdb_reads_documents_and_index_ranges_by_id_equalities_only(
     assert shapes[Dialect.MONGODB][0] == ("docs", {"_id": {"$in": wanted[:-1]}})
     assert shapes[Dialect.MONGODB][2] == ("docs", {"_id": {"$gte": 10, "$lt": 20}})
     assert len(shapes[Dialect.MONGODB]) == 4
+    # FerretDB: an $in of the wanted ids, or of the range's indices.
+    assert shapes[Dialect.FERRETDB][0] == ("docs", {"_id": {"$in": wanted[:-1]}})
+    assert shapes[Dialect.FERRETDB][1] == ("docs", {"_id": 7})
+    assert shapes[Dialect.FERRETDB][2] == ("docs", {"_id": {"$in": list(range(10, 20))}})
+
+
+async def test_ferretdb_reads_more_ids_than_one_in_holds_in_batches(watched, db_name, monkeypatch):
+    c, reads = watched
+    coll = c[db_name]["docs"]
+    size = 2 * dialect.IN_BATCH + 7
+    await coll.insert_many([{"_id": i} for i in range(size)])
+    force(monkeypatch, Dialect.FERRETDB)
+    reads.reads.clear()
+    found = await by_id_range(coll, 0, size + 5)
+    assert [d["_id"] for d in found] == list(range(size))
+    assert reads.not_id_lookups() == []
+    assert [len(f["_id"]["$in"]) for _, f in reads.reads] == [
+        dialect.IN_BATCH,
+        dialect.IN_BATCH,
+        12,
+    ]
 
 
 @pytest.fixture
@@ -116,7 +143,7 @@ async def anchored(store: LogStore, signer) -> AsyncIterator[TransparencyLog]:
     await log.stop()
 
 
-async def test_ferretdb_serves_the_logs_hot_reads_by_id_equalities_only(
+async def test_ferretdb_serves_the_logs_hot_reads_by_id_lookups_only(
     anchored, watched, db_name, monkeypatch
 ):
     c, reads = watched
@@ -133,7 +160,7 @@ async def test_ferretdb_serves_the_logs_hot_reads_by_id_equalities_only(
     tail = await LogTail(log.store).read(250, 300)
     nodes = await log.reader.nodes([Node(0, 299), Node(8, 0)], size)
 
-    assert reads.not_id_equalities() == []
+    assert reads.not_id_lookups() == []
     assert {coll for coll, _ in reads.reads} == {"leases", "notarizations", "entries", "tiles"}
     assert newest is not None and latest is not None and newest.size == latest.size == 300
     assert proof.holds()
@@ -224,7 +251,7 @@ async def test_a_subjects_events_are_read_by_their_derived_ids_on_ferretdb(
             assert {s: [e["_id"] for e in found[s]] for s in ids} == ids, (which, known)
             if which is Dialect.FERRETDB:
                 # rx-none has no version 1 under its id: read by subject (nothing there).
-                assert reads.not_id_equalities() == [("ledger", {"subject": "rx-none"})]
+                assert reads.not_id_lookups() == [("ledger", {"subject": "rx-none"})]
             assert found["rx-none"] == []
         newest = await newest_event(ledger, "rx-a", {"version": 1})
         assert newest is not None and newest["version"] == 3
