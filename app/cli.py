@@ -365,11 +365,13 @@ def serve_workers(given: int | None) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from app.auth import AuthSettings
+    from app.cors import CrossOriginSettings
     from app.workers import shared_state
 
     settings = Settings.from_env()
     settings.signer()  # fail fast on a missing production key
     AuthSettings.from_env(settings.mode, settings.var_dir)  # ... and token settings
+    CrossOriginSettings.from_env(settings.production)  # ... and the CORS allowlist
     limits = LimitSettings.from_env()
     workers = serve_workers(args.workers)
     grace = env_number("RXLEDGER_SHUTDOWN_GRACE", 10.0, 0.0)

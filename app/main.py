@@ -30,6 +30,7 @@ from graphql import GraphQLFormattedError
 from pymongo.errors import PyMongoError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -49,6 +50,7 @@ from uvicorn.config import STARTUP_FAILURE
 from anchoring.dialect import detect as detect_dialect
 from anchoring.ledger import INTENTS
 from app.auth import Authenticator, AuthError, AuthSettings, Viewer
+from app.cors import CrossOriginSettings
 from app.db import PRESCRIPTIONS, make_client, make_log
 from app.events import EventStream
 from app.feed import PrescriptionFeed
@@ -60,7 +62,7 @@ from app.limits import (
     SharedRateLimiter,
     graphql_extensions,
 )
-from app.logserver import LogServer
+from app.logserver import OCTETS, LogServer
 from app.metrics import Metrics, MetricsMiddleware
 from app.service import PrescriptionService
 from app.settings import Settings, announce_mode
@@ -86,6 +88,13 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+# Below this size gzip saves a few hundred bytes at most. Level 6: on a 500 kB listing of
+# proofs, within 0.5 % of level 9's size in two thirds of its time.
+GZIP_MIN_BYTES = 1024
+GZIP_LEVEL = 6
+# Never compressed: event streams (a compressor holds events back) and what is compressed
+# already or does not compress (entry bundles arrive gzipped, hash tiles are random bytes).
+GZIP_EXCLUDED = (*DEFAULT_EXCLUDED_CONTENT_TYPES, "text/event-stream", OCTETS)
 
 
 def _problem(message: str, code: str, **extensions: Any) -> GraphQLFormattedError:
@@ -356,6 +365,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         configure_logging()
     auth = Authenticator(AuthSettings.from_env(settings.mode, settings.var_dir))
     limits = LimitSettings.from_env()
+    cross_origin = CrossOriginSettings.from_env(settings.production)
     metrics = Metrics(os.environ.get(METRICS_DIR_ENV) if server is not None else None)
 
     @contextlib.asynccontextmanager
@@ -483,6 +493,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         limiter=limiter,
         max_body_bytes=limits.max_body_bytes,
         max_subscriptions_per_connection=limits.max_subscriptions,
+        # WebSocket upgrades from pages on other origins: the CORS allowlist (app/cors.py).
+        allowed_origins=cross_origin.origins,
     )
     endpoint = GraphQLEndpoint(graphql, auth, limiter)
     return Starlette(
@@ -499,6 +511,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ],
         middleware=[
             Middleware(MetricsMiddleware, metrics=metrics),
+            # Outside the rest, so that refusals (401, 413, 429) reach the page too.
+            cross_origin.middleware(),
+            Middleware(
+                GZipMiddleware,
+                minimum_size=GZIP_MIN_BYTES,
+                compresslevel=GZIP_LEVEL,
+                exclude_content_types=GZIP_EXCLUDED,
+            ),
             Middleware(BodySizeLimit, max_bytes=limits.max_body_bytes),
         ],
         lifespan=lifespan,

@@ -3,6 +3,11 @@
 RXLEDGER_MODE is `development` or `production`. Unset, it is development, and every process that
 serves or signs (`rxledger serve`, `rxledger sequence`) says so in a WARNING line at start-up
 (`announce_mode`); `make run` sets it to development explicitly.
+
+Browser apps on other origins (parsed and checked in app/cors.py, which documents them):
+RXLEDGER_CORS_ORIGINS, comma-separated origins allowed over CORS and on WebSocket upgrades
+(unset: none in production, the local GraphiQL origins in development), and
+RXLEDGER_CORS_MAX_AGE, the seconds a browser may cache a preflight (default 600).
 """
 
 from __future__ import annotations
