@@ -5,7 +5,13 @@ For each number of concurrent appenders it runs our log (appends through Transpa
 in-process sequencer publishing them) and then Tessera v1.0.4's POSIX log (bench/tessera, the
 reference tlog-tiles implementation: every batch fsynced, batches of at most 1,000 entries or
 5 ms, a checkpoint every second) on the same number of entries and appenders, and prints both
-and the ratio of our sequencing rate to Tessera's integration rate. Not a test: it never fails
+and the ratio of our sequencing rate to Tessera's integration rate. Between the two it measures
+the server's ceiling: the same appenders, batched as Tessera batches them (at most 1,000 entries
+or 5 ms), each batch written as ONE insert_many of entry-sized documents into the server and
+acknowledged when it returns. No log that keeps its entries as documents on this server can
+acknowledge faster, and ours writes at least three documents per event (the ledger event, its
+entry, its position), so the run prints our rate against that ceiling and Tessera's against it
+too. Not a test: it never fails
 on a figure. It does fail, rather than hang: past --deadline it stops with exit status 2, and
 a publish callback or the sequencer failing unexpectedly ends the run with exit status 1 and
 the traceback. Tessera that cannot be built (no Go, the module proxy unreachable) is exit
@@ -43,7 +49,7 @@ from typing import Any
 
 from bson import Binary
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, monitoring
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -60,6 +66,27 @@ from anchoring.tiles import TileReader  # noqa: E402
 TESSERA_SOURCE = ROOT / "bench" / "tessera"
 TESSERA_BINARY = ROOT / "var" / "bin" / "tessera-bench"
 PublishCallback = Callable[[int, bytes, list[dict[str, Any]]], object]
+
+
+class WriteCounter(monitoring.CommandListener):
+    """Counts the write commands a client sends: on FerretDB (SQLite) each is one transaction,
+    which waits for its commit to reach the disk."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name in ("insert", "update", "delete", "findAndModify"):
+            self.writes += 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+WRITES = WriteCounter()
 
 
 class CallbackFailed(RuntimeError):
@@ -192,6 +219,7 @@ async def bench_append(
     try:
         await log.start()
         start = time.perf_counter()
+        writes0 = WRITES.writes
         cpu0, server_cpu0, mem0 = cpu_seconds(), cpu_seconds(server_pid), rss_mib()
         appending = asyncio.ensure_future(asyncio.gather(*[appender(k) for k in range(appenders)]))
         waiting = asyncio.ensure_future(done.wait())
@@ -206,6 +234,7 @@ async def bench_append(
                 appended = time.perf_counter() - start
                 appending.result()  # an append that raised fails the run
         total = time.perf_counter() - start
+        writes = WRITES.writes - writes0
         cpu, server_cpu, mem1 = (
             cpu_seconds() - cpu0,
             cpu_seconds(server_pid) - server_cpu0,
@@ -221,6 +250,7 @@ async def bench_append(
         "events": total_events,
         "append_rate": total_events / appended,
         "sequenced_rate": total_events / total,
+        "writes_per_1000": writes * 1000 / total_events,
         "merge_p50_ms": pct(merge, 0.5) * 1000,
         "merge_p99_ms": pct(merge, 0.99) * 1000,
         "latency_p50_ms": pct(whole, 0.5) * 1000,
@@ -229,6 +259,73 @@ async def bench_append(
         "server_cores": server_cpu / total,
         "rss_before": mem0,
         "rss_after": mem1,
+    }
+
+
+CEILING_BATCH = 1000  # Tessera's batching in bench/tessera: at most 1,000 entries ...
+CEILING_WAIT = 0.005  # ... or 5 ms
+
+
+async def bench_storage_ceiling(
+    client: AsyncMongoClient[dict[str, Any]], events: int, appenders: int
+) -> dict[str, float]:
+    """`events` appends from `appenders` concurrent appenders into a batcher that writes each
+    batch (at most CEILING_BATCH entries, or what came within CEILING_WAIT) as one insert_many
+    of documents shaped as our entries, and acknowledges its appends when it returns: the
+    fastest a log keeping one document per entry could acknowledge on this server."""
+    coll = client[f"bench_ceiling_{uuid.uuid4().hex[:8]}"]["entries"]
+    per = events // appenders
+    total = per * appenders
+    queue: list[tuple[bytes, asyncio.Future[None]]] = []
+    arrived = asyncio.Event()
+    latencies: list[float] = []
+    written = 0
+
+    async def batcher() -> None:
+        nonlocal written
+        while written < total:
+            await arrived.wait()
+            deadline = time.perf_counter() + CEILING_WAIT
+            while len(queue) < CEILING_BATCH and time.perf_counter() < deadline:
+                await asyncio.sleep(0.0005)
+            batch, queue[:] = queue[:CEILING_BATCH], queue[CEILING_BATCH:]
+            if not queue:
+                arrived.clear()
+            docs = [
+                {"_id": written + i, "event": f"e{written + i}", "leaf": Binary(leaf)}
+                for i, (leaf, _) in enumerate(batch)
+            ]
+            await coll.insert_many(docs, ordered=False)
+            written += len(batch)
+            for _, future in batch:
+                future.set_result(None)
+
+    async def appender(k: int) -> None:
+        loop = asyncio.get_running_loop()
+        for v in range(per):
+            t = time.perf_counter()
+            future: asyncio.Future[None] = loop.create_future()
+            queue.append(
+                (b'{"subject":"rx-%d","version":%d,"pad":"%s"}' % (k, v, b"x" * 90), future)
+            )
+            arrived.set()
+            await future
+            latencies.append(time.perf_counter() - t)
+
+    try:
+        start = time.perf_counter()
+        writes0 = WRITES.writes
+        await asyncio.gather(batcher(), *(appender(k) for k in range(appenders)))
+        seconds = time.perf_counter() - start
+        writes = WRITES.writes - writes0
+    finally:
+        await client.drop_database(coll.database.name)
+    return {
+        "events": total,
+        "rate": total / seconds,
+        "writes_per_1000": writes * 1000 / total,
+        "p50_ms": pct(latencies, 0.5) * 1000,
+        "p99_ms": pct(latencies, 0.99) * 1000,
     }
 
 
@@ -357,7 +454,9 @@ async def run(args: argparse.Namespace) -> None:
             print(f"server: FerretDB (SQLite, patched) started for this run at {uri}")
         else:
             print(f"server: {uri}")
-        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, tz_aware=True)
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            uri, tz_aware=True, event_listeners=[WRITES]
+        )
         signer = Signer("bench.rxledger", Ed25519PrivateKey.generate())
         try:
             base = leaf_hash_rate()
@@ -387,12 +486,21 @@ async def bench_pair(
         f"(sequenced/acknowledged {a['sequenced_rate'] / a['append_rate']:.2f}); "
         f"append -> published p50 {a['latency_p50_ms']:.1f} ms, p99 {a['latency_p99_ms']:.1f} ms; "
         f"cores: ours {a['cores']:.2f}, server {a['server_cores']:.2f}; "
+        f"write commands per 1,000 events {a['writes_per_1000']:.0f}; "
         f"RSS {a['rss_before']:.0f} -> {a['rss_after']:.0f} MiB"
     )
     print(
         f"  merge delay (ack -> published): p50 {a['merge_p50_ms']:.1f} ms, "
         f"p99 {a['merge_p99_ms']:.1f} ms"
     )
+    c = await bench_storage_ceiling(client, events, appenders)
+    print(
+        f"ceiling: {c['events']} entries by {appenders} appenders, batched as Tessera batches, "
+        f"one insert_many per batch: acknowledged {c['rate']:,.0f}/s, "
+        f"latency p50 {c['p50_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms; "
+        f"write commands per 1,000 entries {c['writes_per_1000']:.0f}"
+    )
+    print(f"  ratio sequenced/ceiling: {a['sequenced_rate'] / c['rate']:.2f}x")
     if tessera is None:
         return
     t = await bench_tessera(tessera, events, appenders)
@@ -400,6 +508,10 @@ async def bench_pair(
         f"tessera: {t['entries']} entries by {appenders} appenders: integrated {t['rate']:,.0f}/s, "
         f"latency p50 {t['p50_ms']:.1f} ms, p99 {t['p99_ms']:.1f} ms; "
         f"cores {t['cpu_seconds'] / t['seconds']:.2f}"
+    )
+    print(
+        f"  ratio ceiling/tessera: {c['rate'] / t['rate']:.2f}x (one document per entry on "
+        "this server, against Tessera's files)"
     )
     print(
         f"  ratio sequenced/tessera: {a['sequenced_rate'] / t['rate']:.2f}x; "

@@ -66,6 +66,11 @@ def test_ledger_bench_finishes_and_prints_its_figures_against_tessera(mongo_uri:
             out,
         ), out
         assert re.search(
+            rf"ceiling: 64 entries by {appenders} appenders, batched as Tessera batches, one "
+            r"insert_many per batch: acknowledged [\d,]+/s, .*write commands per 1,000 entries \d+",
+            out,
+        ), out
+        assert re.search(
             rf"tessera: 64 entries by {appenders} appenders: integrated [\d,]+/s, "
             r"latency p50 [\d.]+ ms, p99 [\d.]+ ms",
             out,
@@ -73,6 +78,9 @@ def test_ledger_bench_finishes_and_prints_its_figures_against_tessera(mongo_uri:
     delays = r"merge delay \(ack -> published\): p50 [\d.]+ ms, p99 [\d.]+ ms"
     assert len(re.findall(delays, out)) == 2, out
     assert len(re.findall(r"ratio sequenced/tessera: [\d.]+x", out)) == 2, out
+    assert len(re.findall(r"ratio sequenced/ceiling: [\d.]+x", out)) == 2, out
+    assert len(re.findall(r"ratio ceiling/tessera: [\d.]+x", out)) == 2, out
+    assert len(re.findall(r"write commands per 1,000 events \d+", out)) == 2, out
     assert re.search(r"proofs at 40 leaves: [\d,.]+/s from storage", out), out
     assert re.search(r"load average: [\d.]+ [\d.]+ [\d.]+", out), out
 
