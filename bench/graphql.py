@@ -62,6 +62,7 @@ from anchoring.note import open_checkpoint, parse_verifier_key  # noqa: E402
 from anchoring.verify import VerificationError, verify_inclusion  # noqa: E402
 from app.auth import Role, load_dev_secret, mint_token  # noqa: E402
 from bench.processes import (  # noqa: E402
+    UNCOMPRESSED,
     Broken,
     copy_logs,
     cpu_seconds,
@@ -488,7 +489,9 @@ async def one_round(
         connections = {
             app.name: [
                 await stack.enter_async_context(
-                    httpx.AsyncClient(limits=one, timeout=plan.timeout, verify=tls)
+                    httpx.AsyncClient(
+                        limits=one, timeout=plan.timeout, verify=tls, headers=UNCOMPRESSED
+                    )
                 )
                 for _ in range(plan.clients)
             ]

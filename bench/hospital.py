@@ -13,7 +13,8 @@ in --sizes (ascending; the same two databases grow from one size to the next):
   serve      start the gateway (`python -m app.cli serve`) and the baseline
              (bench/baseline_app.py) as uvicorn processes on the same server, and measure,
              with the same client (asyncio + httpx in this process, CLIENTS keep-alive
-             connections per side) and random preloaded ids:
+             connections per side, asking for uncompressed answers: the baseline does not
+             compress, and on loopback gzip only costs both sides) and random preloaded ids:
     reads      prescription(id) closed loop for DURATION s after WARMUP: the gateway with
                history, inclusion proofs and integrity (every answer must be VERIFIED with a
                proof per event), the baseline with the plain fields: rate, p50/p99
@@ -101,6 +102,7 @@ from bench.graphql import (  # noqa: E402
     wait_until_up,
 )
 from bench.processes import (  # noqa: E402
+    UNCOMPRESSED,
     Broken,
     copy_logs,
     cpu_seconds,
@@ -525,7 +527,9 @@ async def serve_and_measure(
         connections = {
             app.name: [
                 await stack.enter_async_context(
-                    httpx.AsyncClient(limits=one, timeout=plan.timeout, verify=tls)
+                    httpx.AsyncClient(
+                        limits=one, timeout=plan.timeout, verify=tls, headers=UNCOMPRESSED
+                    )
                 )
                 for _ in range(plan.clients)
             ]

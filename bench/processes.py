@@ -33,6 +33,12 @@ class Broken(Exception):
     """A process did not start, or never reached the state the benchmark needs."""
 
 
+# Request headers for comparing the gateway with the baseline: the same bytes from both sides.
+# The baseline does not compress, the gateway gzips large answers for clients that accept them,
+# and on loopback gzip only costs both ends.
+UNCOMPRESSED = {"Accept-Encoding": "identity"}
+
+
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
