@@ -10,8 +10,8 @@ and nowhere else names FerretDB:
 - documents by `_id` (`by_ids`): one `$in` on MongoDB; on FerretDB, one `$in` per IN_BATCH ids;
 - entries from a to b by their integer `_id` (`by_id_range`): one range read in `_id` order on
   MongoDB; on FerretDB, `by_ids` of the indices a..b-1;
-- an update of documents by `_id` (`update_by_ids`): one `update_many` with `$in` on MongoDB;
-  on FerretDB, one per IN_BATCH ids;
+- an update or a deletion of documents by `_id` (`update_by_ids`, `delete_by_ids`): one
+  `update_many` or `delete_many` with `$in` on MongoDB; on FerretDB, one per IN_BATCH ids;
 - documents by a field that is not `_id` (`one_of`): one query on every server. MongoDB
   serves it from the field's index; FerretDB decodes the collection once per query whatever
   the filter, so one query for all the values beats one equality per value.
@@ -136,6 +136,13 @@ async def update_by_ids(collection: AsyncCollection[Doc], ids: Iterable[Any], up
         return
     for part in await _batches(collection, wanted):
         await collection.update_many({"_id": {"$in": part}}, update)
+
+
+async def delete_by_ids(collection: AsyncCollection[Doc], ids: Iterable[Any]) -> None:
+    """Delete the documents of `collection` whose `_id` is one of `ids` (absent ones are
+    skipped). Index-backed on every server; not atomic across documents."""
+    for part in await _batches(collection, list(dict.fromkeys(ids))):
+        await collection.delete_many({"_id": {"$in": part}})
 
 
 async def _batches(collection: AsyncCollection[Doc], ids: list[Any]) -> list[list[Any]]:

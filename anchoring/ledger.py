@@ -11,7 +11,7 @@ ledger after a grace period and completed from its copy. Concurrent appends in o
 one insert_many per collection for everything queued while the previous batch was written.
 
 A ledger event's `_id` is derived from its (subject, version) (`event_id`), so a subject's
-events are read by `_id` equalities, the one lookup every server answers from an index
+events are read by `_id` (equalities and `$in`s), the one lookup every server answers from an index
 (`events_of`, `newest_event`, `events_at`: the one place these reads are written). Two appends
 racing for one version then share an `_id` as well as the unique (subject, version) key: each
 event also carries its own `attempt` id, which tells whose append took the version.
@@ -569,7 +569,7 @@ async def events_at(
     ledger: AsyncCollection[Doc], keys: list[tuple[str, int]], projection: Doc | None = None
 ) -> dict[tuple[str, int], Doc]:
     """The ledger events at these (subject, version)s, by key (absent ones left out). On a
-    server that serves only `_id` equalities from an index, by their derived `_id`s, with one
+    server that serves only `_id` lookups from an index, by their derived `_id`s, with one
     (subject, version) query for those not found (events written before ids were derived)."""
     found: dict[tuple[str, int], Doc] = {}
     missing = list(dict.fromkeys(keys))
@@ -592,18 +592,24 @@ async def events_of(
     subjects: list[str],
     projection: Doc | None = None,
     known: Mapping[str, int] | None = None,
+    expected_only: bool = False,
 ) -> dict[str, list[Doc]]:
     """Each subject's ledger events, oldest first. `known` is the newest version a caller
     expects of a subject (its document's), a hint that only saves round trips.
 
     On MongoDB one query by subject, which the (subject, version) index serves. On a server
-    that serves only `_id` equalities from an index, versions 1 to the expected one and
+    that serves only `_id` lookups from an index, versions 1 to the expected one and
     PROBE_AHEAD beyond it by their derived `_id`s, all subjects together, then PROBE_AHEAD more
     while the last ones are found: a subject's events are versions 1..n without a gap. A
     subject whose version 1 is not found under its derived `_id` (written before ids were
     derived, or not at all), or with a gap in what was read (an event deleted), is read by
     subject instead, so the checks see what the ledger holds. An event stored under any other
-    `_id` than its derived one is never read on this path: no append writes one."""
+    `_id` than its derived one is never read on this path: no append writes one.
+
+    With `expected_only`, a subject the caller expects no version of (none in `known`) and
+    whose version 1 is not under its derived `_id` has no events, and is not read by subject:
+    on FerretDB that read decodes the whole ledger, and an id nothing has (any id a caller may
+    send) must not cost that. Its events written before ids were derived are then not found."""
     if await detect(ledger) is not Dialect.FERRETDB:
         return await _events_by_subject(ledger, subjects, projection)
     known = known or {}
@@ -628,6 +634,8 @@ async def events_of(
                 wanted[s] = last + PROBE_AHEAD
                 continue
             first_miss = next(v for v in range(1, last + 1) if v not in chain)
+            if first_miss == 1 and expected_only and known.get(s, 0) <= 0:
+                continue
             if first_miss == 1 or max(chain) > first_miss:
                 by_subject.append(s)
             elif first_miss == last:  # nothing looked up past the first miss yet
@@ -639,15 +647,20 @@ async def events_of(
 
 
 async def newest_event(
-    ledger: AsyncCollection[Doc], subject: str, projection: Doc | None = None, known: int = 0
+    ledger: AsyncCollection[Doc],
+    subject: str,
+    projection: Doc | None = None,
+    known: int = 0,
+    expected_only: bool = False,
 ) -> Doc | None:
     """The newest ledger event of `subject` (None when it has none), read as `events_of`
-    reads (`known`: the version expected, a hint)."""
+    reads (`known`: the version expected, a hint; `expected_only`: as there)."""
     if await detect(ledger) is not Dialect.FERRETDB:
         return await ledger.find_one(
             {"subject": subject}, projection, sort=[("version", DESCENDING)]
         )
-    events = (await events_of(ledger, [subject], projection, {subject: known}))[subject]
+    found = await events_of(ledger, [subject], projection, {subject: known}, expected_only)
+    events = found[subject]
     return events[-1] if events else None
 
 

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from bson import Binary
-from pymongo import DeleteOne, ReturnDocument
+from pymongo import ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
-from anchoring.dialect import by_ids
+from anchoring.dialect import by_ids, delete_by_ids
 from anchoring.errors import database_error, frames
 from anchoring.hashing import leaf_hash
 from anchoring.ledger import INTENTS, MARKERS, commit_marker, group_events, marker_id, same_append
@@ -425,11 +425,7 @@ class Sequencer:
         self._scan_seconds = time.monotonic() - started
 
     async def _dequeue(self, ids: list[Any]) -> None:
-        # One request of `_id` equalities: a server without a usable index for `$in`
-        # (FerretDB) would decode the whole of `pending` for it.
-        await self.store.pending.bulk_write(
-            [DeleteOne({"_id": i}) for i in ids + [marker_id(i) for i in ids]], ordered=False
-        )
+        await delete_by_ids(self.store.pending, ids + [marker_id(i) for i in ids])
 
     async def _settle_dequeue(self, raise_errors: bool = True) -> None:
         """Wait for the dequeue in flight; its database error is raised (recovery then

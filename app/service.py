@@ -360,11 +360,14 @@ class PrescriptionService:
         doc = await self.prescriptions.find_one({"_id": rid})
         for _ in range(RESTORE_ATTEMPTS):
             known = doc.get("version") if doc is not None else 0
+            # Without a document, only by derived `_id`s: any caller may send any id, and
+            # reading an id nothing has by subject would decode the whole ledger on FerretDB.
             newest = await newest_event(
                 self.ledger,
                 rid,
                 {"version": 1, "leaf": 1},
                 known if isinstance(known, int) else 0,
+                expected_only=True,
             )
             if newest is None:
                 doc = None  # a document the ledger knows nothing of is nothing to extend

@@ -950,7 +950,7 @@ def main() -> int:
                 server = f"MONGODB_URI {redacted_uri(uri)}"
             else:
                 server = (
-                    "FerretDB v1.24.2 (patched: _id equalities use its index, other queries "
+                    "FerretDB v1.24.2 (patched: _id equalities and $ins use its index, other queries "
                     f"scan), SQLite handler, started for this run at {uri}"
                 )
             progress(f"server: {server}")

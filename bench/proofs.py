@@ -299,7 +299,7 @@ def main() -> int:
                 server = (
                     f"MONGODB_URI {redacted_uri(uri)}"
                     if ferret is None
-                    else "FerretDB v1.24.2 (patched: _id equalities use its index), SQLite "
+                    else "FerretDB v1.24.2 (patched: _id equalities and $ins use its index), SQLite "
                     f"handler, started for this run at {uri}"
                 )
                 progress(f"server: {server}")

@@ -279,3 +279,52 @@ async def test_history_signs_a_receipt_only_when_selected_and_once_per_leaf(
         assert (log.receipts.misses, log.receipts.hits) == (1, 1)
     finally:
         await log.stop()
+
+
+class LedgerReads(monitoring.CommandListener):
+    """The filter of every read of `ledger` a client sends."""
+
+    def __init__(self) -> None:
+        self.filters: list[Any] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name in ("find", "aggregate", "count", "distinct"):
+            if event.command[event.command_name] == "ledger":
+                self.filters.append(event.command.get("filter", event.command.get("query")))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+async def test_a_mutation_on_an_id_nothing_has_reads_the_ledger_by_id_only(
+    tlog, service, mongo_uri, db_name, monkeypatch
+):
+    # On FerretDB a read of the ledger by anything but `_id` decodes all of it: were an unknown
+    # id read by subject, any caller allowed a mutation could make every request of theirs
+    # cost a scan of the hospital's whole ledger.
+    monkeypatch.setenv(ENV_DIALECT, Dialect.FERRETDB.value)
+    known = await service.issue(PRESCRIBER, fields("p-known"), None)
+    reads = LedgerReads()
+    watched: AsyncMongoClient[Doc] = AsyncMongoClient(
+        mongo_uri, tz_aware=True, event_listeners=[reads]
+    )
+    try:
+        probing = PrescriptionService(tlog, watched[db_name]["prescriptions"])
+        probing.ledger = watched[db_name]["ledger"]
+        for rid in ("rx-nothing-has-this-id", "x" * 200):
+            with pytest.raises(Refused) as refused:
+                await probing.transition(PHARMACIST, "dispensePrescription", rid, 1, None, {})
+            assert refused.value.kind == "NotFound"
+        assert reads.filters, "the ledger was not read at all"
+        not_by_id = [f for f in reads.filters if not (isinstance(f, dict) and list(f) == ["_id"])]
+        assert not_by_id == []
+        # The prescription that exists is still found and extended.
+        done = await probing.transition(
+            PHARMACIST, "dispensePrescription", known["_id"], 1, None, {}
+        )
+        assert done["version"] == 2
+    finally:
+        await watched.close()
