@@ -153,6 +153,40 @@ def subtree_hash(hashes: bytes) -> bytes:
     return row[0]
 
 
+def full_tile_problem(level: int, index: int, data: bytes, parent: bytes, size: int) -> str | None:
+    """Why full tile (level, index) of a tree of `size` is not the one whose hash is in its
+    parent tile `parent` (already checked), or None when it is."""
+    if len(data) != TILE_WIDTH * HASH_SIZE:
+        return f"is {len(data)} bytes, not a full tile"
+    parent_index, at = divmod(index, TILE_WIDTH)
+    if subtree_hash(data) != parent[at * HASH_SIZE : (at + 1) * HASH_SIZE]:
+        parent_width = tile_width(level + 1, parent_index, size)
+        return f"does not hash to {tile_path(level + 1, parent_index, parent_width)}[{at}]"
+    return None
+
+
+async def _tampered_hash_tile(source: MirrorSource, cp: Checkpoint) -> str | None:
+    """What, if anything, of the source's hash tiles of `cp` does not verify against its
+    root: every tile read and checked top-down, nothing written; the tiles above level 0 are
+    kept in memory as parents."""
+    size = cp.size
+    levels = tiles_of(size)
+    edge = {t: await source.tile(*t) for ts in levels for t in ts if t[2] < TILE_WIDTH}
+    root = await root_hash(_Held({tile_key(*t): d for t, d in edge.items()}), size, size)
+    if root != cp.root_hash:
+        paths = ", ".join(tile_path(*t) for t in edge)
+        return f"right-edge tiles {paths} fold to root {root.hex()}, not the checkpoint's"
+    parents = {(level, index): data for (level, index, _), data in edge.items()}
+    for level, index, width in [t for ts in levels for t in ts if t[2] == TILE_WIDTH]:
+        data = await source.tile(level, index, width)
+        why = full_tile_problem(level, index, data, parents[(level + 1, index // TILE_WIDTH)], size)
+        if why is not None:
+            return f"{tile_path(level, index, width)} {why}"
+        if level > 0:
+            parents[(level, index)] = data
+    return None
+
+
 class _Held(TileSource):
     """Tiles already in hand, by storage key."""
 
@@ -323,6 +357,10 @@ class Mirror:
         try:
             verify_consistency(old.size, new.size, old.root_hash, new.root_hash, path)
         except VerificationError as exc:
+            # The proof was built from tiles not checked yet: tell tampering from a fork.
+            tampered = await _tampered_hash_tile(source, new)
+            if tampered is not None:
+                raise MirrorRefused(f"TAMPERED: {source.describe()} {tampered}") from None
             raise MirrorRefused(
                 f"FORK: {source.describe()} checkpoint of size {new.size} is not consistent "
                 f"with the mirror's checkpoint of size {old.size} ({exc}); the log has "
@@ -456,19 +494,12 @@ class _Copy:
 
     async def _full_tile(self, level: int, index: int, width: int) -> None:
         data, from_disk = await self._get(level, index, width)
-        if len(data) != TILE_WIDTH * HASH_SIZE:
-            self._refuse(level, index, width, from_disk, f"is {len(data)} bytes, not a full tile")
-        parent_index, at = divmod(index, TILE_WIDTH)
+        parent_index = index // TILE_WIDTH
         parent_width = tile_width(level + 1, parent_index, self.new.size)
         parent = self._path(level + 1, parent_index, parent_width).read_bytes()
-        if subtree_hash(data) != parent[at * HASH_SIZE : (at + 1) * HASH_SIZE]:
-            self._refuse(
-                level,
-                index,
-                width,
-                from_disk,
-                f"does not hash to {tile_path(level + 1, parent_index, parent_width)}[{at}]",
-            )
+        why = full_tile_problem(level, index, data, parent, self.new.size)
+        if why is not None:
+            self._refuse(level, index, width, from_disk, why)
         self._keep(level, index, width, data, from_disk)
 
     async def _bundle(self, level: int, index: int, width: int) -> None:
