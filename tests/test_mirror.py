@@ -9,6 +9,7 @@ One gateway serves the module's log: 300 entries when the first mirror is taken 
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -447,7 +448,9 @@ def fork_log(root: Path, leaves: list[bytes], key_pem: Path) -> Path:
         path.write_bytes(entry_bundle(chunk))
     signer = Signer(KEY_NAME, load_private_key(key_pem.read_bytes()))
     note = signer.sign_note(Checkpoint(ORIGIN, len(leaves), tree.root()).text())
-    (root / "checkpoint").write_text(note)
+    # Replaced whole, as a log publishes it: a mirror following this one may read it any time.
+    (root / ".checkpoint.new").write_text(note)
+    os.replace(root / ".checkpoint.new", root / "checkpoint")
     return root
 
 
@@ -541,3 +544,36 @@ def test_two_mirrors_cannot_write_one_directory(log):
     assert second.returncode == 2
     assert "another rxledger mirror is writing" in second.stderr
     assert first.returncode == 0
+
+
+def test_following_stops_at_a_fork_and_leaves_the_mirror_as_it_was(log):
+    source_dir = copy_mirror(log.at300, log.tmp / "follow-source" / "log")
+    to = log.tmp / "follow-fork" / "log"
+    with source_server(source_dir) as source:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "mirror", "--to", str(to), "--from", source]
+            + ["--key", log.vkey, "--follow", "--interval", "0.1"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_for_size(to, 300)
+            before = snapshot(to)
+            # The source now shows another history of 356 entries, signed by the log's key.
+            shared = parse_entry_bundle((log.full / "tile/entries/000").read_bytes())
+            other = [canonical_json({"subject": f"rx-fork-{i}", "version": 1}) for i in range(100)]
+            fork_log(
+                source_dir,
+                shared + other,
+                Path(log.env["RXLEDGER_VAR_DIR"]) / "keys" / "dev-log.pem",
+            )
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 1, err
+    assert "REFUSED: FORK" in err and "size 356" in err, err
+    assert snapshot(to) == before
