@@ -201,7 +201,7 @@ class Stall:
 
 
 @contextmanager
-def source_server(directory: Path, stall: Stall | None = None) -> Iterator[str]:
+def source_server(directory: Path, stall: Stall | None = None, port: int = 0) -> Iterator[str]:
     """A static server of `directory` in a thread of this process, which may stall one path."""
 
     class Handler(_Quiet):
@@ -211,7 +211,7 @@ def source_server(directory: Path, stall: Stall | None = None) -> Iterator[str]:
                 stall.release.wait(60)
             super().do_GET()
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(directory)))
+    server = ThreadingHTTPServer(("127.0.0.1", port), partial(Handler, directory=str(directory)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -280,8 +280,9 @@ def test_audit_and_the_go_client_read_the_served_mirror_as_they_read_the_gateway
 def test_a_mirror_grows_from_its_checkpoint_without_rewriting_a_file(go_client, log):
     to = copy_mirror(log.at300, log.tmp / "grow" / "log")
     before = snapshot(to)
-    out = ok(mirror(to, f"{log.base}/log", log.vkey))
-    assert "at size 600 (was 300)" in out
+    run = mirror(to, f"{log.base}/log", log.vkey)
+    assert "at size 600 (was 300)" in ok(run)
+    assert "mirror: 5/5 files (100%)" in run.stderr, "progress is shown on stderr"
     after = snapshot(to)
     for path, seen in before.items():
         if path != "checkpoint":
@@ -577,3 +578,64 @@ def test_following_stops_at_a_fork_and_leaves_the_mirror_as_it_was(log):
     assert proc.returncode == 1, err
     assert "REFUSED: FORK" in err and "size 356" in err, err
     assert snapshot(to) == before
+
+
+def test_a_one_shot_copy_stopped_by_sigterm_keeps_its_old_checkpoint(log):
+    to = copy_mirror(log.at300, log.tmp / "sigterm" / "log")
+    before = snapshot(to)
+    stall = Stall("/tile/entries/001", threading.Event(), threading.Event())
+    with source_server(log.full, stall) as source:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "mirror", "--to", str(to), "--from", source]
+            + ["--key", log.vkey],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert stall.requested.wait(60), "the mirror never asked for tile/entries/001"
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 130, err
+    assert "stopped before the copy finished" in err
+    assert_left_as_it_was(to, before, log.full)
+    assert size_of(to) == 300
+
+
+def test_following_retries_an_unreachable_source(log):
+    to = log.tmp / "retry" / "log"
+    errors = log.tmp / "retry.err"
+    port = free_port()
+    with errors.open("w") as err_file:
+        with source_server(log.at300, port=port) as source:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "mirror", "--to", str(to), "--from", source]
+                + ["--key", log.vkey, "--follow", "--interval", "0.1", "--quiet"],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=err_file,
+                text=True,
+            )
+            try:
+                wait_for_size(to, 300)
+            except BaseException:
+                proc.kill()
+                raise
+        try:
+            deadline = time.monotonic() + 30
+            while "retrying in 0.1 s" not in errors.read_text():
+                assert proc.poll() is None, errors.read_text()
+                assert time.monotonic() < deadline, "the mirror did not say the log is unreachable"
+                time.sleep(0.05)
+            with source_server(log.full, port=port):
+                wait_for_size(to, 600)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=20)
+    assert proc.returncode == 0, errors.read_text()
+    assert "cannot read the log" in errors.read_text()
+    assert contents(to) == {**contents(log.at300), **contents(log.full)}
