@@ -15,7 +15,6 @@ from pymongo.errors import PyMongoError
 
 from anchoring.anchorer import Anchorer, AnchorSettings, SignedCheckpoint, checked_checkpoint
 from anchoring.cosignature import Cosignature, cosignatures
-from anchoring.dialect import by_id_range
 from anchoring.encoding import b64
 from anchoring.errors import AnchorRefused, CosignatureRejected, ProofUnavailable
 from anchoring.hashing import leaf_hash
@@ -27,14 +26,10 @@ from anchoring.sequencer import LostLease, Sequencer, SequencerSettings
 from anchoring.store import Doc, LogStore
 from anchoring.tail import LogTail, Sequenced
 from anchoring.tiles import (
-    ENTRIES,
-    TileCorrupt,
-    TileNotFound,
     TileReader,
-    tile_exists,
-    tile_path,
+    read_entry_leaves,
 )
-from anchoring.treemath import TILE_WIDTH, Node
+from anchoring.treemath import Node
 from anchoring.verify import VerificationError, verify_inclusion
 
 log = logging.getLogger("rxledger.log")
@@ -446,16 +441,7 @@ class TransparencyLog:
     async def entry_leaves(self, index: int, width: int, published_size: int) -> list[bytes]:
         """The `width` leaves of tlog-tiles entry bundle `index`; raises TileNotFound when the
         tree of `published_size` does not have them all, TileCorrupt when entries are missing."""
-        if not tile_exists(ENTRIES, index, width, published_size):
-            raise TileNotFound(
-                f"the tree of size {published_size} has no {tile_path(ENTRIES, index, width)}"
-            )
-        first = index * TILE_WIDTH
-        found = await by_id_range(self.store.entries, first, first + width, {"leaf": 1})
-        leaves = [(int(doc["_id"]), bytes(doc["leaf"])) for doc in found]
-        if [i for i, _ in leaves] != list(range(first, first + width)):
-            raise TileCorrupt(f"entries {first}..{first + width - 1} are not all stored")
-        return [leaf for _, leaf in leaves]
+        return await read_entry_leaves(self.store, index, width, published_size)
 
     async def entry(self, index: int) -> Doc | None:
         return await self.store.entries.find_one({"_id": index})

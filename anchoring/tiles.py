@@ -15,7 +15,7 @@ from collections import OrderedDict
 from bson import Binary
 from pymongo.errors import BulkWriteError
 
-from anchoring.dialect import by_ids
+from anchoring.dialect import by_id_range, by_ids
 from anchoring.hashing import HASH_SIZE, node_hash
 from anchoring.ledger import DUPLICATE_KEY, MAX_LEAF_BYTES
 from anchoring.store import Doc, LogStore
@@ -236,6 +236,24 @@ class TileReader(TileSource):
     async def _fetch(self, keys: list[str]) -> dict[str, bytes]:
         found = await by_ids(self.store.tiles, keys)
         return {key: bytes(doc["hashes"]) for key, doc in found.items()}
+
+
+async def read_entry_leaves(
+    store: LogStore, index: int, width: int, published_size: int
+) -> list[bytes]:
+    """The `width` leaves of tlog-tiles entry bundle `index`, from the log's entries; raises
+    TileNotFound when the tree of `published_size` does not have them all, TileCorrupt when
+    entries are missing."""
+    if not tile_exists(ENTRIES, index, width, published_size):
+        raise TileNotFound(
+            f"the tree of size {published_size} has no {tile_path(ENTRIES, index, width)}"
+        )
+    first = index * TILE_WIDTH
+    found = await by_id_range(store.entries, first, first + width, {"leaf": 1})
+    leaves = [(int(doc["_id"]), bytes(doc["leaf"])) for doc in found]
+    if [i for i, _ in leaves] != list(range(first, first + width)):
+        raise TileCorrupt(f"entries {first}..{first + width - 1} are not all stored")
+    return [leaf for _, leaf in leaves]
 
 
 def tile_document(level: int, index: int, hashes: list[bytes]) -> Doc:

@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 a verification or audit failed a check (including "malformed input"
 for a bundle, note or proof that does not parse); 2 bad usage: arguments, missing files,
-configuration, or an unreachable database.
+configuration, or an unreachable database; 130 a one-shot `mirror` stopped by SIGINT or SIGTERM
+before it finished.
 """
 
 from __future__ import annotations
@@ -229,6 +230,159 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for extra in report.problems[1:]:
         print(f"  also: {extra}")
     return EXIT_FAILED
+
+
+EXIT_STOPPED = 130  # a one-shot mirror stopped by SIGINT or SIGTERM before it finished
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    import contextlib
+    import signal
+    from collections.abc import AsyncIterator
+
+    from anchoring.mirror import (
+        DatabaseSource,
+        Mirror,
+        MirrorBusy,
+        MirrorRefused,
+        MirrorSource,
+        RemoteSource,
+        Round,
+    )
+    from anchoring.remote import RemoteError, RemoteLog
+    from anchoring.tiles import TileCorrupt, TileNotFound
+    from app.db import make_client, make_store
+
+    if not args.interval > 0:
+        raise UsageError(f"--interval {args.interval}: want a positive number of seconds")
+    if args.from_url and not args.key:
+        raise UsageError(
+            "--from needs --key: the log's verifier key, which you must get from the log's "
+            "operator, not from the log itself"
+        )
+    settings = None if args.from_url else Settings.from_env()
+    if args.key:
+        verifiers = [_verifier(args.key)]
+    else:
+        assert settings is not None
+        verifiers = [settings.signer(create=False).verifier()]
+    mirror = Mirror(Path(args.to), verifiers)
+    shown = False
+
+    def progress(done: int, total: int) -> None:
+        nonlocal shown
+        if not args.quiet:
+            shown = True
+            print(
+                f"\rmirror: {done}/{total} files ({100 * done // max(total, 1)}%)",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def report(done: Round) -> None:
+        nonlocal shown
+        if shown:
+            print(file=sys.stderr)
+            shown = False
+        if done.source_size is None:
+            print("the log has published no checkpoint yet; nothing to copy", file=sys.stderr)
+        elif done.behind:
+            print(
+                f"the source serves size {done.source_size}, behind the mirror's {done.size} "
+                "and consistent with it: nothing to copy",
+                file=sys.stderr,
+            )
+        elif done.written or not args.follow:
+            kept = f", {done.kept} kept from an interrupted copy" if done.kept else ""
+            moved = "" if done.old_size in (None, done.size) else f" (was {done.old_size})"
+            print(
+                f"OK: {args.to} holds the log at size {done.size}{moved}, verified with "
+                f"{verifiers[0].name}+{verifiers[0].key_id.hex()}: {done.written} files "
+                f"written{kept}",
+                flush=True,
+            )
+
+    @contextlib.asynccontextmanager
+    async def opened() -> AsyncIterator[MirrorSource]:
+        if args.from_url:
+            async with RemoteLog(args.from_url) as remote:
+                yield RemoteSource(remote)
+            return
+        assert settings is not None
+        client = make_client(settings)
+        try:
+            yield DatabaseSource(make_store(settings, client))
+        finally:
+            await client.close()
+
+    async def follow() -> int:
+        async with opened() as source:
+            while True:
+                try:
+                    report(await mirror.sync(source, progress))
+                except (RemoteError, PyMongoError) as exc:
+                    if not args.follow:
+                        raise
+                    failure = exc if isinstance(exc, RemoteError) else _database_failure(exc)
+                    print(
+                        f"\nmirror: cannot read the log ({failure}); retrying in "
+                        f"{args.interval:g} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                if not args.follow:
+                    return EXIT_OK
+                await asyncio.sleep(args.interval)
+
+    async def run() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            with mirror.locked():
+                return await follow()
+        except asyncio.CancelledError:
+            # Every file is written whole or not at all; the checkpoint moves only after
+            # every tile it needs is in place.
+            print(file=sys.stderr)
+            if args.follow:
+                print(f"mirror: stopped; {args.to} is consistent", file=sys.stderr)
+                return EXIT_OK
+            print(
+                f"mirror: stopped before the copy finished; {args.to} still serves its "
+                "previous checkpoint; run again to resume",
+                file=sys.stderr,
+            )
+            return EXIT_STOPPED
+
+    try:
+        return asyncio.run(run())
+    except MirrorBusy as exc:
+        raise UsageError(str(exc)) from None
+    except MirrorRefused as exc:
+        if shown:
+            print(file=sys.stderr)
+        try:
+            held = mirror.held()
+        except MirrorRefused:
+            held = None
+        print(f"REFUSED: {exc}", file=sys.stderr)
+        print(
+            f"{args.to} is left as it was"
+            + (f", at size {held[1].size}" if held else " (it holds no checkpoint yet)"),
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    except (TileNotFound, TileCorrupt) as exc:
+        print(f"\nFAILED: the log does not serve what its checkpoint needs: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except RemoteError as exc:
+        raise UsageError(f"cannot read the log: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"--to {args.to}: {exc}") from None
 
 
 def cmd_export_proof(args: argparse.Namespace) -> int:
@@ -622,6 +776,50 @@ def build_parser() -> argparse.ArgumentParser:
         "for the next audit's --since",
     )
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser(
+        "mirror",
+        help="copy the log's tlog-tiles into a directory any static web server can serve",
+        description="Write the log as C2SP tlog-tiles files (DIR/checkpoint, DIR/tile/..., "
+        "DIR/tile/entries/...), the paths and bytes the gateway serves under /log/, so that "
+        "any static web server can serve them. Reads a gateway (--from URL) or the database "
+        "(MONGODB_URI, RXLEDGER_DB). Verifies as it copies: the checkpoint's signature with "
+        "the log's key, consistency with the checkpoint the mirror holds, and every tile and "
+        "entry bundle against the checkpoint's root. Resumes where it stopped, never rewrites "
+        "a file, and writes the checkpoint last. A checkpoint not consistent with the "
+        "mirror's (a fork) or a tile that does not verify is refused: exit 1, the mirror left "
+        "as it was. Exit 2: bad usage, the log unreachable, the directory not writable; 130: "
+        "stopped (SIGINT, SIGTERM) before a one-shot copy finished.",
+    )
+    p.add_argument("--to", required=True, metavar="DIR", help="the mirror's directory")
+    p.add_argument(
+        "--from",
+        dest="from_url",
+        metavar="URL",
+        help="a gateway's tlog-tiles prefix, e.g. https://rx.example.org/log, or another "
+        "mirror's URL (default: the database named by MONGODB_URI and RXLEDGER_DB)",
+    )
+    p.add_argument(
+        "--key",
+        metavar="VKEY",
+        help="the log's verifier key, or a file holding it (required with --from; default "
+        "for the database: the configured signing key's)",
+    )
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep copying as the log grows, until SIGTERM or Ctrl-C; errors reading the log "
+        "are retried, a fork or a tile that does not verify stops it (exit 1)",
+    )
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="with --follow: how often to look for a new checkpoint (default: %(default)s)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_mirror)
 
     p = sub.add_parser(
         "export-proof",
