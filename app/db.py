@@ -45,17 +45,10 @@ FULL_READS: tuple[FullRead, ...] = (
         "the sequencer reads the whole queue in _id order (the _id index on MongoDB); it holds"
         " only what is appended and not yet sequenced, spaced out while busy",
     ),
-    # A debt, not a design: a start-up that reads every event grows with the ledger. Bound it
-    # to the events a crash can have left unapplied (issue 11, "Fast at hospital scale").
     FullRead(
-        "ledger",
+        "pending",
         "app/service.py PrescriptionService.sweep",
-        "the start-up repair sweep finds each prescription's newest version",
-    ),
-    FullRead(
-        "prescriptions",
-        "app/service.py PrescriptionService.sweep",
-        "the start-up repair sweep compares every document's version with its ledger",
+        "the start-up repair sweep reads the queue: what is appended and not yet sequenced",
     ),
 )
 

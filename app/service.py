@@ -37,7 +37,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from anchoring.anchorer import SignedCheckpoint
-from anchoring.dialect import by_ids
+from anchoring.dialect import by_id_range, by_ids
 from anchoring.encoding import b64, canonical_json
 from anchoring.errors import (
     InvalidEvent,
@@ -47,7 +47,7 @@ from anchoring.errors import (
     database_error,
 )
 from anchoring.hashing import leaf_hash
-from anchoring.ledger import event_at, event_id, events_of, newest_event
+from anchoring.ledger import event_at, event_id, events_of, group_events, newest_event
 from anchoring.log import InclusionProof, TransparencyLog
 from anchoring.receipt import Receipt
 from anchoring.store import Doc, Index, create_indexes
@@ -102,6 +102,12 @@ PRESCRIPTION_INDEXES: tuple[Index, ...] = (
         "a courier's listing",
     ),
 )
+
+# The start-up sweep's mark: {_id: the prescriptions collection's name, through: the log size
+# the last finished sweep began at}. Entries below it need no sweep again.
+SWEEPS = "sweeps"
+# Entries the sweep reads at once (and the ledger events they name).
+SWEEP_PAGE = 2000
 
 # Restores of a document a mutation tries while concurrent mutations move its ledger on.
 RESTORE_ATTEMPTS = 3
@@ -252,17 +258,50 @@ class PrescriptionService:
         return await self.prescriptions.find_one({"_id": subject})
 
     async def sweep(self) -> int:
-        """Repair every document behind its ledger (at start-up). Returns how many."""
-        # A plain scan: FerretDB v1 implements no $max accumulator for $group.
+        """Repair every document behind its ledger (at start-up). Returns how many.
+
+        Only an event whose document write a crash interrupted can leave a document behind,
+        and such an event is queued in `pending` or was sequenced after the previous sweep
+        began: the sweep reads the queue, then the entries from where the previous sweep
+        began (SWEEPS) to the published size, the ledger events they name and their
+        documents, all by `_id`, never the whole ledger or every document. It records where
+        it began once every document it found behind is repaired. A mark moved on by a
+        database writer only skips repairs a read or a mutation then makes (each checks the
+        document against the ledger): nothing the product proves rests on documents."""
+        marks = self.prescriptions.database[SWEEPS]
+        mark = await marks.find_one({"_id": self.prescriptions.name})
+        start = mark.get("through") if mark is not None else 0
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            start = 0
+        store = self.log.store
         newest: dict[str, int] = {}
-        async for d in self.ledger.find({}, {"subject": 1, "version": 1, "_id": 0}):
-            newest[d["subject"]] = max(newest.get(d["subject"], 0), d["version"])
-        current = {
-            d["_id"]: d["version"] async for d in self.prescriptions.find({}, {"version": 1})
-        }
-        behind = [s for s, v in newest.items() if current.get(s, 0) < v]
+
+        def saw(subject: Any, version: Any) -> None:
+            if isinstance(subject, str) and isinstance(version, int):
+                newest[subject] = max(newest.get(subject, 0), version)
+
+        # The queue before the published size: a group leaves `pending` only once published,
+        # so an event not queued at this read is below the size read next.
+        async for doc in store.pending.find({}).sort("_id", 1):
+            if "committed" not in doc:
+                for event in group_events(doc):
+                    saw(event.get("subject"), event.get("version"))
+        size = (await store.head()).get("size", 0)
+        size = size if isinstance(size, int) else 0
+        for first in range(start, size, SWEEP_PAGE):
+            entries = await by_id_range(store.entries, first, min(first + SWEEP_PAGE, size))
+            events = await by_ids(
+                self.ledger, [e["event"] for e in entries], {"subject": 1, "version": 1}
+            )
+            for event in events.values():
+                saw(event.get("subject"), event.get("version"))
+        current = await by_ids(self.prescriptions, list(newest), {"version": 1})
+        behind = [s for s, v in newest.items() if current.get(s, {}).get("version", 0) < v]
         for subject in behind:
             await self.repair(subject)
+        await marks.update_one(
+            {"_id": self.prescriptions.name}, {"$max": {"through": size}}, upsert=True
+        )
         return len(behind)
 
     # --- mutations ----------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pymongo import AsyncMongoClient, monitoring
 
 from anchoring.anchorer import AnchorSettings
 from anchoring.dialect import ENV_DIALECT, IN_BATCH, Dialect
-from anchoring.ledger import PROBE_AHEAD
+from anchoring.ledger import PROBE_AHEAD, event_id
 from anchoring.log import LogSettings, TransparencyLog
 from anchoring.store import Doc, LogStore
 from app.auth import Role, Viewer
@@ -326,5 +326,104 @@ async def test_a_mutation_on_an_id_nothing_has_reads_the_ledger_by_id_only(
             PHARMACIST, "dispensePrescription", known["_id"], 1, None, {}
         )
         assert done["version"] == 2
+    finally:
+        await watched.close()
+
+
+class Reads(monitoring.CommandListener):
+    """(collection, filter) of every read a client sends."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[str, Any]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name in ("find", "aggregate", "count", "distinct"):
+            name = event.command_name
+            self.reads.append((str(event.command[name]), event.command.get("filter")))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def _ids_read(reads: list[tuple[str, Any]], collection: str) -> list[Any]:
+    """The `_id`s read from `collection`; every read of it must be by `_id`."""
+    found: list[Any] = []
+    for coll, f in reads:
+        if coll == collection:
+            assert isinstance(f, dict) and list(f) == ["_id"], (coll, f)
+            value = f["_id"]
+            if not isinstance(value, dict):
+                found.append(value)
+            elif "$in" in value:
+                found += value["$in"]
+            else:  # a range of indices (entries, on MongoDB)
+                assert set(value) == {"$gte", "$lt"}, value
+                found += range(value["$gte"], value["$lt"])
+    return found
+
+
+@pytest.mark.parametrize("server", [Dialect.MONGODB, Dialect.FERRETDB])
+async def test_the_start_up_sweep_reads_only_the_queue_and_what_was_sequenced_since_the_last(
+    tlog, client, mongo_uri, db_name, server, monkeypatch
+):
+    monkeypatch.setenv(ENV_DIALECT, server.value)
+    crashed = CrashAfterAppend(tlog, client[db_name]["prescriptions"])
+    service = PrescriptionService(tlog, client[db_name]["prescriptions"])
+    for i in range(30):
+        await service.issue(PRESCRIBER, fields(f"p-{i}"), None)
+    lost = await crashed.issue(PRESCRIBER, fields("p-lost"), None)
+    await tlog.wait_sequenced(event_id(lost["_id"], 1))
+
+    reads = Reads()
+    watched: AsyncMongoClient[Doc] = AsyncMongoClient(
+        mongo_uri, tz_aware=True, event_listeners=[reads]
+    )
+    try:
+        sweeping = PrescriptionService(
+            TransparencyLog(LogStore(watched[db_name], tlog.store.origin), tlog.signer),
+            watched[db_name]["prescriptions"],
+        )
+        sweeping.ledger = watched[db_name]["ledger"]
+        assert await sweeping.sweep() == 1  # the document the crash never wrote
+        assert (await service.prescriptions.find_one({"_id": lost["_id"]}))["version"] == 1
+        first_size = (await tlog.store.head())["size"]
+        assert first_size == 31
+        # Every read by `_id` but the queue's (and, on MongoDB, the repair's read of the
+        # ledger by subject, which its index serves): never all events or all documents.
+        assert {c for c, _ in reads.reads} <= {
+            "sweeps",
+            "pending",
+            "leases",
+            "entries",
+            "ledger",
+            "prescriptions",
+        }
+        for coll in ("prescriptions", "entries", "sweeps", "leases"):
+            _ids_read(reads.reads, coll)
+        ledger_reads = [f for c, f in reads.reads if c == "ledger"]
+        assert all(f for f in ledger_reads), ledger_reads
+        if server is Dialect.FERRETDB:
+            _ids_read(reads.reads, "ledger")
+        assert sorted(set(_ids_read(reads.reads, "entries")) & set(range(31))) == list(range(31))
+
+        dispensed = await crashed.transition(
+            PHARMACIST, "dispensePrescription", lost["_id"], 1, None, {}
+        )
+        await tlog.wait_sequenced(event_id(lost["_id"], 2))
+        reads.reads.clear()
+        assert await sweeping.sweep() == 1
+        stored = await service.prescriptions.find_one({"_id": lost["_id"]})
+        assert stored["version"] == dispensed["version"] == 2
+        # Only the entries sequenced since the first sweep began.
+        entries = _ids_read(reads.reads, "entries")
+        assert entries and min(entries) >= first_size, entries
+        if server is Dialect.FERRETDB:
+            since = (await tlog.store.head())["size"] - first_size
+            assert len(_ids_read(reads.reads, "ledger")) <= since + 2 + PROBE_AHEAD
+        reads.reads.clear()
+        assert await sweeping.sweep() == 0
     finally:
         await watched.close()
