@@ -617,8 +617,13 @@ class PrescriptionService:
     async def _never_queued(self, event_ids: list[ObjectId]) -> list[ObjectId]:
         """The events neither sequenced nor queued for the log: written straight into
         `ledger`, the log will never sequence them."""
-        # `pending` before `entries`: a group leaves `pending` only after it is published.
-        missing = set(event_ids) - await self.log.ledger.queued(event_ids)
+        # The log first (by `_id`, usually cached): most events a caller asks about are
+        # sequenced, and a read of `pending` decodes the whole queue on FerretDB. An event
+        # that left `pending` between the two reads was published first (a group leaves
+        # `pending` only once published), so the log is asked once more for what neither had.
+        missing = set(event_ids) - set(await self.log.leaf_indices(event_ids))
+        if missing:
+            missing -= await self.log.ledger.queued(list(missing))
         if missing:
             missing -= set(await self.log.leaf_indices(list(missing)))
         return [e for e in event_ids if e in missing]

@@ -427,3 +427,31 @@ async def test_the_start_up_sweep_reads_only_the_queue_and_what_was_sequenced_si
         assert await sweeping.sweep() == 0
     finally:
         await watched.close()
+
+
+async def test_a_mutation_on_a_sequenced_prescription_does_not_read_the_queue(
+    tlog, client, mongo_uri, db_name
+):
+    # The queue holds every event not yet sequenced, copies and all, and on FerretDB any read
+    # of it decodes all of it: a mutation extending an event the log holds must not pay that.
+    service = PrescriptionService(tlog, client[db_name]["prescriptions"])
+    doc = await service.issue(PRESCRIBER, fields("p-q"), None)
+    await tlog.wait_sequenced(event_id(doc["_id"], 1))
+    reads = Reads()
+    watched: AsyncMongoClient[Doc] = AsyncMongoClient(
+        mongo_uri, tz_aware=True, event_listeners=[reads]
+    )
+    # A second process's log on the watched client: `tlog` holds the lease and sequences.
+    other = TransparencyLog(LogStore(watched[db_name], tlog.store.origin), tlog.signer)
+    await other.start()
+    try:
+        acting = PrescriptionService(other, watched[db_name]["prescriptions"])
+        assert not other.sequencer.is_leader
+        reads.reads.clear()
+        done = await acting.transition(PHARMACIST, "dispensePrescription", doc["_id"], 1, None, {})
+        assert done["version"] == 2
+        assert [f for c, f in reads.reads if c == "pending"] == []
+        assert any(c == "positions" for c, _ in reads.reads)  # it looked the event up
+    finally:
+        await other.stop()
+        await watched.close()
