@@ -36,7 +36,7 @@ from bson import Binary
 from pymongo import ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
-from anchoring.dialect import by_ids, delete_by_ids
+from anchoring.dialect import IN_BATCH, by_id_range, by_ids, delete_by_ids
 from anchoring.errors import database_error, frames
 from anchoring.hashing import leaf_hash
 from anchoring.ledger import INTENTS, MARKERS, commit_marker, group_events, marker_id, same_append
@@ -235,16 +235,13 @@ class Sequencer:
             # Entries from here on get positions (those after the head as they are integrated
             # below); an older log's earlier entries have none.
             await self.fenced_update({"positionsFrom": size})
-        tail = [
-            doc async for doc in self.store.entries.find({"_id": {"$gte": size}}).sort("_id", 1)
-        ]
-        tail = [doc for i, doc in enumerate(tail) if doc["_id"] == size + i]
+        tail = await self._entries_from(size)
         if tail:
             log.info("recover: integrating %d entries sequenced after size %d", len(tail), size)
             await self._integrate_and_publish(tail)
         # Which queued events are in the log already (a crash before their group left
-        # `pending`, or a group only partly sequenced). This lookup scans entries on servers
-        # without an index, so only recovery does it; batches keep the answer in memory.
+        # `pending`, or a group only partly sequenced): by their positions (every entry below
+        # the head has one, but in a log older than positions); batches keep the answer.
         # Markers before intents: a marker is written after its intent, so one whose intent
         # is gone when read afterwards has outlived its group (a crash mid-dequeue).
         self._queue, self._markers, self._unscanned = {}, {}, {}
@@ -254,12 +251,8 @@ class Sequencer:
         queued = [e["_id"] for g in groups for e in g["events"]]
         self._done = set()
         if queued:
-            self._done = {
-                e["event"]
-                async for e in self.store.entries.find(
-                    {"event": {"$in": queued}, "_id": {"$lt": self.size}}, {"event": 1}
-                )
-            }
+            indices = await self.store.entry_indices(queued, await self.store.head())
+            self._done = {event for event, index in indices.items() if index < self.size}
         alive = {g["_id"] for g in groups}
         strays = [m["_id"] for m in markers if m["committed"] not in alive]
         if strays:
@@ -272,6 +265,18 @@ class Sequencer:
         self._scanned_at = scanned_at
         self.epoch += 1
         log.info("recover: %s leads %s at size %d", self.holder, self.store.origin, self.size)
+
+    async def _entries_from(self, size: int) -> list[Doc]:
+        """The entries written from index `size` on without a gap (by `_id`, a page at a
+        time: a range read on MongoDB, `_id` lookups on FerretDB)."""
+        found: list[Doc] = []
+        while True:
+            start = size + len(found)
+            page = await by_id_range(self.store.entries, start, start + IN_BATCH)
+            run = [doc for i, doc in enumerate(page) if doc["_id"] == start + i]
+            found += run
+            if len(run) < IN_BATCH:
+                return found
 
     # --- one batch ----------------------------------------------------------------------
 

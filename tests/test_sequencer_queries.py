@@ -16,13 +16,13 @@ import pytest
 from pymongo import AsyncMongoClient, monitoring
 
 from anchoring.anchorer import AnchorSettings
-from anchoring.dialect import IN_BATCH, Dialect, detect
+from anchoring.dialect import ENV_DIALECT, IN_BATCH, Dialect, detect
 from anchoring.encoding import b64
 from anchoring.errors import InvalidEvent
 from anchoring.ledger import Ledger, event_id
 from anchoring.log import LogSettings, TransparencyLog
 from anchoring.note import Signer
-from anchoring.sequencer import SequencerSettings
+from anchoring.sequencer import Sequencer, SequencerSettings
 from anchoring.store import LogStore
 
 
@@ -173,3 +173,35 @@ async def test_a_version_queued_by_another_process_enters_the_log_before_the_nex
     finally:
         await other.close()
         await tlog.stop()
+
+
+async def test_recovery_finds_which_queued_events_are_sequenced_by_id(
+    watched: tuple[LogStore, Commands], signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Recovery runs at every start and every change of leader; on FerretDB a read of `entries`
+    # by event decodes the whole log.
+    monkeypatch.setenv(ENV_DIALECT, Dialect.FERRETDB.value)
+    store, commands = watched
+    tlog = TransparencyLog(store, signer, RARE)
+    await tlog.start()
+    try:
+        appended = [await tlog.append(f"rx-{k}", 1, header(f"rx-{k}", 1)) for k in range(5)]
+        await tlog.wait_sequenced(appended[-1].event_id)
+    finally:
+        await tlog.stop()
+    queued = Ledger(store)  # appends with no sequencer running: they stay queued
+    waiting = [await queued.append(f"rx-q{k}", 1, header(f"rx-q{k}", 1)) for k in range(3)]
+    await queued.close()
+
+    sequencer = Sequencer(store)
+    assert await sequencer.acquire_lease()
+    commands.seen.clear()
+    await sequencer.recover()
+    entry_reads = commands.finds("entries")
+    assert all(set(f) == {"_id"} for f in entry_reads), entry_reads
+    assert sequencer.size == 5
+    assert sequencer._done == set()
+    assert {e["_id"] for g in sequencer._queue.values() for e in g["events"]} == {
+        w.event_id for w in waiting
+    }
+    await sequencer.release_lease()
