@@ -39,7 +39,15 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 from anchoring.dialect import IN_BATCH, by_id_range, by_ids, delete_by_ids
 from anchoring.errors import database_error, frames
 from anchoring.hashing import leaf_hash
-from anchoring.ledger import INTENTS, MARKERS, commit_marker, group_events, marker_id, same_append
+from anchoring.ledger import (
+    INTENTS,
+    MARKERS,
+    commit_marker,
+    events_of,
+    group_events,
+    marker_id,
+    same_append,
+)
 from anchoring.store import Doc, LogStore
 from anchoring.tiles import TileReader, tile_document, write_tiles
 from anchoring.treemath import TILE_HEIGHT, TILE_WIDTH, CompactRange, Node, root_nodes, tile_width
@@ -379,12 +387,11 @@ class Sequencer:
             if e.get("clearsTags") and e["version"] > cleared.get(e["subject"], (0, []))[0]:
                 cleared[e["subject"]] = (e["version"], list(e["clearsTags"]))
         for subject, (version, names) in cleared.items():
-            earlier = [
-                d["_id"]
-                async for d in self.store.ledger.find(
-                    {"subject": subject, "version": {"$lt": version}}, {"_id": 1}
-                )
-            ]
+            # By derived `_id` where that is the one indexed read (events_of).
+            events = (
+                await events_of(self.store.ledger, [subject], {"version": 1}, {subject: version})
+            )[subject]
+            earlier = [d["_id"] for d in events if d["version"] < version]
             await self.store.untag_entries(earlier, names)
         return cleared
 

@@ -386,6 +386,7 @@ def cmd_mirror(args: argparse.Namespace) -> int:
 
 
 def cmd_export_proof(args: argparse.Namespace) -> int:
+    from anchoring.ledger import events_of
     from app.db import make_client, make_log
 
     settings = Settings.from_env()
@@ -395,12 +396,11 @@ def cmd_export_proof(args: argparse.Namespace) -> int:
         client = make_client(settings)
         tlog = make_log(settings, client)
         try:
-            events = await tlog.store.ledger.find(
-                {"subject": args.prescription}, {"version": 1, "header": 1, "leaf": 1}
-            ).to_list()
+            subject = args.prescription
+            fields = {"version": 1, "header": 1, "leaf": 1}
+            events = (await events_of(tlog.store.ledger, [subject], fields))[subject]
             if not events:
                 raise UsageError(f"no prescription {args.prescription!r} in the ledger")
-            events.sort(key=lambda e: int(e["version"]))
             deadline = asyncio.get_running_loop().time() + args.wait
             while True:
                 indices = await tlog.leaf_indices([e["_id"] for e in events])

@@ -37,7 +37,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from anchoring.anchorer import SignedCheckpoint
-from anchoring.dialect import by_id_range, by_ids
+from anchoring.dialect import by_id_range, by_ids, update_by_ids
 from anchoring.encoding import b64, canonical_json
 from anchoring.errors import (
     InvalidEvent,
@@ -589,14 +589,13 @@ class PrescriptionService:
         from the events before an erasure (their leaves stay), from their queued copies, and
         the patient tag from their sequenced entries. Entries sequenced later lose the tag
         when the erasure event is sequenced (rx.cleared_tags)."""
-        ids = [
-            d["_id"]
-            async for d in self.ledger.find(
-                {"subject": subject, "version": {"$lt": erased_version}}, {"_id": 1}
-            )
-        ]
-        await self.ledger.update_many(
-            {"_id": {"$in": ids}},
+        events = (
+            await events_of(self.ledger, [subject], {"version": 1}, {subject: erased_version})
+        )[subject]
+        ids = [d["_id"] for d in events if d["version"] < erased_version]
+        await update_by_ids(
+            self.ledger,
+            ids,
             {
                 "$unset": {
                     "data.state": "",
