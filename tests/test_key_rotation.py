@@ -1,0 +1,293 @@
+"""Rotating the log's signing key: the key set (anchoring.keys) says which key signs which
+checkpoint sizes; old checkpoints and proofs stay verifiable with the old key, a retired key
+signs nothing after its end, and no database write adds a key."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import pytest
+from bson import Binary
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from anchoring.anchorer import AnchorSettings
+from anchoring.keys import RETIRED_KEY, KeySet, LogKey, parse_key_set
+from anchoring.log import LogSettings, TransparencyLog
+from anchoring.note import Checkpoint, Signer, split_note
+from anchoring.sequencer import SequencerSettings
+from anchoring.store import LogStore
+from anchoring.verify import (
+    BAD_SIGNATURE,
+    MALFORMED,
+    UNKNOWN_KEY,
+    VerificationError,
+    verify_inclusion,
+)
+
+FAST = LogSettings(
+    sequencer=SequencerSettings(poll_interval=0.02, lease_ttl=2.0, orphan_grace=1.0),
+    anchor=AnchorSettings(interval=0.05, max_leaves=10),
+)
+NAME = "test.rxledger.example"
+
+
+def new_signer() -> Signer:
+    return Signer(NAME, Ed25519PrivateKey.generate())
+
+
+def header(subject: str, version: int) -> dict[str, object]:
+    return {"v": 1, "subject": subject, "version": version, "type": "TEST"}
+
+
+async def append_and_anchor(tlog: TransparencyLog, subject: str, count: int) -> int:
+    """Append `count` versions of `subject`; returns the size of the checkpoint covering them."""
+    size = 0
+    for version in range(1, count + 1):
+        appended = await tlog.append(subject, version, header(subject, version))
+        size = await tlog.wait_sequenced(appended.event_id) + 1
+    return (await tlog.wait_anchored(size)).size
+
+
+async def until(condition, what: str, timeout: float = 10.0) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.02)
+
+    try:
+        await asyncio.wait_for(poll(), timeout)
+    except TimeoutError:
+        pytest.fail(f"waited {timeout} s for {what}")
+
+
+async def test_a_log_restarted_with_another_key_says_why_and_keeps_sequencing(store: LogStore):
+    """The newest checkpoint was signed by a key the log no longer has: nothing new is signed
+    (anchorError names the checkpoint that does not verify), and the sequencer neither fails
+    nor gives up its lease over it: appends keep being sequenced."""
+    first = TransparencyLog(store, new_signer(), FAST)
+    await first.start()
+    try:
+        await append_and_anchor(first, "rx-a", 3)
+    finally:
+        await first.stop()
+
+    other = TransparencyLog(store, new_signer(), FAST)
+    await other.start()
+    try:
+        appended = await other.append("rx-b", 1, header("rx-b", 1))
+        index = await other.wait_sequenced(appended.event_id)
+        await until(lambda: other.anchor_error is not None, "the anchorer's refusal")
+        more = await other.append("rx-b", 2, header("rx-b", 2))
+        assert await other.wait_sequenced(more.event_id) == index + 1
+        assert "does not verify" in str(other.anchor_error)
+        assert other.sequencer.last_error is None
+        assert other.sequencer.is_leader
+    finally:
+        await other.stop()
+
+
+# --- the key set, a pure function of the note and the configured ranges -----------------------
+
+
+def note_of(size: int, *signers: Signer, origin: str = "test.rxledger.example/log") -> str:
+    text = Checkpoint(origin, size, bytes(32)).text()
+    return text + "\n" + "".join(s.signature_line(text) for s in signers)
+
+
+OLD, NEW, STRANGER = new_signer(), new_signer(), new_signer()
+ROTATED = KeySet(
+    [
+        LogKey(OLD.verifier(), OLD.verifier_key, 0, 20),
+        LogKey(NEW.verifier(), NEW.verifier_key, 10),
+    ]
+)
+
+
+def test_a_key_set_file_reads_ranges_comments_and_bare_keys():
+    text = (
+        "# the log's keys\n"
+        f"{OLD.verifier_key} 0..20  # retired\n\n"
+        f"{NEW.verifier_key} 10..\n"
+        f"{STRANGER.verifier_key}\n"
+    )
+    keys = parse_key_set(text)
+    assert [(k.label, k.first, k.last) for k in keys.keys] == [
+        (f"{NAME}+{OLD.key_id.hex()}", 0, 20),
+        (f"{NAME}+{NEW.key_id.hex()}", 10, None),
+        (f"{NAME}+{STRANGER.key_id.hex()}", 0, None),
+    ]
+    assert parse_key_set(keys.text()).text() == keys.text()
+
+
+@pytest.mark.parametrize(
+    "line, found",
+    [
+        ("{old} 20..10", "first <= last"),
+        ("{old} 10", "must read <first>.. or <first>..<last>"),
+        ("{old} 1..2 3", "must read <verifier key>"),
+        ("not-a-key", "verifier key must read"),
+    ],
+)
+def test_a_malformed_key_set_line_is_refused_naming_the_line(line, found):
+    with pytest.raises(VerificationError) as err:
+        parse_key_set(f"{NEW.verifier_key}\n" + line.format(old=OLD.verifier_key) + "\n")
+    assert err.value.check == MALFORMED
+    assert "line 2" in err.value.detail and found in err.value.detail
+
+
+def test_the_same_key_twice_is_refused():
+    with pytest.raises(VerificationError, match="listed twice"):
+        parse_key_set(f"{OLD.verifier_key} 0..5\n{OLD.verifier_key} 9..\n")
+
+
+def test_during_the_transition_both_keys_sign_and_both_are_reported():
+    signed = ROTATED.open_checkpoint(note_of(15, OLD, NEW))
+    assert signed.checkpoint.size == 15
+    assert [k.verifier.key_id for k in signed.keys] == [OLD.key_id, NEW.key_id]
+
+
+def test_a_checkpoint_from_before_the_rotation_verifies_with_the_old_key():
+    assert ROTATED.open_checkpoint(note_of(3, OLD)).labels == f"{NAME}+{OLD.key_id.hex()}"
+
+
+def test_a_checkpoint_signed_only_by_a_retired_key_after_its_end_is_refused():
+    """A stolen old key cannot extend the log: past its last size it counts for nothing."""
+    with pytest.raises(VerificationError) as err:
+        ROTATED.open_checkpoint(note_of(21, OLD))
+    assert err.value.check == RETIRED_KEY
+    assert "size 21" in err.value.detail and "0..20" in err.value.detail
+
+
+def test_a_new_key_before_its_first_size_does_not_count():
+    with pytest.raises(VerificationError) as err:
+        ROTATED.open_checkpoint(note_of(9, NEW))
+    assert err.value.check == RETIRED_KEY
+
+
+def test_a_key_outside_the_set_counts_for_nothing_whatever_else_signed():
+    """An attacker's signature next to the log's is ignored; alone, it is an unknown key."""
+    assert ROTATED.open_checkpoint(note_of(30, STRANGER, NEW)).labels.endswith(NEW.key_id.hex())
+    with pytest.raises(VerificationError) as err:
+        ROTATED.open_checkpoint(note_of(30, STRANGER))
+    assert err.value.check == UNKNOWN_KEY
+    with pytest.raises(VerificationError) as err:
+        ROTATED.open_checkpoint(note_of(30, STRANGER, OLD))
+    assert err.value.check == RETIRED_KEY
+
+
+def test_a_forged_signature_by_a_listed_key_is_a_bad_signature():
+    good = note_of(15, NEW)
+    text, _, sig = good.rpartition("\u2014 ")
+    forged = note_of(16, NEW).rpartition("\u2014 ")[0] + "\u2014 " + sig
+    with pytest.raises(VerificationError) as err:
+        ROTATED.open_checkpoint(forged)
+    assert err.value.check == BAD_SIGNATURE
+
+
+# --- the log itself, rotating while it is written to -------------------------------------------
+
+
+def rotation(old: Signer, new: Signer, first: int, last: int) -> KeySet:
+    return KeySet(
+        [
+            LogKey(old.verifier(), old.verifier_key, 0, last),
+            LogKey(new.verifier(), new.verifier_key, first),
+        ]
+    )
+
+
+def signed_by(note: str) -> set[bytes]:
+    """The key IDs of the signature lines of a note."""
+    return {raw[:4] for _, raw in split_note(note)[1]}
+
+
+async def test_a_rotation_signs_with_both_keys_then_with_the_new_key_only(store: LogStore):
+    old, new = new_signer(), new_signer()
+    keys = rotation(old, new, first=20, last=40)
+    tlog = TransparencyLog(store, old, FAST, keys=keys, next_signer=new)
+    await tlog.start()
+    try:
+        before = await append_and_anchor(tlog, "rx-before", 5)
+        early = await tlog.inclusion_proof(0, before)
+        await append_and_anchor(tlog, "rx-during", 60)
+        cps = await tlog.checkpoints(limit=1000)
+    finally:
+        await tlog.stop()
+    by_size = {cp.size: signed_by(cp.note) for cp in cps}
+    assert {s for s, ids in by_size.items() if ids == {old.key_id}} == {
+        s for s in by_size if s < 20
+    }
+    assert {s for s, ids in by_size.items() if ids == {old.key_id, new.key_id}} == {
+        s for s in by_size if 20 <= s <= 40
+    }
+    assert {s for s, ids in by_size.items() if ids == {new.key_id}} == {
+        s for s in by_size if s > 40
+    }
+    assert any(s > 40 for s in by_size) and any(20 <= s <= 40 for s in by_size)
+    # The proof issued before still verifies with the old key alone, and with the key set.
+    bundle = early.bundle()
+    old_only = KeySet.single(old.verifier(), old.verifier_key)
+    for held in (old_only, keys):
+        cp = held.open_checkpoint(bundle["checkpoint"], tlog.origin).checkpoint
+        verify_inclusion(0, cp.size, early.leaf_hash, early.path, cp.root_hash)
+
+
+async def test_after_the_rotation_the_new_key_alone_carries_the_log_on(store: LogStore):
+    """The operator's last step: the new key becomes RXLEDGER_SIGNING_KEY and the old private
+    key is dropped; the stored checkpoints the old key signed still count (the key set lists it)."""
+    old, new = new_signer(), new_signer()
+    keys = rotation(old, new, first=0, last=5)
+    tlog = TransparencyLog(store, old, FAST, keys=keys, next_signer=new)
+    await tlog.start()
+    try:
+        await append_and_anchor(tlog, "rx-one", 3)
+    finally:
+        await tlog.stop()
+    tlog = TransparencyLog(store, new, FAST, keys=keys)
+    await tlog.start()
+    try:
+        size = await append_and_anchor(tlog, "rx-two", 5)
+        assert tlog.anchor_error is None
+        assert signed_by((await tlog.wait_anchored(size)).note) == {new.key_id}
+        assert tlog.verifier_key == new.verifier_key
+    finally:
+        await tlog.stop()
+
+
+async def test_a_database_writer_cannot_make_the_log_take_a_checkpoint_of_a_retired_key(
+    store: LogStore,
+):
+    """Whoever holds the retired key and can write the database notarizes a checkpoint past
+    the key's end and names it in the head: the log neither serves it nor signs after it."""
+    old, new = new_signer(), new_signer()
+    keys = rotation(old, new, first=0, last=2)
+    tlog = TransparencyLog(store, new, FAST, keys=keys)
+    await tlog.start()
+    try:
+        size = await append_and_anchor(tlog, "rx-x", 4)
+        await tlog.stop()
+        forged_size = size + 1
+        forged = Checkpoint(tlog.origin, forged_size, bytes(32)).text()
+        await store.notarizations.insert_one(
+            {
+                "_id": forged_size,
+                "origin": tlog.origin,
+                "size": forged_size,
+                "rootHash": Binary(bytes(32)),
+                "note": forged + "\n" + old.signature_line(forged),
+                "anchoredAt": dt.datetime.now(dt.UTC),
+            }
+        )
+        await store.leases.update_one(
+            {"_id": tlog.origin},
+            {"$set": {"newestCheckpoint": forged_size, "priorCheckpoint": size}},
+        )
+        assert await tlog.checkpoint(forged_size) is None
+        tlog = TransparencyLog(store, new, FAST, keys=keys)
+        await tlog.start()
+        appended = await tlog.append("rx-x", 5, header("rx-x", 5))
+        await tlog.wait_sequenced(appended.event_id)
+        await until(lambda: tlog.anchor_error is not None, "the anchorer's refusal")
+        assert "key out of range" in str(tlog.anchor_error)
+    finally:
+        await tlog.stop()
