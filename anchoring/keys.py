@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from anchoring.note import (
     MAX_TREE_SIZE,
     Checkpoint,
@@ -27,6 +29,7 @@ from anchoring.note import (
     parse_checkpoint,
     parse_verifier_key,
     split_note,
+    verifier_key_string,
 )
 from anchoring.verify import (
     BAD_SIGNATURE,
@@ -103,6 +106,13 @@ class KeySet:
         """One key for every size: the key set of a log that never rotated."""
         return cls([LogKey(verifier, vkey)])
 
+    @classmethod
+    def of(cls, keys: KeySet | list[Verifier]) -> KeySet:
+        """`keys` as a key set: a list of verifiers is one key for every size each."""
+        if isinstance(keys, KeySet):
+            return keys
+        return cls([LogKey(v, verifier_key_of(v)) for v in keys])
+
     def text(self) -> str:
         return "".join(k.line() + "\n" for k in self.keys)
 
@@ -152,6 +162,12 @@ class KeySet:
                 ORIGIN_MISMATCH, f"checkpoint origin {cp.origin!r}, want {origin!r}"
             )
         return SignedBy(cp, in_force)
+
+
+def verifier_key_of(verifier: Verifier) -> str:
+    """The verifier key string of `verifier` (an Ed25519 note key)."""
+    raw = verifier.public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return verifier_key_string(verifier.name, raw)
 
 
 def parse_key_line(line: str) -> LogKey:

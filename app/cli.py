@@ -19,8 +19,9 @@ from typing import Any
 from pymongo.errors import ConnectionFailure, PyMongoError
 
 from anchoring.errors import database_error
+from anchoring.keys import KeySet, parse_key_set
 from anchoring.log import InclusionProof
-from anchoring.note import Verifier, check_key_name, open_checkpoint, parse_verifier_key
+from anchoring.note import Verifier, check_key_name, parse_verifier_key
 from anchoring.verify import (
     MALFORMED,
     VerificationError,
@@ -75,6 +76,12 @@ def _verifier(key: str) -> Verifier:
     return parse_verifier_key(_key_text(key, "verifier key"))
 
 
+def _key_set(key: str) -> KeySet:
+    """The log's keys: a verifier key given inline, or a key set file (one verifier key a line,
+    each optionally with the checkpoint sizes it signs: anchoring.keys)."""
+    return parse_key_set(_key_text(key, "verifier key"))
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from anchoring.note import Signer, load_private_key
 
@@ -107,7 +114,7 @@ def _witness_keys(given: list[str]) -> list[Verifier]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    verifier = _verifier(args.key)
+    keys = _key_set(args.key)
     witnesses = _witness_keys(args.witness)
     quorum = len(witnesses) if args.quorum is None else args.quorum
     if not 0 <= quorum <= len(witnesses):
@@ -115,7 +122,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"--quorum {quorum}: want 0 to {len(witnesses)} (the --witness keys given)"
         )
     bundle = parse_inclusion_bundle(_read_json(args.bundle, "bundle"))
-    cp = open_checkpoint(bundle.checkpoint, [verifier], args.origin)
+    signed = keys.open_checkpoint(bundle.checkpoint, args.origin)
+    cp = signed.checkpoint
     verify_bundle_inclusion(bundle, cp.size, cp.root_hash)
     witnessed = ""
     if witnesses:
@@ -134,16 +142,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
         witnessed = f"; cosigned by {len(found)} of {len(witnesses)} witnesses ({', '.join(c.name for c in found) or 'none'})"
     print(
         f"OK: leaf {bundle.leaf_index} is included in {cp.origin} at tree size {cp.size}; "
-        f"checkpoint signed by {verifier.name}+{verifier.key_id.hex()}; root {cp.root_hash.hex()}"
-        + witnessed
+        f"checkpoint signed by {signed.labels}; root {cp.root_hash.hex()}" + witnessed
     )
     return EXIT_OK
 
 
 def cmd_verify_consistency(args: argparse.Namespace) -> int:
-    verifier = _verifier(args.key)
-    old = open_checkpoint(_read_text(args.old_note, "old checkpoint"), [verifier], args.origin)
-    new = open_checkpoint(_read_text(args.new_note, "new checkpoint"), [verifier], old.origin)
+    keys = _key_set(args.key)
+    old_signed = keys.open_checkpoint(_read_text(args.old_note, "old checkpoint"), args.origin)
+    old = old_signed.checkpoint
+    new_signed = keys.open_checkpoint(_read_text(args.new_note, "new checkpoint"), old.origin)
+    new = new_signed.checkpoint
     proof = parse_consistency_proof(_read_json(args.proof, "proof"))
     from anchoring.verify import SIZE_MISMATCH
 
@@ -154,7 +163,12 @@ def cmd_verify_consistency(args: argparse.Namespace) -> int:
         )
     verify_consistency(old.size, new.size, old.root_hash, new.root_hash, proof.path)
     print(
-        f"OK: {old.origin} at size {old.size} is a prefix of size {new.size}; both checkpoints signed by {verifier.name}"
+        f"OK: {old.origin} at size {old.size} is a prefix of size {new.size}; "
+        + (
+            f"both checkpoints signed by {old_signed.labels}"
+            if old_signed.labels == new_signed.labels
+            else f"size {old.size} signed by {old_signed.labels}, size {new.size} by {new_signed.labels}"
+        )
     )
     return EXIT_OK
 
@@ -189,16 +203,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     async def from_tiles() -> AuditReport:
         async with RemoteLog(args.from_tiles) as remote:
             return await audit_remote(
-                remote, [_verifier(args.key)], progress, origin=args.origin, since=since
+                remote, _key_set(args.key), progress, origin=args.origin, since=since
             )
 
     async def from_database(settings: Settings) -> AuditReport:
-        verifiers = (
-            [_verifier(args.key)] if args.key else [settings.signer(create=False).verifier()]
-        )
+        keys = _key_set(args.key) if args.key else configured_keys(settings)
         client = make_client(settings)
         try:
-            return await audit_log(make_store(settings, client), verifiers, progress)
+            return await audit_log(make_store(settings, client), keys, progress)
         finally:
             await client.close()
 
@@ -217,6 +229,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if report.ok:
         print(
             f"OK: {report.entries} entries, {report.tiles} tiles and {report.checkpoints} checkpoints of {source} verified"
+            + (f"; signed by {report.keys_text}" if report.signed_by else "")
         )
         if args.save and report.note is not None:
             try:
@@ -229,6 +242,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for extra in report.problems[1:]:
         print(f"  also: {extra}")
     return EXIT_FAILED
+
+
+def configured_keys(settings: Settings) -> KeySet:
+    """The log's key set from configuration: RXLEDGER_LOG_KEYS, else the signing key alone."""
+    signer = settings.signer(create=False)
+    next_signer = settings.next_signer()
+    keys = settings.key_set(signer, next_signer)
+    return keys or KeySet.single(signer.verifier(), signer.verifier_key)
 
 
 def cmd_export_proof(args: argparse.Namespace) -> int:
@@ -563,7 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--key",
         required=True,
-        help="verifier key <name>+<hex id>+<base64 key>, or a file holding it",
+        help="verifier key <name>+<hex id>+<base64 key>, or a key set file: one verifier key "
+        "a line, each optionally followed by the checkpoint sizes it signs (first.. or "
+        "first..last), as after a key rotation",
     )
     p.add_argument("--origin", help="require this checkpoint origin")
     p.add_argument(
@@ -590,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--proof", required=True, help="consistency proof JSON: {fromSize, toSize, path}"
     )
-    p.add_argument("--key", required=True, help="verifier key, or a file holding it")
+    p.add_argument("--key", required=True, help="verifier key, or a key set file (as for verify)")
     p.add_argument("--origin", help="require this checkpoint origin")
     p.set_defaults(func=cmd_verify_consistency)
 
@@ -599,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--key",
-        help="verifier key to check checkpoints with (default: the configured signing key's)",
+        help="verifier key or key set file (as for verify) to check checkpoints with "
+        "(default: RXLEDGER_LOG_KEYS, else the configured signing key's)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument(

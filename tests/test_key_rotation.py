@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from bson import Binary
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from anchoring.anchorer import AnchorSettings
+from anchoring.encoding import b64
 from anchoring.keys import RETIRED_KEY, KeySet, LogKey, parse_key_set
 from anchoring.log import LogSettings, TransparencyLog
 from anchoring.note import Checkpoint, Signer, split_note
@@ -291,3 +298,95 @@ async def test_a_database_writer_cannot_make_the_log_take_a_checkpoint_of_a_reti
         assert "key out of range" in str(tlog.anchor_error)
     finally:
         await tlog.stop()
+
+
+# --- the auditor's commands, given the key set file ---------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rxledger(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+async def test_the_auditor_commands_verify_across_a_rotation_with_a_key_set_file(
+    store: LogStore, mongo_uri: str, db_name: str, tmp_path: Path
+):
+    old, new = new_signer(), new_signer()
+    keys = rotation(old, new, first=20, last=40)
+    tlog = TransparencyLog(store, old, FAST, keys=keys, next_signer=new)
+    await tlog.start()
+    try:
+        before = await append_and_anchor(tlog, "rx-before", 5)
+        early = await tlog.inclusion_proof(0, before)
+        after = await append_and_anchor(tlog, "rx-after", 60)
+        late = await tlog.inclusion_proof(0, after)
+        _, _, path = await tlog.consistency_proof(before, after)
+    finally:
+        await tlog.stop()
+    assert after > 40 and signed_by(late.checkpoint.note) == {new.key_id}
+    (tmp_path / "keys.txt").write_text("# the log's keys\n" + keys.text())
+    (tmp_path / "old.key").write_text(old.verifier_key + "\n")
+    (tmp_path / "early.json").write_text(json.dumps(early.bundle()))
+    (tmp_path / "late.json").write_text(json.dumps(late.bundle()))
+    # Whoever stole the retired key signs the newest tree with it alone.
+    text = split_note(late.checkpoint.note)[0]
+    stolen = {**late.bundle(), "checkpoint": text + "\n" + old.signature_line(text)}
+    (tmp_path / "stolen.json").write_text(json.dumps(stolen))
+    (tmp_path / "old.note").write_text(early.checkpoint.note)
+    (tmp_path / "new.note").write_text(late.checkpoint.note)
+    (tmp_path / "proof.json").write_text(
+        json.dumps({"fromSize": before, "toSize": after, "path": [b64(h) for h in path]})
+    )
+    d = str(tmp_path)
+    db = {"MONGODB_URI": mongo_uri, "RXLEDGER_DB": db_name, "RXLEDGER_ORIGIN": tlog.origin}
+    runs = await asyncio.gather(
+        *[
+            asyncio.to_thread(rxledger, *args, **env)
+            for args, env in [
+                (("verify", f"{d}/early.json", "--key", f"{d}/old.key"), {}),
+                (("verify", f"{d}/early.json", "--key", f"{d}/keys.txt"), {}),
+                (("verify", f"{d}/late.json", "--key", f"{d}/keys.txt"), {}),
+                (("verify", f"{d}/stolen.json", "--key", f"{d}/keys.txt"), {}),
+                (
+                    (
+                        "verify-consistency",
+                        f"{d}/old.note",
+                        f"{d}/new.note",
+                        "--proof",
+                        f"{d}/proof.json",
+                        "--key",
+                        f"{d}/keys.txt",
+                    ),
+                    {},
+                ),
+                (("audit", "--quiet", "--key", f"{d}/keys.txt"), db),
+            ]
+        ]
+    )
+    old_label, new_label = f"{NAME}+{old.key_id.hex()}", f"{NAME}+{new.key_id.hex()}"
+    with_old, early_with_set, late_with_set, with_stolen, consistency, audit = runs
+    assert with_old.returncode == 0 and f"signed by {old_label};" in with_old.stdout
+    assert early_with_set.returncode == 0 and f"signed by {old_label};" in early_with_set.stdout
+    assert late_with_set.returncode == 0 and f"signed by {new_label};" in late_with_set.stdout
+    assert with_stolen.returncode == 1
+    assert "key out of range" in with_stolen.stderr + with_stolen.stdout
+    assert consistency.returncode == 0, consistency.stderr
+    assert f"size {before} signed by {old_label}, size {after} by {new_label}" in consistency.stdout
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    ranges = {
+        label: (int(a), int(b))
+        for label, a, b in re.findall(r"(\S+) \(sizes (\d+)\.\.(\d+)\)", audit.stdout)
+    }
+    assert set(ranges) == {old_label, new_label}
+    assert ranges[old_label][1] <= 40 and 20 <= ranges[new_label][0] <= 40
+    assert ranges[new_label][1] == after
