@@ -80,6 +80,7 @@ class SignedBy:
 
     checkpoint: Checkpoint
     keys: tuple[LogKey, ...]
+    text: str  # the note's text, without its signatures
 
     @property
     def labels(self) -> str:
@@ -161,7 +162,7 @@ class KeySet:
             raise VerificationError(
                 ORIGIN_MISMATCH, f"checkpoint origin {cp.origin!r}, want {origin!r}"
             )
-        return SignedBy(cp, in_force)
+        return SignedBy(cp, in_force, text)
 
 
 def verifier_key_of(verifier: Verifier) -> str:

@@ -357,7 +357,7 @@ def cmd_witness(args: argparse.Namespace) -> int:
 
     default_state = Path("var/witness") / f"{args.name.replace('/', '_')}.json"
     state = Path(args.state or default_state).resolve()
-    log_key = _verifier(args.log_key)
+    log_key = _key_set(args.log_key)
     try:
         return asyncio.run(
             run_witness(cosigner, log_key, args.log, state, args.origin, args.interval, args.once)
@@ -691,7 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-key",
         metavar="VKEY",
-        help="the log's verifier key (or a file holding it), from the log's operator",
+        help="the log's verifier key, or its key set file (one verifier key a line with the "
+        "sizes each signs: the witness follows key rotations), from the log's operator",
     )
     p.add_argument("--origin", help="require this checkpoint origin (default: the first one seen)")
     p.add_argument(
