@@ -11,17 +11,33 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from bson import Binary
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from test_gateway import ORIGIN as GATEWAY_ORIGIN
+from test_subscriptions import (
+    Gateway,
+    StartGateway,
+    changes,
+    graphql,
+    http_client,
+    indices,
+    issue_many,
+    next_leaf_index,
+    start_gateway,  # noqa: F401 (a fixture)
+    subscribed,
+)
 
 from anchoring.anchorer import AnchorSettings
+from anchoring.cosignature import Cosigner
 from anchoring.encoding import b64
 from anchoring.keys import RETIRED_KEY, KeySet, LogKey, parse_key_set
 from anchoring.log import LogSettings, TransparencyLog
-from anchoring.note import Checkpoint, Signer, split_note
+from anchoring.note import Checkpoint, Signer, load_private_key, split_note
 from anchoring.sequencer import SequencerSettings
 from anchoring.store import LogStore
 from anchoring.verify import (
@@ -31,6 +47,7 @@ from anchoring.verify import (
     VerificationError,
     verify_inclusion,
 )
+from app.settings import write_new_key
 
 FAST = LogSettings(
     sequencer=SequencerSettings(poll_interval=0.02, lease_ttl=2.0, orphan_grace=1.0),
@@ -390,3 +407,131 @@ async def test_the_auditor_commands_verify_across_a_rotation_with_a_key_set_file
     assert set(ranges) == {old_label, new_label}
     assert ranges[old_label][1] <= 40 and 20 <= ranges[new_label][0] <= 40
     assert ranges[new_label][1] == after
+
+
+# --- a gateway rotating while it is written to, subscribed to and witnessed --------------------
+
+LEDGER_KEYS = """{ ledger {
+  verifierKeys { key keyId fromSize untilSize current line }
+  checkpoint { size note cosignatures { witness } }
+} }"""
+
+
+async def published_at(gw: Gateway, size: int, timeout: float = 60.0) -> dict[str, Any]:
+    """The gateway's ledger once its published checkpoint covers `size` (with a witness
+    quorum: once the witness has cosigned it)."""
+    deadline = time.monotonic() + timeout
+    async with http_client() as http:
+        while True:
+            ledger = (await graphql(http, gw, LEDGER_KEYS))["ledger"]
+            if ledger["checkpoint"] and ledger["checkpoint"]["size"] >= size:
+                return dict(ledger)
+            assert time.monotonic() < deadline, f"no checkpoint of size {size} published"
+            await asyncio.sleep(0.1)
+
+
+async def test_a_gateway_rotates_its_key_while_writes_and_subscriptions_flow_and_its_witness_follows(
+    start_gateway: StartGateway,  # noqa: F811 (the fixture imported above)
+    client: Any,
+    db_name: str,
+    tmp_path: Path,
+):
+    name = GATEWAY_ORIGIN.split("/")[0]
+    old_pem, new_pem, witness_pem = tmp_path / "old.pem", tmp_path / "new.pem", tmp_path / "w.pem"
+    for pem in (old_pem, new_pem, witness_pem):
+        write_new_key(pem)
+    old = Signer(name, load_private_key(old_pem.read_bytes()))
+    new = Signer(name, load_private_key(new_pem.read_bytes()))
+    cosigner = Cosigner("w1.witness.test/a", load_private_key(witness_pem.read_bytes()))
+    # Sizes 1..11 the old key alone, 12..25 both, 26 and above the new key alone.
+    keys = rotation(old, new, first=12, last=25)
+    (tmp_path / "keys.txt").write_text(keys.text())
+    (tmp_path / "old.key").write_text(old.verifier_key + "\n")
+    gw = await start_gateway(
+        RXLEDGER_SIGNING_KEY=str(old_pem),
+        RXLEDGER_NEXT_SIGNING_KEY=str(new_pem),
+        RXLEDGER_LOG_KEYS=str(tmp_path / "keys.txt"),
+        RXLEDGER_WITNESSES=cosigner.verifier_key,
+        RXLEDGER_WITNESS_QUORUM="1",
+        RXLEDGER_WITNESS_HOLD="1",
+    )
+
+    def witness(log_key: Path, *extra: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "witness",
+            "--key",
+            str(witness_pem),
+            "--name",
+            cosigner.name,
+            "--log",
+            f"{gw.base}/log",
+            "--log-key",
+            str(log_key),
+            *extra,
+        ]
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RXLEDGER_")}
+    watcher = subprocess.Popen(
+        witness(tmp_path / "keys.txt", "--state", str(tmp_path / "w.json"), "--interval", "0.1"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "witness.log").open("wb"),
+    )
+    try:
+        first = await next_leaf_index(gw)  # size 1
+        cps: dict[int, dict[str, Any]] = {}
+        async with subscribed(gw, gw.token("AUDITOR", "aud-1"), first - 1) as socket:
+            reading = asyncio.create_task(changes(socket, "events", 39))
+            for target in (10, 18, 40):  # one phase of writes per stage of the rotation
+                await issue_many(gw, target - first, concurrency=4)
+                first = target
+                ledger = await published_at(gw, target)
+                cps[target] = ledger["checkpoint"]
+            received = await reading
+        assert indices(received) == list(range(1, 40))
+    finally:
+        watcher.terminate()
+        watcher.wait(10)
+    witness_log = (tmp_path / "witness.log").read_text()
+
+    log_keys = {old.key_id, new.key_id}  # (the notes also carry the witness's line)
+    assert signed_by(cps[10]["note"]) & log_keys == {old.key_id}
+    assert signed_by(cps[18]["note"]) & log_keys == {old.key_id, new.key_id}
+    assert signed_by(cps[40]["note"]) & log_keys == {new.key_id}
+    for cp in cps.values():  # published only once the witness cosigned: it followed
+        assert [c["witness"] for c in cp["cosignatures"]] == [cosigner.name]
+    assert f"signature by {name}+{new.key_id.hex()}" in witness_log, witness_log
+    # Every stored checkpoint verifies with the key set, the early ones with the old key alone.
+    async for doc in client[db_name]["notarizations"].find({}):
+        keys.open_checkpoint(doc["note"], GATEWAY_ORIGIN)
+        if doc["_id"] < 12:
+            KeySet.of([old.verifier()]).open_checkpoint(doc["note"], GATEWAY_ORIGIN)
+
+    ledger = await published_at(gw, 40)
+    assert [
+        (k["key"], k["fromSize"], k["untilSize"], k["current"]) for k in ledger["verifierKeys"]
+    ] == [
+        (old.verifier_key, 0, 25, False),
+        (new.verifier_key, 12, None, True),
+    ]
+    assert "".join(k["line"] + "\n" for k in ledger["verifierKeys"]) == keys.text()
+    async with http_client() as http:
+        ready = (await http.get(f"{gw.base}/readyz")).json()
+    assert ready["sequencerError"] is None and ready["anchorError"] is None, ready
+
+    # A witness that knows only the old key refuses what the new key alone signed.
+    stale = await asyncio.to_thread(
+        subprocess.run,
+        witness(tmp_path / "old.key", "--state", str(tmp_path / "stale.json"), "--once"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert stale.returncode == 1, stale.stderr
+    assert "REFUSED" in stale.stderr and "unknown key" in stale.stderr, stale.stderr
