@@ -496,6 +496,80 @@ def cmd_sequence(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    from anchoring.keys import LogKey
+    from anchoring.note import Signer, load_private_key
+    from app.db import make_client, make_store
+
+    if args.transition < 0 or (args.start is not None and args.start < 0):
+        raise UsageError("--from and --transition must be 0 or more")
+    settings = Settings.from_env()
+    out = Path(args.out) if args.out else settings.log_keys
+    if out is None:
+        raise UsageError("--out FILE is needed (or RXLEDGER_LOG_KEYS): where to write the key set")
+    try:
+        new = Signer(settings.key_name, load_private_key(Path(args.new).read_bytes()))
+    except FileNotFoundError:
+        raise UsageError(
+            f"--new: no such file {args.new}; create the new key with: rxledger keygen "
+            f"--name {settings.key_name} --out {args.new}"
+        ) from None
+    except ValueError as exc:
+        raise UsageError(f"--new {args.new}: {exc}") from None
+    keys = configured_keys(settings)
+    if keys.find(new.name, new.key_id) is not None:
+        raise UsageError(f"the key of {args.new} ({new.verifier_key}) is already in the key set")
+
+    async def newest_checkpoint() -> int | None:
+        client = make_client(settings)
+        try:
+            doc = await make_store(settings, client).newest_notarization()
+        finally:
+            await client.close()
+        return None if doc is None else int(doc["_id"])
+
+    newest = asyncio.run(newest_checkpoint())
+    first = args.start if args.start is not None else (0 if newest is None else newest + 1)
+    if newest is not None and first <= newest:
+        raise UsageError(
+            f"--from {first}: checkpoint {newest} is signed already; the new key can only sign "
+            f"from size {newest + 1} on"
+        )
+    current = [k for k in keys.keys if k.last is None]
+    if len(current) != 1 or current[0].first > first:
+        raise UsageError(
+            "the key set must have exactly one key without an end, in force at --from, to "
+            f"rotate from; it has: {', '.join(f'{k.label} {k.range_text}' for k in keys.keys)}"
+        )
+    last = first + args.transition
+    rotated = KeySet(
+        [
+            *(
+                k if k is not current[0] else LogKey(k.verifier, k.vkey, k.first, last)
+                for k in keys.keys
+            ),
+            LogKey(new.verifier(), new.verifier_key, first),
+        ]
+    )
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(
+        "# rxledger log keys: <verifier key> <first size>..<last size> (rxledger rotate-key)\n"
+        + rotated.text()
+    )
+    tmp.replace(out)
+    print(rotated.text(), end="")
+    print(
+        f"wrote the key set to {out}: {current[0].label} signs up to size {last}, "
+        f"{new.name}+{new.key_id.hex()} from size {first} (both from {first} to {last}).\n"
+        f"Next: on every gateway set RXLEDGER_LOG_KEYS={out} and "
+        f"RXLEDGER_NEXT_SIGNING_KEY={args.new}, and restart them; give {out} to auditors "
+        "(rxledger verify --key) and witnesses (rxledger witness --log-key) before the log "
+        f"passes size {last}.",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
 def cmd_verifier_key(args: argparse.Namespace) -> int:
     print(Settings.from_env().signer().verifier_key)
     return EXIT_OK
@@ -616,6 +690,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", required=True, help="verifier key, or a key set file (as for verify)")
     p.add_argument("--origin", help="require this checkpoint origin")
     p.set_defaults(func=cmd_verify_consistency)
+
+    p = sub.add_parser(
+        "rotate-key",
+        help="schedule a new log signing key: write the key set that hands over to it",
+        description="Write the log's key set (RXLEDGER_LOG_KEYS) so that NEW co-signs every "
+        "checkpoint from size --from on and the current key stops after --transition more "
+        "sizes: then NEW signs alone. Every checkpoint signed before stays verifiable with the "
+        "old key. Reads the newest checkpoint from the database (MONGODB_URI, RXLEDGER_DB). "
+        "See docs/operations.md, Rotating the log key.",
+    )
+    p.add_argument(
+        "--new",
+        required=True,
+        metavar="PEM",
+        help="the new Ed25519 private key (rxledger keygen --out PEM), named RXLEDGER_KEY_NAME",
+    )
+    p.add_argument(
+        "--from",
+        dest="start",
+        type=int,
+        metavar="SIZE",
+        help="the first checkpoint size the new key signs (default: the one after "
+        "the newest checkpoint)",
+    )
+    p.add_argument(
+        "--transition",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="how many sizes after --from both keys sign (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out", metavar="FILE", help="where to write the key set (default: RXLEDGER_LOG_KEYS)"
+    )
+    p.set_defaults(func=cmd_rotate_key)
 
     p = sub.add_parser(
         "audit", help="replay the whole log from the database and check every hash and signature"

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from bson import Binary
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pymongo import AsyncMongoClient
 from test_gateway import ORIGIN as GATEWAY_ORIGIN
 from test_subscriptions import (
     Gateway,
@@ -535,3 +536,52 @@ async def test_a_gateway_rotates_its_key_while_writes_and_subscriptions_flow_and
     )
     assert stale.returncode == 1, stale.stderr
     assert "REFUSED" in stale.stderr and "unknown key" in stale.stderr, stale.stderr
+
+
+def test_rotate_key_writes_the_key_set_that_hands_over_after_the_newest_checkpoint(
+    mongo_uri: str, db_name: str, tmp_path: Path
+):
+    old_pem, new_pem = tmp_path / "old.pem", tmp_path / "new.pem"
+    write_new_key(old_pem)
+    write_new_key(new_pem)
+    old = Signer(NAME, load_private_key(old_pem.read_bytes()))
+    new = Signer(NAME, load_private_key(new_pem.read_bytes()))
+
+    async def grow() -> int:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri, tz_aware=True)
+        tlog = TransparencyLog(LogStore(client[db_name], "test.rxledger.example/log"), old, FAST)
+        await tlog.start()
+        try:
+            return await append_and_anchor(tlog, "rx-r", 7)
+        finally:
+            await tlog.stop()
+            await client.close()
+
+    newest = asyncio.run(grow())
+    env = {
+        "MONGODB_URI": mongo_uri,
+        "RXLEDGER_DB": db_name,
+        "RXLEDGER_ORIGIN": "test.rxledger.example/log",
+        "RXLEDGER_KEY_NAME": NAME,
+        "RXLEDGER_SIGNING_KEY": str(old_pem),
+    }
+    keys_file = tmp_path / "keys.txt"
+    args = ("rotate-key", "--new", str(new_pem), "--out", str(keys_file))
+    done = rxledger(*args, "--transition", "5", **env)
+    assert done.returncode == 0, done.stderr
+    keys = parse_key_set(keys_file.read_text())
+    assert [(k.vkey, k.first, k.last) for k in keys.keys] == [
+        (old.verifier_key, 0, newest + 6),
+        (new.verifier_key, newest + 1, None),
+    ]
+    assert f"RXLEDGER_NEXT_SIGNING_KEY={new_pem}" in done.stderr
+    with_set = {**env, "RXLEDGER_LOG_KEYS": str(keys_file)}
+    again = rxledger(*args, **with_set)
+    assert again.returncode == 2 and "already in the key set" in again.stderr
+    newer = tmp_path / "newer.pem"
+    write_new_key(newer)
+    too_early = rxledger(
+        "rotate-key", "--new", str(newer), "--from", str(newest), "--out", str(keys_file), **env
+    )
+    assert too_early.returncode == 2
+    assert f"checkpoint {newest} is signed already" in too_early.stderr
