@@ -17,6 +17,9 @@ RXLEDGER_LOG_KEYS, a key set file (anchoring.keys: one verifier key a line, each
 checkpoint sizes it signs, `rxledger rotate-key` writes it). Unset, the signing key signs every
 size. Set, the log signs each checkpoint with every configured key in force at its size and
 trusts stored checkpoints only when such a key signed them; both private keys must be listed.
+RXLEDGER_TAG_KEY, the private key (PEM) the patient routing tags are keyed with (default:
+RXLEDGER_SIGNING_KEY): set it to the log's first key file before RXLEDGER_SIGNING_KEY changes,
+or a patient's earlier events no longer match their subscriptions and filters.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ class Settings:
     db_reply_timeout_ms: int = 60_000
     next_signing_key: Path | None = None  # RXLEDGER_NEXT_SIGNING_KEY
     log_keys: Path | None = None  # RXLEDGER_LOG_KEYS
+    tag_key_file: Path | None = None  # RXLEDGER_TAG_KEY
 
     @property
     def production(self) -> bool:
@@ -144,6 +148,7 @@ class Settings:
             mode_is_default=raw_mode is None,
             next_signing_key=_path(os.environ.get("RXLEDGER_NEXT_SIGNING_KEY")),
             log_keys=_path(os.environ.get("RXLEDGER_LOG_KEYS")),
+            tag_key_file=_path(os.environ.get("RXLEDGER_TAG_KEY")),
         )
 
     def next_signer(self) -> Signer | None:
@@ -151,6 +156,14 @@ class Settings:
         if self.next_signing_key is None:
             return None
         return _load_signer(self.key_name, self.next_signing_key, "RXLEDGER_NEXT_SIGNING_KEY")
+
+    def tag_key(self, signer: Signer) -> bytes:
+        """The secret the patient routing tags are keyed with: RXLEDGER_TAG_KEY's private key,
+        else `signer`'s (the log's signing key)."""
+        if self.tag_key_file is None:
+            return signer.private_key.private_bytes_raw()
+        key = _load_signer("tag", self.tag_key_file, "RXLEDGER_TAG_KEY").private_key
+        return key.private_bytes_raw()
 
     def key_set(self, signer: Signer, next_signer: Signer | None) -> KeySet | None:
         """The log's key set (RXLEDGER_LOG_KEYS), checked to list `signer` and `next_signer`;

@@ -48,7 +48,8 @@ from anchoring.verify import (
     VerificationError,
     verify_inclusion,
 )
-from app.settings import write_new_key
+from app.policy import Tags
+from app.settings import ConfigError, Settings, write_new_key
 
 FAST = LogSettings(
     sequencer=SequencerSettings(poll_interval=0.02, lease_ttl=2.0, orphan_grace=1.0),
@@ -585,3 +586,56 @@ def test_rotate_key_writes_the_key_set_that_hands_over_after_the_newest_checkpoi
     )
     assert too_early.returncode == 2
     assert f"checkpoint {newest} is signed already" in too_early.stderr
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def key_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    for variable in [v for v in os.environ if v.startswith("RXLEDGER_")]:
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv("RXLEDGER_MODE", "development")
+    monkeypatch.setenv("RXLEDGER_VAR_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("RXLEDGER_KEY_NAME", NAME)
+    old_pem, new_pem = tmp_path / "old.pem", tmp_path / "new.pem"
+    write_new_key(old_pem)
+    write_new_key(new_pem)
+    return old_pem, new_pem
+
+
+def test_a_next_key_without_a_key_set_or_a_key_set_without_the_keys_is_refused(
+    key_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    old_pem, new_pem = key_files
+    monkeypatch.setenv("RXLEDGER_SIGNING_KEY", str(old_pem))
+    monkeypatch.setenv("RXLEDGER_NEXT_SIGNING_KEY", str(new_pem))
+    settings = Settings.from_env()
+    with pytest.raises(ConfigError, match="RXLEDGER_NEXT_SIGNING_KEY needs RXLEDGER_LOG_KEYS"):
+        settings.key_set(settings.signer(), settings.next_signer())
+    stranger = new_signer()
+    (tmp_path / "keys.txt").write_text(f"{stranger.verifier_key}\n")
+    monkeypatch.setenv("RXLEDGER_LOG_KEYS", str(tmp_path / "keys.txt"))
+    settings = Settings.from_env()
+    with pytest.raises(ConfigError, match="RXLEDGER_SIGNING_KEY: its verifier key .* is not in"):
+        settings.key_set(settings.signer(), settings.next_signer())
+    (tmp_path / "keys.txt").write_text("not a key\n")
+    with pytest.raises(ConfigError, match="line 1"):
+        settings.key_set(settings.signer(), settings.next_signer())
+
+
+def test_the_patient_tags_stay_the_same_once_the_new_key_replaces_the_signing_key(
+    key_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+):
+    old_pem, new_pem = key_files
+
+    def patient_tag() -> str:
+        settings = Settings.from_env()
+        return Tags(settings.tag_key(settings.signer())).patient("pt-1")
+
+    monkeypatch.setenv("RXLEDGER_SIGNING_KEY", str(old_pem))
+    before = patient_tag()
+    monkeypatch.setenv("RXLEDGER_SIGNING_KEY", str(new_pem))
+    assert patient_tag() != before  # why RXLEDGER_TAG_KEY exists
+    monkeypatch.setenv("RXLEDGER_TAG_KEY", str(old_pem))
+    assert patient_tag() == before
