@@ -288,7 +288,7 @@ def cmd_export_proof(args: argparse.Namespace) -> int:
         tampered: list[dict[str, Any]] = []
         try:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "verifier.key").write_text(tlog.verifier_key + "\n")
+            (out / "verifier.key").write_text(tlog.keys.text())  # the key set, after a rotation
             for event, path in zip(covered, paths, strict=True):
                 assert cp is not None
                 leaf = bytes(event["leaf"])
