@@ -390,7 +390,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.workers import shared_state
 
     settings = Settings.from_env()
-    settings.signer()  # fail fast on a missing production key
+    signer = settings.signer()  # fail fast on a missing production key
+    settings.key_set(signer, settings.next_signer())  # ... or a key rotation misconfigured
     AuthSettings.from_env(settings.mode, settings.var_dir)  # ... and token settings
     CrossOriginSettings.from_env(settings.production)  # ... and the CORS allowlist
     limits = LimitSettings.from_env()
@@ -541,7 +542,12 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
             "the key set must have exactly one key without an end, in force at --from, to "
             f"rotate from; it has: {', '.join(f'{k.label} {k.range_text}' for k in keys.keys)}"
         )
-    last = first + args.transition
+    last = first + args.transition - 1  # both keys sign `transition` sizes
+    if last < current[0].first:
+        raise UsageError(
+            f"--transition {args.transition} would end {current[0].label} before its first "
+            f"size {current[0].first}: the old key must have signed at least one size"
+        )
     rotated = KeySet(
         [
             *(
@@ -560,8 +566,9 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
     print(rotated.text(), end="")
     print(
         f"wrote the key set to {out}: {current[0].label} signs up to size {last}, "
-        f"{new.name}+{new.key_id.hex()} from size {first} (both from {first} to {last}).\n"
-        f"Next: on every gateway set RXLEDGER_LOG_KEYS={out} and "
+        f"{new.name}+{new.key_id.hex()} from size {first}"
+        + (f" (both from {first} to {last}).\n" if last >= first else ".\n")
+        + f"Next: on every gateway set RXLEDGER_LOG_KEYS={out} and "
         f"RXLEDGER_NEXT_SIGNING_KEY={args.new}, and restart them; give {out} to auditors "
         "(rxledger verify --key) and witnesses (rxledger witness --log-key) before the log "
         f"passes size {last}.",
@@ -694,9 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "rotate-key",
         help="schedule a new log signing key: write the key set that hands over to it",
-        description="Write the log's key set (RXLEDGER_LOG_KEYS) so that NEW co-signs every "
-        "checkpoint from size --from on and the current key stops after --transition more "
-        "sizes: then NEW signs alone. Every checkpoint signed before stays verifiable with the "
+        description="Write the log's key set (RXLEDGER_LOG_KEYS) so that from checkpoint size "
+        "--from on both the current key and NEW sign --transition sizes, then NEW alone. Every checkpoint signed before stays verifiable with the "
         "old key. Reads the newest checkpoint from the database (MONGODB_URI, RXLEDGER_DB). "
         "See docs/operations.md, Rotating the log key.",
     )

@@ -197,7 +197,10 @@ class Ledger:
     def origin(self, info: Info) -> str:
         return _log(info).origin
 
-    @strawberry.field(description="signed-note verifier key: <name>+<key ID>+<base64 key>")
+    @strawberry.field(
+        description="signed-note verifier key: <name>+<key ID>+<base64 key>, of the key that "
+        "signs now (after a key rotation, the new one: verifierKeys lists them all)"
+    )
     def verifier_key(self, info: Info) -> str:
         return _log(info).verifier_key
 

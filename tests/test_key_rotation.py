@@ -20,6 +20,7 @@ from bson import Binary
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pymongo import AsyncMongoClient
 from test_gateway import ORIGIN as GATEWAY_ORIGIN
+from test_gateway import env_for, free_port
 from test_subscriptions import (
     Gateway,
     StartGateway,
@@ -572,10 +573,18 @@ def test_rotate_key_writes_the_key_set_that_hands_over_after_the_newest_checkpoi
     assert done.returncode == 0, done.stderr
     keys = parse_key_set(keys_file.read_text())
     assert [(k.vkey, k.first, k.last) for k in keys.keys] == [
-        (old.verifier_key, 0, newest + 6),
+        (old.verifier_key, 0, newest + 5),  # both sign newest+1 .. newest+5
         (new.verifier_key, newest + 1, None),
     ]
     assert f"RXLEDGER_NEXT_SIGNING_KEY={new_pem}" in done.stderr
+    leaked = rxledger(*args[:-1], str(tmp_path / "leaked.txt"), "--transition", "0", **env)
+    assert leaked.returncode == 0, leaked.stderr
+    assert [
+        (k.first, k.last) for k in parse_key_set((tmp_path / "leaked.txt").read_text()).keys
+    ] == [
+        (0, newest),  # the leaked key signs nothing more
+        (newest + 1, None),
+    ]
     with_set = {**env, "RXLEDGER_LOG_KEYS": str(keys_file)}
     again = rxledger(*args, **with_set)
     assert again.returncode == 2 and "already in the key set" in again.stderr
@@ -602,6 +611,29 @@ def key_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Pa
     write_new_key(old_pem)
     write_new_key(new_pem)
     return old_pem, new_pem
+
+
+def test_a_gateway_misconfigured_for_a_rotation_does_not_start(
+    key_files: tuple[Path, Path], mongo_uri: str, db_name: str, tmp_path: Path
+):
+    old_pem, new_pem = key_files
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(free_port())],
+        cwd=ROOT,
+        env=env_for(
+            mongo_uri,
+            db_name,
+            tmp_path,
+            RXLEDGER_SIGNING_KEY=str(old_pem),
+            RXLEDGER_NEXT_SIGNING_KEY=str(new_pem),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "RXLEDGER_NEXT_SIGNING_KEY needs RXLEDGER_LOG_KEYS" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_a_next_key_without_a_key_set_or_a_key_set_without_the_keys_is_refused(
