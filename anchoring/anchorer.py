@@ -132,7 +132,7 @@ class Anchorer:
         return checked_checkpoint(doc, self.keys, self.store.origin)
 
     def signers_for(self, size: int) -> list[Signer]:
-        """The held keys the key set puts in force at `size`, in the key set's order. Raises
+        """The held keys the key set puts in force at `size`, the log's key first. Raises
         AnchorRefused when it puts none of them in force there."""
         in_force = {(k.verifier.name, k.verifier.key_id) for k in self.keys.for_size(size)}
         found = [s for s in self.signers if (s.name, s.key_id) in in_force]
