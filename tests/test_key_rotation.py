@@ -526,6 +526,19 @@ async def test_a_gateway_rotates_its_key_while_writes_and_subscriptions_flow_and
         ready = (await http.get(f"{gw.base}/readyz")).json()
     assert ready["sequencerError"] is None and ready["anchorError"] is None, ready
 
+    # An auditor reading the tiles alone, with the key set, sees the new key sign.
+    audited = await asyncio.to_thread(
+        rxledger,
+        "audit",
+        "--quiet",
+        "--from-tiles",
+        f"{gw.base}/log",
+        "--key",
+        str(tmp_path / "keys.txt"),
+    )
+    assert audited.returncode == 0, audited.stdout + audited.stderr
+    assert f"signed by {name}+{new.key_id.hex()} (sizes 40..40)" in audited.stdout
+
     # A witness that knows only the old key refuses what the new key alone signed.
     stale = await asyncio.to_thread(
         subprocess.run,
