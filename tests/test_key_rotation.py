@@ -203,9 +203,9 @@ def test_a_key_outside_the_set_counts_for_nothing_whatever_else_signed():
 
 
 def test_a_forged_signature_by_a_listed_key_is_a_bad_signature():
-    good = note_of(15, NEW)
-    text, _, sig = good.rpartition("\u2014 ")
-    forged = note_of(16, NEW).rpartition("\u2014 ")[0] + "\u2014 " + sig
+    """The signature of size 15's checkpoint, moved onto size 16's."""
+    signature_of_15 = note_of(15, NEW).rpartition("\u2014 ")[2]
+    forged = note_of(16, NEW).rpartition("\u2014 ")[0] + "\u2014 " + signature_of_15
     with pytest.raises(VerificationError) as err:
         ROTATED.open_checkpoint(forged)
     assert err.value.check == BAD_SIGNATURE
