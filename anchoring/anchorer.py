@@ -2,6 +2,11 @@
 
 Before signing size n it proves, from stored tiles, that the tree is consistent with the last
 checkpoint it signed, and refuses otherwise. Notarizations are append-only, keyed by size.
+
+Key rotation (anchoring.keys): the anchorer holds one or more signing keys and the log's key set
+from configuration. A checkpoint of size n is signed by every held key the key set puts in force
+at n (both keys during a rotation's transition), and a stored checkpoint counts only when a key
+in force at its size signed it: the database never names a key the log trusts.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from pymongo.errors import DuplicateKeyError
 
 from anchoring.cosignature import Cosignature
 from anchoring.errors import AnchorRefused
-from anchoring.note import Checkpoint, Signer, Verifier, open_checkpoint
+from anchoring.keys import KeySet
+from anchoring.note import Checkpoint, Signer
 from anchoring.proofs import consistency_proof
 from anchoring.store import Doc, LogStore
 from anchoring.tiles import TileReader
@@ -63,12 +69,12 @@ class SignedCheckpoint:
         return self.note + "".join(c.line for c in self.cosignatures)
 
 
-def checked_checkpoint(doc: Doc, verifier: Verifier, origin: str) -> SignedCheckpoint:
-    """A stored checkpoint, once its note carries the log's valid signature and its stored
-    size, root and key agree with that note: the database's copy of a checkpoint is trusted
-    for nothing the signature does not cover. Raises AnchorRefused."""
+def checked_checkpoint(doc: Doc, keys: KeySet, origin: str) -> SignedCheckpoint:
+    """A stored checkpoint, once its note carries the valid signature of a log key in force at
+    its size and its stored size, root and key agree with that note: the database's copy of a
+    checkpoint is trusted for nothing the signature does not cover. Raises AnchorRefused."""
     try:
-        cp = open_checkpoint(doc["note"], [verifier], origin)
+        cp = keys.open_checkpoint(doc["note"], origin).checkpoint
     except (VerificationError, KeyError, TypeError) as exc:
         raise AnchorRefused(f"stored checkpoint {doc.get('_id')} does not verify: {exc}") from exc
     try:
@@ -90,9 +96,15 @@ class Anchorer:
         reader: TileReader,
         settings: AnchorSettings | None = None,
         name_newest: Callable[[Doc], Awaitable[object]] | None = None,
+        keys: KeySet | None = None,
+        signers: tuple[Signer, ...] = (),
     ):
         self.store = store
         self.signer = signer
+        # The keys held (`signer` first) and the key set saying which signs what sizes
+        # (default: `signer` alone, for every size).
+        self.signers = (signer, *(s for s in signers if s.key_id != signer.key_id))
+        self.keys = keys or KeySet.single(signer.verifier(), signer.verifier_key)
         self.reader = reader
         self.settings = settings or AnchorSettings()
         # Writes fields to the head (the leader's fenced update): before each checkpoint is
@@ -117,7 +129,21 @@ class Anchorer:
         return self.latest
 
     def _checked(self, doc: Doc) -> SignedCheckpoint:
-        return checked_checkpoint(doc, self.signer.verifier(), self.store.origin)
+        return checked_checkpoint(doc, self.keys, self.store.origin)
+
+    def signers_for(self, size: int) -> list[Signer]:
+        """The held keys the key set puts in force at `size`, the log's key first. Raises
+        AnchorRefused when it puts none of them in force there."""
+        in_force = {(k.verifier.name, k.verifier.key_id) for k in self.keys.for_size(size)}
+        found = [s for s in self.signers if (s.name, s.key_id) in in_force]
+        if not found:
+            held = ", ".join(f"{s.name}+{s.key_id.hex()}" for s in self.signers)
+            wanted = ", ".join(k.label for k in self.keys.for_size(size)) or "none"
+            raise AnchorRefused(
+                f"no signing key held may sign a checkpoint of size {size}: held {held}; "
+                f"the log's key set puts in force {wanted}: configure the private key of one"
+            )
+        return found
 
     def due(self, size: int) -> bool:
         anchored = self.latest.size if self.latest else 0
@@ -142,19 +168,21 @@ class Anchorer:
                 raise AnchorRefused(
                     f"tree {size} is not consistent with checkpoint {prev.size}: {exc}; refusing to sign"
                 ) from exc
+        signers = self.signers_for(size)
         if self.name_newest is not None:
             await self.name_newest(
                 {"newestCheckpoint": size, "priorCheckpoint": None if prev is None else prev.size}
             )
-        note = self.signer.sign_note(Checkpoint(self.store.origin, size, root).text())
+        text = Checkpoint(self.store.origin, size, root).text()
+        note = text + "\n" + "".join(s.signature_line(text) for s in signers)
         doc = {
             "_id": size,
             "origin": self.store.origin,
             "size": size,
             "rootHash": Binary(root),
             "note": note,
-            "keyName": self.signer.name,
-            "keyId": self.signer.key_id.hex(),
+            "keyName": signers[0].name,
+            "keyId": signers[0].key_id.hex(),
             "anchoredAt": dt.datetime.now(dt.UTC),
         }
         try:
@@ -169,5 +197,10 @@ class Anchorer:
             doc = existing
         self.latest = self._checked(doc)
         self.last_anchor = time.monotonic()
-        log.info("anchor: signed checkpoint %s at size %d", self.store.origin, size)
+        log.info(
+            "anchor: signed checkpoint %s at size %d with %s",
+            self.store.origin,
+            size,
+            ", ".join(f"{s.name}+{s.key_id.hex()}" for s in signers),
+        )
         return self.latest

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from anchoring.dialect import by_id_range, by_ids
 from anchoring.encoding import EncodingError, b64, canonical_json
 from anchoring.hashing import EMPTY_ROOT, HASH_SIZE, leaf_hash
-from anchoring.note import Checkpoint, Verifier, open_checkpoint
+from anchoring.keys import KeySet
+from anchoring.note import Checkpoint, Verifier
 from anchoring.proofs import consistency_proof
 from anchoring.remote import RemoteLog
 from anchoring.store import Doc, LogStore
@@ -36,6 +37,19 @@ class AuditReport:
     tiles: int = 0
     problems: list[str] = field(default_factory=list)
     note: str | None = None  # the checkpoint audited (a remote audit)
+    # Which log key signed which checkpoints: key label -> (smallest size, largest size).
+    signed_by: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def signed(self, labels: list[str], size: int) -> None:
+        for label in labels:
+            low, high = self.signed_by.get(label, (size, size))
+            self.signed_by[label] = (min(low, size), max(high, size))
+
+    @property
+    def keys_text(self) -> str:
+        """`label (sizes a..b)` for each key that signed, in order of first size."""
+        ranges = sorted(self.signed_by.items(), key=lambda item: item[1])
+        return ", ".join(f"{label} (sizes {a}..{b})" for label, (a, b) in ranges)
 
     @property
     def ok(self) -> bool:
@@ -69,23 +83,27 @@ async def _collect(
 
 async def audit_log(
     store: LogStore,
-    verifiers: list[Verifier],
+    verifiers: KeySet | list[Verifier],
     progress: Callable[[int, int], None] | None = None,
     max_problems: int = 20,
 ) -> AuditReport:
+    """Audit the log in `store`; its checkpoints must be signed by a key of `verifiers` in
+    force at their size (a list of verifiers: each for every size)."""
+    keys = KeySet.of(verifiers)
     return await _collect(
-        max_problems, lambda report, problem: _audit(store, verifiers, report, problem, progress)
+        max_problems, lambda report, problem: _audit(store, keys, report, problem, progress)
     )
 
 
 async def _load_checkpoints(
-    store: LogStore, verifiers: list[Verifier], problem: Problem
+    store: LogStore, keys: KeySet, report: AuditReport, problem: Problem
 ) -> list[Doc]:
     checkpoints = []
     async for doc in store.notarizations.find({}).sort("_id", 1):
         size = doc.get("_id")
         try:
-            cp = open_checkpoint(str(doc.get("note", "")), verifiers, store.origin)
+            signed = keys.open_checkpoint(str(doc.get("note", "")), store.origin)
+            cp = signed.checkpoint
             stored_root = bytes(doc.get("rootHash", b""))
         except VerificationError as exc:
             problem(f"checkpoint {size}: signed note does not verify ({exc})")
@@ -98,13 +116,14 @@ async def _load_checkpoints(
             continue
         if cp.root_hash != stored_root:
             problem(f"checkpoint {size}: rootHash field differs from the signed note's root")
+        report.signed([k.label for k in signed.keys], cp.size)
         checkpoints.append({"size": cp.size, "root": cp.root_hash})
     return checkpoints
 
 
 async def _audit(
     store: LogStore,
-    verifiers: list[Verifier],
+    keys: KeySet,
     report: AuditReport,
     problem: Problem,
     progress: Callable[[int, int], None] | None,
@@ -115,7 +134,7 @@ async def _audit(
     # Positions are an index of the entries: what disagrees there is reported after the
     # replay's own findings, whose first one is the first divergence.
     misplaced: list[str] = []
-    checkpoints = await _load_checkpoints(store, verifiers, problem)
+    checkpoints = await _load_checkpoints(store, keys, report, problem)
     report.checkpoints = len(checkpoints)
     if checkpoints and checkpoints[-1]["size"] > published:
         problem(
@@ -186,7 +205,7 @@ async def _audit(
 
 async def audit_remote(
     remote: RemoteLog,
-    verifiers: list[Verifier],
+    verifiers: KeySet | list[Verifier],
     progress: Callable[[int, int], None] | None = None,
     max_problems: int = 20,
     origin: str | None = None,
@@ -202,7 +221,9 @@ async def audit_remote(
 
     async def audit(report: AuditReport, problem: Problem) -> None:
         try:
-            await _audit_remote(remote, verifiers, report, problem, progress, origin, since)
+            await _audit_remote(
+                remote, KeySet.of(verifiers), report, problem, progress, origin, since
+            )
         except TileNotFound as exc:
             report.problems.append(f"the log does not serve what its checkpoint needs: {exc}")
 
@@ -211,7 +232,7 @@ async def audit_remote(
 
 async def _audit_remote(
     remote: RemoteLog,
-    verifiers: list[Verifier],
+    keys: KeySet,
     report: AuditReport,
     problem: Problem,
     progress: Callable[[int, int], None] | None,
@@ -221,16 +242,20 @@ async def _audit_remote(
     note = await remote.checkpoint()
     assert note is not None
     try:
-        cp = open_checkpoint(note, verifiers, origin)
+        signed = keys.open_checkpoint(note, origin)
     except VerificationError as exc:
         problem(f"checkpoint: {exc}")
         return
+    cp = signed.checkpoint
+    report.signed([k.label for k in signed.keys], cp.size)
     report.checkpoints = 1
     report.note = note
     seen: Checkpoint | None = None
     if since is not None:
         try:
-            seen = open_checkpoint(since, verifiers, cp.origin)
+            seen_signed = keys.open_checkpoint(since, cp.origin)
+            seen = seen_signed.checkpoint
+            report.signed([k.label for k in seen_signed.keys], seen.size)
         except VerificationError as exc:
             problem(f"the checkpoint seen before: {exc}")
             return

@@ -18,6 +18,7 @@ from anchoring.cosignature import Cosignature, cosignatures
 from anchoring.encoding import b64
 from anchoring.errors import AnchorRefused, CosignatureRejected, ProofUnavailable
 from anchoring.hashing import leaf_hash
+from anchoring.keys import KeySet, LogKey
 from anchoring.ledger import Appended, Ledger
 from anchoring.note import Signer, Verifier, parse_checkpoint
 from anchoring.proofs import consistency_proof, inclusion_proof, inclusion_proofs
@@ -114,8 +115,15 @@ class InclusionProof:
 
 class TransparencyLog:
     def __init__(
-        self, store: LogStore, signer: Signer, settings: LogSettings | None = None
+        self,
+        store: LogStore,
+        signer: Signer,
+        settings: LogSettings | None = None,
+        keys: KeySet | None = None,
+        next_signer: Signer | None = None,
     ) -> None:
+        """`signer` is the log's key; with a rotation, `keys` says which key signs which
+        checkpoint sizes (anchoring.keys) and `next_signer` is the key rotated to."""
         self.store = store
         self.signer = signer
         self.settings = settings or LogSettings()
@@ -123,8 +131,16 @@ class TransparencyLog:
         self.ledger = Ledger(store, max_batch=self.settings.append_batch)
         self.sequencer = Sequencer(store, self.settings.sequencer, reader=self.reader)
         self.anchorer = Anchorer(
-            store, signer, self.reader, self.settings.anchor, self.sequencer.fenced_update
+            store,
+            signer,
+            self.reader,
+            self.settings.anchor,
+            self.sequencer.fenced_update,
+            keys,
+            () if next_signer is None else (next_signer,),
         )
+        self.keys = self.anchorer.keys
+        self._rotating = keys is not None
         self.ledger.listeners.append(self.sequencer.wake)
         self.ledger.handoffs.append(self.sequencer.offer)
         self._stopping = asyncio.Event()
@@ -161,7 +177,24 @@ class TransparencyLog:
 
     @property
     def verifier_key(self) -> str:
-        return self.signer.verifier_key
+        """The verifier key of the key that signs now (the newest in force)."""
+        return self.current_signer.verifier_key
+
+    @property
+    def current_signer(self) -> Signer:
+        """The newest held key in force for the next checkpoint (receipts are signed with it);
+        the log's key without a key set, or when none is (the anchorer then refuses, saying
+        why)."""
+        if not self._rotating:
+            return self.signer
+        try:
+            return self.anchorer.signers_for(max(self._known_size, self.sequencer.size) + 1)[-1]
+        except AnchorRefused:
+            return self.signer
+
+    def key_history(self) -> tuple[LogKey, ...]:
+        """The log's verifier keys with the checkpoint sizes each signs (from configuration)."""
+        return self.keys.keys
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -190,7 +223,14 @@ class TransparencyLog:
 
     async def _after_batch(self) -> None:
         if self._anchor_epoch != self.sequencer.epoch:
-            await self.anchorer.load_latest()  # another leader may have signed meanwhile
+            try:
+                await self.anchorer.load_latest()  # another leader may have signed meanwhile
+            except AnchorRefused as exc:
+                # Sequencing goes on; nothing is signed until the newest checkpoint verifies
+                # (a key rotation that is not configured, or a stored checkpoint edited).
+                self.anchor_error = str(exc)
+                log.error("anchor: %s", exc)
+                return
             self._anchor_epoch = self.sequencer.epoch
         if self.settings.quorum:
             await self._publish_cosigned()
@@ -416,7 +456,7 @@ class TransparencyLog:
         checked = self._checked_notes.get(key)
         if checked is None:
             try:
-                checked = checked_checkpoint(doc, self.signer.verifier(), self.origin)
+                checked = checked_checkpoint(doc, self.keys, self.origin)
             except AnchorRefused as exc:
                 log.error("checkpoint: not used: %s", exc)
                 return None
@@ -531,7 +571,7 @@ class TransparencyLog:
                 "(run rxledger audit)"
             )
         if at is not None:
-            return sign_receipt(self.signer, self.origin, leaf_index, digest, at)
+            return sign_receipt(self.current_signer, self.origin, leaf_index, digest, at)
         return self.tree_receipt(leaf_index, digest)
 
     def tree_receipt(self, leaf_index: int, tree_hash: bytes) -> Receipt:
@@ -539,7 +579,7 @@ class TransparencyLog:
         `leaf_index` (`leaf_hashes`) and compared with the entry's leaf: signed now the first
         time, the same receipt afterwards (kept by key, origin, index and hash)."""
         return self.receipts.receipt(
-            self.signer, self.origin, leaf_index, tree_hash, dt.datetime.now(dt.UTC)
+            self.current_signer, self.origin, leaf_index, tree_hash, dt.datetime.now(dt.UTC)
         )
 
     async def _checkpoint_for(self, tree_size: int | None) -> SignedCheckpoint:

@@ -36,7 +36,8 @@ from typing import NoReturn, Protocol
 
 from anchoring.anchorer import SignedCheckpoint
 from anchoring.hashing import EMPTY_ROOT, HASH_SIZE, leaf_hash, node_hash
-from anchoring.note import Checkpoint, Verifier, open_checkpoint
+from anchoring.keys import KeySet
+from anchoring.note import Checkpoint, Verifier
 from anchoring.proofs import consistency_proof, root_hash
 from anchoring.remote import RemoteLog
 from anchoring.store import LogStore
@@ -287,11 +288,12 @@ def tiles_of(size: int) -> list[list[tuple[int, int, int]]]:
 
 
 class Mirror:
-    """The mirror directory `root` of the log whose checkpoints `verifiers` sign."""
+    """The mirror directory `root` of the log whose checkpoints `keys` sign (a key set: each
+    checkpoint counts only if a key in force at its size signed it; anchoring.keys)."""
 
-    def __init__(self, root: Path, verifiers: list[Verifier]) -> None:
+    def __init__(self, root: Path, keys: KeySet | list[Verifier]) -> None:
         self.root = root
-        self.verifiers = verifiers
+        self.keys = KeySet.of(keys)
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -315,7 +317,7 @@ class Mirror:
             return None
         try:
             text = note.decode()
-            return text, open_checkpoint(text, self.verifiers)
+            return text, self.keys.open_checkpoint(text).checkpoint
         except (UnicodeDecodeError, VerificationError) as exc:
             raise MirrorRefused(
                 f"the mirror's own {self.root / CHECKPOINT} does not verify with the log's key "
@@ -332,7 +334,7 @@ class Mirror:
         if note is None:
             return Round(old_size, old_size or 0, None, 0, 0)
         try:
-            new = open_checkpoint(note, self.verifiers, old.origin if old else None)
+            new = self.keys.open_checkpoint(note, old.origin if old else None).checkpoint
         except VerificationError as exc:
             raise MirrorRefused(f"{source.describe()} checkpoint: {exc}") from None
         if new.size == 0 and new.root_hash != EMPTY_ROOT:

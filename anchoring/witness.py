@@ -5,6 +5,9 @@ signature and a consistency proof from what it cosigned before, and only then co
 checkpoint that is smaller, or of the same size with another root, or not consistent, is
 refused with the reason. A log with a quorum of witnesses cannot show two different histories
 (a split view) without a witness seeing both.
+
+The log's key may be a key set (anchoring.keys): the witness follows a key rotation, and
+refuses a checkpoint signed only by a retired key past its end.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from pathlib import Path
 
 from anchoring.cosignature import Cosignature, Cosigner
 from anchoring.encoding import EncodingError, b64, unb64
-from anchoring.note import Checkpoint, Verifier, open_note, parse_checkpoint
+from anchoring.keys import KeySet
+from anchoring.note import Checkpoint, Verifier
 from anchoring.verify import VerificationError, verify_consistency
 
 
@@ -77,10 +81,15 @@ ConsistencyFetcher = Callable[[int, int], Awaitable[list[bytes]]]
 
 class Witness:
     def __init__(
-        self, cosigner: Cosigner, log_key: Verifier, state_path: Path, origin: str | None = None
+        self,
+        cosigner: Cosigner,
+        log_key: Verifier | KeySet,
+        state_path: Path,
+        origin: str | None = None,
     ) -> None:
         self.cosigner = cosigner
-        self.log_key = log_key
+        self.log_keys = KeySet.of([log_key] if isinstance(log_key, Verifier) else log_key)
+        self.signed_by = ""  # the log keys that signed the checkpoint last shown
         self.state_path = state_path
         self.state = load_state(state_path)
         if origin and self.state and origin != self.state.origin:
@@ -101,10 +110,11 @@ class Witness:
         checkpoint again). `consistency(old, new)` fetches a proof (from the log's tiles),
         which is verified here. Raises Refused."""
         try:
-            text, _ = open_note(note, [self.log_key])
-            cp = parse_checkpoint(text)
+            signed = self.log_keys.open_checkpoint(note)
         except VerificationError as exc:
             raise Refused(f"the checkpoint does not verify with the log's key: {exc}") from exc
+        text, cp = signed.text, signed.checkpoint
+        self.signed_by = signed.labels
         if self.origin is not None and cp.origin != self.origin:
             raise Refused(f"checkpoint origin {cp.origin!r}, but I witness {self.origin!r}")
         old = self.state

@@ -20,8 +20,9 @@ from typing import Any
 from pymongo.errors import ConnectionFailure, PyMongoError
 
 from anchoring.errors import database_error
+from anchoring.keys import KeySet, parse_key_set
 from anchoring.log import InclusionProof
-from anchoring.note import Verifier, check_key_name, open_checkpoint, parse_verifier_key
+from anchoring.note import Verifier, check_key_name, parse_verifier_key
 from anchoring.verify import (
     MALFORMED,
     VerificationError,
@@ -76,6 +77,12 @@ def _verifier(key: str) -> Verifier:
     return parse_verifier_key(_key_text(key, "verifier key"))
 
 
+def _key_set(key: str) -> KeySet:
+    """The log's keys: a verifier key given inline, or a key set file (one verifier key a line,
+    each optionally with the checkpoint sizes it signs: anchoring.keys)."""
+    return parse_key_set(_key_text(key, "verifier key"))
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from anchoring.note import Signer, load_private_key
 
@@ -108,7 +115,7 @@ def _witness_keys(given: list[str]) -> list[Verifier]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    verifier = _verifier(args.key)
+    keys = _key_set(args.key)
     witnesses = _witness_keys(args.witness)
     quorum = len(witnesses) if args.quorum is None else args.quorum
     if not 0 <= quorum <= len(witnesses):
@@ -116,7 +123,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"--quorum {quorum}: want 0 to {len(witnesses)} (the --witness keys given)"
         )
     bundle = parse_inclusion_bundle(_read_json(args.bundle, "bundle"))
-    cp = open_checkpoint(bundle.checkpoint, [verifier], args.origin)
+    signed = keys.open_checkpoint(bundle.checkpoint, args.origin)
+    cp = signed.checkpoint
     verify_bundle_inclusion(bundle, cp.size, cp.root_hash)
     witnessed = ""
     if witnesses:
@@ -135,16 +143,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
         witnessed = f"; cosigned by {len(found)} of {len(witnesses)} witnesses ({', '.join(c.name for c in found) or 'none'})"
     print(
         f"OK: leaf {bundle.leaf_index} is included in {cp.origin} at tree size {cp.size}; "
-        f"checkpoint signed by {verifier.name}+{verifier.key_id.hex()}; root {cp.root_hash.hex()}"
-        + witnessed
+        f"checkpoint signed by {signed.labels}; root {cp.root_hash.hex()}" + witnessed
     )
     return EXIT_OK
 
 
 def cmd_verify_consistency(args: argparse.Namespace) -> int:
-    verifier = _verifier(args.key)
-    old = open_checkpoint(_read_text(args.old_note, "old checkpoint"), [verifier], args.origin)
-    new = open_checkpoint(_read_text(args.new_note, "new checkpoint"), [verifier], old.origin)
+    keys = _key_set(args.key)
+    old_signed = keys.open_checkpoint(_read_text(args.old_note, "old checkpoint"), args.origin)
+    old = old_signed.checkpoint
+    new_signed = keys.open_checkpoint(_read_text(args.new_note, "new checkpoint"), old.origin)
+    new = new_signed.checkpoint
     proof = parse_consistency_proof(_read_json(args.proof, "proof"))
     from anchoring.verify import SIZE_MISMATCH
 
@@ -155,7 +164,12 @@ def cmd_verify_consistency(args: argparse.Namespace) -> int:
         )
     verify_consistency(old.size, new.size, old.root_hash, new.root_hash, proof.path)
     print(
-        f"OK: {old.origin} at size {old.size} is a prefix of size {new.size}; both checkpoints signed by {verifier.name}"
+        f"OK: {old.origin} at size {old.size} is a prefix of size {new.size}; "
+        + (
+            f"both checkpoints signed by {old_signed.labels}"
+            if old_signed.labels == new_signed.labels
+            else f"size {old.size} signed by {old_signed.labels}, size {new.size} by {new_signed.labels}"
+        )
     )
     return EXIT_OK
 
@@ -190,16 +204,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     async def from_tiles() -> AuditReport:
         async with RemoteLog(args.from_tiles) as remote:
             return await audit_remote(
-                remote, [_verifier(args.key)], progress, origin=args.origin, since=since
+                remote, _key_set(args.key), progress, origin=args.origin, since=since
             )
 
     async def from_database(settings: Settings) -> AuditReport:
-        verifiers = (
-            [_verifier(args.key)] if args.key else [settings.signer(create=False).verifier()]
-        )
+        keys = _key_set(args.key) if args.key else configured_keys(settings)
         client = make_client(settings)
         try:
-            return await audit_log(make_store(settings, client), verifiers, progress)
+            return await audit_log(make_store(settings, client), keys, progress)
         finally:
             await client.close()
 
@@ -218,6 +230,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if report.ok:
         print(
             f"OK: {report.entries} entries, {report.tiles} tiles and {report.checkpoints} checkpoints of {source} verified"
+            + (f"; signed by {report.keys_text}" if report.signed_by else "")
         )
         if args.save and report.note is not None:
             try:
@@ -262,11 +275,11 @@ def cmd_mirror(args: argparse.Namespace) -> int:
         )
     settings = None if args.from_url else Settings.from_env()
     if args.key:
-        verifiers = [_verifier(args.key)]
+        keys = _key_set(args.key)
     else:
         assert settings is not None
-        verifiers = [settings.signer(create=False).verifier()]
-    mirror = Mirror(Path(args.to), verifiers)
+        keys = configured_keys(settings)
+    mirror = Mirror(Path(args.to), keys)
     shown = False
 
     def progress(done: int, total: int) -> None:
@@ -296,10 +309,11 @@ def cmd_mirror(args: argparse.Namespace) -> int:
         elif done.written or not args.follow:
             kept = f", {done.kept} kept from an interrupted copy" if done.kept else ""
             moved = "" if done.old_size in (None, done.size) else f" (was {done.old_size})"
+            held = mirror.held()
+            signers = keys.open_checkpoint(held[0]).labels if held else "no key"
             print(
                 f"OK: {args.to} holds the log at size {done.size}{moved}, verified with "
-                f"{verifiers[0].name}+{verifiers[0].key_id.hex()}: {done.written} files "
-                f"written{kept}",
+                f"{signers}: {done.written} files written{kept}",
                 flush=True,
             )
 
@@ -385,6 +399,14 @@ def cmd_mirror(args: argparse.Namespace) -> int:
         raise UsageError(f"--to {args.to}: {exc}") from None
 
 
+def configured_keys(settings: Settings) -> KeySet:
+    """The log's key set from configuration: RXLEDGER_LOG_KEYS, else the signing key alone."""
+    signer = settings.signer(create=False)
+    next_signer = settings.next_signer()
+    keys = settings.key_set(signer, next_signer)
+    return keys or KeySet.single(signer.verifier(), signer.verifier_key)
+
+
 def cmd_export_proof(args: argparse.Namespace) -> int:
     from anchoring.ledger import events_of
     from app.db import make_client, make_log
@@ -421,7 +443,7 @@ def cmd_export_proof(args: argparse.Namespace) -> int:
         tampered: list[dict[str, Any]] = []
         try:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "verifier.key").write_text(tlog.verifier_key + "\n")
+            (out / "verifier.key").write_text(tlog.keys.text())  # the key set, after a rotation
             for event, path in zip(covered, paths, strict=True):
                 assert cp is not None
                 leaf = bytes(event["leaf"])
@@ -490,7 +512,7 @@ def cmd_witness(args: argparse.Namespace) -> int:
 
     default_state = Path("var/witness") / f"{args.name.replace('/', '_')}.json"
     state = Path(args.state or default_state).resolve()
-    log_key = _verifier(args.log_key)
+    log_key = _key_set(args.log_key)
     try:
         return asyncio.run(
             run_witness(cosigner, log_key, args.log, state, args.origin, args.interval, args.once)
@@ -523,7 +545,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.workers import shared_state
 
     settings = Settings.from_env()
-    settings.signer()  # fail fast on a missing production key
+    signer = settings.signer()  # fail fast on a missing production key
+    settings.key_set(signer, settings.next_signer())  # ... or a key rotation misconfigured
     AuthSettings.from_env(settings.mode, settings.var_dir)  # ... and token settings
     CrossOriginSettings.from_env(settings.production)  # ... and the CORS allowlist
     limits = LimitSettings.from_env()
@@ -629,6 +652,86 @@ def cmd_sequence(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    from anchoring.keys import LogKey
+    from anchoring.note import Signer, load_private_key
+    from app.db import make_client, make_store
+
+    if args.transition < 0 or (args.start is not None and args.start < 0):
+        raise UsageError("--from and --transition must be 0 or more")
+    settings = Settings.from_env()
+    out = Path(args.out) if args.out else settings.log_keys
+    if out is None:
+        raise UsageError("--out FILE is needed (or RXLEDGER_LOG_KEYS): where to write the key set")
+    try:
+        new = Signer(settings.key_name, load_private_key(Path(args.new).read_bytes()))
+    except FileNotFoundError:
+        raise UsageError(
+            f"--new: no such file {args.new}; create the new key with: rxledger keygen "
+            f"--name {settings.key_name} --out {args.new}"
+        ) from None
+    except ValueError as exc:
+        raise UsageError(f"--new {args.new}: {exc}") from None
+    keys = configured_keys(settings)
+    if keys.find(new.name, new.key_id) is not None:
+        raise UsageError(f"the key of {args.new} ({new.verifier_key}) is already in the key set")
+
+    async def newest_checkpoint() -> int | None:
+        client = make_client(settings)
+        try:
+            doc = await make_store(settings, client).newest_notarization()
+        finally:
+            await client.close()
+        return None if doc is None else int(doc["_id"])
+
+    newest = asyncio.run(newest_checkpoint())
+    first = args.start if args.start is not None else (0 if newest is None else newest + 1)
+    if newest is not None and first <= newest:
+        raise UsageError(
+            f"--from {first}: checkpoint {newest} is signed already; the new key can only sign "
+            f"from size {newest + 1} on"
+        )
+    current = [k for k in keys.keys if k.last is None]
+    if len(current) != 1 or current[0].first > first:
+        raise UsageError(
+            "the key set must have exactly one key without an end, in force at --from, to "
+            f"rotate from; it has: {', '.join(f'{k.label} {k.range_text}' for k in keys.keys)}"
+        )
+    last = first + args.transition - 1  # both keys sign `transition` sizes
+    if last < current[0].first:
+        raise UsageError(
+            f"--transition {args.transition} would end {current[0].label} before its first "
+            f"size {current[0].first}: the old key must have signed at least one size"
+        )
+    rotated = KeySet(
+        [
+            *(
+                k if k is not current[0] else LogKey(k.verifier, k.vkey, k.first, last)
+                for k in keys.keys
+            ),
+            LogKey(new.verifier(), new.verifier_key, first),
+        ]
+    )
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(
+        "# rxledger log keys: <verifier key> <first size>..<last size> (rxledger rotate-key)\n"
+        + rotated.text()
+    )
+    tmp.replace(out)
+    print(rotated.text(), end="")
+    print(
+        f"wrote the key set to {out}: {current[0].label} signs up to size {last}, "
+        f"{new.name}+{new.key_id.hex()} from size {first}"
+        + (f" (both from {first} to {last}).\n" if last >= first else ".\n")
+        + f"Next: on every gateway set RXLEDGER_LOG_KEYS={out} and "
+        f"RXLEDGER_NEXT_SIGNING_KEY={args.new}, and restart them; give {out} to auditors "
+        "(rxledger verify --key) and witnesses (rxledger witness --log-key) before the log "
+        f"passes size {last}.",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
 def cmd_verifier_key(args: argparse.Namespace) -> int:
     print(Settings.from_env().signer().verifier_key)
     return EXIT_OK
@@ -717,7 +820,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--key",
         required=True,
-        help="verifier key <name>+<hex id>+<base64 key>, or a file holding it",
+        help="verifier key <name>+<hex id>+<base64 key>, or a key set file: one verifier key "
+        "a line, each optionally followed by the checkpoint sizes it signs (first.. or "
+        "first..last), as after a key rotation",
     )
     p.add_argument("--origin", help="require this checkpoint origin")
     p.add_argument(
@@ -744,16 +849,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--proof", required=True, help="consistency proof JSON: {fromSize, toSize, path}"
     )
-    p.add_argument("--key", required=True, help="verifier key, or a file holding it")
+    p.add_argument("--key", required=True, help="verifier key, or a key set file (as for verify)")
     p.add_argument("--origin", help="require this checkpoint origin")
     p.set_defaults(func=cmd_verify_consistency)
+
+    p = sub.add_parser(
+        "rotate-key",
+        help="schedule a new log signing key: write the key set that hands over to it",
+        description="Write the log's key set (RXLEDGER_LOG_KEYS) so that from checkpoint size "
+        "--from on both the current key and NEW sign --transition sizes, then NEW alone. Every checkpoint signed before stays verifiable with the "
+        "old key. Reads the newest checkpoint from the database (MONGODB_URI, RXLEDGER_DB). "
+        "See docs/operations.md, Rotating the log key.",
+    )
+    p.add_argument(
+        "--new",
+        required=True,
+        metavar="PEM",
+        help="the new Ed25519 private key (rxledger keygen --out PEM), named RXLEDGER_KEY_NAME",
+    )
+    p.add_argument(
+        "--from",
+        dest="start",
+        type=int,
+        metavar="SIZE",
+        help="the first checkpoint size the new key signs (default: the one after "
+        "the newest checkpoint)",
+    )
+    p.add_argument(
+        "--transition",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="how many sizes after --from both keys sign (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out", metavar="FILE", help="where to write the key set (default: RXLEDGER_LOG_KEYS)"
+    )
+    p.set_defaults(func=cmd_rotate_key)
 
     p = sub.add_parser(
         "audit", help="replay the whole log from the database and check every hash and signature"
     )
     p.add_argument(
         "--key",
-        help="verifier key to check checkpoints with (default: the configured signing key's)",
+        help="verifier key or key set file (as for verify) to check checkpoints with "
+        "(default: RXLEDGER_LOG_KEYS, else the configured signing key's)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument(
@@ -802,8 +942,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--key",
         metavar="VKEY",
-        help="the log's verifier key, or a file holding it (required with --from; default "
-        "for the database: the configured signing key's)",
+        help="the log's verifier key, or a key set file (as for verify; required with --from; "
+        "default for the database: the configured key set, RXLEDGER_LOG_KEYS, else the "
+        "signing key's)",
     )
     p.add_argument(
         "--follow",
@@ -865,7 +1006,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-key",
         metavar="VKEY",
-        help="the log's verifier key (or a file holding it), from the log's operator",
+        help="the log's verifier key, or its key set file (one verifier key a line with the "
+        "sizes each signs: the witness follows key rotations), from the log's operator",
     )
     p.add_argument("--origin", help="require this checkpoint origin (default: the first one seen)")
     p.add_argument(

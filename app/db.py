@@ -77,4 +77,8 @@ def make_store(settings: Settings, client: AsyncMongoClient[Doc]) -> LogStore:
 
 
 def make_log(settings: Settings, client: AsyncMongoClient[Doc]) -> TransparencyLog:
-    return TransparencyLog(make_store(settings, client), settings.signer(), settings.log)
+    signer, next_signer = settings.signer(), settings.next_signer()
+    keys = settings.key_set(signer, next_signer)
+    return TransparencyLog(
+        make_store(settings, client), signer, settings.log, keys=keys, next_signer=next_signer
+    )

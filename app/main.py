@@ -374,7 +374,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         tlog = make_log(settings, client)
         # What one worker changes of the checkpoints, the others stop serving from cache.
         tlog.peers = server
-        service = PrescriptionService(tlog, client[settings.database][PRESCRIPTIONS])
+        service = PrescriptionService(
+            tlog, client[settings.database][PRESCRIPTIONS], settings.tag_key(tlog.signer)
+        )
         app.state.log = tlog
         app.state.service = service
         app.state.feed = PrescriptionFeed(tlog, window=limits.subscription_window)

@@ -170,11 +170,18 @@ class EventProof:
 
 
 class PrescriptionService:
-    def __init__(self, log_: TransparencyLog, collection: AsyncCollection[Doc]) -> None:
+    def __init__(
+        self,
+        log_: TransparencyLog,
+        collection: AsyncCollection[Doc],
+        tag_key: bytes | None = None,
+    ) -> None:
+        """`tag_key` keys the patient routing tags (default: the log's signing key); it must
+        stay the same for the life of the log, across key rotations (RXLEDGER_TAG_KEY)."""
         self.log = log_
         self.prescriptions = collection
         self.ledger = log_.store.ledger
-        self.tags = policy.Tags(log_.signer.private_key.private_bytes_raw())
+        self.tags = policy.Tags(tag_key or log_.signer.private_key.private_bytes_raw())
 
     async def ensure_indexes(self) -> None:
         await create_indexes(self.prescriptions, PRESCRIPTION_INDEXES)

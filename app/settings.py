@@ -8,6 +8,18 @@ Browser apps on other origins (parsed and checked in app/cors.py, which document
 RXLEDGER_CORS_ORIGINS, comma-separated origins allowed over CORS and on WebSocket upgrades
 (unset: none in production, the local GraphiQL origins in development), and
 RXLEDGER_CORS_MAX_AGE, the seconds a browser may cache a preflight (default 600).
+
+The log's keys (rotation: docs/operations.md, "Rotating the log key"):
+RXLEDGER_SIGNING_KEY, the log's Ed25519 private key (PEM; in development created under
+RXLEDGER_VAR_DIR when unset), named RXLEDGER_KEY_NAME (default: the origin's host);
+RXLEDGER_NEXT_SIGNING_KEY, the private key (PEM) rotated to, named RXLEDGER_KEY_NAME too;
+RXLEDGER_LOG_KEYS, a key set file (anchoring.keys: one verifier key a line, each with the
+checkpoint sizes it signs, `rxledger rotate-key` writes it). Unset, the signing key signs every
+size. Set, the log signs each checkpoint with every configured key in force at its size and
+trusts stored checkpoints only when such a key signed them; both private keys must be listed.
+RXLEDGER_TAG_KEY, the private key (PEM) the patient routing tags are keyed with (default:
+RXLEDGER_SIGNING_KEY): set it to the log's first key file before RXLEDGER_SIGNING_KEY changes,
+or a patient's earlier events no longer match their subscriptions and filters.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from anchoring.anchorer import AnchorSettings
 from anchoring.cosignature import parse_witness_keys
 from anchoring.dialect import DialectError
 from anchoring.dialect import forced as forced_dialect
+from anchoring.keys import KeySet, parse_key_set
 from anchoring.log import LogSettings
 from anchoring.note import Signer, Verifier, load_private_key, private_key_pem
 from anchoring.sequencer import SequencerSettings
@@ -80,6 +93,9 @@ class Settings:
     # connection that stops answering (a network black hole) fails its call instead of
     # holding the sequencer, an append or a request forever.
     db_reply_timeout_ms: int = 60_000
+    next_signing_key: Path | None = None  # RXLEDGER_NEXT_SIGNING_KEY
+    log_keys: Path | None = None  # RXLEDGER_LOG_KEYS
+    tag_key_file: Path | None = None  # RXLEDGER_TAG_KEY
 
     @property
     def production(self) -> bool:
@@ -130,7 +146,51 @@ class Settings:
                 witness_hold=env_number("RXLEDGER_WITNESS_HOLD", 30.0, 0.0),
             ),
             mode_is_default=raw_mode is None,
+            next_signing_key=_path(os.environ.get("RXLEDGER_NEXT_SIGNING_KEY")),
+            log_keys=_path(os.environ.get("RXLEDGER_LOG_KEYS")),
+            tag_key_file=_path(os.environ.get("RXLEDGER_TAG_KEY")),
         )
+
+    def next_signer(self) -> Signer | None:
+        """The key rotated to (RXLEDGER_NEXT_SIGNING_KEY), if any."""
+        if self.next_signing_key is None:
+            return None
+        return _load_signer(self.key_name, self.next_signing_key, "RXLEDGER_NEXT_SIGNING_KEY")
+
+    def tag_key(self, signer: Signer) -> bytes:
+        """The secret the patient routing tags are keyed with: RXLEDGER_TAG_KEY's private key,
+        else `signer`'s (the log's signing key)."""
+        if self.tag_key_file is None:
+            return signer.private_key.private_bytes_raw()
+        key = _load_signer("tag", self.tag_key_file, "RXLEDGER_TAG_KEY").private_key
+        return key.private_bytes_raw()
+
+    def key_set(self, signer: Signer, next_signer: Signer | None) -> KeySet | None:
+        """The log's key set (RXLEDGER_LOG_KEYS), checked to list `signer` and `next_signer`;
+        None when unset (`signer` signs every size). Raises ConfigError."""
+        if self.log_keys is None:
+            if next_signer is not None:
+                raise ConfigError(
+                    "RXLEDGER_NEXT_SIGNING_KEY needs RXLEDGER_LOG_KEYS, the key set saying from "
+                    "which checkpoint size it signs; write it with `rxledger rotate-key`"
+                )
+            return None
+        try:
+            keys = parse_key_set(self.log_keys.read_text())
+        except OSError as exc:
+            raise ConfigError(f"RXLEDGER_LOG_KEYS: cannot read {self.log_keys}: {exc}") from None
+        except VerificationError as exc:
+            raise ConfigError(f"RXLEDGER_LOG_KEYS {self.log_keys}: {exc.detail}") from None
+        for held, variable in (
+            (signer, "RXLEDGER_SIGNING_KEY"),
+            (next_signer, "RXLEDGER_NEXT_SIGNING_KEY"),
+        ):
+            if held is not None and keys.find(held.name, held.key_id) is None:
+                raise ConfigError(
+                    f"{variable}: its verifier key {held.verifier_key} is not in "
+                    f"RXLEDGER_LOG_KEYS {self.log_keys}"
+                )
+        return keys
 
     def signer(self, create: bool = True) -> Signer:
         """The log's signing key: RXLEDGER_SIGNING_KEY, or in development a key under var/
@@ -153,12 +213,20 @@ class Settings:
                     "development mode: created a new log signing key at %s (not for production)",
                     path,
                 )
-        try:
-            return Signer(self.key_name, load_private_key(path.read_bytes()))
-        except FileNotFoundError:
-            raise ConfigError(f"RXLEDGER_SIGNING_KEY: no such file {path}") from None
-        except ValueError as exc:
-            raise ConfigError(f"signing key {path}: {exc}") from None
+        return _load_signer(self.key_name, path, "RXLEDGER_SIGNING_KEY")
+
+
+def _path(raw: str | None) -> Path | None:
+    return Path(raw) if raw else None
+
+
+def _load_signer(name: str, path: Path, variable: str) -> Signer:
+    try:
+        return Signer(name, load_private_key(path.read_bytes()))
+    except FileNotFoundError:
+        raise ConfigError(f"{variable}: no such file {path}") from None
+    except ValueError as exc:
+        raise ConfigError(f"signing key {path}: {exc}") from None
 
 
 UNSET_MODE_WARNING = (

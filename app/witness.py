@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from anchoring.cosignature import Cosigner
-from anchoring.note import Verifier, format_signature, split_note
+from anchoring.keys import KeySet
+from anchoring.note import format_signature, split_note
 from anchoring.proofs import consistency_proof
 from anchoring.remote import RemoteError, RemoteLog, printable
 from anchoring.tiles import TileCorrupt, TileNotFound
@@ -92,7 +93,7 @@ def _json_object(body: bytes) -> dict[str, object]:
 
 async def run_witness(
     cosigner: Cosigner,
-    log_key: Verifier,
+    log_key: KeySet,
     url: str,
     state: Path,
     origin: str | None,
@@ -115,7 +116,8 @@ async def run_witness(
         while True:
             try:
                 _, answer = await witness_once(witness, remote)
-                message, code = answer or "", EXIT_OK
+                said_by = f"; the log's signature by {witness.signed_by}" if answer else ""
+                message, code = (answer or "") + said_by, EXIT_OK
             except Refused as exc:
                 message, code = f"REFUSED: {exc}", EXIT_REFUSED
             except LogRejected as exc:

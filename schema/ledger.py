@@ -31,6 +31,28 @@ class Cosignature:
     line: str = strawberry.field(description="the signature line as it appears in the note")
 
 
+@strawberry.type(
+    description="One of the log's signing keys and the checkpoint sizes it signs, as the "
+    "operator configured them (RXLEDGER_LOG_KEYS): after a key rotation, the old key keeps "
+    "the sizes it signed and the new key signs from its first size on. Take the key set for "
+    "verifying from the operator, not from the log you are checking."
+)
+class VerifierKey:
+    key: str = strawberry.field(description="signed-note verifier key: <name>+<key ID>+<base64>")
+    key_name: str
+    key_id: str = strawberry.field(
+        description="8 hex digits: SHA-256(name ‖ 0x0A ‖ 0x01 ‖ key)[:4]"
+    )
+    from_size: int = strawberry.field(description="the smallest checkpoint size it signs")
+    until_size: int | None = strawberry.field(
+        description="the largest checkpoint size it signs (inclusive); null: no end, it signs on"
+    )
+    current: bool = strawberry.field(description="whether it signs the next checkpoint")
+    line: str = strawberry.field(
+        description="this key as a line of a key set file (rxledger verify --key FILE)"
+    )
+
+
 @strawberry.type(description="A signed checkpoint (C2SP tlog-checkpoint) of the log.")
 class Checkpoint:
     origin: str
@@ -175,9 +197,32 @@ class Ledger:
     def origin(self, info: Info) -> str:
         return _log(info).origin
 
-    @strawberry.field(description="signed-note verifier key: <name>+<key ID>+<base64 key>")
+    @strawberry.field(
+        description="signed-note verifier key: <name>+<key ID>+<base64 key>, of the key that "
+        "signs now (after a key rotation, the new one: verifierKeys lists them all)"
+    )
     def verifier_key(self, info: Info) -> str:
         return _log(info).verifier_key
+
+    @strawberry.field(
+        description="the log's current and past signing keys, each with the checkpoint sizes "
+        "it signs, in the order of the key set"
+    )
+    def verifier_keys(self, info: Info) -> list[VerifierKey]:
+        tlog_ = _log(info)
+        current = tlog_.verifier_key
+        return [
+            VerifierKey(
+                key=k.vkey,
+                key_name=k.verifier.name,
+                key_id=k.verifier.key_id.hex(),
+                from_size=k.first,
+                until_size=k.last,
+                current=k.vkey == current,
+                line=k.line(),
+            )
+            for k in tlog_.key_history()
+        ]
 
     @strawberry.field(description="number of sequenced (published) leaves")
     async def size(self, info: Info) -> int:

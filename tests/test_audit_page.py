@@ -1021,3 +1021,51 @@ def test_a_verification_run_starts_from_a_clean_page(page, story):
     assert not page.find("#timeline-section").is_displayed()
     page.verify()
     assert "Nothing to verify: paste a bundle, or choose or drop bundle files." in page.summary
+
+
+# --- a key set, after a key rotation -----------------------------------------------------------
+
+
+def test_a_key_set_file_verifies_each_checkpoint_with_the_keys_in_force_at_its_size(
+    page, story, tmp_path
+):
+    """After a rotation the gateway's key signs up to its last size and a new key from its
+    first: the page takes the operator's key set file, says which key signed, and refuses a
+    checkpoint only a retired key signed past its end."""
+    old_bundle, new_bundle = copy.deepcopy(story.bundles[0]), copy.deepcopy(story.bundles[1])
+    size = new_bundle["treeSize"]
+    new = Signer(story.key.split("+")[0], Ed25519PrivateKey.generate())
+    text = new_bundle["checkpoint"][: new_bundle["checkpoint"].rindex("\n\n") + 1]
+    new_bundle["checkpoint"] = new.sign_note(text)  # the new key alone signed this one
+    key_set = f"{story.key} 0..{size}\n{new.verifier_key} {size}.."
+    (tmp_path / "log-keys.txt").write_text(f"# the log's keys\n{key_set}\n")
+    (tmp_path / "v1.json").write_text(json.dumps(old_bundle))
+    (tmp_path / "v2.json").write_text(json.dumps(new_bundle))
+    page.open()
+    page.find("#files").send_keys(
+        "\n".join(str(tmp_path / n) for n in ("log-keys.txt", "v1.json", "v2.json"))
+    )
+    page.wait(lambda: len(page.all("#file-list li")) == 2)
+    assert page.find("#key").get_attribute("value") == key_set
+    page.verify()
+    old_label, new_label = "+".join(story.key.split("+")[:2]), f"{new.name}+{new.key_id.hex()}"
+    first, second = page.reports()
+    for report in (first, second):
+        assert_verified(report)
+        assert (
+            f"2 Ed25519 keys: {old_label} (sizes 0..{size}), {new_label}" in report.checks[1].text
+        )
+    assert f"signed by {old_label}, origin" in first.checks[2].text
+    assert f"signed by {new_label}, origin" in second.checks[2].text
+
+    retired = f"{story.key} 0..{size - 1}\n{new.verifier_key} {size}.."
+    page.open()
+    page.paste(retired, into="#key")
+    page.paste(as_text(old_bundle))
+    page.verify()
+    (report,) = page.reports()
+    assert report.failed is not None and report.failed[0] == 3, report
+    assert (
+        f"key out of range: the checkpoint of size {size} is signed only by {old_label}"
+        in (report.failed[1])
+    )

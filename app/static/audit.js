@@ -6,6 +6,10 @@
 // headers) are laid out as a timeline and the hash chain of each prescription (every version's
 // `prev` is the previous version's leaf hash) is checked. Everything read from a bundle reaches
 // the page through textContent, never as HTML.
+//
+// The key field takes one verifier key or a key set (after a key rotation): one key a line,
+// each optionally followed by the checkpoint sizes it signs, `first..` or `first..last`
+// (anchoring/keys.py). A checkpoint counts when a key in force at its size signed it.
 
 const CHECKS = [
   { short: "bundle", title: "Bundle parses" },
@@ -28,6 +32,8 @@ const MAX_FILE_BYTES = 4 << 20;
 const VERIFIER_KEY_SHAPE = /^[^\s+]+\+[0-9A-Fa-f]{8}\+[A-Za-z0-9+/]+=*$/;
 const STRICT_BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
 const DECIMAL = /^(?:0|[1-9][0-9]*)$/;
+const KEY_RANGE = /^(0|[1-9][0-9]*)\.\.(0|[1-9][0-9]*)?$/;
+const COMMENT = /(^|\s)#.*$/;
 const MARK = { passed: "\u2713", failed: "\u2717", pending: "\u2026", skipped: "\u2013" };
 const WORD = { passed: "passed", failed: "failed", pending: "checking", skipped: "not run" };
 
@@ -176,12 +182,41 @@ async function parseKey(text, alg, what) {
   return { name, id, idHex: hex(id), key };
 }
 
-/** The log's key: "<name>+<8 hex key ID>+<base64(0x01 ‖ 32-byte Ed25519 key)>". */
-async function parseVerifierKey(text) {
-  const trimmed = text.trim();
-  if (!trimmed) fail("no verifier key given: paste the log's key or drop its verifier.key file");
-  return parseKey(trimmed, ALG_ED25519, "verifier key");
+/** The log's keys: lines of "<name>+<8 hex key ID>+<base64(0x01 ‖ 32-byte Ed25519 key)>",
+ * each optionally followed by the sizes it signs ("first.." or "first..last"; none: all). */
+async function parseVerifierKeys(text) {
+  const lines = text.split("\n").map((line) => line.replace(COMMENT, "").trim());
+  const numbered = lines.map((line, i) => [i + 1, line]).filter(([, line]) => line);
+  if (!numbered.length) fail("no verifier key given: paste the log's key or drop its verifier.key file");
+  const keys = [];
+  for (const [number, line] of numbered) {
+    const where = numbered.length > 1 ? `line ${number}: ` : "";
+    const fields = line.split(/\s+/);
+    if (fields.length > 2) fail(`${where}a key line must read <verifier key> [<first>..[<last>]]`);
+    let key;
+    try {
+      key = await parseKey(fields[0], ALG_ED25519, "verifier key");
+    } catch (err) {
+      if (err instanceof CheckFailed && where) fail(where + err.message);
+      throw err;
+    }
+    let first = 0;
+    let last = null;
+    if (fields.length === 2) {
+      const range = fields[1].match(KEY_RANGE);
+      if (!range) fail(`${where}key range ${quote(fields[1])} must read <first>.. or <first>..<last>`);
+      first = Number(range[1]);
+      last = range[2] === undefined ? null : Number(range[2]);
+      if (last !== null && last < first) fail(`${where}key range ${fields[1]} must have first <= last`);
+    }
+    const label = `${key.name}+${key.idHex}`;
+    if (keys.some((k) => k.label === label)) fail(`${where}key ${label} is listed twice`);
+    keys.push({ ...key, label, first, last, sizes: `${first}..${last ?? ""}` });
+  }
+  return keys;
 }
+
+const covers = (key, size) => key.first <= size && (key.last === null || size <= key.last);
 
 // --- check 3: the signed checkpoint ---------------------------------------------------------
 
@@ -228,24 +263,36 @@ function parseCheckpoint(text) {
   return { origin, size: Number(size), rootHash };
 }
 
-/** The checkpoint, once a signature by `key` verifies; signatures by other keys are ignored
- * here (the note's text and signature lines are kept for the witness quorum). */
-async function openCheckpoint(note, key) {
+/** The checkpoint, once a signature by one of `keys` in force at its size verifies;
+ * signatures by other keys are ignored here (the note's text and signature lines are kept for
+ * the witness quorum). `signers` are the keys whose signatures count. */
+async function openCheckpoint(note, keys) {
   const { text, signatures } = splitNote(note);
-  const own = signatures.filter((s) => s.name === key.name && equalBytes(s.id, key.id));
+  const own = [];
+  for (const s of signatures) {
+    const key = keys.find((k) => s.name === k.name && equalBytes(s.id, k.id));
+    if (key) own.push([s, key]);
+  }
   const others = signatures.length - own.length;
   if (!own.length) {
     const seen = signatures.map((s) => `${s.name}+${hex(s.id)}`).join(", ");
-    fail(`no signature by this key: the checkpoint is not signed by ${key.name}+${key.idHex} (its signatures are by ${seen})`);
+    const wanted = keys.map((k) => k.label).join(", ");
+    fail(`no signature by this key: the checkpoint is not signed by ${wanted} (its signatures are by ${seen})`);
   }
-  for (const s of own) {
+  for (const [s, key] of own) {
     const valid = s.signature.length === 64
       && await crypto.subtle.verify("Ed25519", key.key, s.signature, utf8(text));
     if (!valid) {
-      fail(`the signature by ${key.name}+${key.idHex} does not verify: the checkpoint text is not what the key signed`);
+      fail(`the signature by ${key.label} does not verify: the checkpoint text is not what the key signed`);
     }
   }
-  return { ...parseCheckpoint(text), others, text, signatures };
+  const checkpoint = parseCheckpoint(text);
+  const signers = own.map(([, key]) => key).filter((key) => covers(key, checkpoint.size));
+  if (!signers.length) {
+    const found = own.map(([, key]) => `${key.label} (sizes ${key.sizes})`).join(", ");
+    fail(`key out of range: the checkpoint of size ${checkpoint.size} is signed only by ${found}: no key in force at that size signed it`);
+  }
+  return { ...checkpoint, others, text, signatures, signers };
 }
 
 // --- checks 4 and 5: the tree ---------------------------------------------------------------
@@ -425,13 +472,17 @@ async function verifyBundle(entry, keyResult, witnessResult, show) {
     },
     () => {
       if (keyResult.error) fail(keyResult.error);
-      return `${keyResult.key.name}+${keyResult.key.idHex}, an Ed25519 key`;
+      const { keys } = keyResult;
+      if (keys.length === 1 && keys[0].last === null && keys[0].first === 0) {
+        return `${keys[0].label}, an Ed25519 key`;
+      }
+      return `${keys.length} Ed25519 keys: ${keys.map((k) => `${k.label} (sizes ${k.sizes})`).join(", ")}`;
     },
     async () => {
-      report.checkpoint = await openCheckpoint(report.bundle.checkpoint, keyResult.key);
-      const { origin, others } = report.checkpoint;
+      report.checkpoint = await openCheckpoint(report.bundle.checkpoint, keyResult.keys);
+      const { origin, others, signers } = report.checkpoint;
       const ignored = others ? `; ${others} signature${others === 1 ? "" : "s"} by other keys ignored` : "";
-      return `signed by ${keyResult.key.name}+${keyResult.key.idHex}, origin ${origin}${ignored}`;
+      return `signed by ${signers.map((k) => k.label).join(", ")}, origin ${origin}${ignored}`;
     },
     () => {
       const { size } = report.checkpoint;
@@ -723,8 +774,8 @@ async function verify() {
     }
     sayOnly(`Verifying ${entries.length} bundle${entries.length === 1 ? "" : "s"}\u2026`, "pending");
     $("bundle-section").hidden = false;
-    const keyResult = await parseVerifierKey($("key").value).then(
-      (key) => ({ key }),
+    const keyResult = await parseVerifierKeys($("key").value).then(
+      (keys) => ({ keys }),
       (err) => ({ error: err instanceof CheckFailed ? err.message : `unexpected error: ${err}` }),
     );
     const witnessResult = await parseWitnesses($("witnesses").value, $("quorum").value).catch(
@@ -768,13 +819,19 @@ function keyType(item) {
 }
 
 /** What a file holds when it is keys: {key} for one log verifier key (any type byte but 0x04:
- * check 2 says what is wrong with it), {witnesses} for witness keys only, {mixed} for several
- * keys that are not all witness keys; null when it is not keys (a bundle file). */
+ * check 2 says what is wrong with it) or a key set (log keys, one a line, with their sizes),
+ * {witnesses} for witness keys only, {mixed} for several keys that are not all witness keys
+ * nor all log keys; null when it is not keys (a bundle file). */
 function keysIn(text) {
-  const items = text.split(KEY_SEPARATORS).filter(Boolean);
+  const lines = text.split("\n").map((line) => line.replace(COMMENT, "").trim()).filter(Boolean);
+  const tokens = lines.flatMap((line) => line.split(KEY_SEPARATORS)).filter(Boolean);
+  const items = tokens.filter((token) => !KEY_RANGE.test(token));
   if (!items.length || !items.every((item) => VERIFIER_KEY_SHAPE.test(item))) return null;
-  if (items.every((item) => keyType(item) === ALG_COSIGNATURE_V1)) return { witnesses: items };
-  return items.length === 1 ? { key: items[0] } : { mixed: items };
+  const ranged = items.length !== tokens.length;
+  if (!ranged && items.every((item) => keyType(item) === ALG_COSIGNATURE_V1)) return { witnesses: items };
+  if (items.length === 1 && !ranged) return { key: items[0] };
+  if (items.every((item) => keyType(item) === ALG_ED25519)) return { key: lines.join("\n") };
+  return { mixed: items };
 }
 
 /** Adds witness keys to the witness field, one a line, leaving out those already in it. */
@@ -827,6 +884,14 @@ function setUp() {
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     verify();
+  });
+  // The key field holds a key set after a rotation, one key a line (Shift+Enter): Enter
+  // alone submits, as in a one-line field.
+  $("key").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      form.requestSubmit();
+    }
   });
   $("clear").addEventListener("click", () => {
     form.reset();
