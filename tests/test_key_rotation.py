@@ -684,3 +684,36 @@ def test_the_patient_tags_stay_the_same_once_the_new_key_replaces_the_signing_ke
     assert patient_tag() != before  # why RXLEDGER_TAG_KEY exists
     monkeypatch.setenv("RXLEDGER_TAG_KEY", str(old_pem))
     assert patient_tag() == before
+
+
+async def test_a_mirror_follows_the_log_across_a_rotation_with_its_key_set(
+    store: LogStore, tmp_path
+):
+    """A mirror given the key set copies checkpoints signed before, during and after the
+    transition; given only the old key, it refuses the new key's checkpoint and keeps its own."""
+    from anchoring.mirror import DatabaseSource, Mirror, MirrorRefused
+
+    old, new = new_signer(), new_signer()
+    keys = rotation(old, new, first=0, last=5)
+    tlog = TransparencyLog(store, old, FAST, keys=keys, next_signer=new)
+    await tlog.start()
+    try:
+        before = await append_and_anchor(tlog, "rx-m", 3)
+        with_old_key_only = Mirror(tmp_path / "old-key", [old.verifier()])
+        with_set = Mirror(tmp_path / "key-set", keys)
+        assert (await with_old_key_only.sync(DatabaseSource(store))).size == before
+        assert (await with_set.sync(DatabaseSource(store))).size == before
+    finally:
+        await tlog.stop()
+    tlog = TransparencyLog(store, new, FAST, keys=keys)
+    await tlog.start()
+    try:
+        after = await append_and_anchor(tlog, "rx-n", 6)
+        assert signed_by((await tlog.wait_anchored(after)).note) == {new.key_id}
+        assert (await with_set.sync(DatabaseSource(store))).size == after
+        with pytest.raises(MirrorRefused, match="not signed by a log key"):
+            await with_old_key_only.sync(DatabaseSource(store))
+        held = with_old_key_only.held()
+        assert held is not None and held[1].size == before
+    finally:
+        await tlog.stop()
