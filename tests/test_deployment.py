@@ -213,7 +213,8 @@ def dashboard_expressions() -> list[str]:
 
 
 PROMQL_WORDS = {"sum", "by", "rate", "max", "histogram_quantile", "le", "path", "status"}
-PROMQL_WORDS |= {"type", "outcome", "instance", "job"}
+PROMQL_WORDS |= {"type", "outcome", "instance", "job", "time", "max_over_time", "timestamp"}
+PROMQL_WORDS |= {"changes"}
 
 
 def test_the_dashboard_covers_requests_latency_lag_checkpoints_and_witnesses():
@@ -256,6 +257,30 @@ def test_every_dashboard_query_names_a_metric_a_real_gateway_exposes(mongo_uri, 
         stripped = re.sub(r'"[^"]*"|\[[^\]]*\]|\{\{[^}]*\}\}', "", expr)
         words = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", stripped)) - PROMQL_WORDS
         assert words <= exposed, f"{expr}: {sorted(words - exposed)} not in /metrics"
+
+
+def test_promtool_parses_every_dashboard_query_and_the_prometheus_config(tmp_path: Path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian: prometheus)")
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query{i}", "expr": expr}
+                    for i, expr in enumerate(dashboard_expressions())
+                ],
+            }
+        ]
+    }
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
+    for args in (
+        ["check", "rules", str(tmp_path / "rules.yml")],
+        ["check", "config", "--syntax-only", str(DEPLOY / "prometheus.yml")],
+    ):
+        checked = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 # --- MONGODB_PASSWORD_FILE -------------------------------------------------------------------
