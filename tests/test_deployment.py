@@ -200,6 +200,14 @@ def test_the_proxy_upgrades_websockets_on_graphql_and_does_not_buffer_events():
     assert "mirror-data:/srv/rxledger/mirror" in services()["mirror"]["volumes"]
 
 
+def test_the_gateways_trust_forwarded_headers_from_the_proxy_only():
+    proxy = services()["proxy"]["networks"]["backend"]["ipv4_address"]
+    for name in ("gateway-1", "gateway-2"):
+        assert services()[name]["environment"]["FORWARDED_ALLOW_IPS"] == proxy
+    text = (DEPLOY / "nginx.conf").read_text()
+    assert text.count("proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;") >= 4
+
+
 def test_prometheus_scrapes_each_gateway():
     config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     job = next(j for j in config["scrape_configs"] if j["job_name"] == "rxledger")
