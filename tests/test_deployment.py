@@ -1,6 +1,7 @@
 """The deployment (docker-compose.yml and scripts/deploy/): what can be checked without a Docker
 engine. The Compose file validates against the compose specification's JSON schema
-(scripts/deploy/compose-spec.json, from github.com/compose-spec/compose-spec, schema/) and, where
+(scripts/deploy/compose-spec.json: schema/compose-spec.json of github.com/compose-spec/compose-spec
+at 170098ba07d9f53c383a41bfd4c5166b0a4529a6, Apache-2.0) and, where
 `docker compose` or `docker-compose` is installed, with `config`; every service runs as a
 non-root user, has a health check or says why not, and takes its secrets as Docker secrets; the
 proxy routes WebSocket upgrades and the unbuffered event stream; the Grafana dashboard queries
