@@ -20,6 +20,9 @@ RUN groupadd --system --gid 10001 rxledger \
  && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /srv/rxledger rxledger
 USER 10001:10001
 WORKDIR /srv/rxledger
+# Mount points of docker-compose.yml's named volumes: a new volume takes the owner of the
+# directory it is mounted on, so the mirror and the witness can write theirs.
+RUN mkdir /srv/rxledger/mirror /srv/rxledger/witness
 
 EXPOSE 8000
 # One gateway process per core the container may use (RXLEDGER_WORKERS overrides it); the

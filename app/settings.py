@@ -20,6 +20,10 @@ trusts stored checkpoints only when such a key signed them; both private keys mu
 RXLEDGER_TAG_KEY, the private key (PEM) the patient routing tags are keyed with (default:
 RXLEDGER_SIGNING_KEY): set it to the log's first key file before RXLEDGER_SIGNING_KEY changes,
 or a patient's earlier events no longer match their subscriptions and filters.
+
+MONGODB_PASSWORD_FILE names a file (a Docker secret) holding the password of the user that
+MONGODB_URI names (`mongodb://rxledger@host/...`), so that no password sits in the environment;
+it is percent-encoded into the URI (`mongodb_uri_with_password`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from anchoring.anchorer import AnchorSettings
 from anchoring.cosignature import parse_witness_keys
@@ -45,6 +50,32 @@ log = logging.getLogger("rxledger.settings")
 
 class ConfigError(Exception):
     """A setting is missing or invalid; the message says which and what to do."""
+
+
+def mongodb_uri_with_password(uri: str, password_file: str | None) -> str:
+    """`uri` with the password read from `password_file` (one line; a trailing newline is
+    dropped) put after the user it names. Without a file, `uri` as it is. Raises ConfigError
+    when the file cannot be read or is empty, or when the URI names no user or has a password."""
+    if not password_file:
+        return uri
+    try:
+        password = Path(password_file).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"MONGODB_PASSWORD_FILE={password_file}: {exc}") from None
+    if not password:
+        raise ConfigError(f"MONGODB_PASSWORD_FILE={password_file} is empty")
+    scheme, sep, rest = uri.partition("://")
+    userinfo, at, hosts = rest.partition("@")
+    if not sep or not at or not userinfo or "/" in userinfo:
+        raise ConfigError(
+            "MONGODB_PASSWORD_FILE needs a MONGODB_URI that names its user, e.g. "
+            "mongodb://rxledger@mongo-1:27017/?replicaSet=rs0"
+        )
+    if ":" in userinfo:
+        raise ConfigError(
+            "MONGODB_URI has a password and MONGODB_PASSWORD_FILE is set: keep only the file"
+        )
+    return f"{scheme}://{userinfo}:{quote(password, safe='')}@{hosts}"
 
 
 def env_number(name: str, default: float, minimum: float, integer: bool = False) -> float:
@@ -122,7 +153,10 @@ class Settings:
                 f"RXLEDGER_WITNESSES; it has {len(witnesses)}"
             )
         return cls(
-            mongodb_uri=os.environ.get("MONGODB_URI", "mongodb://127.0.0.1:27017/"),
+            mongodb_uri=mongodb_uri_with_password(
+                os.environ.get("MONGODB_URI", "mongodb://127.0.0.1:27017/"),
+                os.environ.get("MONGODB_PASSWORD_FILE"),
+            ),
             database=database,
             notary_database=os.environ.get("RXLEDGER_NOTARY_DB", database),
             mode=mode,

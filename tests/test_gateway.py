@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -281,18 +282,15 @@ def test_development_mode_creates_a_key_under_var_with_a_warning(mongo_uri, db_n
 def test_the_docker_image_and_compose_file_run_in_production_mode_with_issuer_and_audience():
     dockerfile = (ROOT / "Dockerfile").read_text().splitlines()
     assert "ENV RXLEDGER_MODE=production" in dockerfile
-    compose = (ROOT / "docker-compose.yml").read_text()
-    environment = dict(
-        line.strip().split(": ", 1)
-        for line in compose.split("    environment:\n", 1)[1]
-        .split("    secrets:", 1)[0]
-        .splitlines()
-        if line.strip() and not line.strip().startswith("#")
-    )
-    assert environment["RXLEDGER_MODE"] == "production"
-    # Compose refuses to start the service when either is unset (${VAR:?message}).
-    for name in ("RXLEDGER_JWT_ISSUER", "RXLEDGER_JWT_AUDIENCE"):
-        assert environment[name].startswith(f'"${{{name}:?'), environment[name]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    gateways = [s for name, s in compose["services"].items() if name.startswith("gateway")]
+    assert len(gateways) == 2
+    for gateway in gateways:
+        environment = gateway["environment"]
+        assert environment["RXLEDGER_MODE"] == "production"
+        # Compose refuses to start the service when either is unset (${VAR:?message}).
+        for name in ("RXLEDGER_JWT_ISSUER", "RXLEDGER_JWT_AUDIENCE"):
+            assert environment[name].startswith(f"${{{name}:?"), environment[name]
 
 
 # --- JSON ------------------------------------------------------------------------------------
