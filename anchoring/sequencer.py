@@ -131,6 +131,12 @@ class Sequencer:
         self._quiet = 0  # reads of `pending` in a row that found no group it did not know
         self._dequeuing: asyncio.Task[None] | None = None  # the one dequeue in flight
 
+    @property
+    def queued_groups(self) -> int:
+        """Groups queued and not yet wholly sequenced, as this process knows them (a leader
+        knows them all, up to its next read of `pending`)."""
+        return len(self._queue)
+
     def wake(self) -> None:
         self._wakeup.set()
 

@@ -552,6 +552,8 @@ def _probe(tlog: Any, server: ServerState | None) -> dict[str, float]:
         "checkpoint_published_size": float(tlog.tail.checkpoint_size),
         "sequencer_leader": 1.0 if tlog.sequencer.is_leader else 0.0,
     }
+    if tlog.sequencer.is_leader:  # only the leader knows the queue without reading it
+        gauges["queued_groups"] = float(tlog.sequencer.queued_groups)
     if server is not None:
         workers = server.workers()
         leader = next((w for w in workers if w.leads), None)

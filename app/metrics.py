@@ -36,7 +36,8 @@ LEDGER_GAUGES = {
     "checkpoint_size": "Tree size of the latest signed checkpoint.",
     "checkpoint_published_size": "Tree size of the latest published checkpoint (with "
     "RXLEDGER_WITNESS_QUORUM, the latest its witnesses cosigned); -1 before the first.",
-    "queued_groups": "Intent groups queued and not yet sequenced.",
+    "queued_groups": "Intent groups queued and not yet sequenced (exported by the process that "
+    "sequences).",
     "sequencer_leader": "1 if this server (one of its workers) holds the sequencer lease, else 0.",
     "workers": "Gateway worker processes of this server alive.",
 }

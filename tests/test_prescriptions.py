@@ -1624,6 +1624,8 @@ def test_metrics_count_mutations_by_result_and_readyz_reports_the_tree(parties):
         re.M,
     ), text
     assert re.search(r"^rxledger_tree_size \d+\.0$", text, re.M)
+    # The leading process knows its queue (declared and documented, so exported).
+    assert re.search(r"^rxledger_queued_groups \d+\.0$", text, re.M), text
 
     ready = p.gw.http.get("/readyz")
     assert ready.status_code == 200
