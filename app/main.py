@@ -385,13 +385,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # Set when the server begins to stop, for responses that never end by themselves.
         app.state.stopping = asyncio.Event()
         restore_signals = _notice_exit_signals(app.state.stopping)
-        metrics.set_ledger_probe(lambda: _probe(tlog, server))
+        feed = app.state.feed
+        metrics.set_ledger_probe(lambda: _probe(tlog, server, feed))
         if server is not None:
             server.join(os.getpid())
         await tlog.start()
         upkeep = asyncio.create_task(_prepare(service), name="prescriptions-upkeep")
         if server is not None:
-            roll_call = asyncio.create_task(_roll_call(tlog, server), name="worker-roll-call")
+            roll_call = asyncio.create_task(_roll_call(tlog, server, feed), name="worker-roll-call")
         log.info(
             "rxledger %s mode; log %s; verifier key %s",
             settings.mode,
@@ -541,12 +542,14 @@ def serve_app() -> Starlette:
         sys.exit(STARTUP_FAILURE)
 
 
-def _probe(tlog: Any, server: ServerState | None) -> dict[str, float]:
+def _probe(tlog: Any, server: ServerState | None, feed: PrescriptionFeed) -> dict[str, float]:
     """Gauges for /metrics, from what the process already knows (no database reads). With
     several workers, the sequencer's and anchorer's sizes are those of the worker that leads,
-    as it last reported them (every ROLL_CALL_SECONDS)."""
+    and the other workers' subscribers, as they last reported them (every ROLL_CALL_SECONDS)."""
     cp = tlog.anchorer.latest
+    own = len(feed.subscribers)
     gauges = {
+        "subscribers": float(own),
         "tree_size": float(tlog.sequencer.size),
         "checkpoint_size": float(cp.size if cp else 0),
         "checkpoint_published_size": float(tlog.tail.checkpoint_size),
@@ -558,6 +561,8 @@ def _probe(tlog: Any, server: ServerState | None) -> dict[str, float]:
         workers = server.workers()
         leader = next((w for w in workers if w.leads), None)
         gauges["workers"] = float(len(workers))
+        pid = os.getpid()
+        gauges["subscribers"] = float(own + sum(w.subscribers for w in workers if w.pid != pid))
         gauges["sequencer_leader"] = 0.0 if leader is None else 1.0
         if leader is not None and not tlog.sequencer.is_leader:
             gauges["tree_size"] = float(leader.tree_size)
@@ -606,12 +611,17 @@ def _server_leads(tlog: Any, server: ServerState | None) -> bool:
 ROLL_CALL_SECONDS = 0.2
 
 
-async def _roll_call(tlog: Any, server: ServerState) -> None:
-    """Keep this worker's entry in the server's worker table saying whether it sequences, and
-    the sizes its sequencer and anchorer know (for /metrics on the other workers)."""
+async def _roll_call(tlog: Any, server: ServerState, feed: PrescriptionFeed) -> None:
+    """Keep this worker's entry in the server's worker table saying whether it sequences, the
+    sizes its sequencer and anchorer know and its subscribers (for /metrics on the others)."""
     while True:
         cp = tlog.anchorer.latest
-        server.report(tlog.sequencer.is_leader, tlog.sequencer.size, cp.size if cp else 0)
+        server.report(
+            tlog.sequencer.is_leader,
+            tlog.sequencer.size,
+            cp.size if cp else 0,
+            len(feed.subscribers),
+        )
         await asyncio.sleep(ROLL_CALL_SECONDS)
 
 

@@ -40,6 +40,7 @@ LEDGER_GAUGES = {
     "sequences).",
     "sequencer_leader": "1 if this server (one of its workers) holds the sequencer lease, else 0.",
     "workers": "Gateway worker processes of this server alive.",
+    "subscribers": "Prescription-event subscribers (WebSocket and SSE) this server streams to.",
 }
 
 LedgerProbe = Callable[[], Mapping[str, float]]

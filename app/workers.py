@@ -50,14 +50,15 @@ from pathlib import Path
 SERVER_STATE_ENV = "RXLEDGER_SERVER_STATE"
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-MAGIC = b"RXSRV001"
+MAGIC = b"RXSRV002"
 _HEADER = struct.Struct("<8sIII")  # magic, worker slots, bucket groups, slots per group
 _COUNTER = struct.Struct("<q")  # at COUNTER_AT: bumped whenever a worker changes checkpoints
 COUNTER_AT = 32
 HEADER_BYTES = 64
-# pid (0: free); 1 if it holds the sequencer lease; as it knows them: tree size, checkpoint size
-_WORKER = struct.Struct("<qqqq")
-WORKER_BYTES = 32
+# pid (0: free); 1 if it holds the sequencer lease; as it knows them: tree size, checkpoint size;
+# its prescription-event subscribers
+_WORKER = struct.Struct("<qqqqq")
+WORKER_BYTES = 40
 BUCKET = struct.Struct("<16sdd")  # key digest, tokens, updated (time.monotonic(), host-wide)
 GROUP_SLOTS = 16  # buckets one key may live in: a key hashes to one group of this many
 DEFAULT_BUCKETS = 1 << 17  # 131,072 buckets of 32 bytes: 4 MiB
@@ -110,6 +111,7 @@ class Worker:
     leads: bool  # holds the sequencer lease
     tree_size: int  # the sequencer's, if it leads
     checkpoint_size: int  # the anchorer's latest signed checkpoint, if it leads
+    subscribers: int = 0  # its prescription-event subscribers (WebSocket and SSE)
 
 
 class ServerState:
@@ -207,7 +209,9 @@ class ServerState:
             for slot in range(self.worker_slots):
                 held = _WORKER.unpack_from(self.memory, HEADER_BYTES + slot * WORKER_BYTES)[0]
                 if held in (0, pid) or not _alive(held):
-                    _WORKER.pack_into(self.memory, HEADER_BYTES + slot * WORKER_BYTES, pid, 0, 0, 0)
+                    _WORKER.pack_into(
+                        self.memory, HEADER_BYTES + slot * WORKER_BYTES, pid, 0, 0, 0, 0
+                    )
                     self._slot = slot
                     return
         raise ServerStateError(f"all {self.worker_slots} worker slots are held by live processes")
@@ -217,18 +221,22 @@ class ServerState:
         if self._slot is None:
             return
         with self._workers_locked():
-            _WORKER.pack_into(self.memory, HEADER_BYTES + self._slot * WORKER_BYTES, 0, 0, 0, 0)
+            _WORKER.pack_into(self.memory, HEADER_BYTES + self._slot * WORKER_BYTES, 0, 0, 0, 0, 0)
         self._slot = None
 
-    def report(self, leads: bool, tree_size: int, checkpoint_size: int) -> None:
-        """Say in this worker's slot whether it holds the sequencer lease, and the sizes its
-        sequencer and anchorer know (meaningful while it leads)."""
+    def report(
+        self, leads: bool, tree_size: int, checkpoint_size: int, subscribers: int = 0
+    ) -> None:
+        """Say in this worker's slot whether it holds the sequencer lease, the sizes its
+        sequencer and anchorer know (meaningful while it leads), and its subscribers."""
         if self._slot is None:
             return
         offset = HEADER_BYTES + self._slot * WORKER_BYTES
         with self._workers_locked():
             pid = _WORKER.unpack_from(self.memory, offset)[0]
-            _WORKER.pack_into(self.memory, offset, pid, int(leads), tree_size, checkpoint_size)
+            _WORKER.pack_into(
+                self.memory, offset, pid, int(leads), tree_size, checkpoint_size, subscribers
+            )
 
     def workers(self) -> list[Worker]:
         """The live workers, as the table says (a crashed one's slot is left out)."""
@@ -239,8 +247,8 @@ class ServerState:
                 )
             )
         return [
-            Worker(pid, bool(leads), tree_size, checkpoint_size)
-            for pid, leads, tree_size, checkpoint_size in rows
+            Worker(pid, bool(leads), tree_size, checkpoint_size, subscribers)
+            for pid, leads, tree_size, checkpoint_size, subscribers in rows
             if pid and _alive(pid)
         ]
 

@@ -209,6 +209,37 @@ async def test_connections_reach_both_workers_and_metrics_count_all_of_them(star
         assert sample(text, "rxledger_sequencer_leader", "") == 1
 
 
+async def test_metrics_count_the_subscribers_of_every_worker(start_server):
+    server = await start_server()
+    partner = server.token("PARTNER", "partner-1", "ph-1")
+    headers = {"Authorization": f"Bearer {partner}"}
+    url = f"{server.base}/events?afterLeafIndex=-1"
+    async with one_connection_per_worker(server.base) as (a, b):
+        text = (await a.client.get(f"{server.base}/metrics")).text
+        assert sample(text, "rxledger_subscribers", "") == 0, text
+        async with (
+            a.client.stream("GET", url, headers=headers) as on_a,
+            b.client.stream("GET", url, headers=headers) as on_b,
+            await GraphQLSocket.open(server.base, partner) as socket,
+        ):
+            assert on_a.status_code == on_b.status_code == 200
+            await socket.subscribe("events", EVENTS, {"after": -1})
+            # Scraped through a fresh connection (either worker): all three, wherever they are.
+            deadline = time.monotonic() + 10
+            while True:
+                async with httpx.AsyncClient() as other:
+                    text = (await other.get(f"{server.base}/metrics")).text
+                if sample(text, "rxledger_subscribers", "") == 3 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
+            assert sample(text, "rxledger_subscribers", "") == 3, text
+        deadline = time.monotonic() + 10
+        while sample(text, "rxledger_subscribers", "") != 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            text = (await b.client.get(f"{server.base}/metrics")).text
+        assert sample(text, "rxledger_subscribers", "") == 0, text
+
+
 # --- (b) what one worker writes, the other serves -------------------------------------------------
 
 
