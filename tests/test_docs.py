@@ -425,6 +425,49 @@ def test_every_marked_block_of_the_page_runs(path: Path, outcomes: dict[str, str
     )
 
 
+LINK = re.compile(r"\]\((?!https?://|mailto:)(?P<target>[^)\s]+)\)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation other than `-` and `_` dropped,
+    spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    found: set[str] = set()
+    in_fence = False
+    for line in path.read_text().split("\n"):
+        if line.strip().startswith("```"):
+            in_fence = not in_fence
+        elif not in_fence and (heading := re.match(r"#{1,6} (.*)", line)):
+            found.add(slug(heading[1]))
+    return found
+
+
+@pytest.mark.parametrize("path", PAGES, ids=PAGE_IDS)
+def test_every_relative_link_names_a_file_and_heading_that_exist(path: Path) -> None:
+    broken = []
+    for match in LINK.finditer(path.read_text()):
+        file, _, anchor = match["target"].partition("#")
+        target = (path.parent / file).resolve() if file else path
+        if not target.exists():
+            broken.append(f"{match['target']}: no such file")
+        elif anchor and (target.suffix != ".md" or anchor not in anchors(target)):
+            broken.append(f"{match['target']}: no such heading")
+
+    assert broken == []
+
+
+def test_a_heading_anchor_is_githubs() -> None:
+    assert slug("Development and test database: FerretDB v1.24.2") == (
+        "development-and-test-database-ferretdb-v1242"
+    )
+    assert slug("Verifying proofs in the browser: `/audit`") == (
+        "verifying-proofs-in-the-browser-audit"
+    )
+
+
 def test_the_walkthrough_and_every_audience_page_are_tested() -> None:
     tested = {str(p.relative_to(ROOT)) for p in TESTED_PAGES}
 
