@@ -3,7 +3,8 @@
 # Needs python3 (>= 3.11), make, and Go (to build FerretDB, the MongoDB-protocol server used
 # for development and tests, the tlog interoperability client under tests/interop/, and Shopify's
 # toxiproxy for tests/test_faults.py, kept as var/bin/toxiproxy-server). The
-# tests also drive Debian's chromium; `make browser` installs it (as root). Set MONGODB_URI to
+# tests also drive Debian's chromium; `make browser` installs it (as root), and run the docs'
+# marked examples with bash and curl (tests/test_docs.py). Set MONGODB_URI to
 # use another server (e.g. a real MongoDB) instead: then FerretDB is neither built nor started.
 
 SHELL := /bin/bash

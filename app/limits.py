@@ -349,7 +349,7 @@ class QueryLimits(SchemaExtension):
 # What resolving a field once costs, where it is more than the 1 of a field read from memory.
 # The unit is about one plain field's work in the executor (some 10 µs of the gateway's CPU);
 # the figures are gateway CPU time per field, measured on a page of 100 prescriptions of 5
-# events each (README, "Query cost").
+# events each (docs/frontend.md, "Query cost").
 FIELD_WEIGHTS: dict[str, int] = {
     # an Ed25519 signature over a receipt note (once per leaf: later requests for the same
     # leaf get the same receipt from memory)

@@ -1,4 +1,4 @@
-"""Configuration from environment variables (documented in the README).
+"""Configuration from environment variables (documented in docs/operations.md, "Configuration").
 
 RXLEDGER_MODE is `development` or `production`. Unset, it is development, and every process that
 serves or signs (`rxledger serve`, `rxledger sequence`) says so in a WARNING line at start-up

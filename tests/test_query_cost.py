@@ -1,6 +1,6 @@
 """The query cost limit (RXLEDGER_MAX_COST): the estimate on the real schema, the default
-against every GraphQL document of the README and the tests, and the attack it stops, over real
-HTTP and a real WebSocket against uvicorn gateways over the real database."""
+against every GraphQL document of the docs (README.md, docs/) and the tests, and the attack it
+stops, over real HTTP and a real WebSocket against uvicorn gateways over the real database."""
 
 from __future__ import annotations
 
@@ -302,7 +302,13 @@ def operations(document: DocumentNode) -> Iterator[DocumentNode]:
 
 
 def readme_documents() -> list[str]:
-    return re.findall(r"```graphql\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    """The ```graphql blocks of the docs: README.md and every page under docs/."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [
+        document
+        for page in pages
+        for document in re.findall(r"```graphql\n(.*?)```", page.read_text(), re.S)
+    ]
 
 
 def test_documents() -> Iterator[tuple[str, str]]:
