@@ -118,6 +118,9 @@ class Sequencer:
         self.step_seconds: dict[str, float] = {}  # cumulative time per step, for metrics
         self.epoch = 0  # counts recoveries, so others know to reload what they cached
         self._done: set[Any] = set()  # sequenced events whose group is still queued
+        # Events of a batch whose entries the database refused: recovery asks `entries` for
+        # them by event, whatever their positions say.
+        self._suspects: set[Any] = set()
         # The queue as this leader knows it: intents {_id, events, queuedAt} by group id, the
         # event ids each marker names, and when (time.monotonic) each group handed over by
         # this process's appender waits for a read of `pending` that began after it (a
@@ -265,8 +268,7 @@ class Sequencer:
         queued = [e["_id"] for g in groups for e in g["events"]]
         self._done = set()
         if queued:
-            indices = await self.store.entry_indices(queued, await self.store.head())
-            self._done = {event for event, index in indices.items() if index < self.size}
+            self._done = await self._sequenced(queued)
         alive = {g["_id"] for g in groups}
         strays = [m["_id"] for m in markers if m["committed"] not in alive]
         if strays:
@@ -279,6 +281,27 @@ class Sequencer:
         self._scanned_at = scanned_at
         self.epoch += 1
         log.info("recover: %s leads %s at size %d", self.holder, self.store.origin, self.size)
+
+    async def _sequenced(self, events: list[Any]) -> set[Any]:
+        """Which of `events` the published log holds. Their positions say where to look (by
+        `_id`), and an entry there naming the event confirms it: a position is not evidence,
+        and one planted for a queued event must not drop that event from the log. Events of
+        a batch the database refused (a position lost or edited, so a duplicate entry) are
+        looked up in `entries` by event, which only such a refusal costs."""
+        head = await self.store.head()
+        placed = {
+            event: index
+            for event, index in (await self.store.entry_indices(events, head)).items()
+            if index < self.size
+        }
+        stored = await by_ids(self.store.entries, set(placed.values()), {"event": 1})
+        done = {e for e, i in placed.items() if stored.get(i, {}).get("event") == e}
+        suspects = [e for e in events if e in self._suspects and e not in done]
+        self._suspects = set()
+        if suspects:
+            query = {"event": {"$in": suspects}, "_id": {"$lt": self.size}}
+            done.update([d["event"] async for d in self.store.entries.find(query, {"event": 1})])
+        return done
 
     async def _entries_from(self, size: int) -> list[Doc]:
         """The entries written from index `size` on without a gap (by `_id`, a page at a
@@ -347,7 +370,9 @@ class Sequencer:
                 await self.store.entries.insert_many(entries, ordered=True)
             except BulkWriteError as exc:
                 # Another sequencer wrote some of these indices, or an event here was sequenced
-                # already: recovery integrates what is stored and relearns what is done.
+                # already (its position lost or edited): recovery integrates what is stored
+                # and relearns what is done, asking `entries` about these events.
+                self._suspects.update(e["event"] for e in entries)
                 errors = exc.details.get("writeErrors") or [{}]
                 raise Resync(
                     f"sequence: lost a race at index {self.size} (code {errors[0].get('code')})"

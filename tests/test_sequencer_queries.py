@@ -22,7 +22,7 @@ from anchoring.errors import InvalidEvent
 from anchoring.ledger import Ledger, event_id
 from anchoring.log import LogSettings, TransparencyLog
 from anchoring.note import Signer
-from anchoring.sequencer import Sequencer, SequencerSettings
+from anchoring.sequencer import Resync, Sequencer, SequencerSettings
 from anchoring.store import LogStore
 
 
@@ -205,3 +205,76 @@ async def test_recovery_finds_which_queued_events_are_sequenced_by_id(
         w.event_id for w in waiting
     }
     await sequencer.release_lease()
+
+
+async def _published_but_still_queued(
+    store: LogStore, signer: Signer
+) -> tuple[list[Any], list[Any]]:
+    """A log of 5 published events whose groups are put back into `pending` (a crash between
+    publishing and dequeuing), and 2 events queued but never sequenced. Returns both lists of
+    event ids."""
+    early = Ledger(store)  # queued with no sequencer running: copy the queue as it is
+    published = [await early.append(f"rx-p{k}", 1, header(f"rx-p{k}", 1)) for k in range(5)]
+    await early.close()
+    queue = [d async for d in store.pending.find({})]
+    tlog = TransparencyLog(store, signer, RARE)
+    await tlog.start()
+    try:
+        await tlog.wait_sequenced(published[-1].event_id)
+        await wait_for(lambda: len(tlog.sequencer._queue) == 0, "the groups to leave")
+        await wait_for(
+            lambda: tlog.sequencer._dequeuing is None or tlog.sequencer._dequeuing.done(),
+            "the dequeue",
+        )
+    finally:
+        await tlog.stop()
+    assert await store.pending.count_documents({}) == 0
+    await store.pending.insert_many(queue)  # intents and markers, as before the dequeue
+    late = Ledger(store)
+    waiting = [await late.append(f"rx-w{k}", 1, header(f"rx-w{k}", 1)) for k in range(2)]
+    await late.close()
+    return [p.event_id for p in published], [w.event_id for w in waiting]
+
+
+async def test_recovery_knows_a_published_event_still_queued_and_never_sequences_it_twice(
+    watched: tuple[LogStore, Commands], signer: Signer
+) -> None:
+    store, _ = watched
+    published, waiting = await _published_but_still_queued(store, signer)
+    sequencer = Sequencer(store)
+    assert await sequencer.acquire_lease()
+    try:
+        await sequencer.recover()
+        assert sequencer._done == set(published)
+        assert await sequencer.sequence_batch() == 2  # only the two never sequenced
+        assert sequencer.size == 7
+    finally:
+        await sequencer.release_lease()
+
+
+async def test_recovery_is_not_fooled_by_edited_positions(
+    watched: tuple[LogStore, Commands], signer: Signer
+) -> None:
+    # Positions are not evidence: one deleted must not make the sequencer loop on a duplicate
+    # entry, one planted must not make it drop a queued event from the log.
+    store, _ = watched
+    published, waiting = await _published_but_still_queued(store, signer)
+    await store.positions.delete_one({"_id": published[0]})
+    await store.positions.insert_one({"_id": waiting[0], "index": 1})
+    sequencer = Sequencer(store)
+    assert await sequencer.acquire_lease()
+    try:
+        for _ in range(3):  # a Resync is recovered from, then the batch goes through
+            try:
+                await sequencer.recover()
+                sequenced = await sequencer.sequence_batch()
+                break
+            except Resync:
+                continue
+        else:
+            raise AssertionError("the sequencer never got past the edited positions")
+        assert sequenced == 2 and sequencer.size == 7
+        logged = {d["event"] async for d in store.entries.find({}, {"event": 1})}
+        assert set(waiting) <= logged and set(published) <= logged
+    finally:
+        await sequencer.release_lease()
