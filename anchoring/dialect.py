@@ -7,7 +7,8 @@ ints: a range, a sort or a filter on any other field decodes every document of t
 a cost that grows with the collection. Every choice that depends on the server is made here,
 and nowhere else names FerretDB:
 
-- documents by `_id` (`by_ids`): one `$in` on MongoDB; on FerretDB, one `$in` per IN_BATCH ids;
+- documents by `_id` (`by_ids`): one `$in` per MONGODB_IN_BATCH ids on MongoDB, per IN_BATCH
+  ids on FerretDB;
 - entries from a to b by their integer `_id` (`by_id_range`): one range read in `_id` order on
   MongoDB; on FerretDB, `by_ids` of the indices a..b-1;
 - an update or a deletion of documents by `_id` (`update_by_ids`, `delete_by_ids`): one
@@ -38,9 +39,11 @@ from pymongo.asynchronous.collection import AsyncCollection
 Doc = dict[str, Any]
 
 ENV_DIALECT = "RXLEDGER_STORAGE_DIALECT"
-# `_id`s in one `$in` sent to FerretDB: the patch pushes down an `$in` of at most 1,000 values
-# (an int 0 counts twice); more would scan the collection.
+# `_id`s in one `$in` sent to FerretDB: the patch pushes down an `$in` of at most 1,000 values;
+# more would scan the collection.
 IN_BATCH = 500
+# ... and to MongoDB: far below what its 16 MiB command limit holds of the longest ids we use.
+MONGODB_IN_BATCH = 20_000
 
 
 class Dialect(enum.Enum):
@@ -146,10 +149,10 @@ async def delete_by_ids(collection: AsyncCollection[Doc], ids: Iterable[Any]) ->
 
 
 async def _batches(collection: AsyncCollection[Doc], ids: list[Any]) -> list[list[Any]]:
-    """`ids` cut into the `$in`s the server answers from its `_id` index: all of them on
-    MongoDB, IN_BATCH at a time on FerretDB (sent one after another, so that a failing
+    """`ids` cut into the `$in`s the server answers from its `_id` index: MONGODB_IN_BATCH at
+    a time on MongoDB, IN_BATCH on FerretDB (sent one after another, so that a failing
     database never leaves operations in flight behind a raised error)."""
     if not ids:
         return []
-    size = IN_BATCH if await detect(collection) is Dialect.FERRETDB else len(ids)
+    size = IN_BATCH if await detect(collection) is Dialect.FERRETDB else MONGODB_IN_BATCH
     return [ids[i : i + size] for i in range(0, len(ids), size)]

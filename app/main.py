@@ -48,6 +48,7 @@ from strawberry.types import ExecutionResult
 from uvicorn.config import STARTUP_FAILURE
 
 from anchoring.dialect import detect as detect_dialect
+from anchoring.errors import database_error, frames
 from anchoring.ledger import INTENTS
 from app.auth import Authenticator, AuthError, AuthSettings, Viewer
 from app.cors import CrossOriginSettings
@@ -641,3 +642,10 @@ async def _prepare(service: PrescriptionService) -> None:
             log.warning("start-up sweep: database unavailable (%s); retrying", type(exc).__name__)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
+        except Exception as exc:
+            # Not the database being away: retrying would fail the same way. Reads and
+            # mutations still repair each document they meet.
+            log.error(
+                "start-up sweep failed (%s); not retried\n%s", database_error(exc), frames(exc)
+            )
+            return

@@ -27,11 +27,12 @@ import functools
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from bson import Binary, ObjectId
+from bson.errors import InvalidBSON
 from pymongo import ASCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError, PyMongoError
@@ -270,46 +271,56 @@ class PrescriptionService:
         Only an event whose document write a crash interrupted can leave a document behind,
         and such an event is queued in `pending` or was sequenced after the previous sweep
         began: the sweep reads the queue, then the entries from where the previous sweep
-        began (SWEEPS) to the published size, the ledger events they name and their
-        documents, all by `_id`, never the whole ledger or every document. It records where
-        it began once every document it found behind is repaired. A mark moved on by a
-        database writer only skips repairs a read or a mutation then makes (each checks the
-        document against the ledger): nothing the product proves rests on documents."""
+        began (SWEEPS) to the published size, a page at a time with the ledger events they
+        name and their documents, all by `_id`, never the whole ledger or every document. It
+        records where it began once every document it found behind is repaired, so a restart
+        reads what was sequenced since the previous start. A mark moved by a database writer
+        only skips repairs a read or a mutation then makes (each checks the document against
+        the ledger): nothing the product proves rests on documents. Malformed rows are logged
+        and skipped."""
         marks = self.prescriptions.database[SWEEPS]
         mark = await marks.find_one({"_id": self.prescriptions.name})
-        start = mark.get("through") if mark is not None else 0
-        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
-            start = 0
+        start = _count(mark.get("through") if mark is not None else 0)
         store = self.log.store
-        newest: dict[str, int] = {}
+        repaired: set[str] = set()
 
-        def saw(subject: Any, version: Any) -> None:
-            if isinstance(subject, str) and isinstance(version, int):
-                newest[subject] = max(newest.get(subject, 0), version)
+        async def repair_behind(newest: dict[str, int]) -> None:
+            current = await by_ids(self.prescriptions, list(newest), {"version": 1})
+            for subject, version in newest.items():
+                have = current.get(subject, {}).get("version", 0)
+                if subject not in repaired and not (isinstance(have, int) and have >= version):
+                    await self.repair(subject)
+                    repaired.add(subject)
 
         # The queue before the published size: a group leaves `pending` only once published,
         # so an event not queued at this read is below the size read next.
+        queued: dict[str, int] = {}
         async for doc in store.pending.find({}).sort("_id", 1):
             if "committed" not in doc:
-                for event in group_events(doc):
-                    saw(event.get("subject"), event.get("version"))
-        size = (await store.head()).get("size", 0)
-        size = size if isinstance(size, int) else 0
+                try:
+                    _newest(queued, group_events(doc))
+                except (InvalidBSON, KeyError, TypeError) as exc:
+                    log.error("sweep: queued group %s unreadable (%s); skipped", doc["_id"], exc)
+        size = _count((await store.head()).get("size", 0))
+        if start > size:  # a log restored from an older backup, or a mark edited
+            log.warning("sweep: mark %d beyond the log's size %d; sweeping from 0", start, size)
+            start = 0
+        await repair_behind(queued)
         for first in range(start, size, SWEEP_PAGE):
-            entries = await by_id_range(store.entries, first, min(first + SWEEP_PAGE, size))
-            events = await by_ids(
-                self.ledger, [e["event"] for e in entries], {"subject": 1, "version": 1}
+            entries = await by_id_range(
+                store.entries, first, min(first + SWEEP_PAGE, size), {"event": 1}
             )
-            for event in events.values():
-                saw(event.get("subject"), event.get("version"))
-        current = await by_ids(self.prescriptions, list(newest), {"version": 1})
-        behind = [s for s, v in newest.items() if current.get(s, {}).get("version", 0) < v]
-        for subject in behind:
-            await self.repair(subject)
+            if not entries:
+                break  # past what is stored: a head size that no entry backs
+            ids = [e["event"] for e in entries if isinstance(e.get("event"), ObjectId)]
+            events = await by_ids(self.ledger, ids, {"subject": 1, "version": 1})
+            page: dict[str, int] = {}
+            _newest(page, events.values())
+            await repair_behind(page)
         await marks.update_one(
-            {"_id": self.prescriptions.name}, {"$max": {"through": size}}, upsert=True
+            {"_id": self.prescriptions.name}, {"$set": {"through": size}}, upsert=True
         )
-        return len(behind)
+        return len(repaired)
 
     # --- mutations ----------------------------------------------------------------------
 
@@ -939,3 +950,21 @@ def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
         raise Refused(
             "InvalidInput", f"cursor {cursor[:40]!r} is not one this API returned"
         ) from None
+
+
+def _count(value: Any) -> int:
+    """A non-negative count stored in a document (an integral double, as mongosh writes
+    numbers, counts), else 0."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+def _newest(into: dict[str, int], events: Iterable[Doc]) -> None:
+    """Raise `into[subject]` to each well-formed event's version."""
+    for event in events:
+        subject, version = event.get("subject"), event.get("version")
+        if isinstance(subject, str) and isinstance(version, int) and not isinstance(version, bool):
+            into[subject] = max(into.get(subject, 0), version)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from bson import Binary
 from pymongo import AsyncMongoClient, monitoring
 
 from anchoring.anchorer import AnchorSettings
@@ -455,3 +456,24 @@ async def test_a_mutation_on_a_sequenced_prescription_does_not_read_the_queue(
     finally:
         await other.stop()
         await watched.close()
+
+
+async def test_the_sweep_survives_a_mark_beyond_the_log_and_an_unreadable_queued_group(
+    tlog, client, db_name, caplog
+):
+    # What a database writer (or a restore of an older backup) can leave: a mark past the
+    # log's end, a queued group whose events do not decode. The sweep still repairs.
+    crashed = CrashAfterAppend(tlog, client[db_name]["prescriptions"])
+    service = PrescriptionService(tlog, client[db_name]["prescriptions"])
+    lost = await crashed.issue(PRESCRIBER, fields("p-lost"), None)
+    await tlog.wait_sequenced(event_id(lost["_id"], 1))
+    sweeps = client[db_name]["sweeps"]
+    await sweeps.insert_one({"_id": "prescriptions", "through": 10**15})
+    await client[db_name]["pending"].insert_one(
+        {"_id": "planted", "events": Binary(b"not bson"), "queuedAt": 0}
+    )
+    assert await service.sweep() == 1
+    assert (await service.prescriptions.find_one({"_id": lost["_id"]}))["version"] == 1
+    size = (await tlog.store.head())["size"]
+    assert (await sweeps.find_one({"_id": "prescriptions"}))["through"] == size
+    assert "unreadable" in caplog.text and "beyond the log's size" in caplog.text
