@@ -635,6 +635,7 @@ async def events_of(
                 continue
             first_miss = next(v for v in range(1, last + 1) if v not in chain)
             if first_miss == 1 and expected_only and known.get(s, 0) <= 0:
+                chain.clear()  # no version 1: no events, whatever is found beyond it
                 continue
             if first_miss == 1 or max(chain) > first_miss:
                 by_subject.append(s)

@@ -282,3 +282,21 @@ async def test_a_ledger_without_derived_ids_or_with_a_gap_is_read_by_subject(
         assert legacy_at is not None and legacy_at["_id"] == legacy[1]["_id"]
         gap_newest = await newest_event(ledger, "rx-gap", {"version": 1}, known=1)
         assert gap_newest is not None and gap_newest["version"] == 4
+
+
+async def test_an_unexpected_subject_without_its_version_1_has_no_events_and_costs_no_scan(
+    watched, db_name, monkeypatch
+):
+    # `expected_only` (a mutation on an id no document has): version 1 missing means no
+    # events, even when a later version is under its derived `_id` (version 1 deleted).
+    c, reads = watched
+    ledger = c[db_name]["ledger"]
+    await ledger.insert_many([_event("rx-cut", v) for v in (2, 3)])
+    force(monkeypatch, Dialect.FERRETDB)
+    reads.reads.clear()
+    found = await events_of(ledger, ["rx-cut", "rx-none"], {"version": 1}, expected_only=True)
+    assert found == {"rx-cut": [], "rx-none": []}
+    assert await newest_event(ledger, "rx-cut", {"version": 1}, expected_only=True) is None
+    assert reads.not_id_lookups() == []
+    # Without it, the subject is read by subject: the gap is seen.
+    assert [e["version"] for e in (await events_of(ledger, ["rx-cut"]))["rx-cut"]] == [2, 3]
