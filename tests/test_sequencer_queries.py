@@ -1,6 +1,6 @@
 """What the write path asks the database, counted with a command listener on a real server:
 the steady state of appending and sequencing must not lean on queries that a server without a
-usable index (FerretDB: any filter but an `_id` equality) answers by decoding a whole
+usable index (FerretDB: any filter but an `_id` equality or `$in`) answers by decoding a whole
 collection that grows with the log."""
 
 from __future__ import annotations
