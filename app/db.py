@@ -10,6 +10,7 @@ from anchoring.log import TransparencyLog
 from anchoring.store import CollectionNames, Doc, Index, LogStore, log_indexes
 from app.service import PRESCRIPTION_INDEXES
 from app.settings import Settings
+from app.webhooks import WEBHOOK_INDEXES
 
 PRESCRIPTIONS = "prescriptions"
 
@@ -57,13 +58,28 @@ FULL_READS: tuple[FullRead, ...] = (
         "app/service.py PrescriptionService.sweep",
         "the start-up repair sweep compares every document's version with its ledger",
     ),
+    FullRead(
+        "webhook_endpoints",
+        "app/webhooks.py WebhookStore.every_endpoint",
+        "each process scans the (few) endpoints to find those it should deliver to; an ADMIN"
+        " lists them all",
+    ),
+    FullRead(
+        "webhook_deliveries",
+        "app/webhooks.py WebhookStore.every_delivery",
+        "with the endpoints: whose lease is free, and each one's backlog for /metrics",
+    ),
 )
 
 
 def declared_indexes() -> dict[str, tuple[Index, ...]]:
     """Every index the product needs, by collection name (`_id` is always indexed): the
     table start-up creates them from and the test run checks every read against."""
-    return {**log_indexes(CollectionNames()), PRESCRIPTIONS: PRESCRIPTION_INDEXES}
+    return {
+        **log_indexes(CollectionNames()),
+        PRESCRIPTIONS: PRESCRIPTION_INDEXES,
+        **WEBHOOK_INDEXES,
+    }
 
 
 def make_client(settings: Settings) -> AsyncMongoClient[Doc]:

@@ -64,6 +64,7 @@ from app.logserver import LogServer
 from app.metrics import Metrics, MetricsMiddleware
 from app.service import PrescriptionService
 from app.settings import Settings, announce_mode
+from app.webhooks import WebhookDispatcher, WebhookMetrics, WebhookStore
 from app.workers import (
     METRICS_DIR_ENV,
     SERVER_STATE_ENV,
@@ -296,6 +297,7 @@ class GraphQLApp(GraphQL[dict[str, Any], None]):
             "feed": state.feed,
             "fanout": state.fanout,
             "metrics": state.metrics,
+            "webhooks": state.webhooks,
             "viewer": request.scope.get("state", {}).get("viewer"),
             "max_page": self.max_page,
         }
@@ -357,6 +359,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     auth = Authenticator(AuthSettings.from_env(settings.mode, settings.var_dir))
     limits = LimitSettings.from_env()
     metrics = Metrics(os.environ.get(METRICS_DIR_ENV) if server is not None else None)
+    webhook_metrics = WebhookMetrics(metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -370,6 +373,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.feed = PrescriptionFeed(tlog, window=limits.subscription_window)
         app.state.fanout = FanOut()
         app.state.metrics = metrics
+        webhooks = WebhookDispatcher(
+            WebhookStore(client[settings.database]),
+            tlog,
+            app.state.feed,
+            service.tags,
+            settings.webhooks,
+            webhook_metrics,
+        )
+        app.state.webhooks = webhooks
         # Set when the server begins to stop, for responses that never end by themselves.
         app.state.stopping = asyncio.Event()
         restore_signals = _notice_exit_signals(app.state.stopping)
@@ -377,7 +389,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         if server is not None:
             server.join(os.getpid())
         await tlog.start()
-        upkeep = asyncio.create_task(_prepare(service), name="prescriptions-upkeep")
+        upkeep = asyncio.create_task(_prepare(service, webhooks), name="prescriptions-upkeep")
+        webhooks_stopping = asyncio.Event()
+        delivering = asyncio.create_task(webhooks.run(webhooks_stopping), name="webhooks")
         if server is not None:
             roll_call = asyncio.create_task(_roll_call(tlog, server), name="worker-roll-call")
         log.info(
@@ -390,6 +404,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             yield
         finally:
             restore_signals()
+            webhooks_stopping.set()
+            await delivering
             upkeep.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await upkeep
@@ -434,6 +450,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             else round((dt.datetime.now(dt.UTC) - oldest["queuedAt"]).total_seconds(), 3),
             "sequencerError": tlog.sequencer.last_error,
             "anchorError": tlog.anchor_error,
+            # Listed, not failing readiness: a partner's broken receiver is not ours.
+            "failingWebhookEndpoints": request.app.state.webhooks.failing(),
         }
         if tlog.settings.witnesses:
             try:
@@ -591,13 +609,14 @@ async def _roll_call(tlog: Any, server: ServerState) -> None:
         await asyncio.sleep(ROLL_CALL_SECONDS)
 
 
-async def _prepare(service: PrescriptionService) -> None:
+async def _prepare(service: PrescriptionService, webhooks: WebhookDispatcher) -> None:
     """Indexes, then the repair sweep; retried while the database is away."""
     delay = 0.5
     while True:
         try:
             await service.log.store.ensure_indexes()
             await service.ensure_indexes()
+            await webhooks.store.ensure_indexes()
             log.info("storage dialect: %s", (await detect_dialect(service.prescriptions)).value)
             repaired = await service.sweep()
             if repaired:
