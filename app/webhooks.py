@@ -722,7 +722,6 @@ class EndpointWorker:
                 if fresh is None or fresh["generation"] != self.endpoint["generation"]:
                     log.info("webhooks: %s changed; starting afresh", self.endpoint_id)
                     break
-                self.endpoint = fresh  # a rotated secret signs from now on
         finally:
             delivery.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -764,6 +763,12 @@ class EndpointWorker:
         tries = 0
         while True:
             tries += 1
+            # Read afresh for each try: a secret rotated a moment ago signs it already, and a
+            # replay, disabling or enabling since stops this term.
+            fresh = await d.store.endpoint(self.endpoint_id)
+            if fresh is None or fresh["generation"] != self.endpoint["generation"]:
+                raise LostEndpoint(f"{self.endpoint_id} changed; starting afresh")
+            self.endpoint = fresh
             body = await payload(d.log, event)
             at = _now()
             headers = {

@@ -7,15 +7,21 @@ that something did not happen."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+import test_subscriptions
 from cryptography.exceptions import InvalidTag
+from test_gateway import ROOT
 from test_subscriptions import Gateway, graphql, http_client, issue
-# The fixture that starts gateway processes over the test's database, under its own name here.
-from test_subscriptions import start_gateway as start_gateway_fixture  # noqa: F401
 from webhook_receiver import Receiver
 
 from anchoring.encoding import unb64
@@ -33,6 +39,9 @@ from app.webhooks import (
     parse_url,
     refused_address,
 )
+
+# The fixture that starts gateway processes over the test's database (tests/test_subscriptions.py).
+start_gateway = test_subscriptions.start_gateway
 
 FAST = {
     "RXLEDGER_WEBHOOK_ALLOW_PRIVATE": "1",
@@ -254,9 +263,9 @@ def test_a_sealed_secret_opens_only_under_its_key_for_its_endpoint():
 
 
 async def test_the_lifecycle_of_50_prescriptions_reaches_three_filtered_endpoints_in_order(
-    start_gateway_fixture, receiver
+    start_gateway, receiver
 ):
-    gw = await start_gateway_fixture(**FAST)
+    gw = await start_gateway(**FAST)
     async with http_client(8) as client:
         partner_a = gw.token("PARTNER", "partner-a", "ph-A")
         couriers = gw.token("PARTNER", "partner-courier", "courier-co")
@@ -326,3 +335,325 @@ async def test_the_lifecycle_of_50_prescriptions_reaches_three_filtered_endpoint
         attempts = await deliveries(client, gw, partner_a, every_a)
     assert [a["result"] for a in attempts] == ["success"] * len(want["pharmacy-a"])
     assert [a["number"] for a in attempts] == list(range(1, len(attempts) + 1))
+
+
+ENDPOINTS = f"{{ webhookEndpoints {{ {ENDPOINT_FIELDS} }} }}"
+
+
+async def endpoint_state(client: httpx.AsyncClient, gw: Gateway, token: str, endpoint: str) -> dict:
+    found = (await graphql(client, gw, ENDPOINTS, token))["webhookEndpoints"]
+    return next(e for e in found if e["id"] == endpoint)
+
+
+async def wait_for_state(
+    client: httpx.AsyncClient, gw: Gateway, token: str, endpoint: str, state: str
+) -> dict:
+    deadline = time.monotonic() + 60
+    while (found := await endpoint_state(client, gw, token, endpoint))["state"] != state:
+        assert time.monotonic() < deadline, f"endpoint {endpoint} is {found}, want {state}"
+        await asyncio.sleep(0.1)
+    return found
+
+
+async def wait_for_attempts(
+    client: httpx.AsyncClient, gw: Gateway, token: str, endpoint: str, result: str, count: int
+) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 60
+    while True:
+        attempts = await deliveries(client, gw, token, endpoint)
+        if sum(a["result"] == result for a in attempts) >= count:
+            return attempts
+        assert time.monotonic() < deadline, f"want {count} attempts {result}, have {attempts}"
+        await asyncio.sleep(0.1)
+
+
+def one_id_per_event(received: list[Any]) -> None:
+    """Every request for one event carried the same webhook-id, and events differ in it."""
+    ids: dict[int, set[str]] = {}
+    for r in received:
+        if r.payload is not None:
+            ids.setdefault(r.leaf_index, set()).add(r.webhook_id)
+    assert all(len(v) == 1 for v in ids.values()), ids
+    assert len({next(iter(v)) for v in ids.values()}) == len(ids)
+
+
+SCHEDULE = (0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.5, 0.5, 0.5, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0)
+
+
+async def test_a_receiver_that_errs_times_out_and_refuses_gets_every_event_in_order_once_it_recovers(
+    start_gateway, receiver
+):
+    gw = await start_gateway(
+        **{
+            **FAST,
+            "RXLEDGER_WEBHOOK_TIMEOUT": "1",
+            "RXLEDGER_WEBHOOK_RETRY_SCHEDULE": ",".join(map(str, SCHEDULE)),
+        }
+    )
+    partner = gw.token("PARTNER", "partner-a", "ph-A")
+    async with http_client(2) as client:
+        endpoint, _ = await create_endpoint(client, gw, receiver, "flaky", partner)
+        receiver.mode = "error"
+        issued = [await issue(client, gw, pharmacy="ph-A", patient=f"pt-{i}") for i in range(3)]
+        await wait_for_attempts(client, gw, partner, endpoint, "http_error", 2)
+        receiver.mode, receiver.slow_seconds = "slow", 2.5
+        await wait_for_attempts(client, gw, partner, endpoint, "timeout", 2)
+        await receiver.stop()
+        await wait_for_attempts(client, gw, partner, endpoint, "refused", 2)
+        receiver.mode = "ok"
+        await receiver.start()
+        await receiver.wait_until(lambda: len(receiver.accepted("flaky")) >= 3, "3 deliveries")
+        attempts = await deliveries(client, gw, partner, endpoint)
+
+    accepted = receiver.accepted("flaky")
+    assert_in_order_without_gaps(accepted, [(rx, 1) for rx in issued])
+    one_id_per_event(receiver.of("flaky"))
+    # The first event was tried until it was accepted; the others waited behind it.
+    first = [a for a in attempts if a["leafIndex"] == accepted[0].leaf_index]
+    assert [a["attempt"] for a in first] == list(range(1, len(first) + 1))
+    results = [a["result"] for a in first]
+    assert results[-1] == "success" and results.count("success") == 1
+    phases = [r for i, r in enumerate(results) if i == 0 or results[i - 1] != r]
+    assert [p for p in phases if p != "error"] == ["http_error", "timeout", "refused", "success"]
+    assert all(a["webhookId"] == first[0]["webhookId"] for a in first)
+    later = [a for a in attempts if a["leafIndex"] != accepted[0].leaf_index]
+    assert min(a["number"] for a in later) > max(a["number"] for a in first)
+    # The backoff: each retry waited at least the schedule's wait, at most it plus 25 % jitter
+    # (and the time the try itself took).
+    for before, after in zip(first, first[1:], strict=False):
+        wait = SCHEDULE[before["attempt"] - 1]
+        start, planned = (
+            dt.datetime.fromisoformat(before["at"]),
+            dt.datetime.fromisoformat(before["nextAttemptAt"]),
+        )
+        assert wait <= (planned - start).total_seconds() <= wait * 1.25 + 0.01
+        assert dt.datetime.fromisoformat(after["at"]) >= planned
+    assert first[-1]["nextAttemptAt"] is None
+    assert [a["httpStatus"] for a in first if a["result"] == "http_error"] == [500] * results.count(
+        "http_error"
+    )
+
+
+async def test_after_the_last_try_the_endpoint_fails_and_a_replay_resends_with_proofs(
+    start_gateway, receiver, tmp_path
+):
+    gw = await start_gateway(
+        **{**FAST, "RXLEDGER_WEBHOOK_RETRY_SCHEDULE": "0.1,0.1", "RXLEDGER_WEBHOOK_TIMEOUT": "2"}
+    )
+    partner = gw.token("PARTNER", "partner-a", "ph-A")
+    async with http_client(2) as client:
+        endpoint, _ = await create_endpoint(client, gw, receiver, "failing", partner)
+        receiver.mode = "error"
+        issued = [await issue(client, gw, pharmacy="ph-A", patient=f"pt-{i}") for i in range(2)]
+        failing = await wait_for_state(client, gw, partner, endpoint, "FAILING")
+        assert failing["lastError"] == "HTTP 500" and failing["failingSince"]
+        attempts = await deliveries(client, gw, partner, endpoint)
+        # Three tries of the first event, none of the second: it waits behind the first.
+        assert [(a["attempt"], a["result"]) for a in attempts] == [
+            (1, "http_error"),
+            (2, "http_error"),
+            (3, "http_error"),
+        ]
+        assert attempts[-1]["nextAttemptAt"] is None
+        ready = httpx.get(f"{gw.base}/readyz")
+        assert ready.status_code == 200 and ready.json()["failingWebhookEndpoints"] == [endpoint]
+        metrics = httpx.get(f"{gw.base}/metrics").text
+        assert 'rxledger_webhook_deliveries_total{result="http_error"} 3.0' in metrics
+        assert 'rxledger_webhook_endpoints{state="FAILING"} 1.0' in metrics
+        assert f'rxledger_webhook_backlog{{endpoint="{endpoint}"}}' in metrics
+
+        # Once a checkpoint covers both events, a replay from the start carries their proofs.
+        ledger = (await graphql(client, gw, "{ ledger { size verifierKey checkpoint { size } } }"))[
+            "ledger"
+        ]
+        while ledger["checkpoint"] is None or ledger["checkpoint"]["size"] < ledger["size"]:
+            await asyncio.sleep(0.1)
+            ledger = (
+                await graphql(client, gw, "{ ledger { size verifierKey checkpoint { size } } }")
+            )["ledger"]
+        receiver.mode = "ok"
+        replayed = (await graphql(client, gw, REPLAY, partner, id=endpoint, after=-1))[
+            "replayWebhooks"
+        ]
+        assert replayed["__typename"] == "WebhookEndpoint" and replayed["state"] == "ACTIVE"
+        await receiver.wait_until(lambda: len(receiver.accepted("failing")) >= 2, "the replay")
+        await wait_for_attempts(client, gw, partner, endpoint, "success", 2)
+        # Pages of two, newest first, cursors chaining without gaps or repeats.
+        numbers, after = [], None
+        while True:
+            page = (
+                await graphql(client, gw, DELIVERIES, partner, id=endpoint, first=2, after=after)
+            )["webhookDeliveries"]
+            numbers += [n["number"] for n in page["nodes"]]
+            if not page["pageInfo"]["hasNextPage"]:
+                break
+            after = page["pageInfo"]["endCursor"]
+        assert numbers == [5, 4, 3, 2, 1]
+        metrics = httpx.get(f"{gw.base}/metrics").text
+        assert 'rxledger_webhook_deliveries_total{result="success"} 2.0' in metrics
+
+    accepted = receiver.accepted("failing")
+    assert_in_order_without_gaps(accepted, [(rx, 1) for rx in issued])
+    one_id_per_event(receiver.of("failing"))
+    key = tmp_path / "verifier.key"
+    key.write_text(ledger["verifierKey"] + "\n")
+    for r in accepted:
+        bundle = r.payload["data"]["proof"]
+        assert bundle is not None and bundle["leafIndex"] == r.leaf_index
+        assert bundle["leaf"] == r.payload["data"]["leaf"]
+        path = tmp_path / f"bundle-{r.leaf_index}.json"
+        path.write_text(json.dumps(bundle))
+        verified = subprocess.run(
+            [sys.executable, "-m", "app.cli", "verify", str(path), "--key", str(key)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        assert verified.stdout.startswith(f"OK: leaf {r.leaf_index} is included")
+
+
+async def test_killing_the_gateway_during_deliveries_then_restarting_misses_nothing(
+    start_gateway, receiver
+):
+    first = await start_gateway(**FAST)
+    partner = first.token("PARTNER", "partner-a", "ph-A")
+    receiver.delay = 0.05  # deliveries are in flight when the gateway dies
+    async with http_client(4) as client:
+        await create_endpoint(client, first, receiver, "crash", partner)
+        issued = []
+        for i in range(30):
+            issued.append(await issue(client, first, pharmacy="ph-A", patient=f"pt-{i}"))
+        await receiver.wait_until(lambda: len(receiver.accepted("crash")) >= 5, "5 deliveries")
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    before = len(receiver.accepted("crash"))
+    assert before < 30, "every delivery was made before the kill: nothing was in flight"
+    await start_gateway(**FAST)
+    await receiver.wait_until(
+        lambda: (
+            {r.leaf_index for r in receiver.accepted("crash")} >= set(range(1, 31))
+            or len({r.leaf_index for r in receiver.accepted("crash")}) >= 30
+        ),
+        "all 30 events after the restart",
+    )
+    got = receiver.accepted("crash")
+    events = {(r.payload["data"]["prescriptionId"], r.payload["data"]["version"]) for r in got}
+    assert events == {(rx, 1) for rx in issued}
+    # In leaf order, but for repeats of what was in flight: each first arrival is in order.
+    seen: list[int] = []
+    for r in got:
+        if r.leaf_index not in seen:
+            seen.append(r.leaf_index)
+    assert seen == sorted(seen)
+    one_id_per_event(got)
+
+
+async def test_two_gateways_deliver_each_event_once(start_gateway, receiver):
+    gateways = [await start_gateway(**FAST), await start_gateway(**FAST)]
+    partner = gateways[0].token("PARTNER", "partner-a", "ph-A")
+    names = [f"pair-{i}" for i in range(4)]
+    async with http_client(4) as client:
+        for name in names:
+            await create_endpoint(client, gateways[0], receiver, name, partner)
+        issued = [
+            await issue(client, gateways[i % 2], pharmacy="ph-A", patient=f"pt-{i}")
+            for i in range(20)
+        ]
+    for name in names:
+        await receiver.wait_until(lambda n=name: len(receiver.accepted(n)) >= 20, f"20 to {name}")
+    for name in names:
+        # The receiver answered every request at once with 200: no retry, so no repeat.
+        assert_in_order_without_gaps(receiver.of(name), [(rx, 1) for rx in issued])
+
+
+async def test_deliveries_during_a_rotation_grace_period_verify_with_either_secret(
+    start_gateway, receiver
+):
+    gw = await start_gateway(**FAST)
+    partner = gw.token("PARTNER", "partner-a", "ph-A")
+    async with http_client(2) as client:
+        endpoint, old = await create_endpoint(client, gw, receiver, "rotating", partner)
+        rotated = (await graphql(client, gw, ROTATE, partner, id=endpoint, grace=3))[
+            "rotateWebhookSecret"
+        ]
+        assert rotated["__typename"] == "WebhookSecretRotated", rotated
+        new = rotated["secret"]
+        assert new != old
+        receiver.secrets["rotating"] = [old, new]
+        await issue(client, gw, pharmacy="ph-A")
+        await receiver.wait_until(lambda: len(receiver.accepted("rotating")) >= 1, "a delivery")
+        assert receiver.accepted("rotating")[0].verified_by == [0, 1]
+        grace_ends = dt.datetime.fromisoformat(rotated["previousSecretsExpireAt"])
+        while dt.datetime.now(dt.UTC) <= grace_ends:
+            await asyncio.sleep(0.1)
+        await issue(client, gw, pharmacy="ph-A")
+        await receiver.wait_until(lambda: len(receiver.accepted("rotating")) >= 2, "a delivery")
+        assert receiver.accepted("rotating")[1].verified_by == [1]
+
+
+async def test_bad_input_is_refused_with_a_typed_error(start_gateway):
+    gw = await start_gateway(**{**FAST, "RXLEDGER_WEBHOOK_ALLOW_PRIVATE": "0"})
+    partner_a = gw.token("PARTNER", "partner-a", "ph-A")
+    partner_b = gw.token("PARTNER", "partner-b", "ph-B")
+
+    async def create(token: str, **variables: Any) -> dict[str, Any]:
+        return (await graphql(client, gw, CREATE, token, **variables))["createWebhookEndpoint"]
+
+    async with http_client(2) as client:
+        for url in (
+            "ftp://hooks.example.com/x",
+            "not a url",
+            "https://user:pw@93.184.215.14/",
+            "https://93.184.215.14/" + "a" * 3000,
+        ):
+            got = await create(partner_a, url=url)
+            assert got["__typename"] == "InvalidWebhookUrl", (url, got)
+        for url in (
+            "http://127.0.0.1:8080/hook",
+            "http://169.254.169.254/latest/meta-data",
+            "http://10.0.0.7/",
+            "http://[::1]/",
+            "http://localhost/",
+        ):
+            got = await create(partner_a, url=url)
+            assert got["__typename"] == "PrivateAddressRefused", (url, got)
+            assert "RXLEDGER_WEBHOOK_ALLOW_PRIVATE" in got["message"]
+        too_many = {"prescriptionIds": [f"rx-{i}" for i in range(101)]}
+        got = await create(partner_a, url="https://93.184.215.14/hook", filter=too_many)
+        assert got["__typename"] == "FilterTooLarge" and "101" in got["message"]
+        got = await create(
+            partner_a, url="https://93.184.215.14/hook", filter={"pharmacy": "p" * 5000}
+        )
+        assert got["__typename"] == "FilterTooLarge"
+        got = await create(partner_a, url="https://93.184.215.14/hook", org="ph-B")
+        assert got["__typename"] == "Forbidden"
+        got = await create(gw.token("COURIER", "c-1", "courier-co"), url="https://93.184.215.14/")
+        assert got["__typename"] == "Forbidden"
+        got = await create(gw.token("ADMIN", "admin-1"), url="https://93.184.215.14/")
+        assert got["__typename"] == "Forbidden" and "organization" in got["message"]
+
+        created = await create(partner_a, url="https://93.184.215.14/hook")
+        assert created["__typename"] == "WebhookEndpointCreated"
+        assert created["endpoint"]["organization"] == "ph-A"
+        theirs = created["endpoint"]["id"]
+        # Another organization's endpoint is not found, whatever is asked of it.
+        got = await graphql(client, gw, ROTATE, partner_b, id=theirs, grace=None)
+        assert got["rotateWebhookSecret"]["__typename"] == "WebhookEndpointNotFound"
+        got = await graphql(client, gw, REPLAY, partner_b, id=theirs, after=-1)
+        assert got["replayWebhooks"]["__typename"] == "WebhookEndpointNotFound"
+        r = await client.post(
+            f"{gw.base}/graphql",
+            json={"query": DELIVERIES, "variables": {"id": theirs}},
+            headers={"Authorization": f"Bearer {partner_b}"},
+        )
+        assert r.json()["errors"][0]["extensions"]["code"] == "NOT_FOUND"
+        assert (await graphql(client, gw, ENDPOINTS, partner_b))["webhookEndpoints"] == []
+        # Out-of-range arguments of one's own endpoint.
+        got = await graphql(client, gw, REPLAY, partner_a, id=theirs, after=10**6)
+        assert got["replayWebhooks"]["__typename"] == "InvalidInput"
+        got = await graphql(client, gw, ROTATE, partner_a, id=theirs, grace=-1)
+        assert got["rotateWebhookSecret"]["__typename"] == "InvalidInput"
+        admin_sees = await graphql(client, gw, ENDPOINTS, gw.token("ADMIN", "admin-1"))
+        assert [e["id"] for e in admin_sees["webhookEndpoints"]] == [theirs]

@@ -1,8 +1,8 @@
 """A partner's webhook receiver for tests and bench/webhooks.py: a small starlette app under a
 real uvicorn server on loopback, in the caller's event loop. It verifies every delivery with
 `standardwebhooks.Webhook.verify` against each secret its endpoint is known by, records what
-arrived, and answers as told: 200, 500, or only after `slow_seconds` (a timeout for the
-sender); `stop()` makes the port refuse connections until `start()` again."""
+arrived, and answers as told: 200, 500, or 504 only after `slow_seconds` (a timeout for
+the sender); `stop()` makes the port refuse connections until `start()` again."""
 
 from __future__ import annotations
 
@@ -76,7 +76,9 @@ class Receiver:
         if verified and self.mode == "error":
             status = 500
         elif verified and self.mode == "slow":
+            # A hang: whatever it answers comes after the sender has given up.
             await asyncio.sleep(self.slow_seconds)
+            status = 504
         elif verified and self.delay:
             await asyncio.sleep(self.delay)
         got = Received(
