@@ -19,10 +19,15 @@ from typing import Any
 import httpx
 import pytest
 import test_subscriptions
+import uvicorn
 from cryptography.exceptions import InvalidTag
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
 from test_gateway import ROOT
 from test_subscriptions import Gateway, graphql, http_client, issue
-from webhook_receiver import Receiver
+from webhook_receiver import Receiver, free_port
 
 from anchoring.encoding import unb64
 from anchoring.hashing import leaf_hash
@@ -38,6 +43,7 @@ from app.webhooks import (
     new_secret,
     parse_url,
     refused_address,
+    send,
 )
 
 # The fixture that starts gateway processes over the test's database (tests/test_subscriptions.py).
@@ -654,3 +660,50 @@ async def test_bad_input_is_refused_with_a_typed_error(start_gateway):
         assert got["rotateWebhookSecret"]["__typename"] == "InvalidInput"
         admin_sees = await graphql(client, gw, ENDPOINTS, gw.token("ADMIN", "admin-1"))
         assert [e["id"] for e in admin_sees["webhookEndpoints"]] == [theirs]
+
+
+async def test_a_send_follows_no_redirect_reads_at_most_64_kib_and_names_each_failure():
+    hits: list[str] = []
+
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            yield b"x" * 65536
+            await asyncio.sleep(0)
+
+    async def route(request: Request) -> Response:
+        hits.append(request.url.path)
+        if request.url.path == "/redirect":
+            return Response(status_code=307, headers={"location": "/ok"})
+        if request.url.path == "/endless":
+            return StreamingResponse(endless())
+        return Response(b"{}")
+
+    port = free_port()
+    app = Starlette(routes=[Route("/{path}", route, methods=["POST"])])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
+
+            async def post(url: str, allow_private: bool = True) -> Any:
+                return await send(client, url, {}, b"{}", 5.0, allow_private)
+
+            assert (await post(f"{base}/ok")).result == "success"
+            redirected = await post(f"{base}/redirect")
+            assert (redirected.result, redirected.status) == ("http_error", 307)
+            assert "redirects are not followed" in redirected.error
+            assert hits == ["/ok", "/redirect"]
+            # An endless body: accepted on its status, after reading at most 64 KiB of it.
+            endless_answer = await post(f"{base}/endless")
+            assert endless_answer.result == "success" and endless_answer.seconds < 5
+            refused = await post(f"http://127.0.0.1:{free_port()}/ok")
+            assert refused.result == "refused"
+            blocked = await post(f"{base}/ok", allow_private=False)
+            assert blocked.result == "blocked" and "127.0.0.1" in blocked.error
+            assert hits == ["/ok", "/redirect", "/endless"]
+    finally:
+        server.should_exit = True
+        await task
