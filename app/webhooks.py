@@ -17,15 +17,17 @@ Lifecycle of a delivery, named as in the code, the logs and the metrics:
              response read, RXLEDGER_WEBHOOK_TIMEOUT for the whole exchange.
   record   - each attempt is a document of `webhook_attempts` under `_id` "<endpoint>:<n>", n
              counted on the endpoint (so a page of attempts is a read by `_id`).
-  advance  - a 2xx moves the cursor (the next event waits until then: in order, at least
-             once). Anything else is retried after RXLEDGER_WEBHOOK_RETRY_SCHEDULE's waits,
-             with jitter; after the last the endpoint is FAILING and its events wait for
-             `replayWebhooks` or `enableWebhookEndpoint`.
+  advance  - a 2xx moves the cursor, and the next event is sent (in order, at least once: it
+             waited until then). The cursor and the attempts are stored together, a success
+             within FLUSH_SECONDS, a failure before its retry. A failure is retried after
+             RXLEDGER_WEBHOOK_RETRY_SCHEDULE's waits, with jitter; after the last the endpoint
+             is FAILING and its events wait for `replayWebhooks` or `enableWebhookEndpoint`.
 
-Every write of the holder is fenced by its lease and by the endpoint's `generation`, which
-replaying, disabling and enabling bump: a holder that lost either stops, and whoever holds the
-endpoint next starts from the cursor stored. A crash between a delivery and its cursor write
-repeats that delivery with the same `webhook-id`; nothing is skipped.
+Every write of the holder is fenced by its lease; replaying, disabling and enabling bump the
+endpoint's `generation`, and a holder that sees it moved (before each try, and at each
+renewal) stops: whoever holds the endpoint next starts from the cursor stored, or from the
+replay's point. A crash between a delivery and its cursor write repeats that delivery with the
+same `webhook-id`; nothing is skipped.
 
 Secrets are stored encrypted (AES-256-GCM under a key derived by HKDF-SHA256 from the log's
 signing key, or RXLEDGER_WEBHOOK_KEY; the endpoint id is the associated data): a reader of the
@@ -47,6 +49,7 @@ import secrets as random_secrets
 import socket
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +67,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 from standardwebhooks import Webhook
 
+from anchoring.anchorer import SignedCheckpoint
 from anchoring.dialect import by_ids
 from anchoring.encoding import b64
 from anchoring.errors import ProofUnavailable, database_error, frames
@@ -451,36 +455,18 @@ class WebhookStore:
             raise LostEndpoint(f"lost the lease of {endpoint_id}")
         return found
 
-    async def release(self, endpoint_id: str, holder: str, cursor: int) -> None:
-        """Store the cursor and give the lease up."""
+    async def release(self, endpoint_id: str, holder: str, fields: Doc) -> None:
+        """Store `fields` (the cursor, the attempt count) and give the lease up."""
         await self.deliveries.update_one(
             {"_id": endpoint_id, "leaseHolder": holder},
-            {"$set": {"cursor": cursor, "leaseExpiresAt": _now()}},
+            {"$set": {**fields, "leaseExpiresAt": _now()}},
         )
 
-    async def record(
-        self, endpoint_id: str, holder: str, attempt: Doc, cursor: int | None, ttl: float
-    ) -> int:
-        """Number and store one attempt (moving the cursor to `cursor` with it, for a
-        success). Raises LostEndpoint."""
-        update: Doc = {
-            "$inc": {"attempts": 1},
-            "$set": {"leaseExpiresAt": _now() + dt.timedelta(seconds=ttl)},
-        }
-        if cursor is not None:
-            update["$set"]["cursor"] = cursor
-        found = await self.deliveries.find_one_and_update(
-            {"_id": endpoint_id, "leaseHolder": holder},
-            update,
-            return_document=ReturnDocument.AFTER,
-        )
-        if found is None:
-            raise LostEndpoint(f"lost the lease of {endpoint_id}")
-        number = int(found["attempts"])
-        await self.attempts.insert_one(
-            {"_id": f"{endpoint_id}:{number}", "endpoint": endpoint_id, "n": number, **attempt}
-        )
-        return number
+    async def insert_attempts(self, attempts: list[Doc]) -> None:
+        """Store numbered attempts (`_id` "<endpoint>:<n>"), numbers the holder has already
+        stored as the endpoint's count."""
+        if attempts:
+            await self.attempts.insert_many(attempts, ordered=False)
 
     async def attempts_page(self, endpoint_id: str, numbers: list[int]) -> list[Doc]:
         found = await by_ids(self.attempts, [f"{endpoint_id}:{n}" for n in numbers])
@@ -500,10 +486,10 @@ def event_type(event: FeedEvent) -> str:
     return f"prescription.{status.lower()}"
 
 
-async def payload(tlog: TransparencyLog, event: FeedEvent) -> bytes:
+async def payload(tlog: TransparencyLog, event: FeedEvent, cp: SignedCheckpoint | None) -> bytes:
     """The body of an event's delivery: {type, timestamp, data}, data being the change a
-    subscriber gets plus the log's receipt and, once a checkpoint covers the leaf, the proof
-    bundle `rxledger verify` reads."""
+    subscriber gets plus the log's receipt and, when checkpoint `cp` (covering the leaf) is
+    given, the proof bundle `rxledger verify` reads."""
     receipt: Doc | None = None
     proof: Doc | None = None
     try:
@@ -514,8 +500,7 @@ async def payload(tlog: TransparencyLog, event: FeedEvent) -> bytes:
             "issuedAt": signed.issued_at.isoformat().replace("+00:00", "Z"),
             "note": signed.note,
         }
-        cp = await tlog.current_checkpoint()
-        if cp is not None and event.leaf_index < cp.size:
+        if cp is not None:
             proof = (await tlog.prove(event.leaf_index, event.leaf, cp)).bundle()
     except ProofUnavailable as exc:
         # The stored log disagrees with its tree: deliver the change without vouching for it.
@@ -536,6 +521,29 @@ async def payload(tlog: TransparencyLog, event: FeedEvent) -> bytes:
         },
     }
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+class Payloads:
+    """Each event's body, built once however many endpoints are sent it (the body is the
+    same for all of them): by leaf index and whether a checkpoint covers it yet, so a retry
+    or a replay after a checkpoint carries the proof. At most `size` kept."""
+
+    def __init__(self, tlog: TransparencyLog, size: int = 4096) -> None:
+        self.log = tlog
+        self.size = size
+        self._bodies: OrderedDict[tuple[int, bool], asyncio.Future[bytes]] = OrderedDict()
+
+    async def body(self, event: FeedEvent) -> bytes:
+        cp = await self.log.current_checkpoint()
+        covering = cp if cp is not None and event.leaf_index < cp.size else None
+        key = (event.leaf_index, covering is not None)
+        found = self._bodies.get(key)
+        if found is None or (found.done() and found.exception() is not None):
+            found = asyncio.ensure_future(payload(self.log, event, covering))
+            self._bodies[key] = found
+            while len(self._bodies) > self.size:
+                self._bodies.popitem(last=False)
+        return await asyncio.shield(found)
 
 
 # --- sending ------------------------------------------------------------------------------
@@ -658,16 +666,27 @@ class WebhookMetrics:
 # --- delivery -----------------------------------------------------------------------------
 
 
+FLUSH_SECONDS = 0.1  # how long a success waits, at most, for its cursor and attempt to be stored
+
+
 class EndpointWorker:
     """One lease term on one endpoint: acquire, follow and send until the lease is lost, the
     endpoint's generation moves on (a replay, disabling, enabling), it fails, or the process
-    stops. Its writes of the delivery state go one at a time (`_write`)."""
+    stops.
+
+    A success is stored in the background: the next event is sent at once, and the cursor
+    and the attempts made since are written together every FLUSH_SECONDS (a crash in between
+    repeats those deliveries, with their webhook-ids). A failure is stored before its retry.
+    The worker's writes of the delivery state go one at a time (`_write`)."""
 
     def __init__(self, dispatcher: WebhookDispatcher, endpoint_id: str) -> None:
         self.dispatcher = dispatcher
         self.endpoint_id = endpoint_id
         self.endpoint: Doc = {}
         self.position = -1  # the last leaf index delivered or passed over
+        self.stored = -1  # the cursor as stored
+        self.count = 0  # attempts numbered so far
+        self.pending: list[Doc] = []  # attempts numbered, not yet stored
         self._write = asyncio.Lock()
 
     async def run(self) -> None:
@@ -682,6 +701,26 @@ class EndpointWorker:
         d = self.dispatcher
         async with self._write:
             return await d.store.held(self.endpoint_id, d.holder, fields, d.settings.lease_ttl)
+
+    async def _flush(self, force: bool = False) -> None:
+        """Store the cursor, the attempt count and the attempts made since the last flush
+        (and extend the lease); nothing when nothing changed, unless `force`d."""
+        d = self.dispatcher
+        async with self._write:
+            if not (force or self.pending or self.position != self.stored):
+                return
+            pending, position = self.pending, self.position
+            self.pending = []
+            # The count first: a crash before the attempts are in leaves a gap in their
+            # numbers, never a number used twice.
+            await d.store.held(
+                self.endpoint_id,
+                d.holder,
+                {"cursor": position, "attempts": self.count},
+                d.settings.lease_ttl,
+            )
+            self.stored = position
+            await d.store.insert_attempts(pending)
 
     async def _acquire(self) -> bool:
         """Take the lease and the endpoint as it stands; apply a replay asked for since the
@@ -700,7 +739,9 @@ class EndpointWorker:
             if replay is not None and int(replay["generation"]) > int(delivery["replayed"]):
                 fields.update(cursor=int(replay["after"]), replayed=int(replay["generation"]))
             delivery = await self._held(fields)
-        self.endpoint, self.position = endpoint, int(delivery["cursor"])
+        self.endpoint = endpoint
+        self.position = self.stored = int(delivery["cursor"])
+        self.count = int(delivery.get("attempts", 0))
         return state_of(endpoint, delivery) is EndpointState.ACTIVE
 
     async def _term(self) -> None:
@@ -708,16 +749,21 @@ class EndpointWorker:
         acquired = await self._acquire()
         if not acquired:
             async with self._write:
-                await d.store.release(self.endpoint_id, d.holder, self.position)
+                await d.store.release(self.endpoint_id, d.holder, {"cursor": self.position})
             return
         log.info("webhooks: acquire %s from leaf %d", self.endpoint_id, self.position + 1)
         delivery = asyncio.create_task(self._follow(), name=f"webhook-{self.endpoint_id}")
+        renewed = time.monotonic()
         try:
             while True:
-                done, _ = await asyncio.wait({delivery}, timeout=d.settings.lease_ttl / 3)
+                done, _ = await asyncio.wait({delivery}, timeout=FLUSH_SECONDS)
                 if done:
                     break
-                await self._held({"cursor": self.position})
+                renew = time.monotonic() - renewed >= d.settings.lease_ttl / 3
+                await self._flush(force=renew)
+                if not renew:
+                    continue
+                renewed = time.monotonic()
                 fresh = await d.store.endpoint(self.endpoint_id)
                 if fresh is None or fresh["generation"] != self.endpoint["generation"]:
                     log.info("webhooks: %s changed; starting afresh", self.endpoint_id)
@@ -738,9 +784,14 @@ class EndpointWorker:
                         type(exc).__name__,
                         frames(exc),
                     )
-            with contextlib.suppress(PyMongoError):
+            with contextlib.suppress(PyMongoError, LostEndpoint):
+                await self._flush()
                 async with self._write:
-                    await d.store.release(self.endpoint_id, d.holder, self.position)
+                    await d.store.release(
+                        self.endpoint_id,
+                        d.holder,
+                        {"cursor": self.position, "attempts": self.count},
+                    )
 
     async def _follow(self) -> None:
         d = self.dispatcher
@@ -756,6 +807,15 @@ class EndpointWorker:
             except StreamEnded:
                 continue  # left behind the window while retrying: read on from the database
 
+    async def _current_endpoint(self) -> Doc:
+        """The endpoint read afresh (a secret rotated a moment ago signs at once); raises
+        LostEndpoint when a replay, disabling or enabling moved it on."""
+        fresh = await self.dispatcher.store.endpoint(self.endpoint_id)
+        if fresh is None or fresh["generation"] != self.endpoint["generation"]:
+            raise LostEndpoint(f"{self.endpoint_id} changed; starting afresh")
+        self.endpoint = fresh
+        return fresh
+
     async def _deliver(self, event: FeedEvent) -> bool:
         """Send one event until a 2xx (True) or the last retry fails (False, FAILING)."""
         d = self.dispatcher
@@ -763,26 +823,18 @@ class EndpointWorker:
         tries = 0
         while True:
             tries += 1
-            # Read afresh for each try: a secret rotated a moment ago signs it already, and a
-            # replay, disabling or enabling since stops this term.
-            fresh = await d.store.endpoint(self.endpoint_id)
-            if fresh is None or fresh["generation"] != self.endpoint["generation"]:
-                raise LostEndpoint(f"{self.endpoint_id} changed; starting afresh")
-            self.endpoint = fresh
-            body = await payload(d.log, event)
+            endpoint, body = await asyncio.gather(self._current_endpoint(), d.payloads.body(event))
             at = _now()
             headers = {
                 "content-type": "application/json",
                 "user-agent": USER_AGENT,
                 "webhook-id": message_id,
                 "webhook-timestamp": str(int(at.timestamp())),
-                "webhook-signature": sign(
-                    live_secrets(d.box, self.endpoint, at), message_id, at, body
-                ),
+                "webhook-signature": sign(live_secrets(d.box, endpoint, at), message_id, at, body),
             }
             outcome = await send(
                 d.client,
-                str(self.endpoint["url"]),
+                str(endpoint["url"]),
                 headers,
                 body,
                 d.settings.timeout,
@@ -792,30 +844,27 @@ class EndpointWorker:
             d.metrics.latency.observe(outcome.seconds)
             last = tries > len(d.settings.retry_schedule)
             wait = None if outcome.ok or last else retry_wait(d.settings.retry_schedule, tries)
-            attempt = {
-                "leafIndex": event.leaf_index,
-                "webhookId": message_id,
-                "try": tries,
-                "at": at,
-                "httpStatus": outcome.status,
-                "latencyMs": round(outcome.seconds * 1000, 3),
-                "result": outcome.result,
-                "error": outcome.error,
-                "nextAttemptAt": None if wait is None else at + dt.timedelta(seconds=wait),
-            }
+            self.count += 1
+            self.pending.append(
+                {
+                    "_id": f"{self.endpoint_id}:{self.count}",
+                    "endpoint": self.endpoint_id,
+                    "n": self.count,
+                    "leafIndex": event.leaf_index,
+                    "webhookId": message_id,
+                    "try": tries,
+                    "at": at,
+                    "httpStatus": outcome.status,
+                    "latencyMs": round(outcome.seconds * 1000, 3),
+                    "result": outcome.result,
+                    "error": outcome.error,
+                    "nextAttemptAt": None if wait is None else at + dt.timedelta(seconds=wait),
+                }
+            )
             if outcome.ok:
-                # Before the write: a renewal meanwhile stores the cursor past this event too.
                 self.position = event.leaf_index
-            async with self._write:
-                await d.store.record(
-                    self.endpoint_id,
-                    d.holder,
-                    attempt,
-                    event.leaf_index if outcome.ok else None,
-                    d.settings.lease_ttl,
-                )
-            if outcome.ok:
                 return True
+            await self._flush()
             if wait is None:
                 log.warning(
                     "webhooks: %s FAILING at leaf %d after %d tries: %s",
@@ -851,6 +900,7 @@ class WebhookDispatcher:
         self.settings = settings
         self.metrics = metrics
         self.box = SecretBox.for_log(settings, tlog.signer)
+        self.payloads = Payloads(tlog)
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # As of the last scan: each endpoint and its delivery state.
         self.endpoints: dict[str, Doc] = {}
