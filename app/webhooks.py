@@ -24,8 +24,8 @@ Lifecycle of a delivery, named as in the code, the logs and the metrics:
              is FAILING and its events wait for `replayWebhooks` or `enableWebhookEndpoint`.
 
 Every write of the holder is fenced by its lease; replaying, disabling and enabling bump the
-endpoint's `generation`, and a holder that sees it moved (before each try, and at each
-renewal) stops: whoever holds the endpoint next starts from the cursor stored, or from the
+endpoint's `generation`, and a holder that sees it moved (before each try, in the endpoint as
+read at most 2 × RXLEDGER_WEBHOOK_SCAN_INTERVAL before, and at each renewal) stops: whoever holds the endpoint next starts from the cursor stored, or from the
 replay's point. A crash between a delivery and its cursor write repeats that delivery with the
 same `webhook-id`; nothing is skipped.
 
@@ -43,6 +43,7 @@ import enum
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import secrets as random_secrets
@@ -808,9 +809,9 @@ class EndpointWorker:
                 continue  # left behind the window while retrying: read on from the database
 
     async def _current_endpoint(self) -> Doc:
-        """The endpoint read afresh (a secret rotated a moment ago signs at once); raises
-        LostEndpoint when a replay, disabling or enabling moved it on."""
-        fresh = await self.dispatcher.store.endpoint(self.endpoint_id)
+        """The endpoint as read at most 2 × the scan interval ago (`WebhookDispatcher.endpoint`);
+        raises LostEndpoint when a replay, disabling or enabling moved it on."""
+        fresh = await self.dispatcher.endpoint(self.endpoint_id)
         if fresh is None or fresh["generation"] != self.endpoint["generation"]:
             raise LostEndpoint(f"{self.endpoint_id} changed; starting afresh")
         self.endpoint = fresh
@@ -902,7 +903,9 @@ class WebhookDispatcher:
         self.box = SecretBox.for_log(settings, tlog.signer)
         self.payloads = Payloads(tlog)
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        # As of the last scan: each endpoint and its delivery state.
+        # As of the last scan (begun at `scanned_at`, time.monotonic()): each endpoint and its
+        # delivery state.
+        self.scanned_at = -math.inf
         self.endpoints: dict[str, Doc] = {}
         self.deliveries: dict[str, Doc] = {}
         self.workers: dict[str, asyncio.Task[None]] = {}
@@ -918,6 +921,20 @@ class WebhookDispatcher:
     def wake(self) -> None:
         """Scan now (an endpoint was created, replayed or enabled here)."""
         self._wakeup.set()
+
+    @property
+    def freshness(self) -> float:
+        """How old, at most, an endpoint a delivery is signed by may be (seconds): a rotated
+        secret signs on every process once this long has passed (rotateWebhookSecret waits
+        that long before it answers)."""
+        return 2 * self.settings.scan_interval
+
+    async def endpoint(self, endpoint_id: str) -> Doc | None:
+        """The endpoint as the last scan read it, if that read began less than `freshness`
+        ago; else read now. Every process scans anyway: a delivery costs no read of its own."""
+        if time.monotonic() - self.scanned_at < self.freshness and endpoint_id in self.endpoints:
+            return self.endpoints[endpoint_id]
+        return await self.store.endpoint(endpoint_id)
 
     def state(self, endpoint_id: str) -> EndpointState:
         return state_of(self.endpoints[endpoint_id], self.deliveries.get(endpoint_id))
@@ -959,8 +976,10 @@ class WebhookDispatcher:
             await self.client.aclose()
 
     async def scan(self) -> None:
+        began = time.monotonic()
         endpoints = await self.store.every_endpoint()
         deliveries = await self.store.every_delivery()
+        self.scanned_at = began
         self.endpoints = {str(d["_id"]): d for d in endpoints}
         self.deliveries = {str(d["_id"]): d for d in deliveries}
         now = _now()

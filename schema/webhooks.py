@@ -6,6 +6,7 @@ their result unions; the queries raise errors with an `extensions.code`."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -400,7 +401,8 @@ class WebhookMutations:
         return await _run(info, "createWebhookEndpoint", act)
 
     @strawberry.mutation(
-        description="a new signing secret; the previous one(s) go on signing for "
+        description="a new signing secret, answered once every delivery is signed by it "
+        "(2 × RXLEDGER_WEBHOOK_SCAN_INTERVAL); the previous one(s) go on signing for "
         "graceSeconds (default 86400, at most 604800) so receivers can switch without loss"
     )
     async def rotate_webhook_secret(
@@ -433,6 +435,9 @@ class WebhookMutations:
                 raise WebhookRefused(
                     "WebhookEndpointNotFound", f"no webhook endpoint {endpoint_id!r}"
                 )
+            # Answer once every process signs with the new secret: each signs by an endpoint
+            # read at most `freshness` ago (WebhookDispatcher.endpoint).
+            await asyncio.sleep(dispatcher.freshness)
             return WebhookSecretRotated(
                 endpoint=WebhookEndpoint(
                     doc=changed, delivery=await dispatcher.store.delivery(str(doc["_id"]))
