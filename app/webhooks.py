@@ -57,6 +57,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -315,12 +316,20 @@ def _aware(at: dt.datetime) -> dt.datetime:
 
 def live_secrets(box: SecretBox, doc: Mapping[str, Any], at: dt.datetime) -> list[str]:
     """The endpoint's secrets that sign at `at`: the current one, and those rotated out whose
-    grace period has not ended."""
+    grace period has not ended. One sealed under another key (RXLEDGER_WEBHOOK_KEY, or the log
+    key, changed since) is left out: it cannot sign."""
     out = []
     for entry in doc.get("secrets") or ():
         expires = entry.get("expiresAt")
         if expires is None or _aware(expires) > at:
-            out.append(box.open(str(doc["_id"]), entry))
+            try:
+                out.append(box.open(str(doc["_id"]), entry))
+            except InvalidTag:
+                log.error(
+                    "webhooks: a secret of %s was sealed under another key (RXLEDGER_WEBHOOK_KEY "
+                    "or the log key changed): rotate it",
+                    doc["_id"],
+                )
     return out
 
 
@@ -359,7 +368,8 @@ class WebhookStore:
     """Three collections. `webhook_endpoints` holds what owners set (url, filter, secrets,
     state, `generation`, a pending `replay`) and only mutations write it; `webhook_deliveries`
     holds, under the same `_id`, what the delivering process keeps (cursor, lease, attempt
-    count, `failing`) and only the lease holder writes it, one write at a time. Two writers
+    count, `failing`) and only the process taking or holding the lease writes it, one write
+    at a time. Two writers
     never update one document at once: on a server whose updates read a document and write
     it back whole (FerretDB v1), one of them could be lost. `webhook_attempts` is the attempt
     log."""
@@ -750,7 +760,7 @@ class EndpointWorker:
         acquired = await self._acquire()
         if not acquired:
             async with self._write:
-                await d.store.release(self.endpoint_id, d.holder, {"cursor": self.position})
+                await d.store.release(self.endpoint_id, d.holder, {})
             return
         log.info("webhooks: acquire %s from leaf %d", self.endpoint_id, self.position + 1)
         delivery = asyncio.create_task(self._follow(), name=f"webhook-{self.endpoint_id}")
@@ -826,21 +836,25 @@ class EndpointWorker:
             tries += 1
             endpoint, body = await asyncio.gather(self._current_endpoint(), d.payloads.body(event))
             at = _now()
+            secrets = live_secrets(d.box, endpoint, at)
             headers = {
                 "content-type": "application/json",
                 "user-agent": USER_AGENT,
                 "webhook-id": message_id,
                 "webhook-timestamp": str(int(at.timestamp())),
-                "webhook-signature": sign(live_secrets(d.box, endpoint, at), message_id, at, body),
+                "webhook-signature": sign(secrets, message_id, at, body),
             }
-            outcome = await send(
-                d.client,
-                str(endpoint["url"]),
-                headers,
-                body,
-                d.settings.timeout,
-                d.settings.allow_private,
-            )
+            if not secrets:
+                outcome = Outcome("error", None, 0.0, "no secret can sign: rotate the secret")
+            else:
+                outcome = await send(
+                    d.client,
+                    str(endpoint["url"]),
+                    headers,
+                    body,
+                    d.settings.timeout,
+                    d.settings.allow_private,
+                )
             d.metrics.deliveries.labels(result=outcome.result).inc()
             d.metrics.latency.observe(outcome.seconds)
             last = tries > len(d.settings.retry_schedule)

@@ -22,7 +22,7 @@ slow figures never fail the run. Exit 2 when a process did not start or the deli
 completed within --timeout, 130 on Ctrl-C.
 
     .venv/bin/python bench/webhooks.py [--endpoints 10] [--events 1000] [--writers 8]
-        [--rate 20] [--timeout 600]
+        [--rate 10] [--timeout 600]
 """
 
 from __future__ import annotations
@@ -453,7 +453,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--events", type=int, default=1000, help="mutations (1000)")
     parser.add_argument("--writers", type=int, default=8, help="concurrent writers (8)")
     parser.add_argument(
-        "--rate", type=float, default=20, help="events per second in the paced phase (20)"
+        "--rate", type=float, default=10, help="events per second in the paced phase (10)"
     )
     parser.add_argument(
         "--timeout", type=float, default=600, help="seconds to wait for every delivery (600)"

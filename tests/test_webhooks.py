@@ -40,6 +40,7 @@ from app.webhooks import (
     EndpointFilter,
     SecretBox,
     WebhookRefused,
+    live_secrets,
     new_secret,
     parse_url,
     refused_address,
@@ -263,6 +264,11 @@ def test_a_sealed_secret_opens_only_under_its_key_for_its_endpoint():
         box.open("whep_b", sealed)
     with pytest.raises(InvalidTag):
         SecretBox(b"2" * 32).open("whep_a", sealed)
+    # Under a changed key, the endpoint has no secret that signs (its deliveries fail, named).
+    endpoint = {"_id": "whep_a", "secrets": [sealed]}
+    now = dt.datetime.now(dt.UTC)
+    assert live_secrets(box, endpoint, now) == [secret]
+    assert live_secrets(SecretBox(b"2" * 32), endpoint, now) == []
 
 
 # --- delivery -----------------------------------------------------------------------------
@@ -709,3 +715,38 @@ async def test_a_send_follows_no_redirect_reads_at_most_64_kib_and_names_each_fa
     finally:
         server.should_exit = True
         await task
+
+
+DISABLE = f"""mutation($id: ID!) {{
+  disableWebhookEndpoint(endpointId: $id) {{
+    __typename ... on WebhookEndpoint {{ {ENDPOINT_FIELDS} }} ... on Error {{ message }}
+  }}
+}}"""
+ENABLE = DISABLE.replace("disableWebhookEndpoint", "enableWebhookEndpoint")
+
+
+async def test_a_disabled_endpoint_gets_its_waiting_events_only_once_enabled(
+    start_gateway, receiver
+):
+    gw = await start_gateway(**FAST)
+    partner = gw.token("PARTNER", "partner-a", "ph-A")
+    async with http_client(2) as client:
+        paused, _ = await create_endpoint(client, gw, receiver, "paused", partner)
+        await create_endpoint(client, gw, receiver, "control", partner)
+        disabled = (await graphql(client, gw, DISABLE, partner, id=paused))[
+            "disableWebhookEndpoint"
+        ]
+        assert disabled["state"] == "DISABLED"
+        rx = await issue(client, gw, pharmacy="ph-A")
+        # The event went out: the control endpoint, routed alike, got it.
+        await receiver.wait_until(lambda: len(receiver.accepted("control")) == 1, "the control")
+        enabling = time.monotonic()
+        enabled = (await graphql(client, gw, ENABLE, partner, id=paused))["enableWebhookEndpoint"]
+        assert enabled["state"] == "ACTIVE"
+        await receiver.wait_until(
+            lambda: len(receiver.accepted("paused")) == 1, "the waiting event"
+        )
+    got = receiver.accepted("paused")[0]
+    assert got.payload["data"]["prescriptionId"] == rx
+    assert got.at > enabling, "delivered while the endpoint was disabled"
+    assert receiver.of("paused") == [got]
