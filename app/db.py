@@ -58,17 +58,6 @@ FULL_READS: tuple[FullRead, ...] = (
         "app/service.py PrescriptionService.sweep",
         "the start-up repair sweep compares every document's version with its ledger",
     ),
-    FullRead(
-        "webhook_endpoints",
-        "app/webhooks.py WebhookStore.every_endpoint",
-        "each process scans the (few) endpoints to find those it should deliver to; an ADMIN"
-        " lists them all",
-    ),
-    FullRead(
-        "webhook_deliveries",
-        "app/webhooks.py WebhookStore.every_delivery",
-        "with the endpoints: whose lease is free, and each one's backlog for /metrics",
-    ),
 )
 
 

@@ -389,7 +389,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         if server is not None:
             server.join(os.getpid())
         await tlog.start()
-        upkeep = asyncio.create_task(_prepare(service, webhooks), name="prescriptions-upkeep")
+        upkeep = asyncio.create_task(_prepare(service), name="prescriptions-upkeep")
         webhooks_stopping = asyncio.Event()
         delivering = asyncio.create_task(webhooks.run(webhooks_stopping), name="webhooks")
         if server is not None:
@@ -609,14 +609,15 @@ async def _roll_call(tlog: Any, server: ServerState) -> None:
         await asyncio.sleep(ROLL_CALL_SECONDS)
 
 
-async def _prepare(service: PrescriptionService, webhooks: WebhookDispatcher) -> None:
+async def _prepare(service: PrescriptionService) -> None:
     """Indexes, then the repair sweep; retried while the database is away."""
     delay = 0.5
     while True:
         try:
             await service.log.store.ensure_indexes()
             await service.ensure_indexes()
-            await webhooks.store.ensure_indexes()
+            # The webhook collections live beside the prescriptions.
+            await WebhookStore(service.prescriptions.database).ensure_indexes()
             log.info("storage dialect: %s", (await detect_dialect(service.prescriptions)).value)
             repaired = await service.sweep()
             if repaired:

@@ -416,12 +416,12 @@ class WebhookStore:
         return [d async for d in cursor]
 
     async def every_endpoint(self) -> list[Doc]:
-        """Every endpoint (a small collection, read whole: app.db.FULL_READS)."""
-        return [d async for d in self.endpoints.find({}, sort=[("_id", 1)])]
+        """Every endpoint, in `_id` order (`_every`)."""
+        return await _every(self.endpoints)
 
     async def every_delivery(self) -> list[Doc]:
-        """Every endpoint's delivery state (as small, read whole: app.db.FULL_READS)."""
-        return [d async for d in self.deliveries.find({}, sort=[("_id", 1)])]
+        """Every endpoint's delivery state, in `_id` order (`_every`)."""
+        return await _every(self.deliveries)
 
     async def change(
         self, endpoint_id: str, update: Doc, generation: int | None = None
@@ -482,6 +482,22 @@ class WebhookStore:
     async def attempts_page(self, endpoint_id: str, numbers: list[int]) -> list[Doc]:
         found = await by_ids(self.attempts, [f"{endpoint_id}:{n}" for n in numbers])
         return [found[f"{endpoint_id}:{n}"] for n in numbers if f"{endpoint_id}:{n}" in found]
+
+
+SCAN_PAGE = 500
+
+
+async def _every(collection: AsyncCollection[Doc]) -> list[Doc]:
+    """Every document of a small collection, in pages along the `_id` index (a sorted,
+    limited read from the last `_id` seen, which the index serves on MongoDB)."""
+    found: list[Doc] = []
+    query: Doc = {}
+    while True:
+        page = [d async for d in collection.find(query, sort=[("_id", 1)], limit=SCAN_PAGE)]
+        found += page
+        if len(page) < SCAN_PAGE:
+            return found
+        query = {"_id": {"$gt": page[-1]["_id"]}}
 
 
 def new_endpoint_id() -> str:
