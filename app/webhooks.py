@@ -693,7 +693,7 @@ class WebhookMetrics:
 # --- delivery -----------------------------------------------------------------------------
 
 
-FLUSH_SECONDS = 0.1  # how long a success waits, at most, for its cursor and attempt to be stored
+FLUSH_SECONDS = 0.5  # how long a success waits, at most, for its cursor and attempt to be stored
 
 
 class EndpointWorker:
