@@ -173,11 +173,22 @@ def refused_address(address: str) -> bool:
     return not ip.is_global or ip.is_multicast
 
 
-async def check_destination(url: str, allow_private: bool) -> None:
+# Hosts found to resolve to public addresses only, until (time.monotonic()): a delivery does
+# not wait for a resolution each time, and a change of DNS is seen within RECHECK_SECONDS.
+_PUBLIC: dict[tuple[str, int], float] = {}
+RECHECK_SECONDS = 30.0
+
+
+async def check_destination(url: str, allow_private: bool, recent: bool = False) -> None:
     """Raises WebhookRefused when `url` is malformed, or (unless `allow_private`) its host does
-    not resolve or resolves to any refused address."""
+    not resolve or resolves to any refused address. With `recent`, a host found public less
+    than RECHECK_SECONDS ago is not resolved again. The HTTP client resolves the host again to
+    connect: a name whose answer changes between the two (DNS rebinding) is not caught here;
+    an egress firewall or proxy that refuses private ranges is the complete defence."""
     host, port = parse_url(url)
     if allow_private:
+        return
+    if recent and _PUBLIC.get((host, port), -math.inf) > time.monotonic():
         return
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -191,6 +202,9 @@ async def check_destination(url: str, allow_private: bool) -> None:
                 f"url host {host!r} resolves to {address}, a loopback, private, link-local or "
                 "metadata address (set RXLEDGER_WEBHOOK_ALLOW_PRIVATE=1 in development)",
             )
+    if len(_PUBLIC) > 10_000:
+        _PUBLIC.clear()
+    _PUBLIC[(host, port)] = time.monotonic() + RECHECK_SECONDS
 
 
 # --- filters ------------------------------------------------------------------------------
@@ -609,8 +623,9 @@ async def send(
 
     try:
         async with asyncio.timeout(timeout):
-            # The address is checked again at each delivery: DNS may have changed since.
-            await check_destination(url, allow_private)
+            # Checked again before deliveries too: DNS may have changed since the endpoint was
+            # created (every RECHECK_SECONDS at most).
+            await check_destination(url, allow_private, recent=True)
             async with client.stream("POST", url, content=body, headers=headers) as response:
                 read = 0
                 async for chunk in response.aiter_raw():
