@@ -469,7 +469,12 @@ async def test_after_the_last_try_the_endpoint_fails_and_a_replay_resends_with_p
             (3, "http_error"),
         ]
         assert attempts[-1]["nextAttemptAt"] is None
-        ready = httpx.get(f"{gw.base}/readyz")
+        # /readyz and the gauges say what the last scan of the endpoints found (each scan
+        # interval): still ready, the endpoint listed.
+        deadline = time.monotonic() + 10
+        while (ready := httpx.get(f"{gw.base}/readyz")).json()["failingWebhookEndpoints"] == []:
+            assert time.monotonic() < deadline, "the failing endpoint never reached /readyz"
+            await asyncio.sleep(0.05)
         assert ready.status_code == 200 and ready.json()["failingWebhookEndpoints"] == [endpoint]
         metrics = httpx.get(f"{gw.base}/metrics").text
         assert 'rxledger_webhook_deliveries_total{result="http_error"} 3.0' in metrics
