@@ -79,6 +79,7 @@ from anchoring.store import Doc, Index, create_indexes
 from app.feed import FeedEvent, PrescriptionFeed, StreamEnded, event_filter
 from app.metrics import Metrics
 from app.policy import Tags, webhook_viewer
+from app.prescriptions import TRANSITIONS, EventType
 from app.settings import WebhookSettings
 
 log = logging.getLogger("rxledger.webhooks")
@@ -521,9 +522,18 @@ def new_endpoint_id() -> str:
 # --- payloads -----------------------------------------------------------------------------
 
 
+# The events that move a prescription to a status (app.prescriptions); others (an erasure)
+# leave it where it was.
+STATUS_EVENTS = frozenset({EventType.ISSUED.value, *(t.event.value for t in TRANSITIONS.values())})
+
+
 def event_type(event: FeedEvent) -> str:
-    """`prescription.<status>` (the status after the event), e.g. prescription.dispensed."""
-    status = event.tags.get("status") or event.type
+    """`prescription.<status>` (the status the event moved it to), e.g. prescription.dispensed;
+    for an event that changes no status, `prescription.<event type>`, e.g.
+    prescription.personal_data_erased."""
+    status = event.tags.get("status")
+    if event.type not in STATUS_EVENTS or not status:
+        return f"prescription.{event.type.lower()}"
     return f"prescription.{status.lower()}"
 
 

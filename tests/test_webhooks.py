@@ -40,6 +40,7 @@ from app.webhooks import (
     EndpointFilter,
     SecretBox,
     WebhookRefused,
+    event_type,
     live_secrets,
     new_secret,
     parse_url,
@@ -216,6 +217,17 @@ def test_an_endpoint_is_routed_exactly_as_a_partner_subscriber_of_its_organizati
                         },
                     )
                     assert webhook(event) == subscriber(event), (filt, event.tags)
+
+
+def test_an_event_is_typed_by_the_status_it_moved_to_or_else_by_its_own_type():
+    def event(kind: str, status: str) -> FeedEvent:
+        return FeedEvent(0, b"{}", None, "rx-1", 2, kind, "t", {"status": status})
+
+    assert event_type(event("HANDED_TO_COURIER", "IN_TRANSIT")) == "prescription.in_transit"
+    assert event_type(event("RECEIPT_CONFIRMED", "CONFIRMED")) == "prescription.confirmed"
+    # An erasure leaves the status where it was: it is not another "delivered".
+    erased = event("PERSONAL_DATA_ERASED", "DELIVERED")
+    assert event_type(erased) == "prescription.personal_data_erased"
 
 
 def test_refused_addresses_cover_loopback_private_link_local_and_metadata():
