@@ -1012,6 +1012,9 @@ class WebhookDispatcher:
                     await self.scan()
                 except PyMongoError as exc:
                     log.warning("webhooks: scan: database: %s", database_error(exc))
+                except Exception as exc:
+                    # Never stop silently: every endpoint's events would wait unseen.
+                    log.error("webhooks: scan: unexpected %s\n%s", type(exc).__name__, frames(exc))
                 waits = [
                     asyncio.ensure_future(self._wakeup.wait()),
                     asyncio.ensure_future(stopping.wait()),
