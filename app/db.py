@@ -10,6 +10,7 @@ from anchoring.log import TransparencyLog
 from anchoring.store import CollectionNames, Doc, Index, LogStore, log_indexes
 from app.service import PRESCRIPTION_INDEXES
 from app.settings import Settings
+from app.webhooks import WEBHOOK_INDEXES
 
 PRESCRIPTIONS = "prescriptions"
 
@@ -56,7 +57,11 @@ FULL_READS: tuple[FullRead, ...] = (
 def declared_indexes() -> dict[str, tuple[Index, ...]]:
     """Every index the product needs, by collection name (`_id` is always indexed): the
     table start-up creates them from and the test run checks every read against."""
-    return {**log_indexes(CollectionNames()), PRESCRIPTIONS: PRESCRIPTION_INDEXES}
+    return {
+        **log_indexes(CollectionNames()),
+        PRESCRIPTIONS: PRESCRIPTION_INDEXES,
+        **WEBHOOK_INDEXES,
+    }
 
 
 def make_client(settings: Settings) -> AsyncMongoClient[Doc]:

@@ -67,6 +67,7 @@ from app.logserver import OCTETS, LogServer
 from app.metrics import Metrics, MetricsMiddleware
 from app.service import PrescriptionService
 from app.settings import Settings, announce_mode
+from app.webhooks import WebhookDispatcher, WebhookMetrics, WebhookStore
 from app.workers import (
     METRICS_DIR_ENV,
     SERVER_STATE_ENV,
@@ -306,6 +307,7 @@ class GraphQLApp(GraphQL[dict[str, Any], None]):
             "feed": state.feed,
             "fanout": state.fanout,
             "metrics": state.metrics,
+            "webhooks": state.webhooks,
             "viewer": request.scope.get("state", {}).get("viewer"),
             "max_page": self.max_page,
         }
@@ -368,6 +370,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     limits = LimitSettings.from_env()
     cross_origin = CrossOriginSettings.from_env(settings.production)
     metrics = Metrics(os.environ.get(METRICS_DIR_ENV) if server is not None else None)
+    webhook_metrics = WebhookMetrics(metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -383,6 +386,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.feed = PrescriptionFeed(tlog, window=limits.subscription_window)
         app.state.fanout = FanOut()
         app.state.metrics = metrics
+        webhooks = WebhookDispatcher(
+            WebhookStore(client[settings.database]),
+            tlog,
+            app.state.feed,
+            service.tags,
+            settings.webhooks,
+            webhook_metrics,
+        )
+        app.state.webhooks = webhooks
         # Set when the server begins to stop, for responses that never end by themselves.
         app.state.stopping = asyncio.Event()
         restore_signals = _notice_exit_signals(app.state.stopping)
@@ -392,6 +404,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             server.join(os.getpid())
         await tlog.start()
         upkeep = asyncio.create_task(_prepare(service), name="prescriptions-upkeep")
+        webhooks_stopping = asyncio.Event()
+        delivering = asyncio.create_task(webhooks.run(webhooks_stopping), name="webhooks")
         if server is not None:
             roll_call = asyncio.create_task(_roll_call(tlog, server, feed), name="worker-roll-call")
         log.info(
@@ -404,6 +418,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             yield
         finally:
             restore_signals()
+            webhooks_stopping.set()
+            await delivering
             upkeep.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await upkeep
@@ -448,6 +464,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             else round((dt.datetime.now(dt.UTC) - oldest["queuedAt"]).total_seconds(), 3),
             "sequencerError": tlog.sequencer.last_error,
             "anchorError": tlog.anchor_error,
+            # Listed, not failing readiness: a partner's broken receiver is not ours.
+            "failingWebhookEndpoints": request.app.state.webhooks.failing(),
         }
         if tlog.settings.witnesses:
             try:
@@ -633,6 +651,8 @@ async def _prepare(service: PrescriptionService) -> None:
         try:
             await service.log.store.ensure_indexes()
             await service.ensure_indexes()
+            # The webhook collections live beside the prescriptions.
+            await WebhookStore(service.prescriptions.database).ensure_indexes()
             log.info("storage dialect: %s", (await detect_dialect(service.prescriptions)).value)
             repaired = await service.sweep()
             if repaired:

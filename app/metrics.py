@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -117,11 +118,18 @@ class Metrics:
         )
         self.ledger = LedgerCollector()
         registry.register(self.ledger)
+        self.collectors: list[Any] = []  # read at scrape time, like the ledger gauges
 
     def set_ledger_probe(self, probe: LedgerProbe) -> None:
         """Export the probe's values (keys of LEDGER_GAUGES; others ignored) at each scrape.
         The probe must return cached values without blocking."""
         self.ledger.probe = probe
+
+    def add_collector(self, collector: Any) -> None:
+        """Register a collector of gauges read at scrape time (with several workers, the
+        answering worker's)."""
+        self.registry.register(collector)
+        self.collectors.append(collector)
 
     def observe_request(self, path: str, method: str, status: int, seconds: float) -> None:
         """Count one HTTP request; unknown paths and methods are labelled "other"."""
@@ -153,6 +161,8 @@ class Metrics:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, self.multiprocess_dir)  # type: ignore[no-untyped-call]
         registry.register(self.ledger)
+        for collector in self.collectors:
+            registry.register(collector)
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
 

@@ -299,3 +299,58 @@ class Tags:
             all(tags.get(_tag_name(f)) == self._value(f, v) for f, v in wanted.items())
             for wanted in _required(viewer, ROLES[viewer.role].sees)
         )
+
+
+# --- webhook endpoints -------------------------------------------------------------------
+
+# Who manages webhook endpoints, and whose: a PARTNER those of the organization its token's
+# `org` claim names, an ADMIN any organization's (None: no claim binds it). Every endpoint
+# belongs to one organization and receives exactly what a PARTNER of that organization
+# subscribed to the feed would (`webhook_viewer`), by the same relations as above.
+WEBHOOK_MANAGERS: dict[Role, Claim | None] = {Role.PARTNER: Claim.ORG, Role.ADMIN: None}
+
+
+def webhook_organization(viewer: Viewer, requested: str | None) -> str:
+    """The organization whose endpoint `viewer` creates (`requested`, or its own). Raises
+    NotAllowed for a role that manages no endpoints, a PARTNER without an `org` claim or asking
+    for another organization, and an ADMIN that names none."""
+    if viewer.role not in WEBHOOK_MANAGERS:
+        names = ", ".join(sorted(r.value for r in WEBHOOK_MANAGERS))
+        raise NotAllowed(f"webhook endpoints are managed by {names}; you are {viewer.role.value}")
+    claim = WEBHOOK_MANAGERS[viewer.role]
+    if claim is None:
+        if not requested:
+            raise NotAllowed("an ADMIN names the organization the endpoint belongs to")
+        return requested
+    own = _claim(viewer, claim)
+    if not own:
+        raise NotAllowed(
+            f"a {viewer.role.value} token needs an {claim.value!r} claim to manage webhook endpoints"
+        )
+    if requested is not None and requested != own:
+        raise NotAllowed(
+            f"a {viewer.role.value} manages the endpoints of its own organization ({own}) only"
+        )
+    return own
+
+
+def may_manage_webhooks_of(viewer: Viewer, organization: str) -> bool:
+    """Whether `viewer` may see and change the endpoints of `organization`."""
+    if viewer.role not in WEBHOOK_MANAGERS:
+        return False
+    claim = WEBHOOK_MANAGERS[viewer.role]
+    return claim is None or _claim(viewer, claim) == organization
+
+
+def webhook_scope(viewer: Viewer) -> str | None:
+    """The one organization whose endpoints `viewer` lists (None: every organization's).
+    Raises NotAllowed like `webhook_organization`."""
+    if viewer.role not in WEBHOOK_MANAGERS:
+        return webhook_organization(viewer, None)  # raises: this role manages none
+    claim = WEBHOOK_MANAGERS[viewer.role]
+    return None if claim is None else webhook_organization(viewer, None)
+
+
+def webhook_viewer(endpoint_id: str, organization: str) -> Viewer:
+    """Whom an endpoint's deliveries are routed as: a PARTNER of its organization."""
+    return Viewer(subject=f"webhook:{endpoint_id}", role=Role.PARTNER, organization=organization)

@@ -24,14 +24,35 @@ or a patient's earlier events no longer match their subscriptions and filters.
 MONGODB_PASSWORD_FILE names a file (a Docker secret) holding the password of the user that
 MONGODB_URI names (`mongodb://rxledger@host/...`), so that no password sits in the environment;
 it is percent-encoded into the URI (`mongodb_uri_with_password`).
+
+Partner webhooks (app/webhooks.py; docs/partners.md):
+
+RXLEDGER_WEBHOOK_ALLOW_PRIVATE (0 or 1; default 0)
+    1 lets endpoints be on loopback, private, link-local or metadata addresses (development and
+    tests); otherwise such a URL is refused when created and before each delivery.
+RXLEDGER_WEBHOOK_KEY (base64 of at least 32 bytes; default: derived from the log signing key)
+    The key endpoint secrets are encrypted under (AES-256-GCM, the key through HKDF-SHA256).
+    Changing it, or the log key when it is unset, makes the stored secrets unreadable: rotate
+    every endpoint's secret after such a change.
+RXLEDGER_WEBHOOK_TIMEOUT (seconds > 0; default 10)
+    How long one delivery may take, connection to response headers and body.
+RXLEDGER_WEBHOOK_RETRY_SCHEDULE (comma-separated seconds; default 5,30,120,600,3600,14400)
+    The waits before each retry of a failed delivery (each lengthened by up to 25 % of jitter);
+    after the last one the endpoint is FAILING until replayWebhooks or enableWebhookEndpoint.
+RXLEDGER_WEBHOOK_LEASE_TTL (seconds >= 0.5; default 10)
+    How long a process's lease on an endpoint lasts without renewal: a crashed process's
+    endpoints are taken over after at most this long.
+RXLEDGER_WEBHOOK_SCAN_INTERVAL (seconds >= 0.01; default 1)
+    How often each process reads the endpoints to find those it should deliver to.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -107,6 +128,60 @@ def _witnesses(raw: str) -> tuple[Verifier, ...]:
         ) from None
 
 
+DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (5.0, 30.0, 120.0, 600.0, 3600.0, 14400.0)
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    allow_private: bool = False
+    key: bytes | None = None  # None: derived from the log signing key
+    timeout: float = 10.0
+    retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
+    lease_ttl: float = 10.0
+    scan_interval: float = 1.0
+
+    @classmethod
+    def from_env(cls) -> WebhookSettings:
+        raw_private = os.environ.get("RXLEDGER_WEBHOOK_ALLOW_PRIVATE", "").strip()
+        if raw_private not in ("", "0", "1"):
+            raise ConfigError(f"RXLEDGER_WEBHOOK_ALLOW_PRIVATE={raw_private!r} must be 0 or 1")
+        raw_key = os.environ.get("RXLEDGER_WEBHOOK_KEY", "").strip()
+        key = None
+        if raw_key:
+            try:
+                key = base64.b64decode(raw_key, validate=True)
+            except ValueError:
+                raise ConfigError("RXLEDGER_WEBHOOK_KEY is not base64") from None
+            if len(key) < 32:
+                raise ConfigError(
+                    f"RXLEDGER_WEBHOOK_KEY holds {len(key)} bytes; it needs at least 32"
+                )
+        raw_schedule = os.environ.get("RXLEDGER_WEBHOOK_RETRY_SCHEDULE", "").strip()
+        schedule = DEFAULT_RETRY_SCHEDULE
+        if raw_schedule:
+            try:
+                schedule = tuple(float(part) for part in raw_schedule.split(","))
+            except ValueError:
+                raise ConfigError(
+                    f"RXLEDGER_WEBHOOK_RETRY_SCHEDULE={raw_schedule!r} is not a comma-separated "
+                    "list of seconds (e.g. 5,30,120)"
+                ) from None
+            if not all(math.isfinite(s) and s >= 0 for s in schedule):
+                raise ConfigError(
+                    f"RXLEDGER_WEBHOOK_RETRY_SCHEDULE={raw_schedule!r}: every wait must be a "
+                    "finite number of seconds >= 0"
+                )
+        timeout = env_number("RXLEDGER_WEBHOOK_TIMEOUT", 10.0, 0.001)
+        return cls(
+            allow_private=raw_private == "1",
+            key=key,
+            timeout=timeout,
+            retry_schedule=schedule,
+            lease_ttl=env_number("RXLEDGER_WEBHOOK_LEASE_TTL", 10.0, 0.5),
+            scan_interval=env_number("RXLEDGER_WEBHOOK_SCAN_INTERVAL", 1.0, 0.01),
+        )
+
+
 @dataclass(frozen=True)
 class Settings:
     mongodb_uri: str
@@ -127,6 +202,8 @@ class Settings:
     next_signing_key: Path | None = None  # RXLEDGER_NEXT_SIGNING_KEY
     log_keys: Path | None = None  # RXLEDGER_LOG_KEYS
     tag_key_file: Path | None = None  # RXLEDGER_TAG_KEY
+
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
     @property
     def production(self) -> bool:
@@ -183,6 +260,7 @@ class Settings:
             next_signing_key=_path(os.environ.get("RXLEDGER_NEXT_SIGNING_KEY")),
             log_keys=_path(os.environ.get("RXLEDGER_LOG_KEYS")),
             tag_key_file=_path(os.environ.get("RXLEDGER_TAG_KEY")),
+            webhooks=WebhookSettings.from_env(),
         )
 
     def next_signer(self) -> Signer | None:

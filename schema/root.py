@@ -14,13 +14,19 @@ from app.limits import is_database_error, is_unexpected_error
 from schema.ledger import Ledger
 from schema.prescriptions import Mutation, PrescriptionQueries
 from schema.subscriptions import Subscription
+from schema.webhooks import WebhookMutations, WebhookQueries
 
 
 @strawberry.type
-class Query(PrescriptionQueries):
+class Query(PrescriptionQueries, WebhookQueries):
     @strawberry.field(description="the transparency log; readable without authentication")
     def ledger(self) -> Ledger:
         return Ledger()
+
+
+@strawberry.type(name="Mutation")
+class Mutations(Mutation, WebhookMutations):
+    pass
 
 
 log = logging.getLogger("rxledger.graphql")
@@ -47,7 +53,7 @@ class Schema(strawberry.Schema):
 
 def make_schema(extensions: list[Any] | None = None) -> strawberry.Schema:
     return Schema(
-        query=Query, mutation=Mutation, subscription=Subscription, extensions=extensions or []
+        query=Query, mutation=Mutations, subscription=Subscription, extensions=extensions or []
     )
 
 

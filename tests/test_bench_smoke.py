@@ -240,3 +240,21 @@ def test_subject_events_bench_prints_both_reads_and_their_ratio_at_tiny_sizes(mo
     for _, _, by_id, by_subject, ratio in rows:
         assert number(ratio) == pytest.approx(number(by_subject) / number(by_id), rel=0.1, abs=0.06)
     assert "load average" in out
+
+
+def test_webhooks_bench_prints_latencies_against_the_subscription_at_tiny_size(mongo_uri, server):
+    out = run_bench(
+        "webhooks.py",
+        "--endpoints 2 --events 4 --writers 2 --rate 20 --timeout 120".split(),
+        mongo_uri,
+        server,
+    )
+    figures = named("figure", out)
+    ratios = named("ratio", out)
+    for phase in ("closed", "paced"):
+        assert figures[f"{phase}_webhook_deliveries_per_s"] > 0
+        assert ratios[f"{phase}_webhook_p99/subscription_p99"] == pytest.approx(
+            figures[f"{phase}_webhook_p99_ms"] / figures[f"{phase}_subscription_p99_ms"], rel=0.05
+        )
+    assert "webhook p99 within 2x of the subscription's (paced)" in targets(out)
+    assert "violations: 0" in out

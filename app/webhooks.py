@@ -1,0 +1,1058 @@
+"""Partner webhooks: every prescription event an endpoint may see, pushed to it in leaf order,
+signed by the Standard Webhooks scheme, retried, and carrying the log's receipt or proof.
+
+Lifecycle of a delivery, named as in the code, the logs and the metrics:
+
+  acquire  - a process takes an endpoint's lease (`webhook_endpoints` document, fields
+             `leaseHolder`/`leaseExpiresAt`), as the sequencer takes the log's: one process
+             delivers to an endpoint at a time. Every process scans the endpoints
+             (RXLEDGER_WEBHOOK_SCAN_INTERVAL) and tries the active ones nobody holds.
+  follow   - the holder reads the shared feed (app/feed.py) from the endpoint's `cursor` (the
+             last leaf index delivered or passed over) and routes each event as a PARTNER of the
+             endpoint's organization would be sent it (app/policy.py `webhook_viewer`, through
+             the same `event_filter` subscriptions use), narrowed by the endpoint's filter.
+  send     - one POST: `webhook-id` stable per (event, endpoint), `webhook-timestamp`,
+             `webhook-signature` by every secret still valid (the new one and, during a
+             rotation's grace period, the old one); no redirects, at most 64 KiB of the
+             response read, RXLEDGER_WEBHOOK_TIMEOUT for the whole exchange.
+  record   - each attempt is a document of `webhook_attempts` under `_id` "<endpoint>:<n>", n
+             counted on the endpoint (so a page of attempts is a read by `_id`).
+  advance  - a 2xx moves the cursor, and the next event is sent (in order, at least once: it
+             waited until then). The cursor and the attempts are stored together, a success
+             within FLUSH_SECONDS, a failure before its retry. A failure is retried after
+             RXLEDGER_WEBHOOK_RETRY_SCHEDULE's waits, with jitter; after the last the endpoint
+             is FAILING and its events wait for `replayWebhooks` or `enableWebhookEndpoint`.
+
+Every write of the holder is fenced by its lease; replaying, disabling and enabling bump the
+endpoint's `generation`, and a holder that sees it moved (before each try, in the endpoint as
+read at most 2 × RXLEDGER_WEBHOOK_SCAN_INTERVAL before, and at each renewal) stops: whoever holds the endpoint next starts from the cursor stored, or from the
+replay's point. A crash between a delivery and its cursor write repeats that delivery with the
+same `webhook-id`; nothing is skipped.
+
+Secrets are stored encrypted (AES-256-GCM under a key derived by HKDF-SHA256 from the log's
+signing key, or RXLEDGER_WEBHOOK_KEY; the endpoint id is the associated data): a reader of the
+database alone cannot sign a delivery. Environment variables: app/settings.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import enum
+import ipaddress
+import json
+import logging
+import math
+import os
+import random
+import secrets as random_secrets
+import socket
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from pymongo import ASCENDING, ReturnDocument
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
+from standardwebhooks import Webhook
+
+from anchoring.anchorer import SignedCheckpoint
+from anchoring.dialect import by_ids
+from anchoring.encoding import b64
+from anchoring.errors import ProofUnavailable, database_error, frames
+from anchoring.log import TransparencyLog
+from anchoring.note import Signer
+from anchoring.store import Doc, Index, create_indexes
+from app.feed import FeedEvent, PrescriptionFeed, StreamEnded, event_filter
+from app.metrics import Metrics
+from app.policy import Tags, webhook_viewer
+from app.prescriptions import TRANSITIONS, EventType
+from app.settings import WebhookSettings
+
+log = logging.getLogger("rxledger.webhooks")
+
+ENDPOINTS = "webhook_endpoints"
+DELIVERIES = "webhook_deliveries"
+ATTEMPTS = "webhook_attempts"
+
+WEBHOOK_INDEXES: dict[str, tuple[Index, ...]] = {
+    ENDPOINTS: (
+        Index(
+            (("organization", ASCENDING), ("_id", ASCENDING)),
+            "organization_id",
+            "an organization's endpoints, in id order (webhookEndpoints for a PARTNER)",
+        ),
+    ),
+    # Read by `_id` only: the endpoint's id; "<endpoint>:<n>".
+    DELIVERIES: (),
+    ATTEMPTS: (),
+}
+
+MAX_URL_LENGTH = 2048
+MAX_DESCRIPTION_LENGTH = 500
+MAX_FILTER_IDS = 100
+MAX_FILTER_BYTES = 4096
+MAX_RESPONSE_BYTES = 64 * 1024
+MAX_GRACE_SECONDS = 7 * 24 * 3600
+DEFAULT_GRACE_SECONDS = 24 * 3600
+SECRET_BYTES = 24
+USER_AGENT = "rxledger-webhooks/1"
+
+
+class EndpointState(enum.StrEnum):
+    ACTIVE = "ACTIVE"
+    FAILING = "FAILING"  # the last retry failed: events wait for a replay or re-enabling
+    DISABLED = "DISABLED"
+
+
+class WebhookRefused(Exception):
+    """Bad input for an endpoint; `kind` names the GraphQL error type, the message says what
+    was found and what is wanted."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+INVALID_URL = "InvalidWebhookUrl"
+PRIVATE_ADDRESS = "PrivateAddressRefused"
+FILTER_TOO_LARGE = "FilterTooLarge"
+INVALID_INPUT = "InvalidInput"
+
+
+# --- URLs ---------------------------------------------------------------------------------
+
+
+def parse_url(url: str) -> tuple[str, int]:
+    """The host and port of an endpoint URL. Raises WebhookRefused(INVALID_URL) for anything
+    but an absolute http(s) URL with a host, without credentials or a fragment."""
+    if len(url) > MAX_URL_LENGTH:
+        raise WebhookRefused(
+            INVALID_URL, f"url has {len(url)} characters; at most {MAX_URL_LENGTH}"
+        )
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise WebhookRefused(INVALID_URL, f"url does not parse: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise WebhookRefused(
+            INVALID_URL, f"url scheme is {parts.scheme or 'missing'!r}; want http or https"
+        )
+    if not parts.hostname:
+        raise WebhookRefused(INVALID_URL, "url has no host")
+    if parts.username is not None or parts.password is not None:
+        raise WebhookRefused(INVALID_URL, "url must not carry credentials (user:password@)")
+    if parts.fragment:
+        raise WebhookRefused(INVALID_URL, "url must not have a fragment (#...)")
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        raise WebhookRefused(INVALID_URL, "url contains whitespace or control characters")
+    return parts.hostname, port or (443 if parts.scheme == "https" else 80)
+
+
+def refused_address(address: str) -> bool:
+    """Whether an endpoint may not be at `address`: anything not globally routable (loopback,
+    private, link-local, hence cloud metadata at 169.254.169.254, shared, reserved) or
+    multicast; an IPv4-mapped IPv6 address as its IPv4 address."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast
+
+
+# Hosts found to resolve to public addresses only, until (time.monotonic()): a delivery does
+# not wait for a resolution each time, and a change of DNS is seen within RECHECK_SECONDS.
+_PUBLIC: dict[tuple[str, int], float] = {}
+RECHECK_SECONDS = 30.0
+
+
+async def check_destination(url: str, allow_private: bool, recent: bool = False) -> None:
+    """Raises WebhookRefused when `url` is malformed, or (unless `allow_private`) its host does
+    not resolve or resolves to any refused address. With `recent`, a host found public less
+    than RECHECK_SECONDS ago is not resolved again. The HTTP client resolves the host again to
+    connect: a name whose answer changes between the two (DNS rebinding) is not caught here;
+    an egress firewall or proxy that refuses private ranges is the complete defence."""
+    host, port = parse_url(url)
+    if allow_private:
+        return
+    if recent and _PUBLIC.get((host, port), -math.inf) > time.monotonic():
+        return
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise WebhookRefused(INVALID_URL, f"url host {host!r} does not resolve: {exc}") from None
+    for info in infos:
+        address = str(info[4][0])
+        if refused_address(address):
+            raise WebhookRefused(
+                PRIVATE_ADDRESS,
+                f"url host {host!r} resolves to {address}, a loopback, private, link-local or "
+                "metadata address (set RXLEDGER_WEBHOOK_ALLOW_PRIVATE=1 in development)",
+            )
+    if len(_PUBLIC) > 10_000:
+        _PUBLIC.clear()
+    _PUBLIC[(host, port)] = time.monotonic() + RECHECK_SECONDS
+
+
+# --- filters ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EndpointFilter:
+    """Which of the events an endpoint's organization sees it is sent: all conditions hold."""
+
+    statuses: tuple[str, ...] = ()
+    pharmacy: str | None = None
+    organization: str | None = None
+    prescription_ids: tuple[str, ...] = ()
+
+    def doc(self) -> Doc:
+        return {
+            "statuses": list(self.statuses),
+            "pharmacy": self.pharmacy,
+            "organization": self.organization,
+            "prescriptionIds": list(self.prescription_ids),
+        }
+
+    @classmethod
+    def of(cls, doc: Mapping[str, Any] | None) -> EndpointFilter:
+        doc = doc or {}
+        return cls(
+            tuple(doc.get("statuses") or ()),
+            doc.get("pharmacy"),
+            doc.get("organization"),
+            tuple(doc.get("prescriptionIds") or ()),
+        )
+
+    def check(self) -> None:
+        """Raises WebhookRefused(FILTER_TOO_LARGE) beyond MAX_FILTER_IDS prescription ids or
+        MAX_FILTER_BYTES of JSON."""
+        if len(self.prescription_ids) > MAX_FILTER_IDS:
+            raise WebhookRefused(
+                FILTER_TOO_LARGE,
+                f"filter names {len(self.prescription_ids)} prescriptions; at most "
+                f"{MAX_FILTER_IDS}",
+            )
+        size = len(json.dumps(self.doc(), separators=(",", ":")).encode())
+        if size > MAX_FILTER_BYTES:
+            raise WebhookRefused(
+                FILTER_TOO_LARGE,
+                f"filter is {size} bytes as JSON; at most {MAX_FILTER_BYTES}",
+            )
+
+    def matcher(
+        self, tags: Tags, endpoint_id: str, organization: str
+    ) -> Callable[[FeedEvent], bool]:
+        """The events the endpoint is sent: those a PARTNER of its organization subscribed
+        with this filter would receive."""
+        seen = event_filter(
+            tags,
+            webhook_viewer(endpoint_id, organization),
+            pharmacy=self.pharmacy,
+            organization=self.organization,
+            statuses=list(self.statuses) or None,
+        )
+        ids = frozenset(self.prescription_ids)
+        if not ids:
+            return seen
+        return lambda event: event.subject in ids and seen(event)
+
+
+# --- secrets ------------------------------------------------------------------------------
+
+
+def new_secret() -> str:
+    return "whsec_" + b64(random_secrets.token_bytes(SECRET_BYTES))
+
+
+class SecretBox:
+    """Endpoint secrets encrypted at rest: AES-256-GCM under a key HKDF-SHA256 derives from
+    `key_material`, with the endpoint id as associated data (a sealed secret copied to another
+    endpoint does not open)."""
+
+    INFO = b"rxledger webhook secrets v1"
+
+    def __init__(self, key_material: bytes) -> None:
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=self.INFO).derive(
+            key_material
+        )
+        self._aead = AESGCM(key)
+
+    @classmethod
+    def for_log(cls, settings: WebhookSettings, signer: Signer) -> SecretBox:
+        """Under RXLEDGER_WEBHOOK_KEY when set, else under the log's signing key."""
+        if settings.key is not None:
+            return cls(settings.key)
+        return cls(
+            signer.private_key.private_bytes(
+                serialization.Encoding.Raw,
+                serialization.PrivateFormat.Raw,
+                serialization.NoEncryption(),
+            )
+        )
+
+    def seal(self, endpoint_id: str, secret: str) -> Doc:
+        nonce = os.urandom(12)
+        return {
+            "nonce": nonce,
+            "sealed": self._aead.encrypt(nonce, secret.encode(), endpoint_id.encode()),
+        }
+
+    def open(self, endpoint_id: str, sealed: Mapping[str, Any]) -> str:
+        """Raises cryptography's InvalidTag when the secret was sealed under another key or
+        for another endpoint."""
+        plain = self._aead.decrypt(
+            bytes(sealed["nonce"]), bytes(sealed["sealed"]), endpoint_id.encode()
+        )
+        return plain.decode()
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _aware(at: dt.datetime) -> dt.datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=dt.UTC)
+
+
+def live_secrets(box: SecretBox, doc: Mapping[str, Any], at: dt.datetime) -> list[str]:
+    """The endpoint's secrets that sign at `at`: the current one, and those rotated out whose
+    grace period has not ended. One sealed under another key (RXLEDGER_WEBHOOK_KEY, or the log
+    key, changed since) is left out: it cannot sign."""
+    out = []
+    for entry in doc.get("secrets") or ():
+        expires = entry.get("expiresAt")
+        if expires is None or _aware(expires) > at:
+            try:
+                out.append(box.open(str(doc["_id"]), entry))
+            except InvalidTag:
+                log.error(
+                    "webhooks: a secret of %s was sealed under another key (RXLEDGER_WEBHOOK_KEY "
+                    "or the log key changed): rotate it",
+                    doc["_id"],
+                )
+    return out
+
+
+def sign(secrets: Iterable[str], webhook_id: str, at: dt.datetime, body: bytes) -> str:
+    """The webhook-signature header: one `v1,` signature per secret, space-separated."""
+    return " ".join(Webhook(s).sign(webhook_id, at, body) for s in secrets)
+
+
+def webhook_id(endpoint_id: str, leaf_index: int) -> str:
+    """Stable per (event, endpoint): a receiver de-duplicates retries and replays by it."""
+    return f"msg_{endpoint_id}_{leaf_index}"
+
+
+# --- storage ------------------------------------------------------------------------------
+
+
+class LostEndpoint(Exception):
+    """This process no longer holds the endpoint's lease."""
+
+
+def state_of(endpoint: Mapping[str, Any], delivery: Mapping[str, Any] | None) -> EndpointState:
+    """DISABLED as its owner set it; FAILING when its holder gave up on an event since the
+    last replay or enabling (the same generation); else ACTIVE."""
+    if endpoint.get("state") == EndpointState.DISABLED.value:
+        return EndpointState.DISABLED
+    if (
+        delivery is not None
+        and delivery.get("failing")
+        and delivery.get("generation") == endpoint.get("generation")
+    ):
+        return EndpointState.FAILING
+    return EndpointState.ACTIVE
+
+
+class WebhookStore:
+    """Three collections. `webhook_endpoints` holds what owners set (url, filter, secrets,
+    state, `generation`, a pending `replay`) and only mutations write it; `webhook_deliveries`
+    holds, under the same `_id`, what the delivering process keeps (cursor, lease, attempt
+    count, `failing`) and only the process taking or holding the lease writes it, one write
+    at a time. Two writers
+    never update one document at once: on a server whose updates read a document and write
+    it back whole (FerretDB v1), one of them could be lost. `webhook_attempts` is the attempt
+    log."""
+
+    def __init__(self, db: AsyncDatabase[Doc]) -> None:
+        self.endpoints: AsyncCollection[Doc] = db[ENDPOINTS]
+        self.deliveries: AsyncCollection[Doc] = db[DELIVERIES]
+        self.attempts: AsyncCollection[Doc] = db[ATTEMPTS]
+
+    async def ensure_indexes(self) -> None:
+        await create_indexes(self.endpoints, WEBHOOK_INDEXES[ENDPOINTS])
+
+    async def insert(self, endpoint: Doc, cursor: int) -> Doc:
+        """Store a new endpoint whose first delivery is of the leaf after `cursor`; its
+        delivery state. The state first: an endpoint is never seen without one."""
+        delivery: Doc = {
+            "_id": endpoint["_id"],
+            "cursor": cursor,
+            "generation": endpoint["generation"],
+            "replayed": -1,
+            "attempts": 0,
+            "failing": None,
+            "leaseHolder": None,
+            "leaseExpiresAt": None,
+        }
+        await self.deliveries.insert_one(delivery)
+        await self.endpoints.insert_one(endpoint)
+        return delivery
+
+    async def endpoint(self, endpoint_id: str) -> Doc | None:
+        found: Doc | None = await self.endpoints.find_one({"_id": endpoint_id})
+        return found
+
+    async def delivery(self, endpoint_id: str) -> Doc | None:
+        found: Doc | None = await self.deliveries.find_one({"_id": endpoint_id})
+        return found
+
+    async def deliveries_of(self, endpoint_ids: list[str]) -> dict[str, Doc]:
+        found: dict[str, Doc] = await by_ids(self.deliveries, endpoint_ids)
+        return found
+
+    async def of_organization(self, organization: str) -> list[Doc]:
+        cursor = self.endpoints.find({"organization": organization}, sort=[("_id", 1)])
+        return [d async for d in cursor]
+
+    async def every_endpoint(self) -> list[Doc]:
+        """Every endpoint, in `_id` order (`_every`)."""
+        return await _every(self.endpoints)
+
+    async def every_delivery(self) -> list[Doc]:
+        """Every endpoint's delivery state, in `_id` order (`_every`)."""
+        return await _every(self.deliveries)
+
+    async def change(
+        self, endpoint_id: str, update: Doc, generation: int | None = None
+    ) -> Doc | None:
+        """Apply `update` (an operator document) to the endpoint, if it is still at
+        `generation` when one is given; the result, or None."""
+        query: Doc = {"_id": endpoint_id}
+        if generation is not None:
+            query["generation"] = generation
+        found: Doc | None = await self.endpoints.find_one_and_update(
+            query, update, return_document=ReturnDocument.AFTER
+        )
+        return found
+
+    # --- the holder's writes (each worker makes one at a time) --------------------------------
+
+    async def acquire(self, endpoint_id: str, holder: str, ttl: float) -> Doc | None:
+        now = _now()
+        found: Doc | None = await self.deliveries.find_one_and_update(
+            {
+                "_id": endpoint_id,
+                "$or": [
+                    {"leaseHolder": holder},
+                    {"leaseHolder": None},  # never held
+                    {"leaseExpiresAt": {"$lt": now}},
+                ],
+            },
+            {"$set": {"leaseHolder": holder, "leaseExpiresAt": now + dt.timedelta(seconds=ttl)}},
+            return_document=ReturnDocument.AFTER,
+        )
+        return found
+
+    async def held(self, endpoint_id: str, holder: str, fields: Doc, ttl: float) -> Doc:
+        """Set `fields` and extend the lease, while `holder` holds it; the delivery state.
+        Raises LostEndpoint."""
+        found: Doc | None = await self.deliveries.find_one_and_update(
+            {"_id": endpoint_id, "leaseHolder": holder},
+            {"$set": {**fields, "leaseExpiresAt": _now() + dt.timedelta(seconds=ttl)}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if found is None:
+            raise LostEndpoint(f"lost the lease of {endpoint_id}")
+        return found
+
+    async def release(self, endpoint_id: str, holder: str, fields: Doc) -> None:
+        """Store `fields` (the cursor, the attempt count) and give the lease up."""
+        await self.deliveries.update_one(
+            {"_id": endpoint_id, "leaseHolder": holder},
+            {"$set": {**fields, "leaseExpiresAt": _now()}},
+        )
+
+    async def insert_attempts(self, attempts: list[Doc]) -> None:
+        """Store numbered attempts (`_id` "<endpoint>:<n>"), numbers the holder has already
+        stored as the endpoint's count."""
+        if attempts:
+            await self.attempts.insert_many(attempts, ordered=False)
+
+    async def attempts_page(self, endpoint_id: str, numbers: list[int]) -> list[Doc]:
+        found = await by_ids(self.attempts, [f"{endpoint_id}:{n}" for n in numbers])
+        return [found[f"{endpoint_id}:{n}"] for n in numbers if f"{endpoint_id}:{n}" in found]
+
+
+SCAN_PAGE = 500
+
+
+async def _every(collection: AsyncCollection[Doc]) -> list[Doc]:
+    """Every document of a small collection, in pages along the `_id` index (a sorted,
+    limited read from the last `_id` seen, which the index serves on MongoDB)."""
+    found: list[Doc] = []
+    query: Doc = {}
+    while True:
+        page = [d async for d in collection.find(query, sort=[("_id", 1)], limit=SCAN_PAGE)]
+        found += page
+        if len(page) < SCAN_PAGE:
+            return found
+        query = {"_id": {"$gt": page[-1]["_id"]}}
+
+
+def new_endpoint_id() -> str:
+    return "whep_" + uuid.uuid4().hex[:20]
+
+
+# --- payloads -----------------------------------------------------------------------------
+
+
+# The events that move a prescription to a status (app.prescriptions); others (an erasure)
+# leave it where it was.
+STATUS_EVENTS = frozenset({EventType.ISSUED.value, *(t.event.value for t in TRANSITIONS.values())})
+
+
+def event_type(event: FeedEvent) -> str:
+    """`prescription.<status>` (the status the event moved it to), e.g. prescription.dispensed;
+    for an event that changes no status, `prescription.<event type>`, e.g.
+    prescription.personal_data_erased."""
+    status = event.tags.get("status")
+    if event.type not in STATUS_EVENTS or not status:
+        return f"prescription.{event.type.lower()}"
+    return f"prescription.{status.lower()}"
+
+
+async def payload(tlog: TransparencyLog, event: FeedEvent, cp: SignedCheckpoint | None) -> bytes:
+    """The body of an event's delivery: {type, timestamp, data}, data being the change a
+    subscriber gets plus the log's receipt and, when checkpoint `cp` (covering the leaf) is
+    given, the proof bundle `rxledger verify` reads."""
+    receipt: Doc | None = None
+    proof: Doc | None = None
+    try:
+        signed = await tlog.receipt(event.leaf_index, event.leaf)
+        receipt = {
+            "leafIndex": signed.leaf_index,
+            "leafHash": b64(signed.leaf_hash),
+            "issuedAt": signed.issued_at.isoformat().replace("+00:00", "Z"),
+            "note": signed.note,
+        }
+        if cp is not None:
+            proof = (await tlog.prove(event.leaf_index, event.leaf, cp)).bundle()
+    except ProofUnavailable as exc:
+        # The stored log disagrees with its tree: deliver the change without vouching for it.
+        log.error("webhooks: no receipt or proof for leaf %d: %s", event.leaf_index, exc)
+    body = {
+        "type": event_type(event),
+        "timestamp": event.at,
+        "data": {
+            "prescriptionId": event.subject,
+            "type": event.type,
+            "status": event.tags.get("status"),
+            "version": event.version,
+            "at": event.at,
+            "leafIndex": event.leaf_index,
+            "leaf": b64(event.leaf),
+            "receipt": receipt,
+            "proof": proof,
+        },
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class Payloads:
+    """Each event's body, built once however many endpoints are sent it (the body is the
+    same for all of them): by leaf index and whether a checkpoint covers it yet, so a retry
+    or a replay after a checkpoint carries the proof. At most `size` kept."""
+
+    def __init__(self, tlog: TransparencyLog, size: int = 4096) -> None:
+        self.log = tlog
+        self.size = size
+        self._bodies: OrderedDict[tuple[int, bool], asyncio.Future[bytes]] = OrderedDict()
+
+    async def body(self, event: FeedEvent) -> bytes:
+        cp = await self.log.current_checkpoint()
+        covering = cp if cp is not None and event.leaf_index < cp.size else None
+        key = (event.leaf_index, covering is not None)
+        found = self._bodies.get(key)
+        if found is None or (found.done() and found.exception() is not None):
+            found = asyncio.ensure_future(payload(self.log, event, covering))
+            self._bodies[key] = found
+            while len(self._bodies) > self.size:
+                self._bodies.popitem(last=False)
+        return await asyncio.shield(found)
+
+
+# --- sending ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: str  # success | http_error | timeout | refused | blocked | error
+    status: int | None
+    seconds: float
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.result == "success"
+
+
+RESULTS = ("success", "http_error", "timeout", "refused", "blocked", "error")
+
+
+async def send(
+    client: httpx.AsyncClient,
+    url: str,
+    headers: dict[str, str],
+    body: bytes,
+    timeout: float,
+    allow_private: bool,
+) -> Outcome:
+    """POST one delivery: a 2xx is a success; a redirect, another status, a timeout over the
+    whole exchange, a refused connection are failures. At most MAX_RESPONSE_BYTES of the
+    response are read."""
+    started = time.perf_counter()
+
+    def outcome(result: str, status: int | None, error: str | None) -> Outcome:
+        return Outcome(result, status, time.perf_counter() - started, error)
+
+    try:
+        async with asyncio.timeout(timeout):
+            # Checked again before deliveries too: DNS may have changed since the endpoint was
+            # created (every RECHECK_SECONDS at most).
+            await check_destination(url, allow_private, recent=True)
+            async with client.stream("POST", url, content=body, headers=headers) as response:
+                read = 0
+                async for chunk in response.aiter_raw():
+                    read += len(chunk)
+                    if read >= MAX_RESPONSE_BYTES:
+                        break
+    except TimeoutError:
+        return outcome("timeout", None, f"no complete response within {timeout:g} s")
+    except WebhookRefused as exc:
+        return outcome("blocked", None, exc.message)
+    except httpx.ConnectError as exc:
+        return outcome("refused", None, f"connection failed: {exc or type(exc).__name__}")
+    except httpx.TimeoutException:
+        return outcome("timeout", None, f"no complete response within {timeout:g} s")
+    except httpx.HTTPError as exc:
+        return outcome("error", None, f"{type(exc).__name__}: {exc}"[:300])
+    status = response.status_code
+    if 200 <= status < 300:
+        return outcome("success", status, None)
+    if 300 <= status < 400:
+        return outcome("http_error", status, f"HTTP {status}: redirects are not followed")
+    return outcome("http_error", status, f"HTTP {status}")
+
+
+def retry_wait(schedule: tuple[float, ...], tries: int) -> float:
+    """The wait after failed try number `tries` (1-based): the schedule's, plus up to 25 %
+    of jitter, so that endpoints failing together do not retry together."""
+    base = schedule[tries - 1]
+    return base * (1.0 + random.uniform(0.0, 0.25))
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+class WebhookMetrics:
+    """Deliveries by result, their latency, and at each scrape endpoints by state and each
+    endpoint's backlog (leaves after its cursor), from the dispatcher's last scan."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.deliveries = Counter(
+            "rxledger_webhook_deliveries_total",
+            "Webhook delivery attempts by result (success, http_error, timeout, refused, "
+            "blocked, error).",
+            ["result"],
+            registry=metrics.registry,
+        )
+        self.latency = Histogram(
+            "rxledger_webhook_delivery_seconds",
+            "Time of one webhook delivery attempt, request to the end of the response.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=metrics.registry,
+        )
+        self.dispatcher: WebhookDispatcher | None = None
+        metrics.add_collector(self)
+
+    def describe(self) -> list[Metric]:
+        return [
+            GaugeMetricFamily("rxledger_webhook_endpoints", "Webhook endpoints by state."),
+            GaugeMetricFamily("rxledger_webhook_backlog", "Leaves after an endpoint's cursor."),
+        ]
+
+    def collect(self) -> list[Metric]:
+        if self.dispatcher is None:
+            return []
+        endpoints = self.dispatcher.endpoints
+        states = GaugeMetricFamily(
+            "rxledger_webhook_endpoints", "Webhook endpoints by state.", labels=["state"]
+        )
+        counted = [self.dispatcher.state(i) for i in endpoints]
+        for state in EndpointState:
+            states.add_metric([state.value], float(counted.count(state)))
+        backlog = GaugeMetricFamily(
+            "rxledger_webhook_backlog", "Leaves after an endpoint's cursor.", labels=["endpoint"]
+        )
+        for endpoint_id in endpoints:
+            backlog.add_metric([endpoint_id], float(self.dispatcher.backlog(endpoint_id)))
+        return [states, backlog]
+
+
+# --- delivery -----------------------------------------------------------------------------
+
+
+FLUSH_SECONDS = 0.5  # how long a success waits, at most, for its cursor and attempt to be stored
+
+
+class EndpointWorker:
+    """One lease term on one endpoint: acquire, follow and send until the lease is lost, the
+    endpoint's generation moves on (a replay, disabling, enabling), it fails, or the process
+    stops.
+
+    A success is stored in the background: the next event is sent at once, and the cursor
+    and the attempts made since are written together every FLUSH_SECONDS (a crash in between
+    repeats those deliveries, with their webhook-ids). A failure is stored before its retry.
+    The worker's writes of the delivery state go one at a time (`_write`)."""
+
+    def __init__(self, dispatcher: WebhookDispatcher, endpoint_id: str) -> None:
+        self.dispatcher = dispatcher
+        self.endpoint_id = endpoint_id
+        self.endpoint: Doc = {}
+        self.position = -1  # the last leaf index delivered or passed over
+        self.stored = -1  # the cursor as stored
+        self.count = 0  # attempts numbered so far
+        self.pending: list[Doc] = []  # attempts numbered, not yet stored
+        self._write = asyncio.Lock()
+
+    async def run(self) -> None:
+        try:
+            await self._term()
+        except LostEndpoint as exc:
+            log.info("webhooks: %s", exc)
+        except PyMongoError as exc:
+            log.warning("webhooks: %s: database: %s", self.endpoint_id, database_error(exc))
+
+    async def _held(self, fields: Doc) -> Doc:
+        d = self.dispatcher
+        async with self._write:
+            return await d.store.held(self.endpoint_id, d.holder, fields, d.settings.lease_ttl)
+
+    async def _flush(self, force: bool = False) -> None:
+        """Store the cursor, the attempt count and the attempts made since the last flush
+        (and extend the lease); nothing when nothing changed, unless `force`d."""
+        d = self.dispatcher
+        async with self._write:
+            if not (force or self.pending or self.position != self.stored):
+                return
+            pending, position = self.pending, self.position
+            self.pending = []
+            # The count first: a crash before the attempts are in leaves a gap in their
+            # numbers, never a number used twice.
+            await d.store.held(
+                self.endpoint_id,
+                d.holder,
+                {"cursor": position, "attempts": self.count},
+                d.settings.lease_ttl,
+            )
+            self.stored = position
+            await d.store.insert_attempts(pending)
+
+    async def _acquire(self) -> bool:
+        """Take the lease and the endpoint as it stands; apply a replay asked for since the
+        last term. False when someone else holds it, or it is not to be delivered to."""
+        d = self.dispatcher
+        delivery = await d.store.acquire(self.endpoint_id, d.holder, d.settings.lease_ttl)
+        if delivery is None:
+            return False
+        endpoint = await d.store.endpoint(self.endpoint_id)
+        if endpoint is None:
+            return False
+        generation = int(endpoint["generation"])
+        if delivery.get("generation") != generation:
+            fields: Doc = {"generation": generation, "failing": None}
+            replay = endpoint.get("replay")
+            if replay is not None and int(replay["generation"]) > int(delivery["replayed"]):
+                fields.update(cursor=int(replay["after"]), replayed=int(replay["generation"]))
+            delivery = await self._held(fields)
+        self.endpoint = endpoint
+        self.position = self.stored = int(delivery["cursor"])
+        self.count = int(delivery.get("attempts", 0))
+        return state_of(endpoint, delivery) is EndpointState.ACTIVE
+
+    async def _term(self) -> None:
+        d = self.dispatcher
+        acquired = await self._acquire()
+        if not acquired:
+            async with self._write:
+                await d.store.release(self.endpoint_id, d.holder, {})
+            return
+        log.info("webhooks: acquire %s from leaf %d", self.endpoint_id, self.position + 1)
+        delivery = asyncio.create_task(self._follow(), name=f"webhook-{self.endpoint_id}")
+        renewed = time.monotonic()
+        try:
+            while True:
+                done, _ = await asyncio.wait({delivery}, timeout=FLUSH_SECONDS)
+                if done:
+                    break
+                renew = time.monotonic() - renewed >= d.settings.lease_ttl / 3
+                await self._flush(force=renew)
+                if not renew:
+                    continue
+                renewed = time.monotonic()
+                fresh = await d.store.endpoint(self.endpoint_id)
+                if fresh is None or fresh["generation"] != self.endpoint["generation"]:
+                    log.info("webhooks: %s changed; starting afresh", self.endpoint_id)
+                    break
+        finally:
+            delivery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                try:
+                    await delivery
+                except LostEndpoint as exc:
+                    log.info("webhooks: %s", exc)
+                except PyMongoError as exc:
+                    log.warning("webhooks: %s: database: %s", self.endpoint_id, database_error(exc))
+                except Exception as exc:
+                    log.error(
+                        "webhooks: %s: unexpected %s\n%s",
+                        self.endpoint_id,
+                        type(exc).__name__,
+                        frames(exc),
+                    )
+            with contextlib.suppress(PyMongoError, LostEndpoint):
+                await self._flush()
+                async with self._write:
+                    await d.store.release(
+                        self.endpoint_id,
+                        d.holder,
+                        {"cursor": self.position, "attempts": self.count},
+                    )
+
+    async def _follow(self) -> None:
+        d = self.dispatcher
+        match = EndpointFilter.of(self.endpoint.get("filter")).matcher(
+            d.tags, self.endpoint_id, str(self.endpoint["organization"])
+        )
+        while True:
+            try:
+                async for event in d.feed.stream(self.position + 1):
+                    if match(event) and not await self._deliver(event):
+                        return
+                    self.position = event.leaf_index
+            except StreamEnded:
+                continue  # left behind the window while retrying: read on from the database
+
+    async def _current_endpoint(self) -> Doc:
+        """The endpoint as read at most 2 × the scan interval ago (`WebhookDispatcher.endpoint`);
+        raises LostEndpoint when a replay, disabling or enabling moved it on."""
+        fresh = await self.dispatcher.endpoint(self.endpoint_id)
+        if fresh is None or fresh["generation"] != self.endpoint["generation"]:
+            raise LostEndpoint(f"{self.endpoint_id} changed; starting afresh")
+        self.endpoint = fresh
+        return fresh
+
+    async def _deliver(self, event: FeedEvent) -> bool:
+        """Send one event until a 2xx (True) or the last retry fails (False, FAILING)."""
+        d = self.dispatcher
+        message_id = webhook_id(self.endpoint_id, event.leaf_index)
+        tries = 0
+        while True:
+            tries += 1
+            endpoint, body = await asyncio.gather(self._current_endpoint(), d.payloads.body(event))
+            at = _now()
+            secrets = live_secrets(d.box, endpoint, at)
+            headers = {
+                "content-type": "application/json",
+                "user-agent": USER_AGENT,
+                "webhook-id": message_id,
+                "webhook-timestamp": str(int(at.timestamp())),
+                "webhook-signature": sign(secrets, message_id, at, body),
+            }
+            if not secrets:
+                outcome = Outcome("error", None, 0.0, "no secret can sign: rotate the secret")
+            else:
+                outcome = await send(
+                    d.client,
+                    str(endpoint["url"]),
+                    headers,
+                    body,
+                    d.settings.timeout,
+                    d.settings.allow_private,
+                )
+            d.metrics.deliveries.labels(result=outcome.result).inc()
+            d.metrics.latency.observe(outcome.seconds)
+            last = tries > len(d.settings.retry_schedule)
+            wait = None if outcome.ok or last else retry_wait(d.settings.retry_schedule, tries)
+            self.count += 1
+            self.pending.append(
+                {
+                    "_id": f"{self.endpoint_id}:{self.count}",
+                    "endpoint": self.endpoint_id,
+                    "n": self.count,
+                    "leafIndex": event.leaf_index,
+                    "webhookId": message_id,
+                    "try": tries,
+                    "at": at,
+                    "httpStatus": outcome.status,
+                    "latencyMs": round(outcome.seconds * 1000, 3),
+                    "result": outcome.result,
+                    "error": outcome.error,
+                    "nextAttemptAt": None if wait is None else at + dt.timedelta(seconds=wait),
+                }
+            )
+            if outcome.ok:
+                self.position = event.leaf_index
+                return True
+            await self._flush()
+            if wait is None:
+                log.warning(
+                    "webhooks: %s FAILING at leaf %d after %d tries: %s",
+                    self.endpoint_id,
+                    event.leaf_index,
+                    tries,
+                    outcome.error,
+                )
+                await self._held(
+                    {"failing": {"since": _now(), "error": outcome.error or outcome.result}}
+                )
+                return False
+            await asyncio.sleep(wait)
+
+
+class WebhookDispatcher:
+    """Each process runs one: it scans the endpoints and delivers to those whose lease it
+    takes (one EndpointWorker each)."""
+
+    def __init__(
+        self,
+        store: WebhookStore,
+        tlog: TransparencyLog,
+        feed: PrescriptionFeed,
+        tags: Tags,
+        settings: WebhookSettings,
+        metrics: WebhookMetrics,
+    ) -> None:
+        self.store = store
+        self.log = tlog
+        self.feed = feed
+        self.tags = tags
+        self.settings = settings
+        self.metrics = metrics
+        self.box = SecretBox.for_log(settings, tlog.signer)
+        self.payloads = Payloads(tlog)
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # As of the last scan (begun at `scanned_at`, time.monotonic()): each endpoint and its
+        # delivery state.
+        self.scanned_at = -math.inf
+        self.endpoints: dict[str, Doc] = {}
+        self.deliveries: dict[str, Doc] = {}
+        self.workers: dict[str, asyncio.Task[None]] = {}
+        self.client = httpx.AsyncClient(
+            follow_redirects=False,
+            trust_env=False,
+            timeout=httpx.Timeout(settings.timeout),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+        self._wakeup = asyncio.Event()
+        metrics.dispatcher = self
+
+    def wake(self) -> None:
+        """Scan now (an endpoint was created, replayed or enabled here)."""
+        self._wakeup.set()
+
+    @property
+    def freshness(self) -> float:
+        """How old, at most, an endpoint a delivery is signed by may be (seconds): a rotated
+        secret signs on every process once this long has passed (rotateWebhookSecret waits
+        that long before it answers)."""
+        return 2 * self.settings.scan_interval
+
+    async def endpoint(self, endpoint_id: str) -> Doc | None:
+        """The endpoint as the last scan read it, if that read began less than `freshness`
+        ago; else read now. Every process scans anyway: a delivery costs no read of its own."""
+        if time.monotonic() - self.scanned_at < self.freshness and endpoint_id in self.endpoints:
+            return self.endpoints[endpoint_id]
+        return await self.store.endpoint(endpoint_id)
+
+    def state(self, endpoint_id: str) -> EndpointState:
+        return state_of(self.endpoints[endpoint_id], self.deliveries.get(endpoint_id))
+
+    def backlog(self, endpoint_id: str) -> int:
+        """Leaves after the endpoint's cursor, as of the last scan and the tail's position."""
+        delivery = self.deliveries.get(endpoint_id)
+        position = self.feed.tail.position
+        if delivery is None or position is None:
+            return 0
+        return max(0, position - 1 - int(delivery.get("cursor", -1)))
+
+    def failing(self) -> list[str]:
+        return sorted(i for i in self.endpoints if self.state(i) is EndpointState.FAILING)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        try:
+            while not stopping.is_set():
+                try:
+                    await self.scan()
+                except PyMongoError as exc:
+                    log.warning("webhooks: scan: database: %s", database_error(exc))
+                except Exception as exc:
+                    # Never stop silently: every endpoint's events would wait unseen.
+                    log.error("webhooks: scan: unexpected %s\n%s", type(exc).__name__, frames(exc))
+                waits = [
+                    asyncio.ensure_future(self._wakeup.wait()),
+                    asyncio.ensure_future(stopping.wait()),
+                ]
+                await asyncio.wait(
+                    waits, timeout=self.settings.scan_interval, return_when=asyncio.FIRST_COMPLETED
+                )
+                for w in waits:
+                    w.cancel()
+                self._wakeup.clear()
+        finally:
+            for task in self.workers.values():
+                task.cancel()
+            for task in self.workers.values():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await self.client.aclose()
+
+    async def scan(self) -> None:
+        began = time.monotonic()
+        endpoints = await self.store.every_endpoint()
+        deliveries = await self.store.every_delivery()
+        self.scanned_at = began
+        self.endpoints = {str(d["_id"]): d for d in endpoints}
+        self.deliveries = {str(d["_id"]): d for d in deliveries}
+        now = _now()
+        for endpoint_id, endpoint in self.endpoints.items():
+            delivery = self.deliveries.get(endpoint_id)
+            if delivery is None or endpoint.get("state") == EndpointState.DISABLED.value:
+                continue
+            if state_of(endpoint, delivery) is EndpointState.FAILING:
+                continue
+            task = self.workers.get(endpoint_id)
+            if task is not None and not task.done():
+                continue
+            holder, expires = delivery.get("leaseHolder"), delivery.get("leaseExpiresAt")
+            if holder not in (None, self.holder) and expires is not None and _aware(expires) > now:
+                continue  # another process delivers to it
+            self.workers[endpoint_id] = asyncio.create_task(
+                EndpointWorker(self, endpoint_id).run(), name=f"webhook-lease-{endpoint_id}"
+            )
