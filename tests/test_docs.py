@@ -385,7 +385,14 @@ def session(
     work.mkdir()
     for name in ("scripts", "bench"):
         (work / name).symlink_to(ROOT / name)
-    environment = env_for(mongo_uri, databases.new(), tmp, RXLEDGER_MODE="development")
+    # Webhook endpoints of the examples name hosts this machine need not resolve.
+    environment = env_for(
+        mongo_uri,
+        databases.new(),
+        tmp,
+        RXLEDGER_MODE="development",
+        RXLEDGER_WEBHOOK_ALLOW_PRIVATE="1",
+    )
     with running_gateway(environment, tmp / "gateway.log") as base:
         shell_env = dict(environment)
         shell_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
