@@ -410,6 +410,24 @@ class Writes:
         return len(self.acked) / (self.finished - self.started) if self.acked else 0.0
 
 
+async def sequenced(url: str, authorization: str, size: int, timeout: float) -> None:
+    """Wait until the log holds at least `size` leaves (Broken after `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=timeout) as http:
+        while True:
+            r = await http.post(
+                url,
+                json={"query": "{ ledger { size } }"},
+                headers={"authorization": authorization},
+            )
+            held = ((r.json().get("data") or {}).get("ledger") or {}).get("size", 0)
+            if held >= size:
+                return
+            if time.monotonic() > deadline:
+                raise Broken(f"the log holds {held} leaves after {timeout:g} s, not {size}")
+            await asyncio.sleep(0.05)
+
+
 async def write(
     url: str, headers: dict[str, str], events: int, writers: int, rate: float | None
 ) -> Writes:
@@ -879,6 +897,9 @@ async def run(
         warm = await write(bench.graphql_url, bench.headers, 50, args.writers, None)
         if warm.errors:
             raise Broken(f"warm-up mutation failed: {warm.errors[0]}")
+        # A subscriber subscribes from the log's end: a warm-up event sequenced after that
+        # would reach it as one it did not expect.
+        await sequenced(bench.graphql_url, f"Bearer {reader}", len(warm.acked), args.timeout)
         pairs, memory = await phases(args, bench)
         load1 = os.getloadavg()[0]
 

@@ -565,6 +565,13 @@ async def test_kill_9_of_appending_processes_loses_no_acknowledged_append(
                 return '"ready"' in out.read_text(errors="replace")
 
             await wait_until(started, 20, f"appender {r} to start")
+
+            # Appending, not still setting up (its first append creates the indexes, slower
+            # on a server holding many databases): then a kill at a random moment.
+            async def appending(out: Path = out) -> bool:
+                return bool(acknowledged_in(out))
+
+            await wait_until(appending, 20, f"appender {r}'s first append")
             delay = rng.uniform(0.05, 0.5)
             await asyncio.sleep(delay)
             p.kill()

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from bson import Binary
 from pymongo import AsyncMongoClient, monitoring
+from reads_listener import Reads
 
 from anchoring.anchorer import AnchorSettings
 from anchoring.dialect import ENV_DIALECT, IN_BATCH, Dialect
@@ -282,24 +283,6 @@ async def test_history_signs_a_receipt_only_when_selected_and_once_per_leaf(
         await log.stop()
 
 
-class LedgerReads(monitoring.CommandListener):
-    """The filter of every read of `ledger` a client sends."""
-
-    def __init__(self) -> None:
-        self.filters: list[Any] = []
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if event.command_name in ("find", "aggregate", "count", "distinct"):
-            if event.command[event.command_name] == "ledger":
-                self.filters.append(event.command.get("filter", event.command.get("query")))
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
-
-
 async def test_a_mutation_on_an_id_nothing_has_reads_the_ledger_by_id_only(
     tlog, service, mongo_uri, db_name, monkeypatch
 ):
@@ -308,7 +291,7 @@ async def test_a_mutation_on_an_id_nothing_has_reads_the_ledger_by_id_only(
     # cost a scan of the hospital's whole ledger.
     monkeypatch.setenv(ENV_DIALECT, Dialect.FERRETDB.value)
     known = await service.issue(PRESCRIBER, fields("p-known"), None)
-    reads = LedgerReads()
+    reads = Reads()
     watched: AsyncMongoClient[Doc] = AsyncMongoClient(
         mongo_uri, tz_aware=True, event_listeners=[reads]
     )
@@ -319,8 +302,10 @@ async def test_a_mutation_on_an_id_nothing_has_reads_the_ledger_by_id_only(
             with pytest.raises(Refused) as refused:
                 await probing.transition(PHARMACIST, "dispensePrescription", rid, 1, None, {})
             assert refused.value.kind == "NotFound"
-        assert reads.filters, "the ledger was not read at all"
-        not_by_id = [f for f in reads.filters if not (isinstance(f, dict) and list(f) == ["_id"])]
+        assert reads.of("ledger"), "the ledger was not read at all"
+        not_by_id = [
+            f for f in reads.of("ledger") if not (isinstance(f, dict) and list(f) == ["_id"])
+        ]
         assert not_by_id == []
         # The prescription that exists is still found and extended.
         done = await probing.transition(
@@ -329,24 +314,6 @@ async def test_a_mutation_on_an_id_nothing_has_reads_the_ledger_by_id_only(
         assert done["version"] == 2
     finally:
         await watched.close()
-
-
-class Reads(monitoring.CommandListener):
-    """(collection, filter) of every read a client sends."""
-
-    def __init__(self) -> None:
-        self.reads: list[tuple[str, Any]] = []
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if event.command_name in ("find", "aggregate", "count", "distinct"):
-            name = event.command_name
-            self.reads.append((str(event.command[name]), event.command.get("filter")))
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
 
 
 def _ids_read(reads: list[tuple[str, Any]], collection: str) -> list[Any]:

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 from bson import ObjectId
-from pymongo import AsyncMongoClient, monitoring
+from pymongo import AsyncMongoClient
+from reads_listener import Reads
 
 from anchoring import dialect
 from anchoring.anchorer import AnchorSettings
@@ -25,40 +26,6 @@ from anchoring.store import Doc, LogStore
 from anchoring.tail import LogTail
 from anchoring.treemath import Node
 from app.settings import ConfigError, Settings
-
-READS = ("find", "aggregate", "count", "distinct")
-
-
-class Reads(monitoring.CommandListener):
-    """The collection and filter of every read command a client sends."""
-
-    def __init__(self) -> None:
-        self.reads: list[tuple[str, Any]] = []
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if event.command_name in READS:
-            name = event.command_name
-            self.reads.append((str(event.command[name]), event.command.get("filter")))
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
-
-    def not_id_lookups(self) -> list[tuple[str, Any]]:
-        """The reads whose filter is anything but {"_id": <one value>} or {"_id": {"$in":
-        [at most IN_BATCH values]}}: the shapes the patched FerretDB serves from its index."""
-        return [(coll, f) for coll, f in self.reads if not _id_lookup(f)]
-
-
-def _id_lookup(f: Any) -> bool:
-    if not (isinstance(f, dict) and list(f) == ["_id"]):
-        return False
-    value = f["_id"]
-    if not isinstance(value, dict):
-        return True
-    return list(value) == ["$in"] and len(value["$in"]) <= dialect.IN_BATCH
 
 
 @pytest.fixture
