@@ -66,12 +66,12 @@ from bench.processes import (  # noqa: E402
     Broken,
     copy_logs,
     cpu_seconds,
+    describe_server,
     drop_databases,
     gateway_env,
     log_tail,
     pct,
     progress,
-    redacted_uri,
     start_database,
     start_server,
     stop_process,
@@ -946,13 +946,7 @@ def main() -> int:
     try:
         with terminated_by_sigterm():
             uri, ferret = start_database(tmp)
-            if ferret is None:
-                server = f"MONGODB_URI {redacted_uri(uri)}"
-            else:
-                server = (
-                    "FerretDB v1.24.2 (patched: _id equalities and $ins use its index, other queries "
-                    f"scan), SQLite handler, started for this run at {uri}"
-                )
+            server = describe_server(uri, ferret)
             progress(f"server: {server}")
             apps = start_apps(uri, tmp, gateway_db, baseline_db)
             gateway, baseline = apps

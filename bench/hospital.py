@@ -106,10 +106,10 @@ from bench.processes import (  # noqa: E402
     Broken,
     copy_logs,
     cpu_seconds,
+    describe_server,
     drop_databases,
     gateway_env,
     progress,
-    redacted_uri,
     start_database,
     terminated_by_sigterm,
 )
@@ -827,12 +827,7 @@ def main() -> int:
         with terminated_by_sigterm():
             try:
                 uri, ferret = start_database(tmp)
-                server = (
-                    f"MONGODB_URI {redacted_uri(uri)}"
-                    if ferret is None
-                    else "FerretDB v1.24.2 (patched: _id equalities and $ins use its index), SQLite "
-                    f"handler, started for this run at {uri}"
-                )
+                server = describe_server(uri, ferret)
                 progress(f"server: {server}")
                 loads = [os.getloadavg()]
                 stages: list[Stage] = []

@@ -50,9 +50,9 @@ from anchoring.sequencer import Sequencer  # noqa: E402
 from anchoring.store import LogStore, one_of  # noqa: E402
 from bench.processes import (  # noqa: E402
     Broken,
+    describe_server,
     drop_databases,
     progress,
-    redacted_uri,
     start_database,
     terminated_by_sigterm,
 )
@@ -177,12 +177,7 @@ def main() -> int:
         with terminated_by_sigterm():
             try:
                 uri, ferret = start_database(tmp)
-                server = (
-                    f"MONGODB_URI {redacted_uri(uri)}"
-                    if ferret is None
-                    else "FerretDB v1.24.2 (patched: _id equalities and $ins use its index), SQLite "
-                    f"handler, started for this run at {uri}"
-                )
+                server = describe_server(uri, ferret)
                 progress(f"server: {server}")
                 loads = [os.getloadavg()]
                 times = asyncio.run(run(uri, args, names))

@@ -97,6 +97,17 @@ def start_database(tmp: Path) -> tuple[str, devdb.FerretServer | None]:
     return ferret.uri, ferret
 
 
+def describe_server(uri: str, ferret: object | None) -> str:
+    """The `server:` line of a benchmark: MONGODB_URI (password redacted), or the FerretDB
+    `start_database` started for this run."""
+    if ferret is None:
+        return f"MONGODB_URI {redacted_uri(uri)}"
+    return (
+        "FerretDB v1.24.2 (patched: _id equalities and $ins use its index, other queries scan), "
+        f"SQLite handler, started for this run at {uri}"
+    )
+
+
 async def drop_databases(uri: str, names: list[str]) -> None:
     """Drop the databases `names` on the server at `uri`."""
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, serverSelectionTimeoutMS=3000)

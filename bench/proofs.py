@@ -58,10 +58,10 @@ from anchoring.verify import VerificationError, verify_inclusion  # noqa: E402
 from bench.processes import (  # noqa: E402
     Broken,
     copy_logs,
+    describe_server,
     drop_databases,
     pct,
     progress,
-    redacted_uri,
     start_database,
     terminated_by_sigterm,
 )
@@ -296,12 +296,7 @@ def main() -> int:
         with terminated_by_sigterm():
             try:
                 uri, ferret = start_database(tmp)
-                server = (
-                    f"MONGODB_URI {redacted_uri(uri)}"
-                    if ferret is None
-                    else "FerretDB v1.24.2 (patched: _id equalities and $ins use its index), SQLite "
-                    f"handler, started for this run at {uri}"
-                )
+                server = describe_server(uri, ferret)
                 progress(f"server: {server}")
                 loads = [os.getloadavg()]
                 results = asyncio.run(
