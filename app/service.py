@@ -631,14 +631,19 @@ class PrescriptionService:
             ["data.state", "data.payload", "data.actor", "data.idem", "tags.patient"],
         )
 
-    async def _never_queued(self, event_ids: list[ObjectId]) -> list[ObjectId]:
+    async def _never_queued(
+        self, event_ids: list[ObjectId], unplaced: bool = False
+    ) -> list[ObjectId]:
         """The events neither sequenced nor queued for the log: written straight into
-        `ledger`, the log will never sequence them."""
+        `ledger`, the log will never sequence them. `unplaced`: the caller has just found
+        none of them in the log."""
         # The log first (by `_id`, usually cached): most events a caller asks about are
         # sequenced, and a read of `pending` decodes the whole queue on FerretDB. An event
         # that left `pending` between the two reads was published first (a group leaves
         # `pending` only once published), so the log is asked once more for what neither had.
-        missing = set(event_ids) - set(await self.log.leaf_indices(event_ids))
+        missing = set(event_ids)
+        if not unplaced:
+            missing -= set(await self.log.leaf_indices(event_ids))
         if missing:
             missing -= await self.log.ledger.queued(list(missing))
         if missing:
@@ -676,7 +681,7 @@ class PrescriptionService:
         problem = _ledger_problem(doc, events)
         unplaced = [e["_id"] for e, i in zip(events, placed, strict=True) if i is None]
         if problem is None and unplaced:
-            never = await self._never_queued(unplaced)
+            never = await self._never_queued(unplaced, unplaced=True)
             if never:
                 version = next(e["version"] for e in events if e["_id"] == never[0])
                 problem = f"event {version} is in the ledger but was never queued for the log"
