@@ -148,14 +148,19 @@ class Sequencer:
         durable): queued here without reading `pending` back. `local` says every predecessor
         its events extend was in the group or handed over before; otherwise the group waits
         for the next read of `pending`, which shows any earlier version queued elsewhere."""
-        if not self.is_leader or group_id in self._queue or group_id in self._dequeued:
+        if not self.is_leader or group_id in self._dequeued:
             return
-        self._queue[group_id] = {
-            "_id": group_id,
-            "queuedAt": _now(),
-            "events": [{k: e[k] for k in _SEQUENCED if k in e} for e in events],
-        }
-        self._markers[group_id] = set(committed)
+        # Known already when a read of `pending` (recovery's, or a scan) fell between its
+        # intent and its marker: the marker named here still completes it.
+        self._queue.setdefault(
+            group_id,
+            {
+                "_id": group_id,
+                "queuedAt": _now(),
+                "events": [{k: e[k] for k in _SEQUENCED if k in e} for e in events],
+            },
+        )
+        self._markers.setdefault(group_id, set(committed))
         if not local:
             self._unscanned[group_id] = time.monotonic()
         self._wakeup.set()

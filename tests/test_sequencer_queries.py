@@ -186,7 +186,9 @@ async def test_recovery_finds_which_queued_events_are_sequenced_by_id(
     await tlog.start()
     try:
         appended = [await tlog.append(f"rx-{k}", 1, header(f"rx-{k}", 1)) for k in range(5)]
-        await tlog.wait_sequenced(appended[-1].event_id)
+        # Each one: events of different prescriptions may enter the log in any order.
+        for a in appended:
+            await tlog.wait_sequenced(a.event_id)
     finally:
         await tlog.stop()
     queued = Ledger(store)  # appends with no sequencer running: they stay queued
@@ -205,6 +207,54 @@ async def test_recovery_finds_which_queued_events_are_sequenced_by_id(
         w.event_id for w in waiting
     }
     await sequencer.release_lease()
+
+
+async def test_a_group_recovery_read_before_its_marker_is_sequenced_when_handed_over(
+    watched: tuple[LogStore, Commands],
+) -> None:
+    """Recovery reads `pending` while an appender of this process sits between its intent and
+    its marker: the group is known, its marker not. The hand-over that follows the marker
+    must complete it; otherwise the group waits as an orphan for the next read of `pending`."""
+    store, _ = watched
+    gate = asyncio.Event()
+
+    class MarkerAfterGate:
+        def __init__(self, pending: Any) -> None:
+            self.pending = pending
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.pending, name)
+
+        async def insert_one(self, doc: Any, *args: Any, **kwargs: Any) -> Any:
+            if "committed" in doc:
+                await gate.wait()
+            return await self.pending.insert_one(doc, *args, **kwargs)
+
+    class GatedStore(LogStore):
+        @property
+        def pending(self) -> Any:
+            return MarkerAfterGate(super().pending)
+
+    sequencer = Sequencer(store, RARE.sequencer)
+    ledger = Ledger(GatedStore(store.db, origin=store.origin))
+    ledger.handoffs.append(sequencer.offer)
+    appending = asyncio.create_task(ledger.append("rx-gap", 1, header("rx-gap", 1)))
+    try:
+        while await store.pending.count_documents({}) == 0:  # the intent, not its marker
+            await asyncio.sleep(0.01)
+        assert await sequencer.acquire_lease()
+        sequencer.is_leader = True  # as the leader's loop sets it before recovering
+        await sequencer.recover()
+        assert len(sequencer._queue) == 1 and sequencer._markers == {}
+        gate.set()
+        appended = await appending
+        # Paced, as the leader's loop runs it: no read of `pending` due for 30 s.
+        assert await sequencer.sequence_batch(paced=True) == 1
+        assert await store.entries.find_one({"event": appended.event_id}) is not None
+    finally:
+        gate.set()
+        await ledger.close()
+        await sequencer.release_lease()
 
 
 async def _published_but_still_queued(
