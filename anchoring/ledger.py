@@ -130,9 +130,32 @@ def intent(group_id: ObjectId, events: list[Doc]) -> Doc:
 _DECODE: bson.CodecOptions[Doc] = bson.CodecOptions(tz_aware=True)
 
 
+class UnreadableIntent(ValueError):
+    """A `pending` intent this code never wrote: its events do not decode, or one lacks the
+    `_id`, subject, version and leaf every queued event has (planted, or edited in place)."""
+
+
+def _queued_event(e: object) -> bool:
+    return (
+        isinstance(e, dict)
+        and isinstance(e.get("_id"), ObjectId)
+        and isinstance(e.get("subject"), str)
+        and type(e.get("version")) is int
+        and isinstance(e.get("leaf"), bytes)
+    )
+
+
 def group_events(doc: Doc) -> list[Doc]:
-    """The events of an intent document."""
-    events: list[Doc] = bson.decode(bytes(doc["events"]), codec_options=_DECODE)["events"]
+    """The events of an intent document. Raises UnreadableIntent (naming the intent, never
+    quoting its content) for one this code could not have written."""
+    try:
+        events = bson.decode(bytes(doc["events"]), codec_options=_DECODE)["events"]
+    except (bson.errors.BSONError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise UnreadableIntent(
+            f"intent {doc.get('_id')!s:.40}: its events do not decode ({type(exc).__name__})"
+        ) from None
+    if not isinstance(events, list) or not all(_queued_event(e) for e in events):
+        raise UnreadableIntent(f"intent {doc.get('_id')!s:.40}: an event is malformed")
     return events
 
 
@@ -332,7 +355,12 @@ class Ledger:
         }
         if found != wanted:
             async for doc in self.store.pending.find(INTENTS, {"events": 1}):
-                found.update(e["_id"] for e in group_events(doc) if e["_id"] in wanted)
+                try:
+                    found.update(e["_id"] for e in group_events(doc) if e["_id"] in wanted)
+                except UnreadableIntent as exc:
+                    # What it held, if ours, its marker names (read above) or it never was
+                    # acknowledged; the sequencer reports and sets it aside.
+                    log.warning("queued: %s; skipped", exc)
         return found
 
     async def close(self) -> None:
@@ -363,7 +391,13 @@ class Ledger:
         meanwhile needs nothing). Returns how many intents were rewritten."""
         rewritten = 0
         async for group in self.store.pending.find({"committed": {"$exists": False}}):
-            events = group_events(group)
+            try:
+                events = group_events(group)
+            except UnreadableIntent as exc:
+                # Holds no copy to redact: the sequencer takes its events, if any, from
+                # the ledger, whose copies erasure redacts.
+                log.warning("redact: %s; skipped", exc)
+                continue
             changed = False
             for event in events:
                 if event["subject"] == subject and event["version"] < before_version:

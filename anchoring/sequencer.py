@@ -42,6 +42,7 @@ from anchoring.hashing import leaf_hash
 from anchoring.ledger import (
     INTENTS,
     MARKERS,
+    UnreadableIntent,
     commit_marker,
     events_of,
     group_events,
@@ -269,7 +270,7 @@ class Sequencer:
         self._queue, self._markers, self._unscanned = {}, {}, {}
         scanned_at = time.monotonic()
         markers = [m async for m in self.store.pending.find(MARKERS, {"committed": 1, "events": 1})]
-        groups = await self._groups({})
+        groups = await self._groups({}, markers)
         queued = [e["_id"] for g in groups for e in g["events"]]
         self._done = set()
         if queued:
@@ -456,14 +457,18 @@ class Sequencer:
         started = time.monotonic()
         # Sorted by `_id`: on MongoDB a walk of the `_id` index rather than a collection scan.
         docs = await self.store.pending.find({}).sort("_id", 1).to_list()
-        found = False
-        for doc in docs:
-            # A group in _dequeued may still be read while its dequeue is in flight.
-            gone = doc.get("committed", doc["_id"]) in self._dequeued
-            if "committed" not in doc and doc["_id"] not in self._queue and not gone:
-                doc["events"] = group_events(doc)
-                self._queue[doc["_id"]] = doc
-                found = True
+        # A group in _dequeued may still be read while its dequeue is in flight.
+        new = [
+            doc
+            for doc in docs
+            if "committed" not in doc
+            and doc["_id"] not in self._queue
+            and doc["_id"] not in self._dequeued
+        ]
+        await self._decode(new, [doc for doc in docs if "committed" in doc])
+        for doc in new:
+            self._queue[doc["_id"]] = doc
+        found = bool(new)
         self._quiet = 0 if found else self._quiet + 1
         for doc in docs:
             if "committed" in doc and doc["committed"] in self._queue:
@@ -500,13 +505,36 @@ class Sequencer:
         self.step_seconds[step] = self.step_seconds.get(step, 0.0) + now - since
         return now
 
-    async def _groups(self, query: Doc, limit: int = 0) -> list[Doc]:
+    async def _groups(self, query: Doc, markers: list[Doc], limit: int = 0) -> list[Doc]:
         """Queued intent documents, oldest first, with their events decoded."""
         cursor = self.store.pending.find({**INTENTS, **query}).sort("_id", 1).limit(limit)
         groups = await cursor.to_list()
-        for g in groups:
-            g["events"] = group_events(g)
+        await self._decode(groups, markers)
         return groups
+
+    async def _decode(self, groups: list[Doc], markers: list[Doc]) -> None:
+        """Decode the events of intents read from `pending` in place. One this code never
+        wrote (UnreadableIntent: planted, or edited in place) must not stop the log: the
+        events its commit marker names (acknowledged, so they must enter the log) are taken
+        from their ledger copies; without a marker it held nothing acknowledged, and it is
+        completed at once as empty, which takes it out of the queue. Reported, by id only."""
+        unreadable: dict[Any, Doc] = {}
+        for g in groups:
+            try:
+                g["events"] = group_events(g)
+                if not isinstance(g.get("queuedAt"), dt.datetime):
+                    raise UnreadableIntent(f"intent {g['_id']!s:.40}: no time it was queued")
+            except UnreadableIntent as exc:
+                log.error("sequence: %s; taking what its marker names from the ledger", exc)
+                unreadable[g["_id"]] = g
+        if not unreadable:
+            return
+        named = {m["committed"]: list(m.get("events", [])) for m in markers}
+        wanted = [e for gid in unreadable for e in named.get(gid, [])]
+        copies = await by_ids(self.store.ledger, wanted, dict.fromkeys(_SEQUENCED, 1))
+        for gid, g in unreadable.items():
+            g["events"] = [copies[e] for e in named.get(gid, []) if e in copies]
+            g["queuedAt"] = dt.datetime.min.replace(tzinfo=dt.UTC)  # past any orphan grace
 
     @staticmethod
     def _in_version_order(
@@ -554,7 +582,8 @@ class Sequencer:
         events = [e for g in old for e in g["events"]]
         ids = [e["_id"] for e in events]
         try:
-            await self.store.ledger.insert_many(events, ordered=False)
+            if events:  # an unreadable intent without a marker has none
+                await self.store.ledger.insert_many(events, ordered=False)
         except BulkWriteError as exc:
             if exc.details.get("writeConcernErrors"):
                 raise

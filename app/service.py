@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from bson import Binary, ObjectId
-from bson.errors import InvalidBSON
 from pymongo import ASCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError, PyMongoError
@@ -48,7 +47,14 @@ from anchoring.errors import (
     database_error,
 )
 from anchoring.hashing import leaf_hash
-from anchoring.ledger import event_at, event_id, events_of, group_events, newest_event
+from anchoring.ledger import (
+    UnreadableIntent,
+    event_at,
+    event_id,
+    events_of,
+    group_events,
+    newest_event,
+)
 from anchoring.log import InclusionProof, TransparencyLog
 from anchoring.receipt import Receipt
 from anchoring.store import Doc, Index, create_indexes
@@ -299,7 +305,7 @@ class PrescriptionService:
             if "committed" not in doc:
                 try:
                     _newest(queued, group_events(doc))
-                except (InvalidBSON, KeyError, TypeError) as exc:
+                except UnreadableIntent as exc:
                     log.error("sweep: queued group %s unreadable (%s); skipped", doc["_id"], exc)
         size = _count((await store.head()).get("size", 0))
         if start > size:  # a log restored from an older backup, or a mark edited

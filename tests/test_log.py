@@ -6,8 +6,9 @@ import asyncio
 import datetime as dt
 import time
 
+import bson
 import pytest
-from bson import ObjectId
+from bson import Binary, ObjectId
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from anchoring.anchorer import AnchorSettings
@@ -486,3 +487,51 @@ async def _known_to_the_sequencer(tlog: TransparencyLog, group: ObjectId) -> Non
     while group not in tlog.sequencer._queue:
         assert time.monotonic() < deadline, "the sequencer never read the group"
         await asyncio.sleep(0.01)
+
+
+UNREADABLE_EVENTS = [
+    Binary(b"\x05\x00\x00\x00\x00garbage"),  # not BSON
+    "not even bytes",
+    Binary(bson.encode({"events": [{"_id": ObjectId(), "subject": "rx-x"}]})),  # no version
+    Binary(bson.encode({"events": "a string"})),
+]
+
+
+@pytest.mark.parametrize("events", UNREADABLE_EVENTS)
+async def test_an_unreadable_intent_planted_in_pending_does_not_stop_the_log(store, signer, events):
+    # Someone who can write the database plants an intent this code never wrote: it is set
+    # aside (it names nothing anyone was told is stored), and the log goes on, from a start
+    # (recovery reads it) and in the steady state (a scan reads it).
+    planted = ObjectId()
+    await store.pending.insert_one({**intent(planted, []), "events": events})
+    tlog = TransparencyLog(store, signer, FAST)
+    await tlog.start()
+    try:
+        first = await tlog.append("rx-planted", 1, header("rx-planted", 1))
+        await tlog.wait_sequenced(first.event_id)
+        again = ObjectId()
+        await store.pending.insert_one({**intent(again, []), "events": events})
+        second = await tlog.append("rx-planted", 2, header("rx-planted", 2))
+        await tlog.wait_sequenced(second.event_id)
+        assert await Ledger(store).queued([first.event_id]) == set()
+    finally:
+        await tlog.stop()
+
+
+async def test_a_queued_group_whose_intent_was_overwritten_is_sequenced_from_its_ledger_copies(
+    store, signer
+):
+    # The appender acknowledged the event (its ledger copy and commit marker are durable);
+    # its intent was then overwritten. The marker names the events, the ledger holds them.
+    queued = Ledger(store)
+    appended = await queued.append("rx-overwritten", 1, header("rx-overwritten", 1))
+    await queued.close()
+    await store.pending.update_many(INTENTS, {"$set": {"events": Binary(b"garbage")}})
+    assert await Ledger(store).queued([appended.event_id]) == {appended.event_id}
+    tlog = TransparencyLog(store, signer, FAST)
+    await tlog.start()
+    try:
+        index = await tlog.wait_sequenced(appended.event_id)
+        assert bytes((await tlog.entry(index))["leaf"]) == appended.leaf
+    finally:
+        await tlog.stop()
