@@ -1,32 +1,67 @@
-"""The docs run: every block README.md and docs/*.md mark for testing is run, in order, against a
-real gateway (uvicorn, FerretDB, real JWTs minted by the documented `rxledger token`), so the
-docs cannot quietly rot.
+"""The docs run: every fenced block of README.md and docs/*.md is run, in order, against a real
+gateway (uvicorn, FerretDB, real JWTs minted by the documented `rxledger token`), or says why
+not, so the docs cannot quietly rot.
 
 The marker is an HTML comment on the line right before a fenced block (GitHub does not render
-it; it is plain in the source):
+it; it is plain in the source). Its clauses are separated by `;`:
 
     <!-- test -->                  run the block
     <!-- test: as $PRESCRIBER -->  (```graphql) send its operations with the bearer token that
                                    an earlier block exported as PRESCRIBER; with several names
                                    (`as $COURIER $PATIENT`), one per operation, in order
-    <!-- test: lines 5 -->         (```sh) a command that keeps running (a subscription): it
-                                   passes once it has printed 5 lines, then it is stopped
+    <!-- test: lines 5 -->         (```sh, ```python) a command that keeps running (a
+                                   subscription): it passes once it has printed 5 lines on
+                                   stdout, then it is stopped
+    <!-- test: until TEXT -->      (```sh) the same, until a line of stdout or stderr holds TEXT
+    <!-- test: while writing -->   (with `lines` or `until`) a prescription for pharmacy-1 is
+                                   filed every half second meanwhile, for streams that start
+                                   with the next event
+    <!-- test: with --sizes 60 --repeats 1 -->
+                                   (```sh) each command run with these options' values, set or
+                                   added: a benchmark at a tiny size
+    <!-- test: serves /readyz -->  (```sh) a server started the way `make run` starts one, with
+                                   free PORT and DB_PORT and neither MONGODB_URI nor RXLEDGER_*
+                                   settings: it passes once GET /readyz on PORT answers 200;
+                                   then it is stopped, and its FerretDB with `make db-stop`
+    <!-- test: witnessed by $W1 -->
+                                   (```sh) first restart the gateway with RXLEDGER_WITNESSES set
+                                   to the witness key an earlier block exported as W1
+
+A block that is not run says why, and only these two ways:
+
+    <!-- not run: REASON -->       sample output, a file format, a diagram, an example
+                                   response: never a command or a query
+    <!-- cannot run here: REASON -->
+                                   a command this machine cannot run at all (no Docker engine)
+                                   or that must not run inside the suite (`make test`)
+
+A block is a command or a query when it is ```sh, ```graphql, ```python, ```js (and the like),
+or when one of its lines starts with `rxledger`, `.venv/bin/...`, `curl`, `make`, `python` or
+`docker` (after any VAR=value). Every block is marked; only the blocks of PENDING_SECTIONS, which
+another piece of work runs, may be left unmarked until it is merged.
 
 How a marked block runs:
 
-- ```sh: with `bash -e -o pipefail`, in one scratch directory for the whole run (holding links
-  to the repository's `scripts/` and `bench/`), with the test gateway's environment
-  (MONGODB_URI, RXLEDGER_DB, RXLEDGER_VAR_DIR, ...: `rxledger token`, `verifier-key` and
-  `export-proof` use the gateway's log and keys) and the project's `rxledger` on PATH. What a
-  block exports, later blocks see (the walkthrough exports the tokens). It fails on a non-zero
-  exit status.
-- ```graphql: each operation of the block, in order, is POSTed to /graphql. It fails on an HTTP
-  status other than 200, on `errors`, and on a result-union member that is an error (an object
-  with a `__typename` and a `message`).
+- ```sh: with `bash -e -o pipefail`, in one scratch directory for the whole run (it stands for
+  the repository: links to its `scripts/`, `bench/`, `Makefile`, `pyproject.toml` and `.venv`),
+  with the test gateway's environment (MONGODB_URI, RXLEDGER_DB, RXLEDGER_VAR_DIR, ...:
+  `rxledger token`, `verifier-key` and `export-proof` use the gateway's log and keys) and the
+  project's `rxledger` on PATH. What a block exports, later blocks see (the walkthrough exports
+  the tokens). It fails on a non-zero exit status.
+- ```python: the same, with the Python running the tests (`python -c`).
+- ```graphql: each operation of the block, in order, is POSTed to /graphql; a subscription is
+  sent over a real WebSocket (graphql-transport-ws) and passes with its first event. It fails
+  on an HTTP status other than 200, on `errors`, and on a result-union member that is an error
+  (an object with a `__typename` and a `message`).
 
-Before it runs, a block's text has `http://127.0.0.1:8000` and `ws://127.0.0.1:8000` replaced by
-the test gateway's address, `.venv/bin/` by the directory of the Python running the tests, and
-`rx_…` by the id of the prescription the newest tested `issuePrescription` returned.
+Before it runs, a block's text has `http://127.0.0.1:8000`, `ws://127.0.0.1:8000` and
+`https://rx.example.org` replaced by the test gateway's address; `https://mirror.example.org`
+by a `python -m http.server` serving the scratch directory's `srv/rx-mirror/` (so
+`/srv/rx-mirror/log` is served as `https://mirror.example.org/log`); the production paths
+`/etc/rxledger/`, `/srv/` and `/var/lib/` by directories of the scratch directory; `bench/`
+and `scripts/` by the repository's own; `.venv/bin/` by the directory of the Python running
+the tests; and `rx_…` by the id of the prescription the newest tested `issuePrescription`
+returned.
 
 Pages run in the order of PAGES (README.md, then docs/ alphabetically) against one gateway and
 one database: the walkthrough's prescription is the one later pages list, export and follow.
@@ -34,9 +69,7 @@ Before each block the test waits until the log has sequenced every event and a s
 covers it (a second or so for a reader; `integrity` is VERIFIED by then). A failing block stops
 the run; the blocks after it are reported as not run.
 
-A page that shows commands (a ```sh or ```graphql block, or a block whose first command is
-`rxledger`, `.venv/bin/...`, `curl` or `make`) must mark at least one of them, and a marker must
-stand right before a fence and say only the words above.
+A marker must stand right before a fence and say only the words above.
 """
 
 from __future__ import annotations
