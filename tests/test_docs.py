@@ -694,7 +694,7 @@ def with_options(text: str, options: tuple[tuple[str, str], ...]) -> str:
             given = re.compile(rf"(?<!\S){re.escape(option)}(?:=|\s+)(?:'[^']*'|\"[^\"]*\"|\S+)")
             wanted = f"{option} {shlex.quote(value)}"
             if given.search(command):
-                command = given.sub(lambda _, w=wanted: w, command)
+                command = given.sub(wanted.replace("\\", "\\\\"), command)
             else:
                 command = f"{command} {wanted}"
         lines.append(command + (f"  #{comment}" if comment else ""))
