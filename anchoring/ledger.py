@@ -135,7 +135,8 @@ class UnreadableIntent(ValueError):
     `_id`, subject, version and leaf every queued event has (planted, or edited in place)."""
 
 
-def _queued_event(e: object) -> bool:
+def well_formed_event(e: object) -> bool:
+    """Whether `e` has the `_id`, subject, version and leaf every queued or ledger event has."""
     return (
         isinstance(e, dict)
         and isinstance(e.get("_id"), ObjectId)
@@ -143,6 +144,21 @@ def _queued_event(e: object) -> bool:
         and type(e.get("version")) is int
         and isinstance(e.get("leaf"), bytes)
     )
+
+
+def marker_events(doc: Doc) -> list[ObjectId] | None:
+    """The event ids a commit marker names; None for one this code could not have written
+    (planted or edited): its `_id` not the one of the group it names, or `events` not a list
+    of ids."""
+    group, events = doc.get("committed"), doc.get("events")
+    if (
+        isinstance(group, ObjectId)
+        and doc.get("_id") == marker_id(group)
+        and isinstance(events, list)
+        and all(isinstance(e, ObjectId) for e in events)
+    ):
+        return events
+    return None
 
 
 def group_events(doc: Doc) -> list[Doc]:
@@ -154,7 +170,7 @@ def group_events(doc: Doc) -> list[Doc]:
         raise UnreadableIntent(
             f"intent {doc.get('_id')!s:.40}: its events do not decode ({type(exc).__name__})"
         ) from None
-    if not isinstance(events, list) or not all(_queued_event(e) for e in events):
+    if not isinstance(events, list) or not all(well_formed_event(e) for e in events):
         raise UnreadableIntent(f"intent {doc.get('_id')!s:.40}: an event is malformed")
     return events
 
@@ -349,8 +365,8 @@ class Ledger:
         wanted = set(event_ids)
         found = {
             e
-            async for m in self.store.pending.find(MARKERS, {"events": 1})
-            for e in m.get("events", [])
+            async for m in self.store.pending.find(MARKERS, {"committed": 1, "events": 1})
+            for e in marker_events(m) or []
             if e in wanted
         }
         if found != wanted:

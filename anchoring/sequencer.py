@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bson import Binary
+from bson import Binary, ObjectId
 from pymongo import ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
@@ -44,10 +44,13 @@ from anchoring.ledger import (
     MARKERS,
     UnreadableIntent,
     commit_marker,
+    event_id,
     events_of,
     group_events,
+    marker_events,
     marker_id,
     same_append,
+    well_formed_event,
 )
 from anchoring.store import Doc, LogStore
 from anchoring.tiles import TileReader, tile_document, write_tiles
@@ -130,6 +133,7 @@ class Sequencer:
         self._markers: dict[Any, set[Any]] = {}
         self._unscanned: dict[Any, float] = {}
         self._dequeued: OrderedDict[Any, None] = OrderedDict()  # recent, for late handoffs
+        self._reported: set[str] = set()  # malformed documents reported, by repr of `_id`
         self._scanned_at = -math.inf  # time.monotonic() the last read of `pending` began
         self._scan_seconds = 0.0  # how long it took
         self._quiet = 0  # reads of `pending` in a row that found no group it did not know
@@ -269,8 +273,15 @@ class Sequencer:
         # is gone when read afterwards has outlived its group (a crash mid-dequeue).
         self._queue, self._markers, self._unscanned = {}, {}, {}
         scanned_at = time.monotonic()
-        markers = [m async for m in self.store.pending.find(MARKERS, {"committed": 1, "events": 1})]
-        groups = await self._groups({}, markers)
+        markers = self._valid_markers(
+            [
+                m
+                async for m in self.store.pending.find(
+                    MARKERS, {"_id": 1, "committed": 1, "events": 1}
+                )
+            ]
+        )
+        groups = await self._groups({})
         queued = [e["_id"] for g in groups for e in g["events"]]
         self._done = set()
         if queued:
@@ -283,7 +294,7 @@ class Sequencer:
             self._queue.setdefault(g["_id"], g)
         for m in markers:
             if m["committed"] in alive:
-                self._markers.setdefault(m["committed"], set(m.get("events", [])))
+                self._markers.setdefault(m["committed"], set(m["events"]))
         self._scanned_at = scanned_at
         self.epoch += 1
         log.info("recover: %s leads %s at size %d", self.holder, self.store.origin, self.size)
@@ -340,6 +351,7 @@ class Sequencer:
         orphans = [g for g in groups if g["_id"] not in committed]
         if orphans:
             committed.update(await self._complete_orphans(orphans))
+        await self._fill_unreadable(groups, committed)
         ok = {e_id for ids in committed.values() for e_id in ids}
         # Events of a group without a marker, or waiting for a read of `pending`, hold their
         # subjects back: an earlier version may be among them, or queued unseen elsewhere.
@@ -457,22 +469,26 @@ class Sequencer:
         started = time.monotonic()
         # Sorted by `_id`: on MongoDB a walk of the `_id` index rather than a collection scan.
         docs = await self.store.pending.find({}).sort("_id", 1).to_list()
+        markers = self._valid_markers([doc for doc in docs if "committed" in doc])
         # A group in _dequeued may still be read while its dequeue is in flight.
-        new = [
-            doc
-            for doc in docs
-            if "committed" not in doc
-            and doc["_id"] not in self._queue
-            and doc["_id"] not in self._dequeued
-        ]
-        await self._decode(new, [doc for doc in docs if "committed" in doc])
+        new = self._decoded(
+            [
+                doc
+                for doc in docs
+                if "committed" not in doc
+                and (
+                    not isinstance(doc["_id"], ObjectId)  # left out, reported
+                    or (doc["_id"] not in self._queue and doc["_id"] not in self._dequeued)
+                )
+            ]
+        )
         for doc in new:
             self._queue[doc["_id"]] = doc
         found = bool(new)
         self._quiet = 0 if found else self._quiet + 1
-        for doc in docs:
-            if "committed" in doc and doc["committed"] in self._queue:
-                self._markers.setdefault(doc["committed"], set(doc.get("events", [])))
+        for m in markers:
+            if m["committed"] in self._queue:
+                self._markers.setdefault(m["committed"], set(m["events"]))
         self._unscanned = {g: t for g, t in self._unscanned.items() if t >= started}
         self._scanned_at = started
         self._scan_seconds = time.monotonic() - started
@@ -505,36 +521,78 @@ class Sequencer:
         self.step_seconds[step] = self.step_seconds.get(step, 0.0) + now - since
         return now
 
-    async def _groups(self, query: Doc, markers: list[Doc], limit: int = 0) -> list[Doc]:
+    async def _groups(self, query: Doc, limit: int = 0) -> list[Doc]:
         """Queued intent documents, oldest first, with their events decoded."""
         cursor = self.store.pending.find({**INTENTS, **query}).sort("_id", 1).limit(limit)
-        groups = await cursor.to_list()
-        await self._decode(groups, markers)
-        return groups
+        return self._decoded(await cursor.to_list())
 
-    async def _decode(self, groups: list[Doc], markers: list[Doc]) -> None:
-        """Decode the events of intents read from `pending` in place. One this code never
-        wrote (UnreadableIntent: planted, or edited in place) must not stop the log: the
-        events its commit marker names (acknowledged, so they must enter the log) are taken
-        from their ledger copies; without a marker it held nothing acknowledged, and it is
-        completed at once as empty, which takes it out of the queue. Reported, by id only."""
-        unreadable: dict[Any, Doc] = {}
-        for g in groups:
+    # What is read from `pending` and `ledger` is checked before it reaches memory: a document
+    # this code could not have written (planted, or edited in place by someone who can write
+    # the database) must not stop the log. Each is reported once, by id only.
+
+    def _report(self, what: str, key: object) -> None:
+        if len(self._reported) > 10_000:
+            self._reported.clear()
+        if repr(key) not in self._reported:
+            self._reported.add(repr(key))
+            log.error("sequence: %s", what)
+
+    def _decoded(self, intents: list[Doc]) -> list[Doc]:
+        """The intents with their events decoded, in place. One whose `_id` is not an id is
+        left out. One whose events are unreadable (UnreadableIntent) is kept without events,
+        marked: the events its commit marker names, if it has or gets one, are taken from
+        their ledger copies once it is known (`_fill_unreadable`); an appender's marker may
+        still be on its way. One with no time it was queued is timed from now."""
+        groups = []
+        for g in intents:
+            if not isinstance(g.get("_id"), ObjectId):
+                self._report(f"an intent with _id {g.get('_id')!r:.60} is ignored", g.get("_id"))
+                continue
             try:
                 g["events"] = group_events(g)
-                if not isinstance(g.get("queuedAt"), dt.datetime):
-                    raise UnreadableIntent(f"intent {g['_id']!s:.40}: no time it was queued")
             except UnreadableIntent as exc:
-                log.error("sequence: %s; taking what its marker names from the ledger", exc)
-                unreadable[g["_id"]] = g
+                self._report(f"{exc}; what its commit marker names comes from the ledger", g["_id"])
+                g["events"], g["unreadable"] = [], True
+            if not isinstance(g.get("queuedAt"), dt.datetime):
+                self._report(f"intent {g['_id']}: no time it was queued; timed from now", g["_id"])
+                g["queuedAt"] = _now()
+            groups.append(g)
+        return groups
+
+    def _valid_markers(self, markers: list[Doc]) -> list[Doc]:
+        """The commit markers this code could have written, each with its `events` checked."""
+        valid = []
+        for m in markers:
+            events = marker_events(m)
+            if events is None:
+                self._report(
+                    f"commit marker {m.get('_id')!r:.60} is malformed; ignored", m.get("_id")
+                )
+            else:
+                valid.append({**m, "events": events})
+        return valid
+
+    async def _fill_unreadable(self, groups: list[Doc], committed: dict[Any, set[Any]]) -> None:
+        """The events of unreadable intents whose marker is now known: their ledger copies,
+        each well formed and stored under the `_id` derived from its subject and version;
+        those already in the log are done."""
+        unreadable = [g for g in groups if g.get("unreadable") and g["_id"] in committed]
         if not unreadable:
             return
-        named = {m["committed"]: list(m.get("events", [])) for m in markers}
-        wanted = [e for gid in unreadable for e in named.get(gid, [])]
+        wanted = [e for g in unreadable for e in committed[g["_id"]]]
         copies = await by_ids(self.store.ledger, wanted, dict.fromkeys(_SEQUENCED, 1))
-        for gid, g in unreadable.items():
-            g["events"] = [copies[e] for e in named.get(gid, []) if e in copies]
-            g["queuedAt"] = dt.datetime.min.replace(tzinfo=dt.UTC)  # past any orphan grace
+        for g in unreadable:
+            g["events"] = [
+                copies[e]
+                for e in sorted(committed[g["_id"]])
+                if e in copies
+                and well_formed_event(copies[e])
+                and e == event_id(copies[e]["subject"], copies[e]["version"])
+            ]
+            del g["unreadable"]
+        filled = [e["_id"] for g in unreadable for e in g["events"]]
+        if filled:
+            self._done |= await self._sequenced(filled)
 
     @staticmethod
     def _in_version_order(
@@ -604,8 +662,11 @@ class Sequencer:
             try:
                 await self.store.pending.insert_one(commit_marker(g["_id"], committed))
             except DuplicateKeyError:
+                # Its appender's marker landed meanwhile (or one planted: a malformed one
+                # counts for nothing, and what landed stands).
                 marker = await self.store.pending.find_one({"_id": marker_id(g["_id"])})
-                committed = list(marker["events"]) if marker else committed
+                named = marker_events(marker) if marker else None
+                committed = named if named is not None else committed
             result[g["_id"]] = set(committed)
         return result
 

@@ -535,3 +535,74 @@ async def test_a_queued_group_whose_intent_was_overwritten_is_sequenced_from_its
         assert bytes((await tlog.entry(index))["leaf"]) == appended.leaf
     finally:
         await tlog.stop()
+
+
+PLANTED = [
+    "a ledger copy without its leaf",
+    "a ledger copy without its subject",
+    "a ledger copy under an id not derived from it",
+    "a marker whose events are not a list",
+    "a marker naming the group under another id",
+    "an intent whose id is a document",
+    "a marker whose group id is a document",
+]
+
+
+@pytest.mark.parametrize("case", PLANTED)
+async def test_a_planted_marker_or_ledger_copy_beside_an_unreadable_intent_does_not_stop_the_log(
+    store, signer, case
+):
+    planted, bogus = ObjectId(), ObjectId()
+    garbage = {**intent(planted, []), "events": Binary(b"garbage")}
+    if case == "an intent whose id is a document":
+        await store.pending.insert_one({**intent(ObjectId(), []), "_id": {"a": 1}})
+    elif case == "a marker whose group id is a document":
+        await store.pending.insert_one({"_id": "x.c", "committed": {"a": 1}, "events": []})
+    elif case == "a marker whose events are not a list":
+        await store.pending.insert_many([garbage, {**commit_marker(planted, []), "events": 5}])
+    elif case == "a marker naming the group under another id":
+        copy, _ = make_event("rx-bogus", 1, header("rx-bogus", 1))
+        await store.ledger.insert_one(copy)
+        await store.pending.insert_many(
+            [garbage, {**commit_marker(planted, [copy["_id"]]), "_id": "elsewhere"}]
+        )
+    else:
+        copy, _ = make_event("rx-bogus", 1, header("rx-bogus", 1))
+        if case == "a ledger copy under an id not derived from it":
+            copy["_id"] = bogus
+        else:
+            del copy["leaf" if "leaf" in case else "subject"]
+        await store.ledger.insert_one(copy)
+        await store.pending.insert_many([garbage, commit_marker(planted, [copy["_id"]])])
+    tlog = TransparencyLog(store, signer, FAST)
+    await tlog.start()
+    try:
+        appended = await tlog.append("rx-after", 1, header("rx-after", 1))
+        await tlog.wait_sequenced(appended.event_id, timeout=5)
+        assert await store.entries.count_documents({"event": {"$ne": appended.event_id}}) == 0
+    finally:
+        await tlog.stop()
+
+
+async def test_an_event_a_planted_marker_names_again_is_not_sequenced_twice(store, signer):
+    tlog = TransparencyLog(store, signer, FAST)
+    await tlog.start()
+    try:
+        first = await tlog.append("rx-once", 1, header("rx-once", 1))
+        await tlog.wait_sequenced(first.event_id)
+        planted = ObjectId()
+        await store.pending.insert_many(
+            [
+                {**intent(planted, []), "events": Binary(b"garbage")},
+                commit_marker(planted, [first.event_id]),
+            ]
+        )
+        second = await tlog.append("rx-once", 2, header("rx-once", 2))
+        await tlog.wait_sequenced(second.event_id)
+        deadline = time.monotonic() + 5
+        while await store.pending.find_one({"_id": planted}) is not None:
+            assert time.monotonic() < deadline, "the planted group never left the queue"
+            await asyncio.sleep(0.05)
+        assert await store.entries.count_documents({"event": first.event_id}) == 1
+    finally:
+        await tlog.stop()

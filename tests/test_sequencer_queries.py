@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from bson import Binary
 from pymongo import AsyncMongoClient, monitoring
 
 from anchoring.anchorer import AnchorSettings
 from anchoring.dialect import ENV_DIALECT, IN_BATCH, Dialect, detect
 from anchoring.encoding import b64
 from anchoring.errors import InvalidEvent
-from anchoring.ledger import Ledger, event_id
+from anchoring.ledger import INTENTS, Ledger, event_id
 from anchoring.log import LogSettings, TransparencyLog
 from anchoring.note import Signer
 from anchoring.sequencer import Resync, Sequencer, SequencerSettings
@@ -209,6 +210,33 @@ async def test_recovery_finds_which_queued_events_are_sequenced_by_id(
     await sequencer.release_lease()
 
 
+class MarkerAfterGate:
+    """`pending`, but a commit marker is written only once `gate` is set."""
+
+    def __init__(self, pending: Any, gate: asyncio.Event) -> None:
+        self.pending, self.gate = pending, gate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pending, name)
+
+    async def insert_one(self, doc: Any, *args: Any, **kwargs: Any) -> Any:
+        if "committed" in doc:
+            await self.gate.wait()
+        return await self.pending.insert_one(doc, *args, **kwargs)
+
+
+class GatedStore(LogStore):
+    """The store an appender writes through, held between its intent and its marker."""
+
+    def __init__(self, *args: Any, gate: asyncio.Event, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = gate
+
+    @property
+    def pending(self) -> Any:
+        return MarkerAfterGate(super().pending, self.gate)
+
+
 async def test_a_group_recovery_read_before_its_marker_is_sequenced_when_handed_over(
     watched: tuple[LogStore, Commands],
 ) -> None:
@@ -217,26 +245,8 @@ async def test_a_group_recovery_read_before_its_marker_is_sequenced_when_handed_
     must complete it; otherwise the group waits as an orphan for the next read of `pending`."""
     store, _ = watched
     gate = asyncio.Event()
-
-    class MarkerAfterGate:
-        def __init__(self, pending: Any) -> None:
-            self.pending = pending
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.pending, name)
-
-        async def insert_one(self, doc: Any, *args: Any, **kwargs: Any) -> Any:
-            if "committed" in doc:
-                await gate.wait()
-            return await self.pending.insert_one(doc, *args, **kwargs)
-
-    class GatedStore(LogStore):
-        @property
-        def pending(self) -> Any:
-            return MarkerAfterGate(super().pending)
-
     sequencer = Sequencer(store, RARE.sequencer)
-    ledger = Ledger(GatedStore(store.db, origin=store.origin))
+    ledger = Ledger(GatedStore(store.db, origin=store.origin, gate=gate))
     ledger.handoffs.append(sequencer.offer)
     appending = asyncio.create_task(ledger.append("rx-gap", 1, header("rx-gap", 1)))
     try:
@@ -249,6 +259,35 @@ async def test_a_group_recovery_read_before_its_marker_is_sequenced_when_handed_
         gate.set()
         appended = await appending
         # Paced, as the leader's loop runs it: no read of `pending` due for 30 s.
+        assert await sequencer.sequence_batch(paced=True) == 1
+        assert await store.entries.find_one({"event": appended.event_id}) is not None
+    finally:
+        gate.set()
+        await ledger.close()
+        await sequencer.release_lease()
+
+
+async def test_an_acknowledged_group_whose_intent_is_overwritten_before_its_marker_is_sequenced(
+    watched: tuple[LogStore, Commands],
+) -> None:
+    """The intent is overwritten while its appender sits before its marker; recovery then
+    reads an unreadable intent with no marker. Its marker, once written, names an
+    acknowledged event that must still enter the log, from its ledger copy."""
+    store, _ = watched
+    sequencer = Sequencer(store, RARE.sequencer)
+    gate = asyncio.Event()
+    ledger = Ledger(GatedStore(store.db, origin=store.origin, gate=gate))
+    ledger.handoffs.append(sequencer.offer)
+    appending = asyncio.create_task(ledger.append("rx-edited", 1, header("rx-edited", 1)))
+    try:
+        while await store.ledger.find_one({"_id": event_id("rx-edited", 1)}) is None:
+            await asyncio.sleep(0.01)  # intent and ledger copy durable; the marker waits
+        await store.pending.update_many(INTENTS, {"$set": {"events": Binary(b"garbage")}})
+        assert await sequencer.acquire_lease()
+        sequencer.is_leader = True  # as the leader's loop sets it before recovering
+        await sequencer.recover()
+        gate.set()
+        appended = await appending  # acknowledged
         assert await sequencer.sequence_batch(paced=True) == 1
         assert await store.entries.find_one({"event": appended.event_id}) is not None
     finally:
