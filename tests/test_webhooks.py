@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from test_gateway import ROOT
 from test_subscriptions import Gateway, graphql, http_client, issue
 from webhook_receiver import Receiver, free_port
 
+import app.webhooks
 from anchoring.encoding import unb64
 from anchoring.hashing import leaf_hash
 from anchoring.note import parse_verifier_key
@@ -767,3 +769,75 @@ async def test_a_disabled_endpoint_gets_its_waiting_events_only_once_enabled(
     assert got.payload["data"]["prescriptionId"] == rx
     assert got.at > enabling, "delivered while the endpoint was disabled"
     assert receiver.of("paused") == [got]
+
+
+class Listener:
+    """A real HTTP server on (host, port) that answers 200 and counts the requests it got."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.hits: list[str] = []
+
+        async def route(request: Request) -> Response:
+            self.hits.append(request.url.path)
+            return Response(b"{}")
+
+        app = Starlette(routes=[Route("/{path}", route, methods=["POST"])])
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        )
+
+    async def __aenter__(self) -> Listener:
+        self.task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            assert not self.task.done(), "the listener did not start"
+            await asyncio.sleep(0.02)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        await self.task
+
+
+REAL_GETADDRINFO = socket.getaddrinfo
+
+
+def rebinding_dns(
+    monkeypatch: pytest.MonkeyPatch, name: str, answers: list[list[str]]
+) -> list[str]:
+    """The process's resolver (socket.getaddrinfo, which every lookup of the gateway goes
+    through) answering `name` as a hostile DNS server would: the n-th lookup gets answers[n]
+    (the last one ever after). The lookups made, for the test to count."""
+    lookups: list[str] = []
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if (host.decode() if isinstance(host, bytes) else host) != name:
+            return REAL_GETADDRINFO(host, port, *args, **kwargs)
+        lookups.append(host)
+        addresses = answers[min(len(lookups), len(answers)) - 1]
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (a, int(port)))
+            for a in addresses
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return lookups
+
+
+async def test_a_name_that_rebinds_after_its_check_is_sent_only_to_the_address_checked(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # No public address is reachable from a test: 127.0.0.2 stands for one (the address policy
+    # refuses 127.0.0.1 only), and a real server listens on each address, on one port.
+    monkeypatch.setattr(app.webhooks, "refused_address", lambda a: a == "127.0.0.1")
+    lookups = rebinding_dns(monkeypatch, "rebinding.test", [["127.0.0.2"], ["127.0.0.1"]])
+    port = free_port()
+    async with Listener("127.0.0.2", port) as checked, Listener("127.0.0.1", port) as rebound:
+        async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
+            for _ in range(3):
+                sent = await send(
+                    client, f"http://rebinding.test:{port}/hook", {}, b"{}", 5.0, False
+                )
+                assert sent.result == "success", sent
+    assert rebound.hits == [], "a delivery went to an address that was never checked"
+    assert checked.hits == ["/hook"] * 3
+    assert lookups == ["rebinding.test"], "the name was resolved again after its check"
