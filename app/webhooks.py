@@ -14,7 +14,9 @@ Lifecycle of a delivery, named as in the code, the logs and the metrics:
   send     - one POST: `webhook-id` stable per (event, endpoint), `webhook-timestamp`,
              `webhook-signature` by every secret still valid (the new one and, during a
              rotation's grace period, the old one); no redirects, at most 64 KiB of the
-             response read, RXLEDGER_WEBHOOK_TIMEOUT for the whole exchange.
+             response read, RXLEDGER_WEBHOOK_TIMEOUT for the whole exchange; connections only
+             to addresses that were checked when resolved (`CheckedResolver`: a name that
+             answers differently to a later lookup, DNS rebinding, changes nothing).
   record   - each attempt is a document of `webhook_attempts` under `_id` "<endpoint>:<n>", n
              counted on the endpoint (so a page of attempts is a read by `_id`).
   advance  - a 2xx moves the cursor, and the next event is sent (in order, at least once: it
@@ -56,7 +58,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -174,38 +178,30 @@ def refused_address(address: str) -> bool:
     return not ip.is_global or ip.is_multicast
 
 
-# Hosts found to resolve to public addresses only, until (time.monotonic()): a delivery does
-# not wait for a resolution each time, and a change of DNS is seen within RECHECK_SECONDS.
-_PUBLIC: dict[tuple[str, int], float] = {}
-RECHECK_SECONDS = 30.0
-
-
-async def check_destination(url: str, allow_private: bool, recent: bool = False) -> None:
+async def check_destination(url: str, allow_private: bool) -> None:
     """Raises WebhookRefused when `url` is malformed, or (unless `allow_private`) its host does
-    not resolve or resolves to any refused address. With `recent`, a host found public less
-    than RECHECK_SECONDS ago is not resolved again. The HTTP client resolves the host again to
-    connect: a name whose answer changes between the two (DNS rebinding) is not caught here;
-    an egress firewall or proxy that refuses private ranges is the complete defence."""
+    not resolve or resolves to any refused address. What a URL is checked by when it is given;
+    a delivery's connection is checked again, at the address it goes to (`CheckedResolver`)."""
     host, port = parse_url(url)
     if allow_private:
-        return
-    if recent and _PUBLIC.get((host, port), -math.inf) > time.monotonic():
         return
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise WebhookRefused(INVALID_URL, f"url host {host!r} does not resolve: {exc}") from None
     for info in infos:
-        address = str(info[4][0])
-        if refused_address(address):
-            raise WebhookRefused(
-                PRIVATE_ADDRESS,
-                f"url host {host!r} resolves to {address}, a loopback, private, link-local or "
-                "metadata address (set RXLEDGER_WEBHOOK_ALLOW_PRIVATE=1 in development)",
-            )
-    if len(_PUBLIC) > 10_000:
-        _PUBLIC.clear()
-    _PUBLIC[(host, port)] = time.monotonic() + RECHECK_SECONDS
+        refuse_address(host, str(info[4][0]))
+
+
+def refuse_address(host: str, address: str) -> None:
+    """Raises WebhookRefused(PRIVATE_ADDRESS) when `host` is at `address` and `refused_address`
+    refuses it."""
+    if refused_address(address):
+        raise WebhookRefused(
+            PRIVATE_ADDRESS,
+            f"url host {host!r} resolves to {address}, a loopback, private, link-local or "
+            "metadata address (set RXLEDGER_WEBHOOK_ALLOW_PRIVATE=1 in development)",
+        )
 
 
 # --- filters ------------------------------------------------------------------------------
@@ -615,49 +611,118 @@ class Outcome:
 RESULTS = ("success", "http_error", "timeout", "refused", "blocked", "error")
 
 
-async def send(
-    client: httpx.AsyncClient,
-    url: str,
-    headers: dict[str, str],
-    body: bytes,
-    timeout: float,
-    allow_private: bool,
-) -> Outcome:
-    """POST one delivery: a 2xx is a success; a redirect, another status, a timeout over the
-    whole exchange, a refused connection are failures. At most MAX_RESPONSE_BYTES of the
-    response are read."""
-    started = time.perf_counter()
+# How long a host's checked addresses are used before it is resolved (and checked) again.
+RESOLUTION_SECONDS = 30
 
-    def outcome(result: str, status: int | None, error: str | None) -> Outcome:
-        return Outcome(result, status, time.perf_counter() - started, error)
 
-    try:
-        async with asyncio.timeout(timeout):
-            # Checked again before deliveries too: DNS may have changed since the endpoint was
-            # created (every RECHECK_SECONDS at most).
-            await check_destination(url, allow_private, recent=True)
-            async with client.stream("POST", url, content=body, headers=headers) as response:
-                read = 0
-                async for chunk in response.aiter_raw():
-                    read += len(chunk)
-                    if read >= MAX_RESPONSE_BYTES:
-                        break
-    except TimeoutError:
-        return outcome("timeout", None, f"no complete response within {timeout:g} s")
-    except WebhookRefused as exc:
-        return outcome("blocked", None, exc.message)
-    except httpx.ConnectError as exc:
-        return outcome("refused", None, f"connection failed: {exc or type(exc).__name__}")
-    except httpx.TimeoutException:
-        return outcome("timeout", None, f"no complete response within {timeout:g} s")
-    except httpx.HTTPError as exc:
-        return outcome("error", None, f"{type(exc).__name__}: {exc}"[:300])
-    status = response.status_code
-    if 200 <= status < 300:
-        return outcome("success", status, None)
-    if 300 <= status < 400:
-        return outcome("http_error", status, f"HTTP {status}: redirects are not followed")
-    return outcome("http_error", status, f"HTTP {status}")
+class CheckedResolver(AbstractResolver):
+    """The delivery client's resolver, hence the only place a delivery's addresses come from:
+    it resolves a host (the system resolver, `socket.getaddrinfo`), refuses the host when any
+    address is refused (`refused_address`; WebhookRefused), and hands the connector only the
+    addresses it checked. A connection goes to one of those: a DNS answer that changes between
+    a check and a connection (DNS rebinding) never reaches an unchecked address. With
+    `allow_private`, nothing is refused."""
+
+    def __init__(self, allow_private: bool) -> None:
+        self.allow_private = allow_private
+        self._system = ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._system.resolve(host, port, family)
+        if not self.allow_private:
+            for result in found:
+                refuse_address(host, result["host"])
+        return found
+
+    async def close(self) -> None:
+        await self._system.close()
+
+
+class DeliveryClient:
+    """The HTTP client deliveries are POSTed with (aiohttp): addresses only from
+    CheckedResolver (an IP-literal host, which needs no resolution, is checked as it is), no
+    redirects, no proxies from the environment, no cookies kept, at most MAX_RESPONSE_BYTES of
+    a response read, `timeout` for a whole exchange. Requires a running event loop."""
+
+    def __init__(self, timeout: float, allow_private: bool) -> None:
+        self.timeout = timeout
+        self.allow_private = allow_private
+        connector = aiohttp.TCPConnector(
+            resolver=CheckedResolver(allow_private),
+            ttl_dns_cache=RESOLUTION_SECONDS,
+            limit=256,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            auto_decompress=False,
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def __aenter__(self) -> DeliveryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _check_literal(self, url: str) -> None:
+        """Raises WebhookRefused for a malformed URL, or one whose host is a refused IP
+        literal (the connector does not resolve those, so the resolver never sees them)."""
+        host, _ = parse_url(url)
+        if self.allow_private:
+            return
+        try:
+            ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            return  # a name: CheckedResolver checks what it resolves to
+        refuse_address(host, host)
+
+    async def send(self, url: str, headers: Mapping[str, str], body: bytes) -> Outcome:
+        """POST one delivery: a 2xx is a success; a redirect, another status, a timeout over
+        the whole exchange, a refused connection are failures. At most MAX_RESPONSE_BYTES of
+        the response are read."""
+        started = time.perf_counter()
+        timeout = self.timeout
+
+        def outcome(result: str, status: int | None, error: str | None) -> Outcome:
+            return Outcome(result, status, time.perf_counter() - started, error)
+
+        try:
+            async with asyncio.timeout(timeout):
+                self._check_literal(url)
+                async with self.session.post(
+                    url, data=body, headers=headers, allow_redirects=False
+                ) as response:
+                    status = response.status
+                    read = 0
+                    while read < MAX_RESPONSE_BYTES:
+                        chunk = await response.content.readany()
+                        if not chunk:
+                            break
+                        read += len(chunk)
+                    if not response.content.at_eof():
+                        response.close()  # the rest is never read: the connection goes
+        except TimeoutError:
+            return outcome("timeout", None, f"no complete response within {timeout:g} s")
+        except WebhookRefused as exc:
+            return outcome("blocked", None, exc.message)
+        except aiohttp.ClientConnectorDNSError as exc:
+            return outcome("refused", None, f"url host does not resolve: {exc.os_error}")
+        except aiohttp.ClientConnectorError as exc:
+            return outcome("refused", None, f"connection failed: {exc.os_error}")
+        except aiohttp.ClientError as exc:
+            return outcome("error", None, f"{type(exc).__name__}: {exc}"[:300])
+        if 200 <= status < 300:
+            return outcome("success", status, None)
+        if 300 <= status < 400:
+            return outcome("http_error", status, f"HTTP {status}: redirects are not followed")
+        return outcome("http_error", status, f"HTTP {status}")
 
 
 def retry_wait(schedule: tuple[float, ...], tries: int) -> float:
@@ -888,14 +953,7 @@ class EndpointWorker:
             if not secrets:
                 outcome = Outcome("error", None, 0.0, "no secret can sign: rotate the secret")
             else:
-                outcome = await send(
-                    d.client,
-                    str(endpoint["url"]),
-                    headers,
-                    body,
-                    d.settings.timeout,
-                    d.settings.allow_private,
-                )
+                outcome = await d.client.send(str(endpoint["url"]), headers, body)
             d.metrics.deliveries.labels(result=outcome.result).inc()
             d.metrics.latency.observe(outcome.seconds)
             last = tries > len(d.settings.retry_schedule)
@@ -964,12 +1022,7 @@ class WebhookDispatcher:
         self.endpoints: dict[str, Doc] = {}
         self.deliveries: dict[str, Doc] = {}
         self.workers: dict[str, asyncio.Task[None]] = {}
-        self.client = httpx.AsyncClient(
-            follow_redirects=False,
-            trust_env=False,
-            timeout=httpx.Timeout(settings.timeout),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-        )
+        self.client = DeliveryClient(settings.timeout, settings.allow_private)
         self._wakeup = asyncio.Event()
         metrics.dispatcher = self
 
@@ -1031,7 +1084,7 @@ class WebhookDispatcher:
             for task in self.workers.values():
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await self.client.aclose()
+            await self.client.close()
 
     async def scan(self) -> None:
         began = time.monotonic()

@@ -39,6 +39,7 @@ from app.auth import Role, Viewer
 from app.feed import FeedEvent, event_filter
 from app.policy import Tags
 from app.webhooks import (
+    DeliveryClient,
     EndpointFilter,
     SecretBox,
     WebhookRefused,
@@ -47,7 +48,6 @@ from app.webhooks import (
     new_secret,
     parse_url,
     refused_address,
-    send,
 )
 
 # The fixture that starts gateway processes over the test's database (tests/test_subscriptions.py).
@@ -713,10 +713,13 @@ async def test_a_send_follows_no_redirect_reads_at_most_64_kib_and_names_each_fa
         await asyncio.sleep(0.02)
     base = f"http://127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
+        async with (
+            DeliveryClient(5.0, allow_private=True) as client,
+            DeliveryClient(5.0, allow_private=False) as strict,
+        ):
 
             async def post(url: str, allow_private: bool = True) -> Any:
-                return await send(client, url, {}, b"{}", 5.0, allow_private)
+                return await (client if allow_private else strict).send(url, {}, b"{}")
 
             assert (await post(f"{base}/ok")).result == "success"
             redirected = await post(f"{base}/redirect")
@@ -832,12 +835,36 @@ async def test_a_name_that_rebinds_after_its_check_is_sent_only_to_the_address_c
     lookups = rebinding_dns(monkeypatch, "rebinding.test", [["127.0.0.2"], ["127.0.0.1"]])
     port = free_port()
     async with Listener("127.0.0.2", port) as checked, Listener("127.0.0.1", port) as rebound:
-        async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
+        async with DeliveryClient(5.0, allow_private=False) as client:
             for _ in range(3):
-                sent = await send(
-                    client, f"http://rebinding.test:{port}/hook", {}, b"{}", 5.0, False
-                )
+                sent = await client.send(f"http://rebinding.test:{port}/hook", {}, b"{}")
                 assert sent.result == "success", sent
     assert rebound.hits == [], "a delivery went to an address that was never checked"
     assert checked.hits == ["/hook"] * 3
     assert lookups == ["rebinding.test"], "the name was resolved again after its check"
+
+
+async def test_a_name_with_any_refused_address_is_not_connected_to_at_all(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    port = free_port()
+    async with Listener("127.0.0.1", port) as local:
+        # `localhost`, resolved for real: loopback, refused unless private addresses are allowed.
+        async with DeliveryClient(5.0, allow_private=False) as client:
+            blocked = await client.send(f"http://localhost:{port}/hook", {}, b"{}")
+        assert blocked.result == "blocked", blocked
+        assert "'localhost' resolves to 127.0.0.1" in blocked.error
+        assert "RXLEDGER_WEBHOOK_ALLOW_PRIVATE" in blocked.error
+        assert local.hits == []
+        # A name answering a public stand-in and a refused address at once: refused whole.
+        monkeypatch.setattr(app.webhooks, "refused_address", lambda a: a == "127.0.0.1")
+        rebinding_dns(monkeypatch, "mixed.test", [["127.0.0.2", "127.0.0.1"]])
+        async with DeliveryClient(5.0, allow_private=False) as client:
+            mixed = await client.send(f"http://mixed.test:{port}/hook", {}, b"{}")
+        assert mixed.result == "blocked" and "127.0.0.1" in mixed.error, mixed
+        assert local.hits == []
+        # With RXLEDGER_WEBHOOK_ALLOW_PRIVATE=1 (development, tests), loopback is fine.
+        async with DeliveryClient(5.0, allow_private=True) as client:
+            allowed = await client.send(f"http://localhost:{port}/hook", {}, b"{}")
+        assert allowed.result == "success", allowed
+        assert local.hits == ["/hook"]
