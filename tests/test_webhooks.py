@@ -868,3 +868,39 @@ async def test_a_name_with_any_refused_address_is_not_connected_to_at_all(
             allowed = await client.send(f"http://localhost:{port}/hook", {}, b"{}")
         assert allowed.result == "success", allowed
         assert local.hits == ["/hook"]
+
+
+async def test_a_restart_continues_the_retry_schedule_and_a_failing_endpoint_stays_failing(
+    start_gateway, receiver
+):
+    # Three tries 0.2 s apart, then a wait of 3 s before the fourth and last.
+    env = {**FAST, "RXLEDGER_WEBHOOK_RETRY_SCHEDULE": "0.2,0.2,3"}
+    first = await start_gateway(**env)
+    partner = first.token("PARTNER", "partner-a", "ph-A")
+    receiver.mode = "error"
+    async with http_client(2) as client:
+        endpoint, _ = await create_endpoint(client, first, receiver, "schedule", partner)
+        await issue(client, first, pharmacy="ph-A")
+        await wait_for_attempts(client, first, partner, endpoint, "http_error", 3)
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        second = await start_gateway(**env)
+        failing = await wait_for_state(client, second, partner, endpoint, "FAILING")
+        attempts = await deliveries(client, second, partner, endpoint)
+        # The new process went on with the fourth try, when the third had set it for.
+        assert [a["attempt"] for a in attempts] == [1, 2, 3, 4], attempts
+        due = dt.datetime.fromisoformat(attempts[2]["nextAttemptAt"])
+        assert dt.datetime.fromisoformat(attempts[3]["at"]) >= due
+        assert failing["attempts"] == 4 and len(receiver.of("schedule")) == 4
+
+        second.proc.send_signal(signal.SIGKILL)
+        second.proc.wait(10)
+        third = await start_gateway(**env)
+        # Once its scan has found the endpoint failing, the third process leaves it alone.
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{third.base}/readyz").json()["failingWebhookEndpoints"] != [endpoint]:
+            assert time.monotonic() < deadline, "the third process never found it failing"
+            await asyncio.sleep(0.05)
+        assert (await endpoint_state(client, third, partner, endpoint))["state"] == "FAILING"
+        assert len(await deliveries(client, third, partner, endpoint)) == 4
+        assert len(receiver.of("schedule")) == 4
