@@ -21,9 +21,12 @@ Lifecycle of a delivery, named as in the code, the logs and the metrics:
              counted on the endpoint (so a page of attempts is a read by `_id`).
   advance  - a 2xx moves the cursor, and the next event is sent (in order, at least once: it
              waited until then). The cursor and the attempts are stored together, a success
-             within FLUSH_SECONDS, a failure before its retry. A failure is retried after
-             RXLEDGER_WEBHOOK_RETRY_SCHEDULE's waits, with jitter; after the last the endpoint
-             is FAILING and its events wait for `replayWebhooks` or `enableWebhookEndpoint`.
+             within FLUSH_SECONDS, a failure before its retry, with the point reached in
+             the schedule (`retry`: the tries made, the next one's time), so that whoever
+             holds the endpoint next, after a restart or a lease handover, goes on with it. A
+             failure is retried after RXLEDGER_WEBHOOK_RETRY_SCHEDULE's waits, with jitter;
+             after the last the endpoint is FAILING and its events wait for `replayWebhooks`
+             or `enableWebhookEndpoint` (which start the schedule afresh).
 
 Every write of the holder is fenced by its lease; replaying, disabling and enabling bump the
 endpoint's `generation`, and a holder that sees it moved (before each try, in the endpoint as
@@ -379,7 +382,7 @@ class WebhookStore:
     """Three collections. `webhook_endpoints` holds what owners set (url, filter, secrets,
     state, `generation`, a pending `replay`) and only mutations write it; `webhook_deliveries`
     holds, under the same `_id`, what the delivering process keeps (cursor, lease, attempt
-    count, `failing`) and only the process taking or holding the lease writes it, one write
+    count, the `retry` schedule's point, `failing`) and only the process taking or holding the lease writes it, one write
     at a time. Two writers
     never update one document at once: on a server whose updates read a document and write
     it back whole (FerretDB v1), one of them could be lost. `webhook_attempts` is the attempt
@@ -402,6 +405,7 @@ class WebhookStore:
             "generation": endpoint["generation"],
             "replayed": -1,
             "attempts": 0,
+            "retry": None,
             "failing": None,
             "leaseHolder": None,
             "leaseExpiresAt": None,
@@ -804,6 +808,9 @@ class EndpointWorker:
         self.stored = -1  # the cursor as stored
         self.count = 0  # attempts numbered so far
         self.pending: list[Doc] = []  # attempts numbered, not yet stored
+        # Where the event after the cursor is in the retry schedule, once a try of it failed:
+        # {leafIndex, try (the tries made), nextAttemptAt (None after the last)}.
+        self.retry: Doc | None = None
         self._write = asyncio.Lock()
 
     async def run(self) -> None:
@@ -819,24 +826,27 @@ class EndpointWorker:
         async with self._write:
             return await d.store.held(self.endpoint_id, d.holder, fields, d.settings.lease_ttl)
 
-    async def _flush(self, force: bool = False) -> None:
-        """Store the cursor, the attempt count and the attempts made since the last flush
-        (and extend the lease); nothing when nothing changed, unless `force`d."""
+    def _progress(self) -> Doc:
+        """What the delivery state keeps of this worker's progress: the cursor, the attempt
+        count, and where the next event is in the retry schedule."""
+        return {"cursor": self.position, "attempts": self.count, "retry": self.retry}
+
+    async def _flush(self, force: bool = False, failing: Doc | None = None) -> None:
+        """Store the cursor, the attempt count, the retry schedule's point and the attempts
+        made since the last flush (and extend the lease); nothing when nothing changed, unless
+        `force`d. With `failing`, the endpoint is marked FAILING in the same write."""
         d = self.dispatcher
         async with self._write:
             if not (force or self.pending or self.position != self.stored):
                 return
-            pending, position = self.pending, self.position
+            pending, progress = self.pending, self._progress()
             self.pending = []
+            if failing is not None:
+                progress["failing"] = failing
             # The count first: a crash before the attempts are in leaves a gap in their
             # numbers, never a number used twice.
-            await d.store.held(
-                self.endpoint_id,
-                d.holder,
-                {"cursor": position, "attempts": self.count},
-                d.settings.lease_ttl,
-            )
-            self.stored = position
+            await d.store.held(self.endpoint_id, d.holder, progress, d.settings.lease_ttl)
+            self.stored = progress["cursor"]
             await d.store.insert_attempts(pending)
 
     async def _acquire(self) -> bool:
@@ -851,7 +861,7 @@ class EndpointWorker:
             return False
         generation = int(endpoint["generation"])
         if delivery.get("generation") != generation:
-            fields: Doc = {"generation": generation, "failing": None}
+            fields: Doc = {"generation": generation, "failing": None, "retry": None}
             replay = endpoint.get("replay")
             if replay is not None and int(replay["generation"]) > int(delivery["replayed"]):
                 fields.update(cursor=int(replay["after"]), replayed=int(replay["generation"]))
@@ -859,6 +869,7 @@ class EndpointWorker:
         self.endpoint = endpoint
         self.position = self.stored = int(delivery["cursor"])
         self.count = int(delivery.get("attempts", 0))
+        self.retry = delivery.get("retry")
         return state_of(endpoint, delivery) is EndpointState.ACTIVE
 
     async def _term(self) -> None:
@@ -904,11 +915,7 @@ class EndpointWorker:
             with contextlib.suppress(PyMongoError, LostEndpoint):
                 await self._flush()
                 async with self._write:
-                    await d.store.release(
-                        self.endpoint_id,
-                        d.holder,
-                        {"cursor": self.position, "attempts": self.count},
-                    )
+                    await d.store.release(self.endpoint_id, d.holder, self._progress())
 
     async def _follow(self) -> None:
         d = self.dispatcher
@@ -937,7 +944,7 @@ class EndpointWorker:
         """Send one event until a 2xx (True) or the last retry fails (False, FAILING)."""
         d = self.dispatcher
         message_id = webhook_id(self.endpoint_id, event.leaf_index)
-        tries = 0
+        tries = await self._resume(event.leaf_index)
         while True:
             tries += 1
             endpoint, body = await asyncio.gather(self._current_endpoint(), d.payloads.body(event))
@@ -977,8 +984,13 @@ class EndpointWorker:
             )
             if outcome.ok:
                 self.position = event.leaf_index
+                self.retry = None
                 return True
-            await self._flush()
+            self.retry = {
+                "leafIndex": event.leaf_index,
+                "try": tries,
+                "nextAttemptAt": self.pending[-1]["nextAttemptAt"],
+            }
             if wait is None:
                 log.warning(
                     "webhooks: %s FAILING at leaf %d after %d tries: %s",
@@ -987,11 +999,34 @@ class EndpointWorker:
                     tries,
                     outcome.error,
                 )
-                await self._held(
-                    {"failing": {"since": _now(), "error": outcome.error or outcome.result}}
+                await self._flush(
+                    failing={"since": _now(), "error": outcome.error or outcome.result}
                 )
                 return False
+            # Stored before the wait: whoever holds the endpoint next goes on from here.
+            await self._flush()
             await asyncio.sleep(wait)
+
+    async def _resume(self, leaf_index: int) -> int:
+        """The tries of the event at `leaf_index` made already (0 for a new one): a previous
+        holder's point in the retry schedule, whose next try waits until it is due."""
+        retry = self.retry
+        if retry is None or int(retry["leafIndex"]) != leaf_index:
+            self.retry = None
+            return 0
+        due = retry.get("nextAttemptAt")
+        if due is not None:
+            wait = (_aware(due) - _now()).total_seconds()
+            if wait > 0:
+                log.info(
+                    "webhooks: %s resumes leaf %d at try %d in %.1f s",
+                    self.endpoint_id,
+                    leaf_index,
+                    int(retry["try"]) + 1,
+                    wait,
+                )
+                await asyncio.sleep(wait)
+        return int(retry["try"])
 
 
 class WebhookDispatcher:
