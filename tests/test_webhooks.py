@@ -904,3 +904,71 @@ async def test_a_restart_continues_the_retry_schedule_and_a_failing_endpoint_sta
         assert (await endpoint_state(client, third, partner, endpoint))["state"] == "FAILING"
         assert len(await deliveries(client, third, partner, endpoint)) == 4
         assert len(receiver.of("schedule")) == 4
+
+
+async def test_two_gateways_share_the_endpoints_and_one_takes_over_when_the_other_dies(
+    start_gateway, receiver, client, db_name
+):
+    gateways = [await start_gateway(**FAST), await start_gateway(**FAST)]
+    partner = gateways[0].token("PARTNER", "partner-a", "ph-A")
+    names = [f"share-{i}" for i in range(6)]
+    db = client[db_name]
+
+    async def holders() -> dict[str, int]:
+        """Endpoints per process holding an unexpired lease."""
+        now = dt.datetime.now(dt.UTC)
+        held: dict[str, int] = {}
+        async for d in db.webhook_deliveries.find({}):
+            if d["leaseHolder"] and d["leaseExpiresAt"] > now:
+                held[d["leaseHolder"]] = held.get(d["leaseHolder"], 0) + 1
+        return held
+
+    async def balanced(want: list[int], what: str) -> dict[str, int]:
+        deadline = time.monotonic() + 30
+        while sorted((held := await holders()).values()) != want:
+            assert time.monotonic() < deadline, f"{what}: leases held {held}, want {want}"
+            await asyncio.sleep(0.1)
+        return held
+
+    async with http_client(4) as http:
+        for name in names:
+            await create_endpoint(http, gateways[0], receiver, name, partner)
+        # Each process holds its share, ceil(6 / 2) = 3, whoever scanned first.
+        sharing = await balanced([3, 3], "two processes")
+        issued = [
+            await issue(http, gateways[i % 2], pharmacy="ph-A", patient=f"pt-{i}")
+            for i in range(10)
+        ]
+        for name in names:
+            await receiver.wait_until(lambda n=name: len(receiver.accepted(n)) >= 10, name)
+        # Both delivered: the attempt log (stored within a second) names each attempt's process.
+        deadline = time.monotonic() + 30
+        while len(attempts := [a async for a in db.webhook_attempts.find({})]) < 60:
+            assert time.monotonic() < deadline, f"{len(attempts)} attempts stored, want 60"
+            await asyncio.sleep(0.1)
+        by_holder: dict[str, int] = {}
+        for a in attempts:
+            by_holder[a["holder"]] = by_holder.get(a["holder"], 0) + 1
+        assert sorted(by_holder) == sorted(sharing) and sum(by_holder.values()) == 60, by_holder
+
+        # Once every cursor is stored, the first process dies; the second takes its endpoints
+        # over when their leases expire, and delivers what was filed meanwhile.
+        deadline = time.monotonic() + 30
+        while (
+            sorted([d["cursor"] async for d in db.webhook_deliveries.find({})])
+            != [max(r.leaf_index for r in receiver.accepted(names[0]))] * 6
+        ):
+            assert time.monotonic() < deadline, "the cursors were never stored"
+            await asyncio.sleep(0.1)
+        gateways[0].proc.send_signal(signal.SIGKILL)
+        gateways[0].proc.wait(10)
+        issued += [
+            await issue(http, gateways[1], pharmacy="ph-A", patient=f"pt-{i}")
+            for i in range(10, 15)
+        ]
+        for name in names:
+            await receiver.wait_until(lambda n=name: len(receiver.accepted(n)) >= 15, name)
+        assert list((await balanced([6], "one process left")).values()) == [6]
+    for name in names:
+        # The receiver answered every request at once with 200: no retry, so no repeat.
+        assert_in_order_without_gaps(receiver.of(name), [(rx, 1) for rx in issued])
