@@ -3,10 +3,15 @@ signed by the Standard Webhooks scheme, retried, and carrying the log's receipt 
 
 Lifecycle of a delivery, named as in the code, the logs and the metrics:
 
-  acquire  - a process takes an endpoint's lease (`webhook_endpoints` document, fields
+  acquire  - a process takes an endpoint's lease (`webhook_deliveries` document, fields
              `leaseHolder`/`leaseExpiresAt`), as the sequencer takes the log's: one process
              delivers to an endpoint at a time. Every process scans the endpoints
-             (RXLEDGER_WEBHOOK_SCAN_INTERVAL) and tries the active ones nobody holds.
+             (RXLEDGER_WEBHOOK_SCAN_INTERVAL) and tries the active ones nobody holds, up to
+             its share: the active endpoints divided among the live delivering processes,
+             rounded up. A process is live while its heartbeat (`webhook_holders`, renewed
+             at each scan, expiring after RXLEDGER_WEBHOOK_LEASE_TTL) is: a dead process's
+             endpoints are taken over once their leases expire, and a process above its
+             share (others started) hands the excess over between two deliveries.
   follow   - the holder reads the shared feed (app/feed.py) from the endpoint's `cursor` (the
              last leaf index delivered or passed over) and routes each event as a PARTNER of the
              endpoint's organization would be sent it (app/policy.py `webhook_viewer`, through
@@ -94,6 +99,7 @@ log = logging.getLogger("rxledger.webhooks")
 ENDPOINTS = "webhook_endpoints"
 DELIVERIES = "webhook_deliveries"
 ATTEMPTS = "webhook_attempts"
+HOLDERS = "webhook_holders"
 
 WEBHOOK_INDEXES: dict[str, tuple[Index, ...]] = {
     ENDPOINTS: (
@@ -103,9 +109,10 @@ WEBHOOK_INDEXES: dict[str, tuple[Index, ...]] = {
             "an organization's endpoints, in id order (webhookEndpoints for a PARTNER)",
         ),
     ),
-    # Read by `_id` only: the endpoint's id; "<endpoint>:<n>".
+    # Read by `_id` only: the endpoint's id; "<endpoint>:<n>"; the holder.
     DELIVERIES: (),
     ATTEMPTS: (),
+    HOLDERS: (),
 }
 
 MAX_URL_LENGTH = 2048
@@ -392,6 +399,7 @@ class WebhookStore:
         self.endpoints: AsyncCollection[Doc] = db[ENDPOINTS]
         self.deliveries: AsyncCollection[Doc] = db[DELIVERIES]
         self.attempts: AsyncCollection[Doc] = db[ATTEMPTS]
+        self.holders: AsyncCollection[Doc] = db[HOLDERS]
 
     async def ensure_indexes(self) -> None:
         await create_indexes(self.endpoints, WEBHOOK_INDEXES[ENDPOINTS])
@@ -493,6 +501,23 @@ class WebhookStore:
         stored as the endpoint's count."""
         if attempts:
             await self.attempts.insert_many(attempts, ordered=False)
+
+    # --- the delivering processes (each writes its own heartbeat only) -----------------------
+
+    async def heartbeat(self, holder: str, ttl: float) -> None:
+        """Say that `holder` delivers, for `ttl` seconds from now."""
+        await self.holders.update_one(
+            {"_id": holder},
+            {"$set": {"expiresAt": _now() + dt.timedelta(seconds=ttl)}},
+            upsert=True,
+        )
+
+    async def every_holder(self) -> list[Doc]:
+        """Every heartbeat, live or not, in `_id` order (`_every`)."""
+        return await _every(self.holders)
+
+    async def forget_holder(self, holder: str) -> None:
+        await self.holders.delete_one({"_id": holder})
 
     async def attempts_page(self, endpoint_id: str, numbers: list[int]) -> list[Doc]:
         found = await by_ids(self.attempts, [f"{endpoint_id}:{n}" for n in numbers])
@@ -811,7 +836,14 @@ class EndpointWorker:
         # Where the event after the cursor is in the retry schedule, once a try of it failed:
         # {leafIndex, try (the tries made), nextAttemptAt (None after the last)}.
         self.retry: Doc | None = None
+        self.sending = False  # a POST is under way: the term does not end in its middle
+        self.leaving = False  # handing the endpoint over: the term ends between deliveries
         self._write = asyncio.Lock()
+
+    def leave(self) -> None:
+        """End this term between two deliveries (or during a retry's wait, which the next
+        holder goes on with) and give the lease up, for another process to take."""
+        self.leaving = True
 
     async def run(self) -> None:
         try:
@@ -887,6 +919,9 @@ class EndpointWorker:
                 done, _ = await asyncio.wait({delivery}, timeout=FLUSH_SECONDS)
                 if done:
                     break
+                if self.leaving and not self.sending:
+                    log.info("webhooks: %s handed over at leaf %d", self.endpoint_id, self.position)
+                    break
                 renew = time.monotonic() - renewed >= d.settings.lease_ttl / 3
                 await self._flush(force=renew)
                 if not renew:
@@ -925,6 +960,8 @@ class EndpointWorker:
         while True:
             try:
                 async for event in d.feed.stream(self.position + 1):
+                    if self.leaving:
+                        return
                     if match(event) and not await self._deliver(event):
                         return
                     self.position = event.leaf_index
@@ -960,7 +997,11 @@ class EndpointWorker:
             if not secrets:
                 outcome = Outcome("error", None, 0.0, "no secret can sign: rotate the secret")
             else:
-                outcome = await d.client.send(str(endpoint["url"]), headers, body)
+                self.sending = True
+                try:
+                    outcome = await d.client.send(str(endpoint["url"]), headers, body)
+                finally:
+                    self.sending = False
             d.metrics.deliveries.labels(result=outcome.result).inc()
             d.metrics.latency.observe(outcome.seconds)
             last = tries > len(d.settings.retry_schedule)
@@ -971,6 +1012,7 @@ class EndpointWorker:
                     "_id": f"{self.endpoint_id}:{self.count}",
                     "endpoint": self.endpoint_id,
                     "n": self.count,
+                    "holder": d.holder,
                     "leafIndex": event.leaf_index,
                     "webhookId": message_id,
                     "try": tries,
@@ -1056,7 +1098,7 @@ class WebhookDispatcher:
         self.scanned_at = -math.inf
         self.endpoints: dict[str, Doc] = {}
         self.deliveries: dict[str, Doc] = {}
-        self.workers: dict[str, asyncio.Task[None]] = {}
+        self.workers: dict[str, tuple[EndpointWorker, asyncio.Task[None]]] = {}
         self.client = DeliveryClient(settings.timeout, settings.allow_private)
         self._wakeup = asyncio.Event()
         metrics.dispatcher = self
@@ -1114,33 +1156,79 @@ class WebhookDispatcher:
                     w.cancel()
                 self._wakeup.clear()
         finally:
-            for task in self.workers.values():
+            for _, task in self.workers.values():
                 task.cancel()
-            for task in self.workers.values():
+            for _, task in self.workers.values():
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await self.client.close()
+            with contextlib.suppress(PyMongoError):
+                await self.store.forget_holder(self.holder)
+
+    @property
+    def heartbeat_ttl(self) -> float:
+        """How long this process counts as delivering after its last scan began."""
+        return max(self.settings.lease_ttl, 3 * self.settings.scan_interval)
 
     async def scan(self) -> None:
         began = time.monotonic()
+        await self.store.heartbeat(self.holder, self.heartbeat_ttl)
         endpoints = await self.store.every_endpoint()
         deliveries = await self.store.every_delivery()
+        holders = await self.store.every_holder()
         self.scanned_at = began
         self.endpoints = {str(d["_id"]): d for d in endpoints}
         self.deliveries = {str(d["_id"]): d for d in deliveries}
         now = _now()
-        for endpoint_id, endpoint in self.endpoints.items():
-            delivery = self.deliveries.get(endpoint_id)
-            if delivery is None or endpoint.get("state") == EndpointState.DISABLED.value:
+        active = [
+            endpoint_id
+            for endpoint_id, endpoint in self.endpoints.items()
+            if endpoint_id in self.deliveries
+            and state_of(endpoint, self.deliveries[endpoint_id]) is EndpointState.ACTIVE
+        ]
+        share = fair_share(len(active), await self._live(holders, now))
+        running = {i: w for i, (w, task) in self.workers.items() if not task.done()}
+        self._hand_over(running, share)
+        held = len(running)
+        for endpoint_id in active:
+            if held >= share:
+                break
+            if endpoint_id in running:
                 continue
-            if state_of(endpoint, delivery) is EndpointState.FAILING:
-                continue
-            task = self.workers.get(endpoint_id)
-            if task is not None and not task.done():
-                continue
+            delivery = self.deliveries[endpoint_id]
             holder, expires = delivery.get("leaseHolder"), delivery.get("leaseExpiresAt")
             if holder not in (None, self.holder) and expires is not None and _aware(expires) > now:
                 continue  # another process delivers to it
-            self.workers[endpoint_id] = asyncio.create_task(
-                EndpointWorker(self, endpoint_id).run(), name=f"webhook-lease-{endpoint_id}"
-            )
+            worker = EndpointWorker(self, endpoint_id)
+            task = asyncio.create_task(worker.run(), name=f"webhook-lease-{endpoint_id}")
+            self.workers[endpoint_id] = (worker, task)
+            held += 1
+
+    async def _live(self, holders: list[Doc], now: dt.datetime) -> int:
+        """How many processes deliver, this one included, by their heartbeats; forgets those
+        silent for long (a process that stopped without saying so)."""
+        live = {self.holder}
+        for doc in holders:
+            expires = _aware(doc["expiresAt"])
+            if expires > now:
+                live.add(str(doc["_id"]))
+            elif now - expires > dt.timedelta(seconds=FORGET_AFTER * self.heartbeat_ttl):
+                await self.store.forget_holder(str(doc["_id"]))
+        return len(live)
+
+    def _hand_over(self, running: dict[str, EndpointWorker], share: int) -> None:
+        """Ask as many workers as this process holds endpoints beyond its share to leave
+        (the last in id order, those not leaving already)."""
+        staying = sorted(i for i, w in running.items() if not w.leaving)
+        for endpoint_id in staying[share:]:
+            log.info("webhooks: %s above this process's share of %d", endpoint_id, share)
+            running[endpoint_id].leave()
+
+
+FORGET_AFTER = 10  # heartbeats silent this many times their ttl are deleted
+
+
+def fair_share(endpoints: int, processes: int) -> int:
+    """The most endpoints one of `processes` live delivering processes holds: an even split,
+    rounded up (so that together they hold every one)."""
+    return math.ceil(endpoints / max(1, processes))
