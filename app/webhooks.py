@@ -386,14 +386,14 @@ def state_of(endpoint: Mapping[str, Any], delivery: Mapping[str, Any] | None) ->
 
 
 class WebhookStore:
-    """Three collections. `webhook_endpoints` holds what owners set (url, filter, secrets,
+    """Four collections. `webhook_endpoints` holds what owners set (url, filter, secrets,
     state, `generation`, a pending `replay`) and only mutations write it; `webhook_deliveries`
     holds, under the same `_id`, what the delivering process keeps (cursor, lease, attempt
-    count, the `retry` schedule's point, `failing`) and only the process taking or holding the lease writes it, one write
-    at a time. Two writers
-    never update one document at once: on a server whose updates read a document and write
-    it back whole (FerretDB v1), one of them could be lost. `webhook_attempts` is the attempt
-    log."""
+    count, the point reached in the retry schedule, `failing`) and only the process taking or
+    holding the lease writes it, one write at a time. Two writers never update one document
+    at once: on a server whose updates read a document and write it back whole (FerretDB
+    v1), one of them could be lost. `webhook_attempts` is the attempt log; `webhook_holders`
+    the delivering processes' heartbeats, each written by its process only."""
 
     def __init__(self, db: AsyncDatabase[Doc]) -> None:
         self.endpoints: AsyncCollection[Doc] = db[ENDPOINTS]
