@@ -9,9 +9,10 @@ Lifecycle of a delivery, named as in the code, the logs and the metrics:
              (RXLEDGER_WEBHOOK_SCAN_INTERVAL) and tries the active ones nobody holds, up to
              its share: the active endpoints divided among the live delivering processes,
              rounded up. A process is live while its heartbeat (`webhook_holders`, renewed
-             at each scan, expiring after RXLEDGER_WEBHOOK_LEASE_TTL) is: a dead process's
-             endpoints are taken over once their leases expire, and a process above its
-             share (others started) hands the excess over between two deliveries.
+             at each scan, expiring after RXLEDGER_WEBHOOK_LEASE_TTL or 3 scan intervals,
+             whichever is longer) is: a dead process's endpoints are taken over once
+             their leases expire, and a process above its share (others started) hands the
+             excess over between two deliveries.
   follow   - the holder reads the shared feed (app/feed.py) from the endpoint's `cursor` (the
              last leaf index delivered or passed over) and routes each event as a PARTNER of the
              endpoint's organization would be sent it (app/policy.py `webhook_viewer`, through
