@@ -29,7 +29,8 @@ Partner webhooks (app/webhooks.py; docs/partners.md):
 
 RXLEDGER_WEBHOOK_ALLOW_PRIVATE (0 or 1; default 0)
     1 lets endpoints be on loopback, private, link-local or metadata addresses (development and
-    tests); otherwise such a URL is refused when created and before each delivery.
+    tests); otherwise such a URL is refused when created, and a delivery connects only to an
+    address checked when its host was resolved (at most 30 s before: DNS rebinding is no way in).
 RXLEDGER_WEBHOOK_KEY (base64 of at least 32 bytes; default: derived from the log signing key)
     The key endpoint secrets are encrypted under (AES-256-GCM, the key through HKDF-SHA256).
     Changing it, or the log key when it is unset, makes the stored secrets unreadable: rotate
@@ -40,8 +41,10 @@ RXLEDGER_WEBHOOK_RETRY_SCHEDULE (comma-separated seconds; default 5,30,120,600,3
     The waits before each retry of a failed delivery (each lengthened by up to 25 % of jitter);
     after the last one the endpoint is FAILING until replayWebhooks or enableWebhookEndpoint.
 RXLEDGER_WEBHOOK_LEASE_TTL (seconds >= 0.5; default 10)
-    How long a process's lease on an endpoint lasts without renewal: a crashed process's
-    endpoints are taken over after at most this long.
+    How long a process's lease on an endpoint lasts without renewal, and its heartbeat (at
+    least 3 scan intervals): a crashed process's endpoints are taken over after at most this
+    long. Each process holds at most its share of the endpoints (ceil(active endpoints /
+    processes with a live heartbeat)).
 RXLEDGER_WEBHOOK_SCAN_INTERVAL (seconds >= 0.01; default 1)
     How often each process reads the endpoints to find those it should deliver to.
 """

@@ -3,10 +3,16 @@ signed by the Standard Webhooks scheme, retried, and carrying the log's receipt 
 
 Lifecycle of a delivery, named as in the code, the logs and the metrics:
 
-  acquire  - a process takes an endpoint's lease (`webhook_endpoints` document, fields
+  acquire  - a process takes an endpoint's lease (`webhook_deliveries` document, fields
              `leaseHolder`/`leaseExpiresAt`), as the sequencer takes the log's: one process
              delivers to an endpoint at a time. Every process scans the endpoints
-             (RXLEDGER_WEBHOOK_SCAN_INTERVAL) and tries the active ones nobody holds.
+             (RXLEDGER_WEBHOOK_SCAN_INTERVAL) and tries the active ones nobody holds, up to
+             its share: the active endpoints divided among the live delivering processes,
+             rounded up. A process is live while its heartbeat (`webhook_holders`, renewed
+             at each scan, expiring after RXLEDGER_WEBHOOK_LEASE_TTL or 3 scan intervals,
+             whichever is longer) is: a dead process's endpoints are taken over once
+             their leases expire, and a process above its share (others started) hands the
+             excess over between two deliveries.
   follow   - the holder reads the shared feed (app/feed.py) from the endpoint's `cursor` (the
              last leaf index delivered or passed over) and routes each event as a PARTNER of the
              endpoint's organization would be sent it (app/policy.py `webhook_viewer`, through
@@ -14,14 +20,19 @@ Lifecycle of a delivery, named as in the code, the logs and the metrics:
   send     - one POST: `webhook-id` stable per (event, endpoint), `webhook-timestamp`,
              `webhook-signature` by every secret still valid (the new one and, during a
              rotation's grace period, the old one); no redirects, at most 64 KiB of the
-             response read, RXLEDGER_WEBHOOK_TIMEOUT for the whole exchange.
+             response read, RXLEDGER_WEBHOOK_TIMEOUT for the whole exchange; connections only
+             to addresses that were checked when resolved (`CheckedResolver`: a name that
+             answers differently to a later lookup, DNS rebinding, changes nothing).
   record   - each attempt is a document of `webhook_attempts` under `_id` "<endpoint>:<n>", n
              counted on the endpoint (so a page of attempts is a read by `_id`).
   advance  - a 2xx moves the cursor, and the next event is sent (in order, at least once: it
              waited until then). The cursor and the attempts are stored together, a success
-             within FLUSH_SECONDS, a failure before its retry. A failure is retried after
-             RXLEDGER_WEBHOOK_RETRY_SCHEDULE's waits, with jitter; after the last the endpoint
-             is FAILING and its events wait for `replayWebhooks` or `enableWebhookEndpoint`.
+             within FLUSH_SECONDS, a failure before its retry, with the point reached in
+             the schedule (`retry`: the tries made, the next one's time), so that whoever
+             holds the endpoint next, after a restart or a lease handover, goes on with it. A
+             failure is retried after RXLEDGER_WEBHOOK_RETRY_SCHEDULE's waits, with jitter;
+             after the last the endpoint is FAILING and its events wait for `replayWebhooks`
+             or `enableWebhookEndpoint` (which start the schedule afresh).
 
 Every write of the holder is fenced by its lease; replaying, disabling and enabling bump the
 endpoint's `generation`, and a holder that sees it moved (before each try, in the endpoint as
@@ -56,7 +67,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -87,6 +100,7 @@ log = logging.getLogger("rxledger.webhooks")
 ENDPOINTS = "webhook_endpoints"
 DELIVERIES = "webhook_deliveries"
 ATTEMPTS = "webhook_attempts"
+HOLDERS = "webhook_holders"
 
 WEBHOOK_INDEXES: dict[str, tuple[Index, ...]] = {
     ENDPOINTS: (
@@ -96,9 +110,10 @@ WEBHOOK_INDEXES: dict[str, tuple[Index, ...]] = {
             "an organization's endpoints, in id order (webhookEndpoints for a PARTNER)",
         ),
     ),
-    # Read by `_id` only: the endpoint's id; "<endpoint>:<n>".
+    # Read by `_id` only: the endpoint's id; "<endpoint>:<n>"; the holder.
     DELIVERIES: (),
     ATTEMPTS: (),
+    HOLDERS: (),
 }
 
 MAX_URL_LENGTH = 2048
@@ -174,38 +189,30 @@ def refused_address(address: str) -> bool:
     return not ip.is_global or ip.is_multicast
 
 
-# Hosts found to resolve to public addresses only, until (time.monotonic()): a delivery does
-# not wait for a resolution each time, and a change of DNS is seen within RECHECK_SECONDS.
-_PUBLIC: dict[tuple[str, int], float] = {}
-RECHECK_SECONDS = 30.0
-
-
-async def check_destination(url: str, allow_private: bool, recent: bool = False) -> None:
+async def check_destination(url: str, allow_private: bool) -> None:
     """Raises WebhookRefused when `url` is malformed, or (unless `allow_private`) its host does
-    not resolve or resolves to any refused address. With `recent`, a host found public less
-    than RECHECK_SECONDS ago is not resolved again. The HTTP client resolves the host again to
-    connect: a name whose answer changes between the two (DNS rebinding) is not caught here;
-    an egress firewall or proxy that refuses private ranges is the complete defence."""
+    not resolve or resolves to any refused address. What a URL is checked by when it is given;
+    a delivery's connection is checked again, at the address it goes to (`CheckedResolver`)."""
     host, port = parse_url(url)
     if allow_private:
-        return
-    if recent and _PUBLIC.get((host, port), -math.inf) > time.monotonic():
         return
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise WebhookRefused(INVALID_URL, f"url host {host!r} does not resolve: {exc}") from None
     for info in infos:
-        address = str(info[4][0])
-        if refused_address(address):
-            raise WebhookRefused(
-                PRIVATE_ADDRESS,
-                f"url host {host!r} resolves to {address}, a loopback, private, link-local or "
-                "metadata address (set RXLEDGER_WEBHOOK_ALLOW_PRIVATE=1 in development)",
-            )
-    if len(_PUBLIC) > 10_000:
-        _PUBLIC.clear()
-    _PUBLIC[(host, port)] = time.monotonic() + RECHECK_SECONDS
+        refuse_address(host, str(info[4][0]))
+
+
+def refuse_address(host: str, address: str) -> None:
+    """Raises WebhookRefused(PRIVATE_ADDRESS) when `host` is at `address` and `refused_address`
+    refuses it."""
+    if refused_address(address):
+        raise WebhookRefused(
+            PRIVATE_ADDRESS,
+            f"url host {host!r} resolves to {address}, a loopback, private, link-local or "
+            "metadata address (set RXLEDGER_WEBHOOK_ALLOW_PRIVATE=1 in development)",
+        )
 
 
 # --- filters ------------------------------------------------------------------------------
@@ -380,19 +387,20 @@ def state_of(endpoint: Mapping[str, Any], delivery: Mapping[str, Any] | None) ->
 
 
 class WebhookStore:
-    """Three collections. `webhook_endpoints` holds what owners set (url, filter, secrets,
+    """Four collections. `webhook_endpoints` holds what owners set (url, filter, secrets,
     state, `generation`, a pending `replay`) and only mutations write it; `webhook_deliveries`
     holds, under the same `_id`, what the delivering process keeps (cursor, lease, attempt
-    count, `failing`) and only the process taking or holding the lease writes it, one write
-    at a time. Two writers
-    never update one document at once: on a server whose updates read a document and write
-    it back whole (FerretDB v1), one of them could be lost. `webhook_attempts` is the attempt
-    log."""
+    count, the point reached in the retry schedule, `failing`) and only the process taking or
+    holding the lease writes it, one write at a time. Two writers never update one document
+    at once: on a server whose updates read a document and write it back whole (FerretDB
+    v1), one of them could be lost. `webhook_attempts` is the attempt log; `webhook_holders`
+    the delivering processes' heartbeats, each written by its process only."""
 
     def __init__(self, db: AsyncDatabase[Doc]) -> None:
         self.endpoints: AsyncCollection[Doc] = db[ENDPOINTS]
         self.deliveries: AsyncCollection[Doc] = db[DELIVERIES]
         self.attempts: AsyncCollection[Doc] = db[ATTEMPTS]
+        self.holders: AsyncCollection[Doc] = db[HOLDERS]
 
     async def ensure_indexes(self) -> None:
         await create_indexes(self.endpoints, WEBHOOK_INDEXES[ENDPOINTS])
@@ -406,6 +414,7 @@ class WebhookStore:
             "generation": endpoint["generation"],
             "replayed": -1,
             "attempts": 0,
+            "retry": None,
             "failing": None,
             "leaseHolder": None,
             "leaseExpiresAt": None,
@@ -493,6 +502,23 @@ class WebhookStore:
         stored as the endpoint's count."""
         if attempts:
             await self.attempts.insert_many(attempts, ordered=False)
+
+    # --- the delivering processes (each writes its own heartbeat only) -----------------------
+
+    async def heartbeat(self, holder: str, ttl: float) -> None:
+        """Say that `holder` delivers, for `ttl` seconds from now."""
+        await self.holders.update_one(
+            {"_id": holder},
+            {"$set": {"expiresAt": _now() + dt.timedelta(seconds=ttl)}},
+            upsert=True,
+        )
+
+    async def every_holder(self) -> list[Doc]:
+        """Every heartbeat, live or not, in `_id` order (`_every`)."""
+        return await _every(self.holders)
+
+    async def forget_holder(self, holder: str) -> None:
+        await self.holders.delete_one({"_id": holder})
 
     async def attempts_page(self, endpoint_id: str, numbers: list[int]) -> list[Doc]:
         found = await by_ids(self.attempts, [f"{endpoint_id}:{n}" for n in numbers])
@@ -615,49 +641,118 @@ class Outcome:
 RESULTS = ("success", "http_error", "timeout", "refused", "blocked", "error")
 
 
-async def send(
-    client: httpx.AsyncClient,
-    url: str,
-    headers: dict[str, str],
-    body: bytes,
-    timeout: float,
-    allow_private: bool,
-) -> Outcome:
-    """POST one delivery: a 2xx is a success; a redirect, another status, a timeout over the
-    whole exchange, a refused connection are failures. At most MAX_RESPONSE_BYTES of the
-    response are read."""
-    started = time.perf_counter()
+# How long a host's checked addresses are used before it is resolved (and checked) again.
+RESOLUTION_SECONDS = 30
 
-    def outcome(result: str, status: int | None, error: str | None) -> Outcome:
-        return Outcome(result, status, time.perf_counter() - started, error)
 
-    try:
-        async with asyncio.timeout(timeout):
-            # Checked again before deliveries too: DNS may have changed since the endpoint was
-            # created (every RECHECK_SECONDS at most).
-            await check_destination(url, allow_private, recent=True)
-            async with client.stream("POST", url, content=body, headers=headers) as response:
-                read = 0
-                async for chunk in response.aiter_raw():
-                    read += len(chunk)
-                    if read >= MAX_RESPONSE_BYTES:
-                        break
-    except TimeoutError:
-        return outcome("timeout", None, f"no complete response within {timeout:g} s")
-    except WebhookRefused as exc:
-        return outcome("blocked", None, exc.message)
-    except httpx.ConnectError as exc:
-        return outcome("refused", None, f"connection failed: {exc or type(exc).__name__}")
-    except httpx.TimeoutException:
-        return outcome("timeout", None, f"no complete response within {timeout:g} s")
-    except httpx.HTTPError as exc:
-        return outcome("error", None, f"{type(exc).__name__}: {exc}"[:300])
-    status = response.status_code
-    if 200 <= status < 300:
-        return outcome("success", status, None)
-    if 300 <= status < 400:
-        return outcome("http_error", status, f"HTTP {status}: redirects are not followed")
-    return outcome("http_error", status, f"HTTP {status}")
+class CheckedResolver(AbstractResolver):
+    """The delivery client's resolver, hence the only place a delivery's addresses come from:
+    it resolves a host (the system resolver, `socket.getaddrinfo`), refuses the host when any
+    address is refused (`refused_address`; WebhookRefused), and hands the connector only the
+    addresses it checked. A connection goes to one of those: a DNS answer that changes between
+    a check and a connection (DNS rebinding) never reaches an unchecked address. With
+    `allow_private`, nothing is refused."""
+
+    def __init__(self, allow_private: bool) -> None:
+        self.allow_private = allow_private
+        self._system = ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._system.resolve(host, port, family)
+        if not self.allow_private:
+            for result in found:
+                refuse_address(host, result["host"])
+        return found
+
+    async def close(self) -> None:
+        await self._system.close()
+
+
+class DeliveryClient:
+    """The HTTP client deliveries are POSTed with (aiohttp): addresses only from
+    CheckedResolver (an IP-literal host, which needs no resolution, is checked as it is), no
+    redirects, no proxies from the environment, no cookies kept, at most MAX_RESPONSE_BYTES of
+    a response read, `timeout` for a whole exchange. Requires a running event loop."""
+
+    def __init__(self, timeout: float, allow_private: bool) -> None:
+        self.timeout = timeout
+        self.allow_private = allow_private
+        connector = aiohttp.TCPConnector(
+            resolver=CheckedResolver(allow_private),
+            ttl_dns_cache=RESOLUTION_SECONDS,
+            limit=256,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            auto_decompress=False,
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def __aenter__(self) -> DeliveryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _check_literal(self, url: str) -> None:
+        """Raises WebhookRefused for a malformed URL, or one whose host is a refused IP
+        literal (the connector does not resolve those, so the resolver never sees them)."""
+        host, _ = parse_url(url)
+        if self.allow_private:
+            return
+        try:
+            ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            return  # a name: CheckedResolver checks what it resolves to
+        refuse_address(host, host)
+
+    async def send(self, url: str, headers: Mapping[str, str], body: bytes) -> Outcome:
+        """POST one delivery: a 2xx is a success; a redirect, another status, a timeout over
+        the whole exchange, a refused connection are failures. At most MAX_RESPONSE_BYTES of
+        the response are read."""
+        started = time.perf_counter()
+        timeout = self.timeout
+
+        def outcome(result: str, status: int | None, error: str | None) -> Outcome:
+            return Outcome(result, status, time.perf_counter() - started, error)
+
+        try:
+            async with asyncio.timeout(timeout):
+                self._check_literal(url)
+                async with self.session.post(
+                    url, data=body, headers=headers, allow_redirects=False
+                ) as response:
+                    status = response.status
+                    read = 0
+                    while read < MAX_RESPONSE_BYTES:
+                        chunk = await response.content.readany()
+                        if not chunk:
+                            break
+                        read += len(chunk)
+                    if not response.content.at_eof():
+                        response.close()  # the rest is never read: the connection goes
+        except TimeoutError:
+            return outcome("timeout", None, f"no complete response within {timeout:g} s")
+        except WebhookRefused as exc:
+            return outcome("blocked", None, exc.message)
+        except aiohttp.ClientConnectorDNSError as exc:
+            return outcome("refused", None, f"url host does not resolve: {exc.os_error}")
+        except aiohttp.ClientConnectorError as exc:
+            return outcome("refused", None, f"connection failed: {exc.os_error}")
+        except aiohttp.ClientError as exc:
+            return outcome("error", None, f"{type(exc).__name__}: {exc}"[:300])
+        if 200 <= status < 300:
+            return outcome("success", status, None)
+        if 300 <= status < 400:
+            return outcome("http_error", status, f"HTTP {status}: redirects are not followed")
+        return outcome("http_error", status, f"HTTP {status}")
 
 
 def retry_wait(schedule: tuple[float, ...], tries: int) -> float:
@@ -739,7 +834,17 @@ class EndpointWorker:
         self.stored = -1  # the cursor as stored
         self.count = 0  # attempts numbered so far
         self.pending: list[Doc] = []  # attempts numbered, not yet stored
+        # Where the event after the cursor is in the retry schedule, once a try of it failed:
+        # {leafIndex, try (the tries made), nextAttemptAt (None after the last)}.
+        self.retry: Doc | None = None
+        self.sending = False  # a POST is under way: the term does not end in its middle
+        self.leaving = False  # handing the endpoint over: the term ends between deliveries
         self._write = asyncio.Lock()
+
+    def leave(self) -> None:
+        """End this term between two deliveries (or during a retry's wait, which the next
+        holder goes on with) and give the lease up, for another process to take."""
+        self.leaving = True
 
     async def run(self) -> None:
         try:
@@ -754,24 +859,27 @@ class EndpointWorker:
         async with self._write:
             return await d.store.held(self.endpoint_id, d.holder, fields, d.settings.lease_ttl)
 
-    async def _flush(self, force: bool = False) -> None:
-        """Store the cursor, the attempt count and the attempts made since the last flush
-        (and extend the lease); nothing when nothing changed, unless `force`d."""
+    def _progress(self) -> Doc:
+        """What the delivery state keeps of this worker's progress: the cursor, the attempt
+        count, and where the next event is in the retry schedule."""
+        return {"cursor": self.position, "attempts": self.count, "retry": self.retry}
+
+    async def _flush(self, force: bool = False, failing: Doc | None = None) -> None:
+        """Store the cursor, the attempt count, the retry schedule's point and the attempts
+        made since the last flush (and extend the lease); nothing when nothing changed, unless
+        `force`d. With `failing`, the endpoint is marked FAILING in the same write."""
         d = self.dispatcher
         async with self._write:
             if not (force or self.pending or self.position != self.stored):
                 return
-            pending, position = self.pending, self.position
+            pending, progress = self.pending, self._progress()
             self.pending = []
+            if failing is not None:
+                progress["failing"] = failing
             # The count first: a crash before the attempts are in leaves a gap in their
             # numbers, never a number used twice.
-            await d.store.held(
-                self.endpoint_id,
-                d.holder,
-                {"cursor": position, "attempts": self.count},
-                d.settings.lease_ttl,
-            )
-            self.stored = position
+            await d.store.held(self.endpoint_id, d.holder, progress, d.settings.lease_ttl)
+            self.stored = progress["cursor"]
             await d.store.insert_attempts(pending)
 
     async def _acquire(self) -> bool:
@@ -786,7 +894,7 @@ class EndpointWorker:
             return False
         generation = int(endpoint["generation"])
         if delivery.get("generation") != generation:
-            fields: Doc = {"generation": generation, "failing": None}
+            fields: Doc = {"generation": generation, "failing": None, "retry": None}
             replay = endpoint.get("replay")
             if replay is not None and int(replay["generation"]) > int(delivery["replayed"]):
                 fields.update(cursor=int(replay["after"]), replayed=int(replay["generation"]))
@@ -794,6 +902,7 @@ class EndpointWorker:
         self.endpoint = endpoint
         self.position = self.stored = int(delivery["cursor"])
         self.count = int(delivery.get("attempts", 0))
+        self.retry = delivery.get("retry")
         return state_of(endpoint, delivery) is EndpointState.ACTIVE
 
     async def _term(self) -> None:
@@ -810,6 +919,9 @@ class EndpointWorker:
             while True:
                 done, _ = await asyncio.wait({delivery}, timeout=FLUSH_SECONDS)
                 if done:
+                    break
+                if self.leaving and not self.sending:
+                    log.info("webhooks: %s handed over at leaf %d", self.endpoint_id, self.position)
                     break
                 renew = time.monotonic() - renewed >= d.settings.lease_ttl / 3
                 await self._flush(force=renew)
@@ -839,11 +951,7 @@ class EndpointWorker:
             with contextlib.suppress(PyMongoError, LostEndpoint):
                 await self._flush()
                 async with self._write:
-                    await d.store.release(
-                        self.endpoint_id,
-                        d.holder,
-                        {"cursor": self.position, "attempts": self.count},
-                    )
+                    await d.store.release(self.endpoint_id, d.holder, self._progress())
 
     async def _follow(self) -> None:
         d = self.dispatcher
@@ -853,6 +961,8 @@ class EndpointWorker:
         while True:
             try:
                 async for event in d.feed.stream(self.position + 1):
+                    if self.leaving:
+                        return
                     if match(event) and not await self._deliver(event):
                         return
                     self.position = event.leaf_index
@@ -872,7 +982,7 @@ class EndpointWorker:
         """Send one event until a 2xx (True) or the last retry fails (False, FAILING)."""
         d = self.dispatcher
         message_id = webhook_id(self.endpoint_id, event.leaf_index)
-        tries = 0
+        tries = await self._resume(event.leaf_index)
         while True:
             tries += 1
             endpoint, body = await asyncio.gather(self._current_endpoint(), d.payloads.body(event))
@@ -888,14 +998,11 @@ class EndpointWorker:
             if not secrets:
                 outcome = Outcome("error", None, 0.0, "no secret can sign: rotate the secret")
             else:
-                outcome = await send(
-                    d.client,
-                    str(endpoint["url"]),
-                    headers,
-                    body,
-                    d.settings.timeout,
-                    d.settings.allow_private,
-                )
+                self.sending = True
+                try:
+                    outcome = await d.client.send(str(endpoint["url"]), headers, body)
+                finally:
+                    self.sending = False
             d.metrics.deliveries.labels(result=outcome.result).inc()
             d.metrics.latency.observe(outcome.seconds)
             last = tries > len(d.settings.retry_schedule)
@@ -906,6 +1013,7 @@ class EndpointWorker:
                     "_id": f"{self.endpoint_id}:{self.count}",
                     "endpoint": self.endpoint_id,
                     "n": self.count,
+                    "holder": d.holder,
                     "leafIndex": event.leaf_index,
                     "webhookId": message_id,
                     "try": tries,
@@ -919,8 +1027,13 @@ class EndpointWorker:
             )
             if outcome.ok:
                 self.position = event.leaf_index
+                self.retry = None
                 return True
-            await self._flush()
+            self.retry = {
+                "leafIndex": event.leaf_index,
+                "try": tries,
+                "nextAttemptAt": self.pending[-1]["nextAttemptAt"],
+            }
             if wait is None:
                 log.warning(
                     "webhooks: %s FAILING at leaf %d after %d tries: %s",
@@ -929,11 +1042,34 @@ class EndpointWorker:
                     tries,
                     outcome.error,
                 )
-                await self._held(
-                    {"failing": {"since": _now(), "error": outcome.error or outcome.result}}
+                await self._flush(
+                    failing={"since": _now(), "error": outcome.error or outcome.result}
                 )
                 return False
+            # Stored before the wait: whoever holds the endpoint next goes on from here.
+            await self._flush()
             await asyncio.sleep(wait)
+
+    async def _resume(self, leaf_index: int) -> int:
+        """The tries of the event at `leaf_index` made already (0 for a new one): a previous
+        holder's point in the retry schedule, whose next try waits until it is due."""
+        retry = self.retry
+        if retry is None or int(retry["leafIndex"]) != leaf_index:
+            self.retry = None
+            return 0
+        due = retry.get("nextAttemptAt")
+        if due is not None:
+            wait = (_aware(due) - _now()).total_seconds()
+            if wait > 0:
+                log.info(
+                    "webhooks: %s resumes leaf %d at try %d in %.1f s",
+                    self.endpoint_id,
+                    leaf_index,
+                    int(retry["try"]) + 1,
+                    wait,
+                )
+                await asyncio.sleep(wait)
+        return int(retry["try"])
 
 
 class WebhookDispatcher:
@@ -963,13 +1099,8 @@ class WebhookDispatcher:
         self.scanned_at = -math.inf
         self.endpoints: dict[str, Doc] = {}
         self.deliveries: dict[str, Doc] = {}
-        self.workers: dict[str, asyncio.Task[None]] = {}
-        self.client = httpx.AsyncClient(
-            follow_redirects=False,
-            trust_env=False,
-            timeout=httpx.Timeout(settings.timeout),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-        )
+        self.workers: dict[str, tuple[EndpointWorker, asyncio.Task[None]]] = {}
+        self.client = DeliveryClient(settings.timeout, settings.allow_private)
         self._wakeup = asyncio.Event()
         metrics.dispatcher = self
 
@@ -1026,33 +1157,79 @@ class WebhookDispatcher:
                     w.cancel()
                 self._wakeup.clear()
         finally:
-            for task in self.workers.values():
+            for _, task in self.workers.values():
                 task.cancel()
-            for task in self.workers.values():
+            for _, task in self.workers.values():
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await self.client.aclose()
+            await self.client.close()
+            with contextlib.suppress(PyMongoError):
+                await self.store.forget_holder(self.holder)
+
+    @property
+    def heartbeat_ttl(self) -> float:
+        """How long this process counts as delivering after its last scan began."""
+        return max(self.settings.lease_ttl, 3 * self.settings.scan_interval)
 
     async def scan(self) -> None:
         began = time.monotonic()
+        await self.store.heartbeat(self.holder, self.heartbeat_ttl)
         endpoints = await self.store.every_endpoint()
         deliveries = await self.store.every_delivery()
+        holders = await self.store.every_holder()
         self.scanned_at = began
         self.endpoints = {str(d["_id"]): d for d in endpoints}
         self.deliveries = {str(d["_id"]): d for d in deliveries}
         now = _now()
-        for endpoint_id, endpoint in self.endpoints.items():
-            delivery = self.deliveries.get(endpoint_id)
-            if delivery is None or endpoint.get("state") == EndpointState.DISABLED.value:
+        active = [
+            endpoint_id
+            for endpoint_id, endpoint in self.endpoints.items()
+            if endpoint_id in self.deliveries
+            and state_of(endpoint, self.deliveries[endpoint_id]) is EndpointState.ACTIVE
+        ]
+        share = fair_share(len(active), await self._live(holders, now))
+        running = {i: w for i, (w, task) in self.workers.items() if not task.done()}
+        self._hand_over(running, share)
+        held = len(running)
+        for endpoint_id in active:
+            if held >= share:
+                break
+            if endpoint_id in running:
                 continue
-            if state_of(endpoint, delivery) is EndpointState.FAILING:
-                continue
-            task = self.workers.get(endpoint_id)
-            if task is not None and not task.done():
-                continue
+            delivery = self.deliveries[endpoint_id]
             holder, expires = delivery.get("leaseHolder"), delivery.get("leaseExpiresAt")
             if holder not in (None, self.holder) and expires is not None and _aware(expires) > now:
                 continue  # another process delivers to it
-            self.workers[endpoint_id] = asyncio.create_task(
-                EndpointWorker(self, endpoint_id).run(), name=f"webhook-lease-{endpoint_id}"
-            )
+            worker = EndpointWorker(self, endpoint_id)
+            task = asyncio.create_task(worker.run(), name=f"webhook-lease-{endpoint_id}")
+            self.workers[endpoint_id] = (worker, task)
+            held += 1
+
+    async def _live(self, holders: list[Doc], now: dt.datetime) -> int:
+        """How many processes deliver, this one included, by their heartbeats; forgets those
+        silent for long (a process that stopped without saying so)."""
+        live = {self.holder}
+        for doc in holders:
+            expires = _aware(doc["expiresAt"])
+            if expires > now:
+                live.add(str(doc["_id"]))
+            elif now - expires > dt.timedelta(seconds=FORGET_AFTER * self.heartbeat_ttl):
+                await self.store.forget_holder(str(doc["_id"]))
+        return len(live)
+
+    def _hand_over(self, running: dict[str, EndpointWorker], share: int) -> None:
+        """Ask as many workers as this process holds endpoints beyond its share to leave
+        (the last in id order, those not leaving already)."""
+        staying = sorted(i for i, w in running.items() if not w.leaving)
+        for endpoint_id in staying[share:]:
+            log.info("webhooks: %s above this process's share of %d", endpoint_id, share)
+            running[endpoint_id].leave()
+
+
+FORGET_AFTER = 10  # heartbeats silent this many times their ttl are deleted
+
+
+def fair_share(endpoints: int, processes: int) -> int:
+    """The most endpoints one of `processes` live delivering processes holds: an even split,
+    rounded up (so that together they hold every one)."""
+    return math.ceil(endpoints / max(1, processes))

@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from test_gateway import ROOT
 from test_subscriptions import Gateway, graphql, http_client, issue
 from webhook_receiver import Receiver, free_port
 
+import app.webhooks
 from anchoring.encoding import unb64
 from anchoring.hashing import leaf_hash
 from anchoring.note import parse_verifier_key
@@ -37,6 +39,7 @@ from app.auth import Role, Viewer
 from app.feed import FeedEvent, event_filter
 from app.policy import Tags
 from app.webhooks import (
+    DeliveryClient,
     EndpointFilter,
     SecretBox,
     WebhookRefused,
@@ -45,7 +48,6 @@ from app.webhooks import (
     new_secret,
     parse_url,
     refused_address,
-    send,
 )
 
 # The fixture that starts gateway processes over the test's database (tests/test_subscriptions.py).
@@ -711,10 +713,13 @@ async def test_a_send_follows_no_redirect_reads_at_most_64_kib_and_names_each_fa
         await asyncio.sleep(0.02)
     base = f"http://127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
+        async with (
+            DeliveryClient(5.0, allow_private=True) as client,
+            DeliveryClient(5.0, allow_private=False) as strict,
+        ):
 
             async def post(url: str, allow_private: bool = True) -> Any:
-                return await send(client, url, {}, b"{}", 5.0, allow_private)
+                return await (client if allow_private else strict).send(url, {}, b"{}")
 
             assert (await post(f"{base}/ok")).result == "success"
             redirected = await post(f"{base}/redirect")
@@ -767,3 +772,203 @@ async def test_a_disabled_endpoint_gets_its_waiting_events_only_once_enabled(
     assert got.payload["data"]["prescriptionId"] == rx
     assert got.at > enabling, "delivered while the endpoint was disabled"
     assert receiver.of("paused") == [got]
+
+
+class Listener:
+    """A real HTTP server on (host, port) that answers 200 and counts the requests it got."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.hits: list[str] = []
+
+        async def route(request: Request) -> Response:
+            self.hits.append(request.url.path)
+            return Response(b"{}")
+
+        app = Starlette(routes=[Route("/{path}", route, methods=["POST"])])
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        )
+
+    async def __aenter__(self) -> Listener:
+        self.task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            assert not self.task.done(), "the listener did not start"
+            await asyncio.sleep(0.02)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        await self.task
+
+
+REAL_GETADDRINFO = socket.getaddrinfo
+
+
+def rebinding_dns(
+    monkeypatch: pytest.MonkeyPatch, name: str, answers: list[list[str]]
+) -> list[str]:
+    """The process's resolver (socket.getaddrinfo, which every lookup of the gateway goes
+    through) answering `name` as a hostile DNS server would: the n-th lookup gets answers[n]
+    (the last one ever after). The lookups made, for the test to count."""
+    lookups: list[str] = []
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if (host.decode() if isinstance(host, bytes) else host) != name:
+            return REAL_GETADDRINFO(host, port, *args, **kwargs)
+        lookups.append(host)
+        addresses = answers[min(len(lookups), len(answers)) - 1]
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (a, int(port)))
+            for a in addresses
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return lookups
+
+
+async def test_a_name_that_rebinds_after_its_check_is_sent_only_to_the_address_checked(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # No public address is reachable from a test: 127.0.0.2 stands for one (the address policy
+    # refuses 127.0.0.1 only), and a real server listens on each address, on one port.
+    monkeypatch.setattr(app.webhooks, "refused_address", lambda a: a == "127.0.0.1")
+    lookups = rebinding_dns(monkeypatch, "rebinding.test", [["127.0.0.2"], ["127.0.0.1"]])
+    port = free_port()
+    async with Listener("127.0.0.2", port) as checked, Listener("127.0.0.1", port) as rebound:
+        async with DeliveryClient(5.0, allow_private=False) as client:
+            for _ in range(3):
+                sent = await client.send(f"http://rebinding.test:{port}/hook", {}, b"{}")
+                assert sent.result == "success", sent
+    assert rebound.hits == [], "a delivery went to an address that was never checked"
+    assert checked.hits == ["/hook"] * 3
+    assert lookups == ["rebinding.test"], "the name was resolved again after its check"
+
+
+async def test_a_name_with_any_refused_address_is_not_connected_to_at_all(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    port = free_port()
+    async with Listener("127.0.0.1", port) as local:
+        # `localhost`, resolved for real: loopback, refused unless private addresses are allowed.
+        async with DeliveryClient(5.0, allow_private=False) as client:
+            blocked = await client.send(f"http://localhost:{port}/hook", {}, b"{}")
+        assert blocked.result == "blocked", blocked
+        assert "'localhost' resolves to 127.0.0.1" in blocked.error
+        assert "RXLEDGER_WEBHOOK_ALLOW_PRIVATE" in blocked.error
+        assert local.hits == []
+        # A name answering a public stand-in and a refused address at once: refused whole.
+        monkeypatch.setattr(app.webhooks, "refused_address", lambda a: a == "127.0.0.1")
+        rebinding_dns(monkeypatch, "mixed.test", [["127.0.0.2", "127.0.0.1"]])
+        async with DeliveryClient(5.0, allow_private=False) as client:
+            mixed = await client.send(f"http://mixed.test:{port}/hook", {}, b"{}")
+        assert mixed.result == "blocked" and "127.0.0.1" in mixed.error, mixed
+        assert local.hits == []
+        # With RXLEDGER_WEBHOOK_ALLOW_PRIVATE=1 (development, tests), loopback is fine.
+        async with DeliveryClient(5.0, allow_private=True) as client:
+            allowed = await client.send(f"http://localhost:{port}/hook", {}, b"{}")
+        assert allowed.result == "success", allowed
+        assert local.hits == ["/hook"]
+
+
+async def test_a_restart_continues_the_retry_schedule_and_a_failing_endpoint_stays_failing(
+    start_gateway, receiver
+):
+    # Three tries 0.2 s apart, then a wait of 3 s before the fourth and last.
+    env = {**FAST, "RXLEDGER_WEBHOOK_RETRY_SCHEDULE": "0.2,0.2,3"}
+    first = await start_gateway(**env)
+    partner = first.token("PARTNER", "partner-a", "ph-A")
+    receiver.mode = "error"
+    async with http_client(2) as client:
+        endpoint, _ = await create_endpoint(client, first, receiver, "schedule", partner)
+        await issue(client, first, pharmacy="ph-A")
+        await wait_for_attempts(client, first, partner, endpoint, "http_error", 3)
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        second = await start_gateway(**env)
+        failing = await wait_for_state(client, second, partner, endpoint, "FAILING")
+        attempts = await deliveries(client, second, partner, endpoint)
+        # The new process went on with the fourth try, when the third had set it for.
+        assert [a["attempt"] for a in attempts] == [1, 2, 3, 4], attempts
+        due = dt.datetime.fromisoformat(attempts[2]["nextAttemptAt"])
+        assert dt.datetime.fromisoformat(attempts[3]["at"]) >= due
+        assert failing["attempts"] == 4 and len(receiver.of("schedule")) == 4
+
+        second.proc.send_signal(signal.SIGKILL)
+        second.proc.wait(10)
+        third = await start_gateway(**env)
+        # Once its scan has found the endpoint failing, the third process leaves it alone.
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{third.base}/readyz").json()["failingWebhookEndpoints"] != [endpoint]:
+            assert time.monotonic() < deadline, "the third process never found it failing"
+            await asyncio.sleep(0.05)
+        assert (await endpoint_state(client, third, partner, endpoint))["state"] == "FAILING"
+        assert len(await deliveries(client, third, partner, endpoint)) == 4
+        assert len(receiver.of("schedule")) == 4
+
+
+async def test_two_gateways_share_the_endpoints_and_one_takes_over_when_the_other_dies(
+    start_gateway, receiver, client, db_name
+):
+    gateways = [await start_gateway(**FAST), await start_gateway(**FAST)]
+    partner = gateways[0].token("PARTNER", "partner-a", "ph-A")
+    names = [f"share-{i}" for i in range(6)]
+    db = client[db_name]
+
+    async def holders() -> dict[str, int]:
+        """Endpoints per process holding an unexpired lease."""
+        now = dt.datetime.now(dt.UTC)
+        held: dict[str, int] = {}
+        async for d in db.webhook_deliveries.find({}):
+            if d["leaseHolder"] and d["leaseExpiresAt"] > now:
+                held[d["leaseHolder"]] = held.get(d["leaseHolder"], 0) + 1
+        return held
+
+    async def balanced(want: list[int], what: str) -> dict[str, int]:
+        deadline = time.monotonic() + 30
+        while sorted((held := await holders()).values()) != want:
+            assert time.monotonic() < deadline, f"{what}: leases held {held}, want {want}"
+            await asyncio.sleep(0.1)
+        return held
+
+    async with http_client(4) as http:
+        for name in names:
+            await create_endpoint(http, gateways[0], receiver, name, partner)
+        # Each process holds its share, ceil(6 / 2) = 3, whoever scanned first.
+        sharing = await balanced([3, 3], "two processes")
+        issued = [
+            await issue(http, gateways[i % 2], pharmacy="ph-A", patient=f"pt-{i}")
+            for i in range(10)
+        ]
+        for name in names:
+            await receiver.wait_until(lambda n=name: len(receiver.accepted(n)) >= 10, name)
+        # Both delivered: the attempt log (stored within a second) names each attempt's process.
+        deadline = time.monotonic() + 30
+        while len(attempts := [a async for a in db.webhook_attempts.find({})]) < 60:
+            assert time.monotonic() < deadline, f"{len(attempts)} attempts stored, want 60"
+            await asyncio.sleep(0.1)
+        by_holder: dict[str, int] = {}
+        for a in attempts:
+            by_holder[a["holder"]] = by_holder.get(a["holder"], 0) + 1
+        assert sorted(by_holder) == sorted(sharing) and sum(by_holder.values()) == 60, by_holder
+
+        # Once every cursor is stored, the first process dies; the second takes its endpoints
+        # over when their leases expire, and delivers what was filed meanwhile.
+        deadline = time.monotonic() + 30
+        while (
+            sorted([d["cursor"] async for d in db.webhook_deliveries.find({})])
+            != [max(r.leaf_index for r in receiver.accepted(names[0]))] * 6
+        ):
+            assert time.monotonic() < deadline, "the cursors were never stored"
+            await asyncio.sleep(0.1)
+        gateways[0].proc.send_signal(signal.SIGKILL)
+        gateways[0].proc.wait(10)
+        issued += [
+            await issue(http, gateways[1], pharmacy="ph-A", patient=f"pt-{i}")
+            for i in range(10, 15)
+        ]
+        for name in names:
+            await receiver.wait_until(lambda n=name: len(receiver.accepted(n)) >= 15, name)
+        assert list((await balanced([6], "one process left")).values()) == [6]
+    for name in names:
+        # The receiver answered every request at once with 200: no retry, so no repeat.
+        assert_in_order_without_gaps(receiver.of(name), [(rx, 1) for rx in issued])
