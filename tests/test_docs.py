@@ -27,18 +27,20 @@ it; it is plain in the source). Its clauses are separated by `;`:
                                    (```sh) first restart the gateway with RXLEDGER_WITNESSES set
                                    to the witness key an earlier block exported as W1
 
-A block that is not run says why, and only these two ways:
+A block that is not run here says why, and only these three ways:
 
     <!-- not run: REASON -->       sample output, a file format, a diagram, an example
                                    response: never a command or a query
     <!-- cannot run here: REASON -->
                                    a command this machine cannot run at all (no Docker engine)
                                    or that must not run inside the suite (`make test`)
+    <!-- run by: tests/FILE.py -->   a block another test runs (one that needs more than a
+                                   gateway: a webhook receiver, node); FILE must exist and name
+                                   the page, and it checks that it runs every such block
 
 A block is a command or a query when it is ```sh, ```graphql, ```python, ```js (and the like),
 or when one of its lines starts with `rxledger`, `.venv/bin/...`, `curl`, `make`, `python` or
-`docker` (after any VAR=value). Every block is marked; only the blocks of PENDING_SECTIONS, which
-another piece of work runs, may be left unmarked until it is merged.
+`docker` (after any VAR=value). Every block is marked.
 
 How a marked block runs:
 
@@ -105,7 +107,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 MARKER = re.compile(r"^\s*<!--\s*test\b(?::(?P<words>.*?))?\s*-->\s*$")
-EXEMPTION = re.compile(r"^\s*<!--\s*(?P<kind>not run|cannot run here):\s*(?P<reason>.*?)\s*-->\s*$")
+EXEMPTION = re.compile(
+    r"^\s*<!--\s*(?P<kind>not run|cannot run here|run by):\s*(?P<reason>.*?)\s*-->\s*$"
+)
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<info>[^`]*)$")
 HEADING = re.compile(r"^## (?P<title>.*)$")
 COMMAND_LANGUAGES = {"sh", "bash", "shell", "console", "graphql", "python", "js", "javascript"}
@@ -115,7 +119,6 @@ COMMAND_START = re.compile(
 )
 # Sections whose unmarked blocks another piece of work (issue 13's webhook docs) runs: their
 # blocks need no marker here until that work is merged, which removes its entry.
-PENDING_SECTIONS = {("docs/partners.md", "Webhooks")}
 BLOCK_TIMEOUT = 120.0
 STREAM_TIMEOUT = 30.0
 SETTLE_TIMEOUT = 30.0
@@ -128,7 +131,7 @@ class Block:
     info: str  # the fence's language
     text: str
     marker: str | None  # the words after "test" (may be empty); None when unmarked
-    exemption: tuple[str, str] | None = None  # ("not run" or "cannot run here", the reason)
+    exemption: tuple[str, str] | None = None  # (kind: not run, cannot run here, run by; why)
     section: str = ""  # the title of the `## ` heading the block is under
 
     @property
@@ -230,16 +233,23 @@ def read_page(name: str, text: str) -> Page:
 
 
 def unaccounted(page: Page) -> list[str]:
-    """The blocks of the page that are neither run nor say, rightly, why not: unmarked ones
-    (outside PENDING_SECTIONS), commands and queries marked `not run`, and `cannot run here` on
-    what is no command."""
+    """The blocks of the page that are neither run nor say, rightly, why not: unmarked ones,
+    commands and queries marked `not run`, `cannot run here` on what is no command, and `run
+    by` a file that does not exist or does not name the page."""
     found = []
     for block in page.blocks:
         if block.marker is not None:
             continue
         if block.exemption is None:
-            if (page.path, block.section) not in PENDING_SECTIONS:
-                found.append(f"{block.where}: neither marked for testing nor `not run: why`")
+            found.append(f"{block.where}: neither marked for testing nor `not run: why`")
+        elif block.exemption[0] == "run by":
+            runner = ROOT / block.exemption[1]
+            if not (
+                block.exemption[1].startswith("tests/")
+                and runner.is_file()
+                and page.path in runner.read_text()
+            ):
+                found.append(f"{block.where}: `run by` {block.exemption[1]}, no test of this page")
         elif block.exemption[0] == "not run" and shows_commands(block):
             found.append(f"{block.where}: a command or query is never `not run`; run it")
         elif block.exemption[0] == "cannot run here" and not shows_commands(block):
@@ -991,12 +1001,18 @@ def test_a_block_neither_run_nor_rightly_excused_is_refused() -> None:
     assert page.problems == ["p.md:32: `not run:` without a reason"]
 
 
-def test_the_pending_webhook_section_is_the_only_one_excused() -> None:
-    partners = load(ROOT / "docs" / "partners.md")
+def test_a_block_run_by_another_test_names_an_existing_test_of_its_page() -> None:
+    page = read_page(
+        "docs/partners.md",
+        "# P\n\n<!-- run by: tests/test_docs_webhooks.py -->\n```js\nverify()\n```\n\n"
+        "<!-- run by: tests/no_such_test.py -->\n```js\nverify()\n```\n\n"
+        "<!-- run by: tests/test_cli.py -->\n```js\nverify()\n```\n",
+    )
 
-    excused = {b.section for b in partners.blocks if b.marker is None and b.exemption is None}
-
-    assert excused <= {"Webhooks"} and PENDING_SECTIONS == {("docs/partners.md", "Webhooks")}
+    assert unaccounted(page) == [
+        "docs/partners.md:9: `run by` tests/no_such_test.py, no test of this page",
+        "docs/partners.md:14: `run by` tests/test_cli.py, no test of this page",
+    ]
 
 
 def test_with_sets_each_option_in_each_command_or_adds_it() -> None:

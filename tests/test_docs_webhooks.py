@@ -62,7 +62,21 @@ def webhook_blocks() -> list[Block]:
     return [b for b in read_page("docs/partners.md", text).blocks if start < b.line <= end]
 
 
+# The blocks the tests below run, by language and a text each holds: every fenced block of the
+# section must be one of them (test_every_block_of_the_section_is_run_here).
+RUNS = {
+    ("graphql", "createWebhookEndpoint"),
+    ("python", "Webhook(SECRET)"),
+    ("http", "webhook-signature"),
+    ("graphql", "replayWebhooks"),
+    ("sh", "rxledger verify"),
+    ("graphql", "inclusionProof"),
+    ("js", "standardwebhooks"),
+}
+
+
 def the_block(info: str, containing: str = "") -> Block:
+    assert (info, containing) in RUNS, f"add ({info!r}, {containing!r}) to RUNS"
     found = [b for b in webhook_blocks() if b.info == info and containing in b.text]
     assert len(found) == 1, f"want one ```{info} block with {containing!r}, found {len(found)}"
     return found[0]
@@ -126,6 +140,19 @@ def signed_headers(headers: dict[str, str]) -> dict[str, str]:
     """A delivery's own headers, as they came."""
     keep = ("webhook-id", "webhook-timestamp", "webhook-signature", "content-type")
     return {k: v for k, v in headers.items() if k in keep}
+
+
+def test_every_block_of_the_section_is_run_here() -> None:
+    blocks = webhook_blocks()
+    ran = {b.where: [key for key in RUNS if b.info == key[0] and key[1] in b.text] for b in blocks}
+
+    assert {where: keys for where, keys in ran.items() if len(keys) != 1} == {}
+    assert len(blocks) == len(RUNS)
+    assert [
+        b.where
+        for b in blocks
+        if b.marker is None and b.exemption != ("run by", "tests/test_docs_webhooks.py")
+    ] == []
 
 
 async def test_the_python_snippet_verifies_real_deliveries_and_the_examples_hold(
