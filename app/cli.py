@@ -547,6 +547,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     signer = settings.signer()  # fail fast on a missing production key
     settings.key_set(signer, settings.next_signer())  # ... or a key rotation misconfigured
+    settings.derived_keys(signer)  # ... or RXLEDGER_TAG_KEY
     AuthSettings.from_env(settings.mode, settings.var_dir)  # ... and token settings
     CrossOriginSettings.from_env(settings.production)  # ... and the CORS allowlist
     limits = LimitSettings.from_env()
@@ -732,6 +733,47 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_derive_keys(args: argparse.Namespace) -> int:
+    from anchoring.note import Signer, load_private_key
+    from app.derived_keys import DerivedKeys
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} exists; pass --force to replace it")
+    settings = Settings.from_env()
+    if args.key is None:
+        # What the gateway keys them with now: RXLEDGER_TAG_KEY's, else the signing key's.
+        signer = settings.signer()
+        derived = settings.derived_keys(signer)
+        if settings.tag_key_file is not None:
+            source = f"RXLEDGER_TAG_KEY ({settings.tag_key_file})"
+        else:
+            source = f"RXLEDGER_SIGNING_KEY ({settings.signing_key or 'the development key'})"
+        label = source
+    else:
+        try:
+            signer = Signer(settings.key_name, load_private_key(Path(args.key).read_bytes()))
+        except FileNotFoundError:
+            raise UsageError(f"--key {args.key}: no such file") from None
+        except ValueError as exc:
+            raise UsageError(f"--key {args.key}: {exc}") from None
+        derived = DerivedKeys.of_key(signer.private_key.private_bytes_raw())
+        source, label = args.key, f"the log key {signer.verifier_key}"
+    text = derived.text(label)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.touch(mode=0o600)
+    tmp.chmod(0o600)
+    tmp.write_text(text)
+    tmp.replace(out)
+    print(
+        f"wrote the keys derived from {source} to {out} (mode 0600). Next: on every gateway "
+        f"set RXLEDGER_TAG_KEY={out}; once the log signs with another key, {source} need not "
+        "stay on any gateway (keep it offline, or destroy it).",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
 def cmd_verifier_key(args: argparse.Namespace) -> int:
     print(Settings.from_env().signer().verifier_key)
     return EXIT_OK
@@ -852,6 +894,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", required=True, help="verifier key, or a key set file (as for verify)")
     p.add_argument("--origin", help="require this checkpoint origin")
     p.set_defaults(func=cmd_verify_consistency)
+
+    p = sub.add_parser(
+        "derive-keys",
+        help="write the keys the patient tags and webhook secrets are keyed with, from a log key",
+        description="Write the two secrets derived from a log key (the patient routing tags' "
+        "and the webhook secrets' keys) to a file RXLEDGER_TAG_KEY can name instead of the "
+        "key itself: one-way hashes, which sign nothing, so that the old key can leave the "
+        "gateways after a rotation. See docs/operations.md, Rotating the log key.",
+    )
+    p.add_argument(
+        "--key",
+        metavar="PEM",
+        help="the log key the tags and secrets are keyed with, the log's first private key "
+        "(PEM; default: what the gateway keys them with now, RXLEDGER_TAG_KEY's, else "
+        "RXLEDGER_SIGNING_KEY's)",
+    )
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write them")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=cmd_derive_keys)
 
     p = sub.add_parser(
         "rotate-key",

@@ -378,9 +378,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         tlog = make_log(settings, client)
         # What one worker changes of the checkpoints, the others stop serving from cache.
         tlog.peers = server
-        service = PrescriptionService(
-            tlog, client[settings.database][PRESCRIPTIONS], settings.tag_key(tlog.signer)
-        )
+        derived = settings.derived_keys(tlog.signer)
+        service = PrescriptionService(tlog, client[settings.database][PRESCRIPTIONS], derived.tags)
         app.state.log = tlog
         app.state.service = service
         app.state.feed = PrescriptionFeed(tlog, window=limits.subscription_window)
@@ -393,6 +392,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             service.tags,
             settings.webhooks,
             webhook_metrics,
+            derived,
         )
         app.state.webhooks = webhooks
         # Set when the server begins to stop, for responses that never end by themselves.

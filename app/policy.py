@@ -272,12 +272,12 @@ def _hashed(field: str) -> bool:
 class Tags:
     """The routing tags each event carries to followers of the log (subscriptions): the fields
     the relations read, as the document stands after the event, and its new status. The patient
-    is a keyed hash (HMAC-SHA256 under a key derived from the log's signing key), so entries hold
-    no patient identifier, yet a patient's own events and a filter by patient can still be
-    matched."""
+    is a keyed hash (HMAC-SHA256 under `secret`, derived from the log's key: DerivedKeys.tags),
+    so entries hold no patient identifier, yet a patient's own events and a filter by patient
+    can still be matched."""
 
-    def __init__(self, key: bytes) -> None:
-        self._key = hashlib.sha256(b"rxledger patient tag\n" + key).digest()
+    def __init__(self, secret: bytes) -> None:
+        self._key = secret
 
     def patient(self, patient_id: str) -> str:
         return hmac.new(self._key, patient_id.encode(), hashlib.sha256).hexdigest()[:32]

@@ -62,6 +62,7 @@ from anchoring.tiles import TileCorrupt
 from app import policy
 from app import prescriptions as rx
 from app.auth import Role, Viewer
+from app.derived_keys import DerivedKeys
 from app.prescriptions import Refused
 
 log = logging.getLogger("rxledger.service")
@@ -181,14 +182,17 @@ class PrescriptionService:
         self,
         log_: TransparencyLog,
         collection: AsyncCollection[Doc],
-        tag_key: bytes | None = None,
+        tag_secret: bytes | None = None,
     ) -> None:
-        """`tag_key` keys the patient routing tags (default: the log's signing key); it must
-        stay the same for the life of the log, across key rotations (RXLEDGER_TAG_KEY)."""
+        """`tag_secret` keys the patient routing tags (default: the one derived from the log's
+        signing key); it must stay the same for the life of the log, across key rotations
+        (RXLEDGER_TAG_KEY, app/derived_keys.py)."""
         self.log = log_
         self.prescriptions = collection
         self.ledger = log_.store.ledger
-        self.tags = policy.Tags(tag_key or log_.signer.private_key.private_bytes_raw())
+        self.tags = policy.Tags(
+            tag_secret or DerivedKeys.of_key(log_.signer.private_key.private_bytes_raw()).tags
+        )
 
     async def ensure_indexes(self) -> None:
         await create_indexes(self.prescriptions, PRESCRIPTION_INDEXES)

@@ -17,9 +17,11 @@ RXLEDGER_LOG_KEYS, a key set file (anchoring.keys: one verifier key a line, each
 checkpoint sizes it signs, `rxledger rotate-key` writes it). Unset, the signing key signs every
 size. Set, the log signs each checkpoint with every configured key in force at its size and
 trusts stored checkpoints only when such a key signed them; both private keys must be listed.
-RXLEDGER_TAG_KEY, the private key (PEM) the patient routing tags are keyed with (default:
-RXLEDGER_SIGNING_KEY): set it to the log's first key file before RXLEDGER_SIGNING_KEY changes,
-or a patient's earlier events no longer match their subscriptions and filters.
+RXLEDGER_TAG_KEY, what the patient routing tags and the webhook secrets at rest are keyed with
+(app/derived_keys.py; default: RXLEDGER_SIGNING_KEY): the log's first key file, or better the
+file `rxledger derive-keys --key FIRST.pem` wrote, which signs nothing. Set it before
+RXLEDGER_SIGNING_KEY changes, or a patient's earlier events no longer match their subscriptions
+and filters, and the webhook endpoints' secrets no longer open.
 
 MONGODB_PASSWORD_FILE names a file (a Docker secret) holding the password of the user that
 MONGODB_URI names (`mongodb://rxledger@host/...`), so that no password sits in the environment;
@@ -31,10 +33,11 @@ RXLEDGER_WEBHOOK_ALLOW_PRIVATE (0 or 1; default 0)
     1 lets endpoints be on loopback, private, link-local or metadata addresses (development and
     tests); otherwise such a URL is refused when created, and a delivery connects only to an
     address checked when its host was resolved (at most 30 s before: DNS rebinding is no way in).
-RXLEDGER_WEBHOOK_KEY (base64 of at least 32 bytes; default: derived from the log signing key)
+RXLEDGER_WEBHOOK_KEY (base64 of at least 32 bytes; default: derived from the log's key,
+RXLEDGER_TAG_KEY's or else the signing key's: app/derived_keys.py)
     The key endpoint secrets are encrypted under (AES-256-GCM, the key through HKDF-SHA256).
-    Changing it, or the log key when it is unset, makes the stored secrets unreadable: rotate
-    every endpoint's secret after such a change.
+    Changing it, or when it is unset the key it is derived from, makes the stored secrets
+    unreadable: rotate every endpoint's secret after such a change.
 RXLEDGER_WEBHOOK_TIMEOUT (seconds > 0; default 10)
     How long one delivery may take, connection to response headers and body.
 RXLEDGER_WEBHOOK_RETRY_SCHEDULE (comma-separated seconds; default 5,30,120,600,3600,14400)
@@ -68,6 +71,7 @@ from anchoring.log import LogSettings
 from anchoring.note import Signer, Verifier, load_private_key, private_key_pem
 from anchoring.sequencer import SequencerSettings
 from anchoring.verify import VerificationError
+from app.derived_keys import DerivedKeys
 
 log = logging.getLogger("rxledger.settings")
 
@@ -272,13 +276,28 @@ class Settings:
             return None
         return _load_signer(self.key_name, self.next_signing_key, "RXLEDGER_NEXT_SIGNING_KEY")
 
-    def tag_key(self, signer: Signer) -> bytes:
-        """The secret the patient routing tags are keyed with: RXLEDGER_TAG_KEY's private key,
-        else `signer`'s (the log's signing key)."""
+    def derived_keys(self, signer: Signer) -> DerivedKeys:
+        """The keys of the patient routing tags and of the webhook secrets at rest
+        (app/derived_keys.py): from RXLEDGER_TAG_KEY, a private key (PEM) or the file `rxledger
+        derive-keys` wrote; unset, from `signer` (the log's signing key). Raises ConfigError."""
         if self.tag_key_file is None:
-            return signer.private_key.private_bytes_raw()
-        key = _load_signer("tag", self.tag_key_file, "RXLEDGER_TAG_KEY").private_key
-        return key.private_bytes_raw()
+            return DerivedKeys.of_key(signer.private_key.private_bytes_raw())
+        try:
+            text = self.tag_key_file.read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"RXLEDGER_TAG_KEY: no such file {self.tag_key_file}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"RXLEDGER_TAG_KEY: cannot read {self.tag_key_file}: {exc}") from None
+        if "-----BEGIN" in text:
+            key = _load_signer("tag", self.tag_key_file, "RXLEDGER_TAG_KEY").private_key
+            return DerivedKeys.of_key(key.private_bytes_raw())
+        try:
+            return DerivedKeys.parse(text)
+        except ValueError as exc:
+            raise ConfigError(
+                f"RXLEDGER_TAG_KEY {self.tag_key_file} is neither a private key (PEM) nor a file "
+                f"`rxledger derive-keys` wrote: {exc}"
+            ) from None
 
     def key_set(self, signer: Signer, next_signer: Signer | None) -> KeySet | None:
         """The log's key set (RXLEDGER_LOG_KEYS), checked to list `signer` and `next_signer`;

@@ -41,8 +41,9 @@ replay's point. A crash between a delivery and its cursor write repeats that del
 same `webhook-id`; nothing is skipped.
 
 Secrets are stored encrypted (AES-256-GCM under a key derived by HKDF-SHA256 from the log's
-signing key, or RXLEDGER_WEBHOOK_KEY; the endpoint id is the associated data): a reader of the
-database alone cannot sign a delivery. Environment variables: app/settings.py.
+key, RXLEDGER_TAG_KEY's or else the signing key's, or from RXLEDGER_WEBHOOK_KEY: see
+app/derived_keys.py; the endpoint id is the associated data): a reader of the database alone
+cannot sign a delivery, and a rotation of the log's signing key leaves them readable. Environment variables: app/settings.py.
 """
 
 from __future__ import annotations
@@ -71,9 +72,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from pymongo import ASCENDING, ReturnDocument
@@ -87,8 +86,8 @@ from anchoring.dialect import by_ids
 from anchoring.encoding import b64
 from anchoring.errors import ProofUnavailable, database_error, frames
 from anchoring.log import TransparencyLog
-from anchoring.note import Signer
 from anchoring.store import Doc, Index, create_indexes
+from app.derived_keys import DerivedKeys, webhook_key
 from app.feed import FeedEvent, PrescriptionFeed, StreamEnded, event_filter
 from app.metrics import Metrics
 from app.policy import Tags, webhook_viewer
@@ -288,29 +287,26 @@ def new_secret() -> str:
 
 class SecretBox:
     """Endpoint secrets encrypted at rest: AES-256-GCM under a key HKDF-SHA256 derives from
-    `key_material`, with the endpoint id as associated data (a sealed secret copied to another
-    endpoint does not open)."""
-
-    INFO = b"rxledger webhook secrets v1"
+    `key_material` (app/derived_keys.py), with the endpoint id as associated data (a sealed
+    secret copied to another endpoint does not open)."""
 
     def __init__(self, key_material: bytes) -> None:
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=self.INFO).derive(
-            key_material
-        )
-        self._aead = AESGCM(key)
+        self._aead = AESGCM(webhook_key(key_material))
 
     @classmethod
-    def for_log(cls, settings: WebhookSettings, signer: Signer) -> SecretBox:
-        """Under RXLEDGER_WEBHOOK_KEY when set, else under the log's signing key."""
+    def under(cls, aes_key: bytes) -> SecretBox:
+        """Under this AES-256 key as it is (one `derived_keys.webhook_key` gave)."""
+        box = cls.__new__(cls)
+        box._aead = AESGCM(aes_key)
+        return box
+
+    @classmethod
+    def for_log(cls, settings: WebhookSettings, derived: DerivedKeys) -> SecretBox:
+        """Under RXLEDGER_WEBHOOK_KEY when set, else under the key derived from the log's key
+        (RXLEDGER_TAG_KEY's, else the signing key's: Settings.derived_keys)."""
         if settings.key is not None:
             return cls(settings.key)
-        return cls(
-            signer.private_key.private_bytes(
-                serialization.Encoding.Raw,
-                serialization.PrivateFormat.Raw,
-                serialization.NoEncryption(),
-            )
-        )
+        return cls.under(derived.webhooks)
 
     def seal(self, endpoint_id: str, secret: str) -> Doc:
         nonce = os.urandom(12)
@@ -1084,14 +1080,16 @@ class WebhookDispatcher:
         tags: Tags,
         settings: WebhookSettings,
         metrics: WebhookMetrics,
+        derived: DerivedKeys,
     ) -> None:
+        """`derived`: the keys derived from the log's key (Settings.derived_keys)."""
         self.store = store
         self.log = tlog
         self.feed = feed
         self.tags = tags
         self.settings = settings
         self.metrics = metrics
-        self.box = SecretBox.for_log(settings, tlog.signer)
+        self.box = SecretBox.for_log(settings, derived)
         self.payloads = Payloads(tlog)
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # As of the last scan (begun at `scanned_at`, time.monotonic()): each endpoint and its

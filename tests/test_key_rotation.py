@@ -676,7 +676,7 @@ def test_the_patient_tags_stay_the_same_once_the_new_key_replaces_the_signing_ke
 
     def patient_tag() -> str:
         settings = Settings.from_env()
-        return Tags(settings.tag_key(settings.signer())).patient("pt-1")
+        return Tags(settings.derived_keys(settings.signer()).tags).patient("pt-1")
 
     monkeypatch.setenv("RXLEDGER_SIGNING_KEY", str(old_pem))
     before = patient_tag()
@@ -684,6 +684,72 @@ def test_the_patient_tags_stay_the_same_once_the_new_key_replaces_the_signing_ke
     assert patient_tag() != before  # why RXLEDGER_TAG_KEY exists
     monkeypatch.setenv("RXLEDGER_TAG_KEY", str(old_pem))
     assert patient_tag() == before
+
+
+def test_the_keys_derived_from_the_old_key_replace_it_and_sign_nothing(
+    key_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from app.derived_keys import DerivedKeys
+    from app.webhooks import SecretBox
+
+    old_pem, new_pem = key_files
+    monkeypatch.setenv("RXLEDGER_SIGNING_KEY", str(old_pem))
+    settings = Settings.from_env()
+    before = settings.derived_keys(settings.signer())
+    sealed = SecretBox.for_log(settings.webhooks, before).seal("whep_a", "whsec_x")
+    derived = tmp_path / "derived.keys"
+    done = rxledger("derive-keys", "--key", str(old_pem), "--out", str(derived))
+    assert done.returncode == 0, done.stderr
+    assert derived.stat().st_mode & 0o777 == 0o600
+    assert f"RXLEDGER_TAG_KEY={derived}" in done.stderr
+    assert "PRIVATE KEY" not in derived.read_text()
+
+    old_pem.unlink()  # retired
+    monkeypatch.setenv("RXLEDGER_SIGNING_KEY", str(new_pem))
+    monkeypatch.setenv("RXLEDGER_TAG_KEY", str(derived))
+    settings = Settings.from_env()
+    after = settings.derived_keys(settings.signer())
+    assert after == before
+    assert SecretBox.for_log(settings.webhooks, after).open("whep_a", sealed) == "whsec_x"
+    assert Tags(after.tags).patient("pt-1") == Tags(before.tags).patient("pt-1")
+    # Without --key: what the gateway keys them with now (here RXLEDGER_TAG_KEY's), so that
+    # a later rotation's copy is still the first key's.
+    copied = tmp_path / "copied.keys"
+    assert rxledger("derive-keys", "--out", str(copied)).returncode == 0
+    assert DerivedKeys.parse(copied.read_text()) == before
+
+    again = rxledger("derive-keys", "--key", str(new_pem), "--out", str(derived))
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert DerivedKeys.parse(derived.read_text()) == before  # untouched
+    monkeypatch.setenv("RXLEDGER_SIGNING_KEY", str(derived))  # it is no signing key
+    with pytest.raises(ConfigError):
+        Settings.from_env().signer()
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("tags AAAA\n", "holds 3 bytes"),
+        ("tags " + "A" * 43 + "=\n", "no webhooks line"),
+        ("nonsense\n", "line 1 must read"),
+        ("tags !!!\nwebhooks x\n", "tags is not base64"),
+    ],
+)
+def test_a_tag_key_file_that_is_no_key_and_no_derived_keys_is_a_config_error(
+    key_files: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    text: str,
+    problem: str,
+):
+    old_pem, _ = key_files
+    bad = tmp_path / "bad.keys"
+    bad.write_text(text)
+    monkeypatch.setenv("RXLEDGER_SIGNING_KEY", str(old_pem))
+    monkeypatch.setenv("RXLEDGER_TAG_KEY", str(bad))
+    settings = Settings.from_env()
+    with pytest.raises(ConfigError, match=f"neither a private key .*{re.escape(problem)}"):
+        settings.derived_keys(settings.signer())
 
 
 async def test_a_mirror_follows_the_log_across_a_rotation_with_its_key_set(

@@ -26,7 +26,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
-from test_gateway import ROOT
+from test_gateway import ROOT, env_for
 from test_subscriptions import Gateway, graphql, http_client, issue
 from webhook_receiver import Receiver, free_port
 
@@ -972,3 +972,56 @@ async def test_two_gateways_share_the_endpoints_and_one_takes_over_when_the_othe
     for name in names:
         # The receiver answered every request at once with 200: no retry, so no repeat.
         assert_in_order_without_gaps(receiver.of(name), [(rx, 1) for rx in issued])
+
+
+@pytest.mark.parametrize("tag_key", ["the old key file", "the keys derived from it"])
+async def test_after_a_log_key_rotation_endpoints_sealed_before_still_get_deliveries(
+    start_gateway, receiver, mongo_uri, db_name, tmp_path, tag_key
+):
+    # docs/operations.md, "Rotating the log key": the new key replaces the signing key and
+    # RXLEDGER_TAG_KEY keeps what the old one keyed. The endpoint secrets sealed under the
+    # old key must still open, else every endpoint stops at the rotation; and the old private
+    # key need not stay on the gateway for it.
+    from app.settings import write_new_key
+
+    old_pem, new_pem = tmp_path / "old.pem", tmp_path / "new.pem"
+    write_new_key(old_pem)
+    write_new_key(new_pem)
+    first = await start_gateway(**FAST, RXLEDGER_SIGNING_KEY=str(old_pem))
+    partner = first.token("PARTNER", "partner-a", "ph-A")
+    async with http_client() as client:
+        await create_endpoint(client, first, receiver, "rotated", partner)
+        await issue(client, first, pharmacy="ph-A", patient="pt-before")
+        await receiver.wait_until(lambda: len(receiver.accepted("rotated")) == 1, "a delivery")
+    first.proc.terminate()
+    first.proc.wait(10)
+
+    env = env_for(mongo_uri, db_name, tmp_path, RXLEDGER_SIGNING_KEY=str(old_pem))
+    keys = tmp_path / "log-keys.txt"
+    rotate = ["rotate-key", "--new", str(new_pem), "--out", str(keys), "--transition", "0"]
+    commands = [rotate]
+    tag_file = old_pem
+    if tag_key == "the keys derived from it":
+        tag_file = tmp_path / "derived.keys"
+        commands.append(["derive-keys", "--key", str(old_pem), "--out", str(tag_file)])
+    for command in commands:
+        done = subprocess.run(
+            [sys.executable, "-m", "app.cli", *command],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+    if tag_key == "the keys derived from it":
+        old_pem.unlink()  # retired: no gateway holds it any more
+    second = await start_gateway(
+        **FAST,
+        RXLEDGER_SIGNING_KEY=str(new_pem),
+        RXLEDGER_LOG_KEYS=str(keys),
+        RXLEDGER_TAG_KEY=str(tag_file),
+    )
+    async with http_client() as client:
+        await issue(client, second, pharmacy="ph-A", patient="pt-after")
+    await receiver.wait_until(lambda: len(receiver.accepted("rotated")) == 2, "a delivery after")
