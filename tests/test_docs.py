@@ -400,7 +400,8 @@ class Session:
             raise BlockFailed("this session cannot restart its gateway")
         self.base = self.restart({"RXLEDGER_WITNESSES": key})
 
-    def run_program(self, command: list[str]) -> None:
+    def run_program(self, command: list[str]) -> subprocess.CompletedProcess[str]:
+        """Run `command` to its end in the scratch directory; BlockFailed unless it exits 0."""
         result = subprocess.run(
             command,
             cwd=self.work,
@@ -414,24 +415,13 @@ class Session:
                 f"exit status {result.returncode}\nstdout: {result.stdout[-2000:]}\n"
                 f"stderr: {result.stderr[-2000:]}"
             )
+        return result
 
     def run_shell(self, text: str) -> None:
         state = self.work / ".exported"
         state.unlink(missing_ok=True)
         script = f"{text}\nenv -0 > {state}\n"
-        result = subprocess.run(
-            ["bash", "-e", "-o", "pipefail", "-c", script],
-            cwd=self.work,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=BLOCK_TIMEOUT,
-        )
-        if result.returncode != 0:
-            raise BlockFailed(
-                f"exit status {result.returncode}\nstdout: {result.stdout[-2000:]}\n"
-                f"stderr: {result.stderr[-2000:]}"
-            )
+        self.run_program(["bash", "-e", "-o", "pipefail", "-c", script])
         exported = dict(
             entry.split("=", 1) for entry in state.read_text().split("\0") if "=" in entry
         )
