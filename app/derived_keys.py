@@ -41,8 +41,7 @@ class DerivedKeys:
 
     @classmethod
     def of_key(cls, key: bytes) -> DerivedKeys:
-        """Those of a log key (its 32 raw private bytes), or of RXLEDGER_WEBHOOK_KEY-like
-        key material for `webhooks` alone (see `webhook_key`)."""
+        """Those of a log key (its 32 raw private bytes)."""
         return cls(hashlib.sha256(TAGS_LABEL + key).digest(), webhook_key(key))
 
     def text(self, source: str) -> str:

@@ -286,27 +286,20 @@ def new_secret() -> str:
 
 
 class SecretBox:
-    """Endpoint secrets encrypted at rest: AES-256-GCM under a key HKDF-SHA256 derives from
-    `key_material` (app/derived_keys.py), with the endpoint id as associated data (a sealed
-    secret copied to another endpoint does not open)."""
+    """Endpoint secrets encrypted at rest: AES-256-GCM under `aes_key` (one that
+    app/derived_keys.py derives), with the endpoint id as associated data (a sealed secret
+    copied to another endpoint does not open)."""
 
-    def __init__(self, key_material: bytes) -> None:
-        self._aead = AESGCM(webhook_key(key_material))
-
-    @classmethod
-    def under(cls, aes_key: bytes) -> SecretBox:
-        """Under this AES-256 key as it is (one `derived_keys.webhook_key` gave)."""
-        box = cls.__new__(cls)
-        box._aead = AESGCM(aes_key)
-        return box
+    def __init__(self, aes_key: bytes) -> None:
+        self._aead = AESGCM(aes_key)
 
     @classmethod
     def for_log(cls, settings: WebhookSettings, derived: DerivedKeys) -> SecretBox:
-        """Under RXLEDGER_WEBHOOK_KEY when set, else under the key derived from the log's key
-        (RXLEDGER_TAG_KEY's, else the signing key's: Settings.derived_keys)."""
+        """Under the key derived from RXLEDGER_WEBHOOK_KEY when set, else the one derived
+        from the log's key (RXLEDGER_TAG_KEY's, else the signing key's: Settings.derived_keys)."""
         if settings.key is not None:
-            return cls(settings.key)
-        return cls.under(derived.webhooks)
+            return cls(webhook_key(settings.key))
+        return cls(derived.webhooks)
 
     def seal(self, endpoint_id: str, secret: str) -> Doc:
         nonce = os.urandom(12)
